@@ -1,0 +1,120 @@
+"""Events the stack reports to its caller.
+
+Each is a frozen, slotted dataclass named for what happened. The caller pulls
+them with ``next_event()`` (h11/aioquic style); per flow they come in the
+order things happened.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from stack.wire.tcp import TcpOptions
+
+
+@dataclass(frozen=True, slots=True)
+class FlowId:
+    """A TCP or UDP flow as the client addressed it.
+
+    ``server_ip``/``server_port`` are the *original destination*: the stack is
+    a transparent endpoint and answers for whatever address the client used.
+    """
+
+    version: int  # 4 or 6
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+
+
+class CloseReason(enum.Enum):
+    """How a connection ended (the flow log's ``ended`` field)."""
+
+    FINISHED = "fin"  # orderly: FIN both ways, all data acknowledged
+    RESET = "rst"  # the peer sent an acceptable RST
+    ABORTED = "abort"  # the caller called abort() (an RST was sent)
+    TIMED_OUT = "timeout"  # retransmissions exhausted
+    REJECTED = "rejected"  # the caller rejected the connection request
+    IDLE = "idle"  # an idle or lingering-state timeout expired
+    LIMIT = "limit"  # a configured resource limit forced the close
+
+
+class Reject(enum.Enum):
+    """How to refuse a connection request."""
+
+    RST = "rst"  # like a closed port: ECONNREFUSED at the client
+    ICMP = "icmp"  # ICMP/ICMPv6 destination unreachable with a given code
+    SILENT = "silent"  # drop: the client's SYN retries run out
+
+
+class Unreachable(enum.Enum):
+    """What an ICMP/ICMPv6 destination-unreachable reject says; mapped per IP version."""
+
+    NET = "net"  # v4 code 0, v6 code 0 (no route)
+    HOST = "host"  # v4 code 1, v6 code 3 (address unreachable)
+    PORT = "port"  # v4 code 3, v6 code 4
+    ADMIN = "admin"  # v4 code 13, v6 code 1 (administratively prohibited)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRequest:
+    """A client SYN for a new flow; answer with ``accept()`` or ``reject()``."""
+
+    flow: FlowId
+    options: TcpOptions  # the client's SYN options (MSS, window scale, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The three-way handshake completed."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """In-order bytes from the client. Report them with ``consumed()`` once written on."""
+
+    flow: FlowId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFinished:
+    """The client sent FIN: no more data will arrive (half-close)."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionReset:
+    """The client reset the connection."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class SendSpace:
+    """The send buffer has room again after a ``send()`` that accepted less than offered."""
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The connection is gone from the flow table; nothing more will happen on it."""
+
+    flow: FlowId
+    reason: CloseReason
+
+
+Event = (
+    ConnectionRequest
+    | Connected
+    | DataReceived
+    | PeerFinished
+    | ConnectionReset
+    | SendSpace
+    | Closed
+)

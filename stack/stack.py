@@ -1,0 +1,411 @@
+"""The demultiplexer: raw IP packets in, connections, events and packets out.
+
+Theory of operation: ``receive()`` parses one packet, verifies it, and hands
+the TCP segment to the connection its 4-tuple names, creating one in LISTEN
+for a SYN to *any* address (this is a transparent endpoint). A connection that
+was touched -- by a packet, a caller's call or a timer -- is remembered, and
+``packets_to_send()`` asks only those for output and re-files their deadline
+in a heap, so the cost of a batch follows the flows it touched, not the size
+of the table. Deadlines in the heap are checked lazily: an entry whose time no
+longer matches its connection's earliest deadline is skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+
+from stack.config import StackConfig
+from stack.errors import ChecksumError, ParseError
+from stack.events import (
+    Closed,
+    CloseReason,
+    ConnectionRequest,
+    Event,
+    FlowId,
+    Reject,
+    Unreachable,
+)
+from stack.seq import seq_add, seq_gt
+from stack.tcp.connection import State, TcpConnection
+from stack.tcp.segment import TcpSegment
+from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
+from stack.wire.icmp import (
+    ADMIN_PROHIBITED,
+    HOST_UNREACH,
+    ICMP6_ADDR_UNREACH,
+    ICMP6_ADMIN_PROHIBITED,
+    ICMP6_NO_ROUTE,
+    ICMP6_PORT_UNREACH,
+    NET_UNREACH,
+    PORT_UNREACH,
+    build_icmp_unreachable,
+)
+from stack.wire.ip import PROTO_TCP, parse_ip
+from stack.wire.tcp import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    TcpHeader,
+    build_tcp_packet,
+    encode_options,
+    parse_tcp,
+)
+
+_ICMP_CODES = {
+    Unreachable.NET: (NET_UNREACH, ICMP6_NO_ROUTE),
+    Unreachable.HOST: (HOST_UNREACH, ICMP6_ADDR_UNREACH),
+    Unreachable.PORT: (PORT_UNREACH, ICMP6_PORT_UNREACH),
+    Unreachable.ADMIN: (ADMIN_PROHIBITED, ICMP6_ADMIN_PROHIBITED),
+}
+
+
+@dataclass(slots=True)
+class StackStats:
+    """Counters; every dropped packet is counted under exactly one reason."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    parse_errors: int = 0  # malformed IP or TCP headers
+    checksum_errors: int = 0
+    fragments: int = 0  # not reassembled yet: dropped
+    not_tcp: int = 0  # other protocols: dropped
+    rst_sent: int = 0  # answers to segments for no connection
+    syn_dropped: int = 0  # a SYN over the pending or flow limit
+    connections_opened: int = 0
+    connections_closed: int = 0
+
+
+class _Entry:
+    """Per-connection bookkeeping the connection itself does not need."""
+
+    __slots__ = ("client", "key", "server", "syn_packet")
+
+    def __init__(self, key: bytes, client: bytes, server: bytes, syn_packet: bytes | None) -> None:
+        self.key = key  # dict key: client addr + server addr + ports
+        self.client = client  # raw client address
+        self.server = server  # raw original-destination address
+        self.syn_packet = syn_packet  # kept for an ICMP reject, until decided
+
+
+class Stack:
+    """A userspace TCP endpoint for every address. See the module docstring."""
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        self.stats = StackStats()
+        self._by_key: dict[bytes, TcpConnection] = {}
+        self._by_flow: dict[FlowId, TcpConnection] = {}
+        self._entries: dict[TcpConnection, _Entry] = {}
+        self._events: deque[Event] = deque()
+        self._readable: list[TcpConnection] = []
+        self._touched: dict[TcpConnection, None] = {}  # ordered set
+        self._raw_out: list[bytes] = []  # packets that belong to no connection
+        self._timers: list[tuple[float, int, TcpConnection]] = []
+        self._timer_seq = 0  # heap tie-breaker
+        self._filed: dict[TcpConnection, float] = {}  # deadline each connection is filed under
+        self._pending = 0  # connections in LISTEN
+        self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, packet: bytes, now: float) -> None:
+        """Take one raw IP packet from the client side. Never raises for bad input."""
+        self.stats.packets_in += 1
+        try:
+            ip = parse_ip(packet)
+            if ip.fragment is not None:
+                self.stats.fragments += 1
+                return
+            if ip.proto != PROTO_TCP:
+                self.stats.not_tcp += 1
+                return
+            length = ip.end - ip.offset
+            if ip.version == 4:
+                pseudo = pseudo_sum_v4(ip.src, ip.dst, PROTO_TCP, length)
+            else:
+                pseudo = pseudo_sum_v6(ip.src, ip.dst, PROTO_TCP, length)
+            tcp = parse_tcp(packet, ip.offset, ip.end, pseudo)
+        except ChecksumError:
+            self.stats.checksum_errors += 1
+            return
+        except ParseError:
+            self.stats.parse_errors += 1
+            return
+        off = ip.offset
+        key = ip.src + ip.dst + packet[off : off + 4]
+        conn = self._by_key.get(key)
+        flags = tcp.flags
+        if conn is None or (flags & SYN and not flags & ACK and self._reopens(conn, tcp.seq)):
+            self._no_connection(packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len)
+            return
+        payload = packet[off + tcp.header_len : ip.end]
+        conn.on_segment(tcp.seq, tcp.ack, flags, tcp.window, payload, tcp.options, now)
+        self._touched[conn] = None
+        if conn.state is State.CLOSED:
+            self._forget(conn)
+
+    def _reopens(self, conn: TcpConnection, seq: int) -> bool:
+        # RFC 9293 3.6.1 / RFC 6191: a new SYN may reuse a 4-tuple in TIME-WAIT
+        # when its sequence number is beyond what the old incarnation used.
+        if conn.state is not State.TIME_WAIT or not seq_gt(seq, conn.rcv_nxt):
+            return False
+        conn.linger_deadline = None
+        conn.state = State.CLOSED
+        conn.close_reason = CloseReason.FINISHED
+        self._events.append(Closed(self._flow_of(conn), CloseReason.FINISHED))
+        self._forget(conn)
+        return True
+
+    def _no_connection(
+        self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes, payload_len: int
+    ) -> None:
+        flags = tcp.flags
+        if flags & RST:
+            return  # RFC 9293 3.10.7.1: an RST for no connection is dropped
+        if flags & SYN and not flags & ACK:
+            cfg = self.config
+            if self._pending >= cfg.max_pending or len(self._by_key) >= cfg.max_flows:
+                self.stats.syn_dropped += 1
+                return
+            self._open(packet, src, dst, tcp, key)
+            return
+        # RFC 9293 3.10.7.1: answer anything else with a reset.
+        if flags & ACK:
+            seq, ack, rflags = tcp.ack, 0, RST
+        else:
+            seg_len = payload_len + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            seq, ack, rflags = 0, seq_add(tcp.seq, seg_len), RST | ACK
+        self._raw_out.append(
+            build_tcp_packet(dst, src, tcp.dst_port, tcp.src_port, seq, ack, rflags, 0)
+        )
+        self.stats.rst_sent += 1
+
+    def _open(self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes) -> None:
+        version = 4 if len(src) == 4 else 6
+        flow = FlowId(
+            version,
+            str(ipaddress.ip_address(src)),
+            tcp.src_port,
+            str(ipaddress.ip_address(dst)),
+            tcp.dst_port,
+        )
+        cfg = self.config.tcp
+        conn = TcpConnection(
+            local_port=tcp.dst_port,
+            remote_port=tcp.src_port,
+            config=cfg,
+            flow=flow,
+            mss=cfg.mss if version == 4 else cfg.mss - 20,  # the IPv6 header is 20 bytes longer
+            events=self._events,
+            readable=self._readable,
+        )
+        conn.listen(
+            TcpSegment(
+                tcp.src_port,
+                tcp.dst_port,
+                tcp.seq,
+                tcp.ack,
+                tcp.flags,
+                tcp.window,
+                b"",
+                tcp.options,
+            )
+        )
+        self._by_key[key] = conn
+        self._by_flow[flow] = conn
+        self._entries[conn] = _Entry(key, src, dst, bytes(packet))
+        self._pending += 1
+        self.stats.connections_opened += 1
+        self._events.append(ConnectionRequest(flow, tcp.options))
+
+    def _forget(self, conn: TcpConnection) -> None:
+        entry = self._entries.pop(conn, None)
+        if entry is None:
+            return
+        if entry.syn_packet is not None:
+            self._pending -= 1
+        del self._by_key[entry.key]
+        del self._by_flow[self._flow_of(conn)]
+        self._filed.pop(conn, None)
+        self.stats.connections_closed += 1
+        # Keep the entry's addresses for any RST still queued on the connection.
+        self._orphans[conn] = entry
+
+    def _flow_of(self, conn: TcpConnection) -> FlowId:
+        assert conn.flow is not None
+        return conn.flow
+
+    # ------------------------------------------------------------ caller side
+
+    def accept(self, flow: FlowId, *, isn: int) -> None:
+        """Answer a ``ConnectionRequest`` with a SYN-ACK."""
+        conn = self._by_flow.get(flow)
+        if conn is None or conn.state is not State.LISTEN:
+            return
+        self._decided(conn)
+        conn.accept(isn)
+        self._touched[conn] = None
+
+    def reject(
+        self, flow: FlowId, how: Reject = Reject.RST, *, unreachable: Unreachable = Unreachable.HOST
+    ) -> None:
+        """Refuse a ``ConnectionRequest``: RST, ICMP destination unreachable, or silence."""
+        conn = self._by_flow.get(flow)
+        if conn is None or conn.state is not State.LISTEN:
+            return
+        entry = self._entries[conn]
+        syn = entry.syn_packet
+        self._decided(conn)
+        if how is Reject.ICMP and syn is not None:
+            v4, v6 = _ICMP_CODES[unreachable]
+            code = v4 if flow.version == 4 else v6
+            self._raw_out.append(build_icmp_unreachable(syn, code=code, src=entry.server))
+        conn.reject(rst=how is Reject.RST)
+        self._touched[conn] = None
+        self._forget(conn)
+
+    def _decided(self, conn: TcpConnection) -> None:
+        entry = self._entries[conn]
+        if entry.syn_packet is not None:
+            entry.syn_packet = None
+            self._pending -= 1
+
+    def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int:
+        """Queue server-to-client bytes; returns how many the send buffer took."""
+        conn = self._by_flow.get(flow)
+        if conn is None or conn.send_space == 0:
+            return 0
+        self._touched[conn] = None
+        return conn.send(data)
+
+    def send_space(self, flow: FlowId) -> int:
+        """Free bytes in the flow's send buffer (0 for a flow that is gone)."""
+        conn = self._by_flow.get(flow)
+        return 0 if conn is None else conn.send_space
+
+    def consumed(self, flow: FlowId, n: int) -> None:
+        """``n`` delivered bytes were written upstream: reopen the client's window."""
+        conn = self._by_flow.get(flow)
+        if conn is not None:
+            conn.consumed(n)
+            self._touched[conn] = None
+
+    def close(self, flow: FlowId) -> None:
+        """Half-close toward the client: FIN once the send buffer drains."""
+        conn = self._by_flow.get(flow)
+        if conn is not None:
+            conn.close()
+            self._touched[conn] = None
+            if conn.state is State.CLOSED:
+                self._forget(conn)
+
+    def abort(self, flow: FlowId) -> None:
+        """Reset the flow toward the client; ``Closed(ABORTED)`` follows."""
+        conn = self._by_flow.get(flow)
+        if conn is not None:
+            if conn.state is State.LISTEN:
+                self._decided(conn)
+            conn.abort()
+            self._touched[conn] = None
+            self._forget(conn)
+
+    def state_of(self, flow: FlowId) -> State | None:
+        """The flow's TCP state, or None once it is gone (for tests and diagnostics)."""
+        conn = self._by_flow.get(flow)
+        return None if conn is None else conn.state
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    # ----------------------------------------------------------------- output
+
+    def next_event(self) -> Event | None:
+        """Pop the next event, or None when there is none."""
+        if not self._events and self._readable:
+            for conn in self._readable:
+                conn.flush_data()
+            self._readable.clear()
+        return self._events.popleft() if self._events else None
+
+    def packets_to_send(self, now: float) -> list[bytes]:
+        """Raw IP packets to write toward the clients."""
+        out = self._raw_out
+        self._raw_out = []
+        touched = self._touched
+        if not touched:
+            self.stats.packets_out += len(out)
+            return out
+        self._touched = {}
+        ttl = self.config.tcp.ttl
+        for conn in touched:
+            segs = conn.segments_to_send(now)
+            entry = self._entries.get(conn) or self._orphans.pop(conn, None)
+            if entry is None:
+                continue
+            for s in segs:
+                options = encode_options(mss=s.options.mss) if s.flags & SYN else b""
+                out.append(
+                    build_tcp_packet(
+                        entry.server,
+                        entry.client,
+                        s.src_port,
+                        s.dst_port,
+                        s.seq,
+                        s.ack,
+                        s.flags,
+                        s.window,
+                        options,
+                        s.payload,
+                        ttl=ttl,
+                    )
+                )
+            if conn.state is State.CLOSED:
+                self._forget(conn)
+                self._orphans.pop(conn, None)
+            else:
+                self._file_timer(conn)
+        self.stats.packets_out += len(out)
+        return out
+
+    # ----------------------------------------------------------------- timers
+
+    def _file_timer(self, conn: TcpConnection) -> None:
+        deadline = conn.get_timer()
+        if deadline is None:
+            self._filed.pop(conn, None)
+            return
+        if self._filed.get(conn) == deadline:
+            return
+        self._filed[conn] = deadline
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline over all connections, or None."""
+        for conn in self._touched:
+            if conn.state is not State.CLOSED:
+                self._file_timer(conn)
+        timers = self._timers
+        while timers:
+            deadline, _, conn = timers[0]
+            if self._filed.get(conn) == deadline:
+                return deadline
+            heapq.heappop(timers)  # stale: re-filed or closed since
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every connection timer that is due; a no-op when none is."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, conn = heapq.heappop(timers)
+            if self._filed.get(conn) != deadline:
+                continue
+            del self._filed[conn]
+            conn.handle_timer(now)
+            self._touched[conn] = None
+            if conn.state is State.CLOSED:
+                self._forget(conn)

@@ -1,0 +1,796 @@
+"""One TCP connection, sans-IO (RFC 9293).
+
+Theory of operation: three kinds of input change the state -- segments from
+the peer (``receive_segment``), calls from the application (``send``,
+``consumed``, ``close``, ``abort``) and time (``handle_timer``). None of them
+transmits anything directly; they set flags (an ACK is due, a retransmission
+is due) and move sequence variables. ``segments_to_send(now)`` then turns the
+state into segments: control segments first, then data within the peer's
+window and the congestion window, then a pure ACK if one is still owed.
+Events go to a deque the caller drains; in-order payload is gathered per
+connection and surfaces as one ``DataReceived`` per drain, so a batch of
+packets for one flow costs one event.
+
+The receive window is derived, never stored: buffer capacity minus the bytes
+the application has not yet confirmed consumed. The send buffer holds bytes
+from the oldest unacknowledged one onward, so retransmission reads it directly.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from stack.config import TcpConfig
+from stack.errors import LocalProtocolError
+from stack.events import (
+    Closed,
+    CloseReason,
+    Connected,
+    ConnectionReset,
+    DataReceived,
+    Event,
+    FlowId,
+    PeerFinished,
+    SendSpace,
+)
+from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
+from stack.tcp.congestion import CongestionControl, Reno
+from stack.tcp.reassembly import Reassembly
+from stack.tcp.rtt import RttEstimator
+from stack.tcp.segment import TcpSegment
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
+
+
+class State(enum.Enum):
+    CLOSED = "CLOSED"
+    LISTEN = "LISTEN"  # a SYN arrived; the caller has not yet accepted or rejected it
+    SYN_SENT = "SYN-SENT"
+    SYN_RECEIVED = "SYN-RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    FIN_WAIT_1 = "FIN-WAIT-1"
+    FIN_WAIT_2 = "FIN-WAIT-2"
+    CLOSING = "CLOSING"
+    TIME_WAIT = "TIME-WAIT"
+    CLOSE_WAIT = "CLOSE-WAIT"
+    LAST_ACK = "LAST-ACK"
+
+
+_SYNCHRONIZED = frozenset(
+    {
+        State.ESTABLISHED,
+        State.FIN_WAIT_1,
+        State.FIN_WAIT_2,
+        State.CLOSE_WAIT,
+        State.CLOSING,
+        State.LAST_ACK,
+        State.TIME_WAIT,
+    }
+)
+_RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
+_MAX_WINDOW = 0xFFFF  # no window scaling yet: RFC 7323 comes with the bad-paths work
+
+
+class TcpConnection:
+    """A TCP endpoint for one 4-tuple. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        local_port: int,
+        remote_port: int,
+        config: TcpConfig | None = None,
+        flow: FlowId | None = None,
+        mss: int | None = None,
+        events: deque[Event] | None = None,
+        readable: list[TcpConnection] | None = None,
+    ) -> None:
+        cfg = config or TcpConfig()
+        self.config = cfg
+        self.local_port = local_port
+        self.remote_port = remote_port
+        self.flow = flow
+        self.state = State.CLOSED
+        self.close_reason: CloseReason | None = None
+        self._events: deque[Event] = deque() if events is None else events
+        self._readable: list[TcpConnection] = [] if readable is None else readable
+
+        # Send sequence space (RFC 9293 3.3.1).
+        self.iss = 0  # initial send sequence number, from the caller
+        self.snd_una = 0  # oldest unacknowledged sequence number
+        self.snd_nxt = 0  # next sequence number to send
+        self.snd_max = 0  # highest sequence number sent + 1 (snd_nxt < snd_max while going back)
+        self.snd_wnd = 0  # peer's receive window
+        self.snd_wl1 = 0  # segment sequence number used for the last window update
+        self.snd_wl2 = 0  # segment acknowledgment number used for the last window update
+        self.max_snd_wnd = 0  # largest window the peer has offered (sender SWS avoidance)
+        self.snd_mss = cfg.default_peer_mss  # largest payload we send per segment
+        self._sndbuf = bytearray()  # unacknowledged and unsent bytes from the application
+        self._sb_seq = 0  # sequence number of _sndbuf[0]
+        self._fin_queued = False  # close() was called: FIN follows the data
+        self._want_send_space = False  # a send() came up short: emit SendSpace when room frees
+
+        # Receive sequence space.
+        self.irs = 0  # initial receive sequence number
+        self.rcv_nxt = 0  # next sequence number expected
+        self.rcv_adv = 0  # right edge of the window last advertised
+        self.rcv_mss = mss or cfg.mss  # MSS we advertise
+        self._unconsumed = 0  # bytes delivered to the application and not yet consumed
+        self._ooo = Reassembly(min(cfg.ooo_limit, cfg.rcv_buf))
+        self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
+        self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
+        self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
+
+        # Output flags and timers (absolute deadlines, seconds).
+        self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
+        self._syn_due = False  # (re)send our SYN or SYN-ACK
+        self._ack_now = False  # an ACK is owed immediately
+        self._unacked_segments = 0  # in-order segments received since our last ACK
+        self._rtx_due = False  # fast retransmit: resend the segment at snd_una
+        self._recover: int | None = None  # RFC 6582 recovery point while in fast recovery
+        self._dupacks = 0
+        self.ack_deadline: float | None = None  # delayed ACK
+        self.rto_deadline: float | None = None  # retransmission
+        self.persist_deadline: float | None = None  # zero-window probe
+        self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
+        self._retries = 0  # consecutive timeouts without progress
+        self._probes = 0  # unanswered zero-window probes
+        self._rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
+        self._rtt_seq: int | None = None  # sequence number being timed (Karn: never a resend)
+        self._rtt_start = 0.0
+        self._challenge_second = -1.0
+        self._challenge_count = 0
+        self.cc: CongestionControl = Reno(self.snd_mss)
+
+    # ------------------------------------------------------------------ opening
+
+    def listen(self, syn: TcpSegment) -> None:
+        """Record a client's SYN; the caller decides later with ``accept`` or ``reject``."""
+        self.state = State.LISTEN
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self.peer_options = syn.options
+        self._take_syn_options(syn)
+        self.snd_wnd = syn.window  # RFC 7323 2.2: the window in a SYN is never scaled
+        self.max_snd_wnd = syn.window
+
+    def accept(self, isn: int) -> None:
+        """Answer the recorded SYN with a SYN-ACK (passive open)."""
+        if self.state is not State.LISTEN:
+            raise LocalProtocolError(f"accept() in state {self.state.value}")
+        self._init_send(isn)
+        self.state = State.SYN_RECEIVED
+        self._syn_due = True
+
+    def connect(self, isn: int) -> None:
+        """Active open: send a SYN."""
+        if self.state is not State.CLOSED or self.close_reason is not None:
+            raise LocalProtocolError(f"connect() in state {self.state.value}")
+        self._init_send(isn)
+        self.state = State.SYN_SENT
+        self._syn_due = True
+
+    def reject(self, *, rst: bool) -> None:
+        """Refuse the recorded SYN, with an RST (RFC 9293 3.10.7.1) or silently."""
+        if self.state is not State.LISTEN:
+            raise LocalProtocolError(f"reject() in state {self.state.value}")
+        if rst:
+            self._ctl.append(self._segment(0, self.rcv_nxt, RST | ACK, 0))
+        self._close(CloseReason.REJECTED)
+
+    def _init_send(self, isn: int) -> None:
+        self.iss = isn
+        self.snd_una = self.snd_nxt = self.snd_max = isn
+        self._sb_seq = seq_add(isn, 1)
+
+    def _take_syn_options(self, seg: TcpSegment) -> None:
+        if seg.options.mss:
+            self.snd_mss = seg.options.mss
+        self.cc = Reno(self.snd_mss)
+
+    # ----------------------------------------------------------- application side
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes for the peer.
+
+        Returns:
+            How many bytes were accepted; fewer than offered when the send buffer
+            is full, and then a ``SendSpace`` event follows once room frees.
+
+        Raises:
+            LocalProtocolError: after ``close()`` or once the connection is closed.
+        """
+        if self._fin_queued or self.state in (State.CLOSED, State.LISTEN):
+            raise LocalProtocolError(f"send() in state {self.state.value}")
+        room = self.config.snd_buf - len(self._sndbuf)
+        n = min(room, len(data))
+        if n < len(data):
+            self._want_send_space = True
+        if n > 0:
+            self._sndbuf += data[:n]
+        return n
+
+    @property
+    def send_space(self) -> int:
+        """Free bytes in the send buffer (0 once closed for sending)."""
+        if self._fin_queued or self.state in (State.CLOSED, State.LISTEN):
+            return 0
+        return self.config.snd_buf - len(self._sndbuf)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes in the send buffer, acknowledged or not."""
+        return len(self._sndbuf)
+
+    def consumed(self, n: int) -> None:
+        """The application has disposed of ``n`` delivered bytes: reopen the window."""
+        if n < 0 or n > self._unconsumed:
+            raise LocalProtocolError(f"consumed({n}) with {self._unconsumed} bytes outstanding")
+        before = seq_sub(self.rcv_adv, self.rcv_nxt)
+        self._unconsumed -= n
+        # Send a window update now only when the window had become small and
+        # the increase passes receiver SWS avoidance (RFC 9293 3.8.6.2.2).
+        if (
+            self.state in _RECEIVING
+            and before < self.config.rcv_buf // 2
+            and self._window_increase() >= min(self.config.rcv_buf // 2, self.rcv_mss)
+        ):
+            self._ack_now = True
+
+    def close(self) -> None:
+        """Half-close: send FIN once the queued data is sent (RFC 9293 3.10.4)."""
+        if self._fin_queued:
+            return
+        if self.state in (State.LISTEN, State.SYN_SENT):
+            self._close(CloseReason.ABORTED)
+            return
+        if self.state not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT):
+            return
+        self._fin_queued = True
+        if self.state is State.ESTABLISHED:
+            self.state = State.FIN_WAIT_1
+        elif self.state is State.CLOSE_WAIT:
+            self.state = State.LAST_ACK
+        # In SYN-RECEIVED the FIN waits for the handshake (see _on_ack).
+
+    def abort(self) -> None:
+        """Reset the connection (RFC 9293 3.10.5) and close it."""
+        self._reset(CloseReason.ABORTED)
+
+    def _reset(self, reason: CloseReason) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state in _SYNCHRONIZED or self.state is State.SYN_RECEIVED:
+            self._ctl.append(self._segment(self.snd_nxt, self.rcv_nxt, RST | ACK, 0))
+        self._close(reason)
+
+    # --------------------------------------------------------------------- events
+
+    def next_event(self) -> Event | None:
+        """Pop the next event for this connection's queue, or None."""
+        self.flush_data()
+        return self._events.popleft() if self._events else None
+
+    def flush_data(self) -> None:
+        """Turn gathered in-order bytes into one ``DataReceived`` event."""
+        if self._rx_pending:
+            chunks = self._rx_pending
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._rx_pending = []
+            self._events.append(DataReceived(self._flow(), data))
+
+    def _emit(self, event: Event) -> None:
+        self.flush_data()
+        self._events.append(event)
+
+    def _flow(self) -> FlowId:
+        return self.flow or FlowId(0, "", self.remote_port, "", self.local_port)
+
+    def _close(self, reason: CloseReason) -> None:
+        self.state = State.CLOSED
+        self.close_reason = reason
+        self.ack_deadline = self.rto_deadline = self.persist_deadline = None
+        self.linger_deadline = None
+        self._ack_now = self._syn_due = self._rtx_due = False
+        self._sndbuf = bytearray()
+        self._ooo = Reassembly(0)
+        self._emit(Closed(self._flow(), reason))
+
+    # ----------------------------------------------------------------- timers
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline, or None when no timer runs."""
+        best: float | None = None
+        deadlines = (self.ack_deadline, self.rto_deadline, self.persist_deadline)
+        for d in (*deadlines, self.linger_deadline):
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        """Act on every deadline that has passed; a no-op when none has."""
+        if self.ack_deadline is not None and now >= self.ack_deadline:
+            self.ack_deadline = None
+            self._ack_now = True
+        if self.rto_deadline is not None and now >= self.rto_deadline:
+            self._on_retransmit_timeout(now)
+        if self.persist_deadline is not None and now >= self.persist_deadline:
+            self._on_persist_timeout(now)
+        if self.linger_deadline is not None and now >= self.linger_deadline:
+            self.linger_deadline = None
+            if self.state is State.TIME_WAIT:
+                self._close(CloseReason.FINISHED)
+            elif self.state is State.FIN_WAIT_2:
+                self._close(CloseReason.IDLE)
+
+    def _on_retransmit_timeout(self, now: float) -> None:
+        self.rto_deadline = None
+        if self.state in (State.SYN_RECEIVED, State.SYN_SENT):
+            self._retries += 1
+            if self._retries > self.config.syn_retries:
+                self._close(CloseReason.TIMED_OUT)
+                return
+            self._rtt.backoff += 1
+            self._rtt_seq = None
+            self._syn_due = True
+            return
+        flight = seq_sub(self.snd_max, self.snd_una)
+        if flight <= 0:
+            return
+        self._retries += 1
+        if self._retries > self.config.max_retries:
+            self._reset(CloseReason.TIMED_OUT)
+            return
+        # RFC 6298 5.5-5.7: back off, retransmit from snd_una (go-back-N under a
+        # one-segment congestion window), and do not time retransmissions (Karn).
+        self._rtt.backoff += 1
+        self._rtt_seq = None
+        self.cc.on_timeout(flight)
+        self._recover = None
+        self._dupacks = 0
+        self.snd_nxt = self.snd_una
+
+    def _on_persist_timeout(self, now: float) -> None:
+        self.persist_deadline = None
+        if self.snd_wnd > 0 or self.state not in _SYNCHRONIZED:
+            return
+        self._probes += 1
+        if self._probes > self.config.max_retries:
+            self._reset(CloseReason.TIMED_OUT)
+            return
+        # A probe in the style of Linux's tcp_xmit_probe_skb: an old sequence
+        # number makes the peer answer with an ACK carrying its current window
+        # (RFC 9293 3.8.6.1 asks only that the window be probed).
+        self._ctl.append(
+            self._segment(seq_add(self.snd_una, -1), self.rcv_nxt, ACK, self._advertise())
+        )
+        self.persist_deadline = now + min(
+            self._rtt.rto * (1 << min(self._probes, 16)), self.config.rto_max
+        )
+
+    # ------------------------------------------------------------ segment input
+
+    def receive_segment(self, seg: TcpSegment, now: float) -> None:
+        """Process one segment from the peer (never raises for bad input)."""
+        self.on_segment(seg.seq, seg.ack, seg.flags, seg.window, seg.payload, seg.options, now)
+
+    def on_segment(
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes,
+        options: TcpOptions,
+        now: float,
+    ) -> None:
+        """``receive_segment`` with the fields passed separately (the Stack's fast path)."""
+        state = self.state
+        if state is State.CLOSED:
+            return
+        if state is State.LISTEN:
+            # Retransmitted SYNs while the caller decides are absorbed; an RST
+            # means the client gave up.
+            if flags & RST and (seq == self.irs or seq == self.rcv_nxt):
+                self._close(CloseReason.RESET)
+            return
+        if state is State.SYN_SENT:
+            self._on_segment_syn_sent(seq, ack, flags, window, options, now)
+            return
+
+        # RFC 9293 3.10.7.4, first: is the segment acceptable?
+        seg_len = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        rcv_wnd = seq_sub(self.rcv_adv, self.rcv_nxt)
+        if not self._acceptable(seq, seg_len, rcv_wnd):
+            if flags & RST:
+                return
+            if state is State.SYN_RECEIVED and flags & SYN and seq == self.irs:
+                self._syn_due = True  # our SYN-ACK was lost: the client repeats its SYN
+                return
+            self._ack_now = True  # RFC 9293: send an ACK, drop the segment
+            if flags & ACK and rcv_wnd == 0 and seq == self.rcv_nxt:
+                self._on_ack(ack, seq, window, 0, now)  # zero window: still take ACKs
+            return
+
+        # Second: RST (RFC 5961 3.2).
+        if flags & RST:
+            if seq == self.rcv_nxt:
+                if state in _SYNCHRONIZED:
+                    self._emit(ConnectionReset(self._flow()))
+                self._close(CloseReason.RESET)
+            else:
+                self._challenge_ack(now)
+            return
+        # Fourth: SYN in a synchronized state (RFC 5961 4.2).
+        if flags & SYN:
+            self._challenge_ack(now)
+            return
+        # Fifth: the ACK field.
+        if not flags & ACK:
+            return
+        if not self._on_ack(ack, seq, window, len(payload), now):
+            return
+        # Sixth and seventh: the text and the FIN.
+        if payload and self.state in _RECEIVING:
+            self._on_data(seq, payload, now)
+        if flags & FIN:
+            self._on_fin(seq_add(seq, len(payload)), now)
+        elif self.state is State.TIME_WAIT:
+            self._ack_now = True
+
+    def _acceptable(self, seq: int, seg_len: int, rcv_wnd: int) -> bool:
+        # RFC 9293 3.10.7.4, the four cases of the acceptability test.
+        rcv_nxt = self.rcv_nxt
+        if seg_len == 0:
+            if rcv_wnd == 0:
+                return seq == rcv_nxt
+            return seq_le(rcv_nxt, seq) and seq_lt(seq, seq_add(rcv_nxt, rcv_wnd))
+        if rcv_wnd == 0:
+            return False
+        end = seq_add(seq, seg_len - 1)
+        edge = seq_add(rcv_nxt, rcv_wnd)
+        return (seq_le(rcv_nxt, seq) and seq_lt(seq, edge)) or (
+            seq_le(rcv_nxt, end) and seq_lt(end, edge)
+        )
+
+    def _challenge_ack(self, now: float) -> None:
+        # RFC 5961 5: rate-limited challenge ACKs.
+        second = float(int(now))
+        if second != self._challenge_second:
+            self._challenge_second = second
+            self._challenge_count = 0
+        if self._challenge_count < self.config.challenge_ack_limit:
+            self._challenge_count += 1
+            self._ack_now = True
+
+    def _on_segment_syn_sent(
+        self, seq: int, ack: int, flags: int, window: int, options: TcpOptions, now: float
+    ) -> None:
+        # RFC 9293 3.10.7.3.
+        if flags & ACK and not (seq_lt(self.iss, ack) and seq_le(ack, self.snd_max)):
+            if not flags & RST:
+                self._ctl.append(self._segment(ack, 0, RST, 0))
+            return
+        if flags & RST:
+            if flags & ACK:
+                self._emit(ConnectionReset(self._flow()))
+                self._close(CloseReason.RESET)
+            return
+        if not flags & SYN:
+            return
+        self.irs = seq
+        self.rcv_nxt = seq_add(seq, 1)
+        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.rcv_buf, _MAX_WINDOW))
+        self.peer_options = options
+        if options.mss:
+            self.snd_mss = options.mss
+            self.cc = Reno(self.snd_mss)
+        self.snd_wnd = self.max_snd_wnd = window
+        self.snd_wl1, self.snd_wl2 = seq, ack
+        self._ack_now = True
+        if flags & ACK:
+            self._on_new_ack(ack, now)
+            self.state = State.ESTABLISHED
+            self._emit(Connected(self._flow()))
+        else:
+            self.state = State.SYN_RECEIVED  # simultaneous open
+            self._syn_due = True
+
+    def _on_ack(self, ack: int, seq: int, window: int, payload_len: int, now: float) -> bool:
+        """RFC 9293 3.10.7.4 fifth step. Returns False when the segment is to be dropped."""
+        if self.state is State.SYN_RECEIVED:
+            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
+                self._ctl.append(self._segment(ack, 0, RST, 0))
+                return False
+            self.state = State.ESTABLISHED
+            self.snd_wnd = window
+            self.max_snd_wnd = max(self.max_snd_wnd, window)
+            self.snd_wl1, self.snd_wl2 = seq, ack
+            self._on_new_ack(ack, now)
+            self._emit(Connected(self._flow()))
+            if self._fin_queued:
+                self.state = State.FIN_WAIT_1
+            return True
+
+        if seq_gt(ack, self.snd_max):
+            self._ack_now = True  # acknowledges something never sent
+            return False
+        if seq_gt(ack, self.snd_una):
+            self._on_new_ack(ack, now)
+        elif (
+            ack == self.snd_una
+            and payload_len == 0
+            and window == self.snd_wnd
+            and self.snd_max != self.snd_una
+        ):
+            self._on_duplicate_ack()
+        # Window update (RFC 9293 3.10.7.4, with SND.WL1/WL2 ordering).
+        if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
+            self.snd_wnd = window
+            self.snd_wl1, self.snd_wl2 = seq, ack
+            if window > self.max_snd_wnd:
+                self.max_snd_wnd = window
+            if window > 0:
+                self.persist_deadline = None
+        self._probes = 0
+        return self.state is not State.CLOSED
+
+    def _on_new_ack(self, ack: int, now: float) -> None:
+        flight = seq_sub(self.snd_max, self.snd_una)
+        acked = seq_sub(ack, self.snd_una)
+        if self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
+            self._rtt.sample(now - self._rtt_start)
+            self._rtt_seq = None
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        # Drop acknowledged bytes from the send buffer (the SYN and FIN hold no bytes).
+        n = min(seq_sub(ack, self._sb_seq), len(self._sndbuf))
+        if n > 0:
+            del self._sndbuf[:n]
+            self._sb_seq = seq_add(self._sb_seq, n)
+            if self._want_send_space and not self._fin_queued:
+                self._want_send_space = False
+                self._emit(SendSpace(self._flow()))
+        self._retries = 0
+        self._rtt.backoff = 0
+        self._dupacks = 0
+        if self._recover is not None:
+            if seq_lt(ack, self._recover):
+                self._rtx_due = True  # RFC 6582 3.2 (5): a partial ACK, the next hole
+            else:
+                self._recover = None
+        else:
+            self.cc.on_ack(acked, flight)
+        # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
+        self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
+        if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
+            self._on_fin_acked(now)
+
+    def _on_duplicate_ack(self) -> None:
+        self._dupacks += 1
+        if self._dupacks == 3 and self._recover is None:
+            # RFC 5681 3.2 fast retransmit; RFC 6582 recovery point.
+            self.cc.on_fast_retransmit(seq_sub(self.snd_max, self.snd_una))
+            self._recover = self.snd_max
+            self._rtx_due = True
+            self._rtt_seq = None
+
+    def _on_fin_acked(self, now: float) -> None:
+        if self.state is State.FIN_WAIT_1:
+            self.state = State.FIN_WAIT_2
+            self.linger_deadline = now + self.config.fin_wait_2_timeout
+        elif self.state is State.CLOSING:
+            self._enter_time_wait(now)
+        elif self.state is State.LAST_ACK:
+            self._close(CloseReason.FINISHED)
+
+    def _enter_time_wait(self, now: float) -> None:
+        self.state = State.TIME_WAIT
+        self.rto_deadline = self.persist_deadline = None
+        self.linger_deadline = now + self.config.time_wait
+
+    def _on_data(self, seq: int, payload: bytes, now: float) -> None:
+        # Trim to the window: the part before rcv_nxt is a duplicate and the part
+        # beyond the advertised edge is not ours to keep (RFC 9293 3.10.7.4).
+        rcv_nxt = self.rcv_nxt
+        front = seq_sub(rcv_nxt, seq)
+        if front > 0:
+            payload = payload[front:]
+            seq = rcv_nxt
+        room = seq_sub(self.rcv_adv, seq)
+        if len(payload) > room:
+            payload = payload[: max(room, 0)]
+        if not payload:
+            self._ack_now = True
+            return
+        if seq != rcv_nxt:
+            self._ooo.insert(rcv_nxt, seq, payload)
+            self._ack_now = True  # RFC 5681 4.2: an immediate duplicate ACK
+            return
+        filled_hole = bool(self._ooo)
+        self._deliver(payload)
+        if filled_hole:
+            while (more := self._ooo.pop_ready(self.rcv_nxt)) is not None:
+                self._deliver(more)
+            self._ack_now = True  # RFC 5681 4.2: ACK at once when a hole fills
+        if self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt:
+            self._on_fin(self._ooo_fin, now)
+        self._unacked_segments += 1
+        if self._unacked_segments >= 2:
+            self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment
+        elif self.ack_deadline is None:
+            self.ack_deadline = now + self.config.delayed_ack
+
+    def _deliver(self, data: bytes) -> None:
+        self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
+        self._unconsumed += len(data)
+        if not self._rx_pending:
+            self._readable.append(self)
+        self._rx_pending.append(data)
+
+    def _on_fin(self, fin_seq: int, now: float) -> None:
+        if fin_seq != self.rcv_nxt:
+            if self.state in _RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
+                self._ooo_fin = fin_seq  # wait for the hole before it to fill
+            else:
+                self._ack_now = True  # a repeated FIN
+                if self.state is State.TIME_WAIT:
+                    self.linger_deadline = now + self.config.time_wait
+            return
+        self._ooo_fin = None
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        self._ack_now = True
+        state = self.state
+        if state is State.ESTABLISHED:
+            self.state = State.CLOSE_WAIT
+        elif state is State.FIN_WAIT_1:
+            # Our FIN is not yet acknowledged (else we would be in FIN-WAIT-2).
+            self.state = State.CLOSING
+        elif state is State.FIN_WAIT_2:
+            self._enter_time_wait(now)
+        else:
+            return
+        self._emit(PeerFinished(self._flow()))
+
+    # ----------------------------------------------------------------- output
+
+    def _segment(
+        self, seq: int, ack: int, flags: int, window: int, payload: bytes = b""
+    ) -> TcpSegment:
+        return TcpSegment(self.local_port, self.remote_port, seq, ack, flags, window, payload)
+
+    def _window_increase(self) -> int:
+        free = self.config.rcv_buf - self._unconsumed
+        right = seq_add(self.rcv_nxt, min(max(free, 0), _MAX_WINDOW))
+        return seq_sub(right, self.rcv_adv)
+
+    def _advertise(self) -> int:
+        """The window for an outgoing segment, with receiver SWS avoidance (RFC 9293 3.8.6.2.2)."""
+        increase = self._window_increase()
+        if increase >= min(self.config.rcv_buf // 2, self.rcv_mss):
+            self.rcv_adv = seq_add(self.rcv_adv, increase)
+        return max(0, seq_sub(self.rcv_adv, self.rcv_nxt))
+
+    def _ack_sent(self) -> None:
+        self._ack_now = False
+        self.ack_deadline = None
+        self._unacked_segments = 0
+
+    def segments_to_send(self, now: float) -> list[TcpSegment]:
+        """Everything due now: control segments, (re)transmissions, an owed ACK."""
+        out = self._ctl
+        if out:
+            self._ctl = []
+        state = self.state
+        if state is State.CLOSED or state is State.LISTEN:
+            return out
+        if self._syn_due:
+            self._syn_due = False
+            self._send_syn(out, now)
+            return out
+        if state is State.SYN_SENT or state is State.SYN_RECEIVED:
+            return out
+        if self._rtx_due:
+            self._rtx_due = False
+            self._retransmit_one(out, now)
+        self._send_data(out, now)
+        if self._ack_now:
+            out.append(self._segment(self.snd_nxt, self.rcv_nxt, ACK, self._advertise()))
+            self._ack_sent()
+        return out
+
+    def _send_syn(self, out: list[TcpSegment], now: float) -> None:
+        if self.state is State.SYN_SENT:
+            flags, ack = SYN, 0
+        else:
+            flags, ack = SYN | ACK, self.rcv_nxt
+        window = min(self.config.rcv_buf, _MAX_WINDOW)
+        self.rcv_adv = seq_add(self.rcv_nxt, window)
+        seg = TcpSegment(
+            self.local_port,
+            self.remote_port,
+            self.iss,
+            ack,
+            flags,
+            window,
+            b"",
+            TcpOptions(mss=self.rcv_mss),
+        )
+        out.append(seg)
+        if self.snd_max == self.iss:
+            self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
+            self._rtt_seq, self._rtt_start = self.iss, now
+        self.rto_deadline = now + self._rtt.rto
+        self._ack_sent()
+
+    def _retransmit_one(self, out: list[TcpSegment], now: float) -> None:
+        start = self.snd_una
+        off = seq_sub(start, self._sb_seq)
+        data = bytes(self._sndbuf[off : off + self.snd_mss]) if off >= 0 else b""
+        flags = ACK
+        data_end = seq_add(self._sb_seq, len(self._sndbuf))
+        fin_sent = self._fin_queued and seq_gt(self.snd_max, data_end)
+        if fin_sent and off + len(data) >= len(self._sndbuf):
+            flags |= FIN
+        if not data and not flags & FIN:
+            return
+        out.append(self._segment(start, self.rcv_nxt, flags, self._advertise(), data))
+        self._ack_sent()
+        self.rto_deadline = now + self._rtt.rto
+
+    def _send_data(self, out: list[TcpSegment], now: float) -> None:
+        sb_seq = self._sb_seq
+        buf = self._sndbuf
+        data_end = seq_add(sb_seq, len(buf))
+        mss = self.snd_mss
+        edge = seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd))
+        fin_pending = self._fin_queued and self.state is not State.SYN_RECEIVED
+        while True:
+            nxt = self.snd_nxt
+            avail = seq_sub(data_end, nxt)
+            if avail > 0:
+                n = min(avail, seq_sub(edge, nxt), mss)
+                if n <= 0:
+                    break
+                # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a short segment only
+                # when it empties the buffer or the window is a large share of the max.
+                if n < mss and n < avail and n < self.max_snd_wnd // 2:
+                    break
+                if self.config.nagle and n < mss and seq_lt(self.snd_una, nxt):
+                    break
+                off = seq_sub(nxt, sb_seq)
+                flags = ACK
+                if n == avail:
+                    flags |= PSH
+                    if fin_pending:
+                        flags |= FIN
+                payload = bytes(buf[off : off + n])
+                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload)
+                self._sent(seg, nxt, n + (1 if flags & FIN else 0), now)
+                out.append(seg)
+            elif fin_pending and nxt == data_end and seq_lt(nxt, edge):
+                seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise())
+                self._sent(seg, nxt, 1, now)
+                out.append(seg)
+            else:
+                break
+        # Zero window with data waiting and nothing in flight: probe (RFC 9293 3.8.6.1).
+        if (
+            self.snd_wnd == 0
+            and self.snd_una == self.snd_max
+            and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
+            and self.persist_deadline is None
+        ):
+            self.persist_deadline = now + self._rtt.rto
+
+    def _sent(self, seg: TcpSegment, seq: int, length: int, now: float) -> None:
+        end = seq_add(seq, length)
+        self.snd_nxt = end
+        if seq_ge(seq, self.snd_max) and self._rtt_seq is None:
+            self._rtt_seq, self._rtt_start = seq, now
+        if seq_gt(end, self.snd_max):
+            self.snd_max = end
+        if self.rto_deadline is None:
+            self.rto_deadline = now + self._rtt.rto
+        self._ack_sent()

@@ -1,0 +1,33 @@
+"""The TCP segment as the connection sees it: header fields and payload, no addresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
+
+_FLAG_NAMES = ((SYN, "S"), (FIN, "F"), (RST, "R"), (PSH, "P"), (ACK, "."))
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSegment:
+    src_port: int
+    dst_port: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: bytes = b""
+    options: TcpOptions = NO_OPTIONS
+
+    @property
+    def seg_len(self) -> int:
+        """Sequence space the segment occupies (RFC 9293 3.4: payload + SYN + FIN)."""
+        return len(self.payload) + (1 if self.flags & SYN else 0) + (1 if self.flags & FIN else 0)
+
+    def __repr__(self) -> str:
+        flags = "".join(name for bit, name in _FLAG_NAMES if self.flags & bit)
+        return (
+            f"<TCP {self.src_port}>{self.dst_port} [{flags}] seq={self.seq} ack={self.ack} "
+            f"win={self.window} len={len(self.payload)}>"
+        )
