@@ -680,8 +680,7 @@ class TcpConnection:
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Everything due now: control segments, (re)transmissions, an owed ACK."""
         out = self._ctl
-        if out:
-            self._ctl = []
+        self._ctl = []
         state = self.state
         if state is State.CLOSED or state is State.LISTEN:
             return out

@@ -1,0 +1,271 @@
+"""Packet-level tests of the Stack: raw IP packets in, packets and events out."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from stack import (
+    Closed,
+    CloseReason,
+    Connected,
+    ConnectionRequest,
+    DataReceived,
+    FlowId,
+    PeerFinished,
+    Reject,
+    Stack,
+    StackConfig,
+    State,
+    TcpConfig,
+    Unreachable,
+)
+from stack.wire.checksum import pseudo_sum_v6
+from stack.wire.icmp import parse_icmp
+from stack.wire.ip import parse_ip
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
+from tests.stack_helpers import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    established,
+    events,
+    out,
+    request,
+    seg,
+)
+
+
+@pytest.mark.parametrize(("src", "dst", "version"), [(C4, S4, 4), (C6, S6, 6)])
+def test_syn_to_any_address_is_a_connection_request(src: bytes, dst: bytes, version: int) -> None:
+    stack = Stack()
+    opts = encode_options(mss=1400, sack_permitted=True)
+    stack.receive(seg(CLIENT_ISN, 0, SYN, src=src, dst=dst, options=opts), 0.0)
+    (ev,) = events(stack)
+    assert isinstance(ev, ConnectionRequest)
+    assert ev.flow == FlowId(
+        version,
+        str(ipaddress.ip_address(src)),
+        CPORT,
+        str(ipaddress.ip_address(dst)),
+        SPORT,
+    )
+    assert ev.options.mss == 1400
+    assert ev.options.sack_permitted
+    assert out(stack) == []  # nothing until the caller decides
+
+
+def test_syn_retransmitted_while_undecided_is_absorbed() -> None:
+    stack = Stack()
+    flow = request(stack)
+    stack.receive(seg(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 1.0)
+    assert events(stack) == []
+    assert out(stack, 1.0) == []
+    assert stack.state_of(flow) is State.LISTEN
+
+
+@pytest.mark.parametrize(("src", "dst", "mss"), [(C4, S4, 1460), (C6, S6, 1440)])
+def test_accept_sends_syn_ack_from_the_original_destination(
+    src: bytes, dst: bytes, mss: int
+) -> None:
+    stack = Stack()
+    flow = request(stack, src=src, dst=dst)
+    stack.accept(flow, isn=SERVER_ISN)
+    (p,) = out(stack)
+    assert (p.src, p.dst) == (dst, src)
+    assert (p.tcp.src_port, p.tcp.dst_port) == (SPORT, CPORT)
+    assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (SERVER_ISN, CLIENT_ISN + 1, SYN | ACK)
+    assert p.tcp.options.mss == mss
+    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, src=src, dst=dst), 0.01)
+    assert events(stack) == [Connected(flow)]
+    assert stack.state_of(flow) is State.ESTABLISHED
+
+
+def test_syn_ack_is_retransmitted_on_timeout() -> None:
+    stack = Stack()
+    flow = request(stack)
+    stack.accept(flow, isn=SERVER_ISN)
+    assert len(out(stack)) == 1
+    assert stack.get_timer() == pytest.approx(1.0)  # RFC 6298 2.1 initial RTO
+    stack.handle_timer(0.5)
+    assert out(stack, 0.5) == []
+    stack.handle_timer(1.0)
+    (p,) = out(stack, 1.0)
+    assert p.tcp.flags == SYN | ACK and p.tcp.seq == SERVER_ISN
+    assert stack.get_timer() == pytest.approx(3.0)  # backed off to 2 s
+
+
+def test_reject_with_rst() -> None:
+    stack = Stack()
+    flow = request(stack)
+    stack.reject(flow, Reject.RST)
+    (p,) = out(stack)
+    assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (0, CLIENT_ISN + 1, RST | ACK)
+    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+    assert len(stack) == 0
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "why", "icmp_type", "code"),
+    [
+        (C4, S4, Unreachable.HOST, 3, 1),
+        (C4, S4, Unreachable.NET, 3, 0),
+        (C4, S4, Unreachable.ADMIN, 3, 13),
+        (C6, S6, Unreachable.HOST, 1, 3),
+        (C6, S6, Unreachable.NET, 1, 0),
+        (C6, S6, Unreachable.PORT, 1, 4),
+    ],
+)
+def test_reject_with_icmp_unreachable(
+    src: bytes, dst: bytes, why: Unreachable, icmp_type: int, code: int
+) -> None:
+    stack = Stack()
+    flow = request(stack, src=src, dst=dst)
+    stack.reject(flow, Reject.ICMP, unreachable=why)
+    (packet,) = stack.packets_to_send(0.0)
+    ip = parse_ip(packet)
+    assert (ip.src, ip.dst) == (dst, src)
+    pseudo = None if ip.version == 4 else pseudo_sum_v6(ip.src, ip.dst, 58, ip.end - ip.offset)
+    icmp = parse_icmp(packet, ip.offset, ip.end, pseudo)
+    assert (icmp.type, icmp.code) == (icmp_type, code)
+    # The quote is the client's SYN: its addresses and then its ports.
+    quoted = packet[ip.offset + 8 : ip.end]
+    hlen = 20 if len(src) == 4 else 40
+    assert quoted[0] >> 4 == (4 if len(src) == 4 else 6)
+    assert src in quoted[:hlen] and dst in quoted[:hlen]
+    assert quoted[hlen : hlen + 4] == CPORT.to_bytes(2, "big") + SPORT.to_bytes(2, "big")
+    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+
+
+def test_reject_silently_sends_nothing() -> None:
+    stack = Stack()
+    flow = request(stack)
+    stack.reject(flow, Reject.SILENT)
+    assert stack.packets_to_send(0.0) == []
+    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+
+
+def test_segment_for_no_connection_is_answered_with_rst() -> None:
+    stack = Stack()
+    stack.receive(seg(7, 1234, ACK, b"data"), 0.0)
+    (p,) = out(stack)
+    assert (p.tcp.seq, p.tcp.flags) == (1234, RST)  # RFC 9293 3.10.7.1, ACK set
+    stack.receive(seg(7, 0, FIN), 0.0)
+    (p,) = out(stack)
+    assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (0, 8, RST | ACK)  # no ACK: ack = seq + len
+    stack.receive(seg(7, 0, RST), 0.0)
+    assert out(stack) == []  # never answer an RST
+    assert stack.stats.rst_sent == 2
+    assert events(stack) == []
+
+
+def test_data_both_ways_and_orderly_close() -> None:
+    stack = Stack()
+    flow = established(stack)
+    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"hello"), 0.1)
+    assert events(stack) == [DataReceived(flow, b"hello")]
+    stack.consumed(flow, 5)
+    assert stack.send(flow, b"world") == 5
+    (p,) = out(stack, 0.1)
+    assert (p.tcp.seq, p.tcp.ack, p.payload) == (SERVER_ISN + 1, CLIENT_ISN + 6, b"world")
+    stack.receive(seg(CLIENT_ISN + 6, SERVER_ISN + 6, ACK | FIN), 0.2)
+    assert events(stack) == [PeerFinished(flow)]
+    (p,) = out(stack, 0.2)
+    assert p.tcp.ack == CLIENT_ISN + 7
+    stack.close(flow)
+    (p,) = out(stack, 0.2)
+    assert p.tcp.flags & FIN and p.tcp.seq == SERVER_ISN + 6
+    stack.receive(seg(CLIENT_ISN + 7, SERVER_ISN + 7, ACK), 0.3)
+    assert events(stack) == [Closed(flow, CloseReason.FINISHED)]
+    assert len(stack) == 0
+    assert stack.get_timer() is None
+
+
+def test_abort_sends_rst_and_forgets_the_flow() -> None:
+    stack = Stack()
+    flow = established(stack)
+    stack.abort(flow)
+    (p,) = out(stack)
+    assert p.tcp.flags == RST | ACK and p.tcp.seq == SERVER_ISN + 1
+    assert events(stack) == [Closed(flow, CloseReason.ABORTED)]
+    assert len(stack) == 0
+    assert stack.send(flow, b"late") == 0  # calls on a gone flow are ignored
+
+
+def test_client_rst_resets_the_flow() -> None:
+    stack = Stack()
+    flow = established(stack)
+    stack.receive(seg(CLIENT_ISN + 1, 0, RST), 0.1)
+    evs = events(stack)
+    assert [type(e).__name__ for e in evs] == ["ConnectionReset", "Closed"]
+    assert evs[-1] == Closed(flow, CloseReason.RESET)
+    assert len(stack) == 0
+
+
+def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
+    stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
+    flow = established(stack)
+    stack.close(flow)  # server closes first: the stack ends in TIME-WAIT
+    (fin,) = out(stack)
+    assert fin.tcp.flags & FIN
+    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 0.1)
+    out(stack, 0.1)
+    assert stack.state_of(flow) is State.TIME_WAIT
+    events(stack)
+    stack.receive(seg(CLIENT_ISN + 100_000, 0, SYN, options=encode_options(mss=1460)), 0.2)
+    evs = events(stack)
+    assert evs[0] == Closed(flow, CloseReason.FINISHED)
+    assert isinstance(evs[1], ConnectionRequest)
+    assert stack.state_of(flow) is State.LISTEN
+
+
+def test_pending_and_flow_limits_drop_syns() -> None:
+    stack = Stack(StackConfig(max_pending=3, max_flows=5))
+    for port in range(1000, 1010):
+        stack.receive(seg(1, 0, SYN, sport=port), 0.0)
+    reqs = [e for e in events(stack) if isinstance(e, ConnectionRequest)]
+    assert len(reqs) == 3
+    assert stack.stats.syn_dropped == 7
+    for r in reqs:
+        stack.accept(r.flow, isn=1)
+    for port in range(2000, 2010):
+        stack.receive(seg(1, 0, SYN, sport=port), 0.0)
+    assert len([e for e in events(stack) if isinstance(e, ConnectionRequest)]) == 2
+    assert len(stack) == 5
+
+
+def test_malformed_packets_are_counted_and_dropped() -> None:
+    stack = Stack()
+    good = seg(1, 0, SYN)
+    bad_sum = bytearray(good)
+    bad_sum[-1] ^= 0xFF  # flips a byte the TCP checksum covers
+    stack.receive(bytes(bad_sum), 0.0)
+    stack.receive(good[:30], 0.0)
+    stack.receive(b"", 0.0)
+    stack.receive(b"\x45" + bytes(50), 0.0)
+    assert stack.stats.checksum_errors == 1
+    assert stack.stats.parse_errors == 3
+    assert events(stack) == [] and out(stack) == []
+
+
+def test_many_flows_are_demultiplexed_by_4_tuple() -> None:
+    stack = Stack()
+    flows = {}
+    for port in range(3000, 3020):
+        stack.receive(seg(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+    for ev in events(stack):
+        assert isinstance(ev, ConnectionRequest)
+        stack.accept(ev.flow, isn=SERVER_ISN)
+        flows[ev.flow.client_port] = ev.flow
+    out(stack)
+    for port in flows:
+        payload = str(port).encode()
+        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, payload, sport=port), 0.0)
+    data = {e.flow.client_port: e.data for e in events(stack) if isinstance(e, DataReceived)}
+    assert data == {port: str(port).encode() for port in flows}
