@@ -1,0 +1,1 @@
+"""tunrelay's trio side: TUN device, kernel sockets, analyzer hooks and service."""
