@@ -19,8 +19,8 @@ import time
 
 from stack import ConnectionRequest, DataReceived, FlowId, Stack, StackConfig, TcpConfig
 from stack.wire.checksum import ones_sum
-from stack.wire.tcp import ACK, PSH, SYN, build_tcp_packet, encode_options, parse_tcp
 from stack.wire.ip import parse_ip
+from stack.wire.tcp import ACK, PSH, SYN, build_tcp_packet, encode_options, parse_tcp
 
 CLIENT = bytes([198, 18, 1, 2])
 SERVER = bytes([198, 18, 2, 2])

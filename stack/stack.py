@@ -277,9 +277,10 @@ class Stack:
     def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int:
         """Queue server-to-client bytes; returns how many the send buffer took."""
         conn = self._by_flow.get(flow)
-        if conn is None or conn.send_space == 0:
+        if conn is None or conn.state is State.CLOSED or conn.state is State.LISTEN:
             return 0
         self._touched[conn] = None
+        # Even with no room, offering bytes arms a later SendSpace event.
         return conn.send(data)
 
     def send_space(self, flow: FlowId) -> int:

@@ -1,21 +1,31 @@
 """The Internet checksum (RFC 1071) and the TCP/UDP pseudo-header sums.
 
-Theory of operation: the 16-bit one's-complement sum of a byte string equals
-the big-endian integer it spells, reduced modulo 0xFFFF, because
-2**16 == 1 (mod 0xFFFF). ``int.from_bytes(data, "big") % 0xFFFF`` therefore
-computes the sum in C, about 25x faster than a Python word loop.
+Theory of operation: the 16-bit one's-complement sum of a byte string is
+congruent, modulo 0xFFFF, to the integer the bytes spell, because
+2**16 == 1 (mod 0xFFFF). So ``int.from_bytes`` plus one ``% 0xFFFF`` computes
+the sum in C, about 25x faster than a Python word loop.
 
-The only subtlety is the representation of "zero": one's-complement arithmetic
-has two zeros, 0x0000 and 0xFFFF. The end-around-carry fold of a sum used by
-the RFC 1071 reference loop yields 0x0000 only when every word is zero and
-0xFFFF for any other multiple of 0xFFFF, while ``% 0xFFFF`` yields 0 for both.
-``ones_sum`` maps them exactly like the reference loop: a total of 0 gives 0,
-any other multiple of 0xFFFF gives 0xFFFF. Hence a packet verifies when the
-sum over it, checksum field included, is 0xFFFF (RFC 1071 section 1, step 3).
+We read the bytes as a *little*-endian integer, which CPython converts about
+25% faster than big-endian. Read that way, byte ``i`` weighs 256**i, which is
+1 for even ``i`` and 256 for odd ``i`` (mod 0xFFFF): the words come out
+byte-swapped, and a swap is a multiplication by 256 (RFC 1071 2(B), byte order
+independence). Multiplying by 256 once more (256 * 256 == 1) restores network
+order: ``S == 256 * int.from_bytes(data, "little") (mod 0xFFFF)``. An odd
+trailing byte lands at an even index, as the high byte of a zero-padded word,
+exactly as RFC 1071 4.1 pads. Large inputs are first folded by splitting the
+integer in halves at a multiple of 16 bits (2**16k == 1), which is cheaper
+than the per-digit division of ``%``.
+
+The only subtlety is the representation of zero: one's-complement arithmetic
+has two, 0x0000 and 0xFFFF. The end-around-carry fold of the RFC 1071
+reference loop yields 0x0000 only when every word is zero, and 0xFFFF for any
+other multiple of 0xFFFF, while ``% 0xFFFF`` yields 0 for both. ``ones_sum``
+maps them exactly as the reference loop does. A packet verifies when the sum
+over it, checksum field included, is 0xFFFF (RFC 1071 section 1, step 3).
 
 All "sums" passed around (``initial``, pseudo-header sums) are plain
-non-negative ints, folded or not: adding unfolded sums is always correct
-modulo 0xFFFF.
+non-negative ints, folded or not: adding unfolded sums is correct modulo
+0xFFFF.
 """
 
 from __future__ import annotations
@@ -30,6 +40,18 @@ __all__ = [
 ]
 
 _from_bytes = int.from_bytes
+_FOLD_BITS = 4096  # below this, one % is cheaper than folding
+_MASKS = {1 << e: (1 << (1 << e)) - 1 for e in range(11, 20)}  # 2048 bits .. 64 KiB
+
+
+def _fold(x: int) -> int:
+    # Halve x at a power-of-two multiple of 16 bits until it is small.
+    b = x.bit_length()
+    while b > _FOLD_BITS:
+        k = 1 << (b.bit_length() - 2)
+        x = (x >> k) + (x & (_MASKS.get(k) or (1 << k) - 1))
+        b = x.bit_length()
+    return x
 
 
 def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -45,13 +67,12 @@ def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
         The sum folded to 16 bits and not inverted: 0 only when ``data`` and
         ``initial`` are all zero, otherwise in ``1..0xFFFF``.
     """
-    x = _from_bytes(data, "big")
-    if len(data) & 1:
-        x <<= 8
-    x += initial
-    if not x:
+    x = _from_bytes(data, "little")
+    if x.bit_length() > _FOLD_BITS:
+        x = _fold(x)
+    if not x and not initial:
         return 0
-    return x % 0xFFFF or 0xFFFF
+    return (((x % 0xFFFF) << 8) + initial) % 0xFFFF or 0xFFFF
 
 
 def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -87,11 +108,10 @@ def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
     Returns:
         True when the one's-complement sum is 0xFFFF (negative zero).
     """
-    x = _from_bytes(data, "big")
-    if len(data) & 1:
-        x <<= 8
-    x += initial
-    return x != 0 and x % 0xFFFF == 0
+    x = _from_bytes(data, "little")
+    if x.bit_length() > _FOLD_BITS:
+        x = _fold(x)
+    return (((x % 0xFFFF) << 8) + initial) % 0xFFFF == 0 and (x != 0 or initial != 0)
 
 
 def pseudo_sum_v4(src: bytes, dst: bytes, proto: int, length: int) -> int:

@@ -13,6 +13,8 @@ import struct
 from typing import NamedTuple
 
 from stack.errors import ChecksumError, TruncatedError
+from stack.wire.checksum import ones_sum as _ones_sum
+from stack.wire.checksum import verify as _verify
 
 __all__ = [
     "ADMIN_PROHIBITED",
@@ -102,7 +104,9 @@ def parse_icmp(
     Args:
         buf: the packet buffer.
         offset: index of the ICMP header (``IpHeader.offset``).
-        end: index where the message ends (``IpHeader.end``).
+        end: index where the message ends (``IpHeader.end``). The caller
+            guarantees ``0 <= offset`` and ``end <= len(buf)``, as ``parse_ip``
+            does; within that, any bytes raise only ``ParseError``.
         pseudo_sum: for ICMPv6, ``pseudo_sum_v6(src, dst, 58, end - offset)``;
             for ICMPv4, None (the checksum has no pseudo-header).
         verify: verify the checksum (the default).
@@ -119,14 +123,8 @@ def parse_icmp(
     if avail < 8:
         raise TruncatedError(f"ICMP message of {avail} bytes")
     hdr: IcmpHeader = _new(IcmpHeader, _HDR.unpack_from(buf, offset))
-    if verify:
-        x = _from_bytes(buf[offset:end], "big")
-        if avail & 1:
-            x <<= 8
-        if pseudo_sum is not None:
-            x += pseudo_sum
-        if not x or x % 0xFFFF:
-            raise ChecksumError("ICMP checksum")
+    if verify and not _verify(buf[offset:end], 0 if pseudo_sum is None else pseudo_sum):
+        raise ChecksumError("ICMP checksum")
     return hdr
 
 
@@ -134,8 +132,7 @@ def _icmp_packet(src: bytes, dst: bytes, type_: int, code: int, rest: int, body:
     # Message sum without the checksum field (RFC 792 / RFC 4443 2.3); body is 2-aligned.
     x = (type_ << 8) + code + rest
     if body:
-        b = _from_bytes(body, "big")
-        x += b << 8 if len(body) & 1 else b
+        x += _ones_sum(body)
     addr = _from_bytes(src, "big") + _from_bytes(dst, "big")
     length = 8 + len(body)
     if len(src) == 4 and len(dst) == 4:

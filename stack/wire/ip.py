@@ -81,11 +81,12 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
     (not interpreted). ``fragment`` is set when MF is set or the fragment
     offset is nonzero.
 
-    For IPv6 the hop-by-hop (0, first only), routing (43) and destination
-    options (60) headers are skipped. A fragment header (44) ends the walk:
-    ``proto`` is its next header, ``offset`` points after it and ``fragment``
-    is set, even for an atomic fragment (offset 0, M clear; RFC 8021), which
-    the caller may then treat as a whole datagram. Any other next header
+    For IPv6 the hop-by-hop (0, first only), routing (43, only with zero
+    segments left) and destination options (60) headers are skipped. A
+    fragment header (44) ends the walk: ``proto`` is its next header,
+    ``offset`` points after it and ``fragment`` is set, even for an atomic
+    fragment (offset 0, M clear; RFC 8021), which the caller may then treat
+    as a whole datagram. Any other next header
     (including ESP 50, AH 51 and No Next Header 59) ends the walk and is
     reported as ``proto``. Jumbograms (RFC 2675) are not supported.
 
@@ -98,8 +99,9 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
     Raises:
         TruncatedError: the buffer is shorter than the fixed header or than the
             total/payload length, or an extension header runs past the payload.
-        BadHeaderError: the version is not 4 or 6, the IHL is below 5, or a
-            hop-by-hop header is not first (RFC 8200 4.1).
+        BadHeaderError: the version is not 4 or 6, the IHL is below 5, a
+            hop-by-hop header is not first (RFC 8200 4.1), or a routing header
+            has segments left (this endpoint is not the final destination).
         BadLengthError: the IPv4 total length is smaller than the header, or a
             fragment would reassemble beyond 65,535 bytes (RFC 791, RFC 8200
             4.5) or a non-last IPv6 fragment is not a multiple of 8 bytes.
@@ -159,6 +161,10 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
                 break
             if nh == _HOP_BY_HOP and off != 40:
                 raise BadHeaderError("IPv6 hop-by-hop header not first")
+            # RFC 8200 4.4, 8.1: with segments left, this node is not the final
+            # destination (and the pseudo-header would need it); an endpoint drops it.
+            if nh == _ROUTING and buf[off + 3]:
+                raise BadHeaderError("IPv6 routing header with segments left")
             nh, hlen = _EXT.unpack_from(buf, off)
             off += (hlen + 1) << 3
             if off > end:

@@ -7,11 +7,11 @@ call). Anything else goes through the general option loop.
 
 ``build_tcp_packet`` emits a whole IPv4 or IPv6 packet. It computes both
 checksums arithmetically before packing anything: the TCP checksum is the
-sum of the header field values, the pseudo-header and one
-``int.from_bytes`` over the options and over the payload (both start on a
-16-bit boundary, so their big-endian values are congruent to their word sums
-modulo 0xFFFF, RFC 1071). The IP and TCP headers are then packed by a single
-``Struct.pack`` and joined with the options and payload in one allocation.
+sum of the header field values, the pseudo-header, the options (read as one
+big-endian int: they start on a 16-bit boundary, so the int is congruent to
+their word sum modulo 0xFFFF, RFC 1071) and ``ones_sum`` of the payload.
+The IP and TCP headers are then packed by a single ``Struct.pack`` and joined
+with the options and payload in one allocation.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from stack.errors import BadHeaderError, BadLengthError, ChecksumError, TruncatedError
+from stack.wire.checksum import ones_sum as _ones_sum
+from stack.wire.checksum import verify as _verify
 
 __all__ = [
     "ACK",
@@ -118,7 +120,9 @@ def parse_tcp(
     Args:
         buf: the packet buffer.
         offset: index of the TCP header (``IpHeader.offset``).
-        end: index where the segment ends (``IpHeader.end``).
+        end: index where the segment ends (``IpHeader.end``). The caller
+            guarantees ``0 <= offset`` and ``end <= len(buf)``, as ``parse_ip``
+            does; within that, any bytes raise only ``ParseError``.
         pseudo_sum: the pseudo-header sum (``pseudo_sum_v4``/``pseudo_sum_v6``
             with ``length = end - offset``) to verify the checksum, or None to
             skip verification (e.g. a checksum already validated by offload).
@@ -141,14 +145,9 @@ def parse_tcp(
         raise BadLengthError(f"TCP data offset {hl >> 2} < 5")
     if hl > seg_len:
         raise BadLengthError(f"TCP header length {hl} > segment length {seg_len}")
-    if pseudo_sum is not None:
-        # RFC 9293 3.1: the whole segment plus the pseudo-header sums to 0xFFFF.
-        x = _from_bytes(buf[offset:end], "big")
-        if seg_len & 1:
-            x <<= 8
-        x += pseudo_sum
-        if x % 0xFFFF or not x:
-            raise ChecksumError("TCP checksum")
+    # RFC 9293 3.1: the whole segment plus the pseudo-header sums to 0xFFFF.
+    if pseudo_sum is not None and not _verify(buf[offset:end], pseudo_sum):
+        raise ChecksumError("TCP checksum")
     if hl == 20:
         options = NO_OPTIONS
     elif hl == 32:
@@ -303,8 +302,7 @@ def build_tcp_packet(
     if olen:
         x += _from_bytes(options, "big")
     if payload:
-        p = _from_bytes(payload, "big")
-        x += p << 8 if len(payload) & 1 else p
+        x += _ones_sum(payload)  # starts 32-bit aligned
     addr = _from_bytes(src, "big") + _from_bytes(dst, "big")
     if len(src) == 4 and len(dst) == 4:
         total = 20 + tcp_len

@@ -1,7 +1,7 @@
 """UDP (RFC 768; IPv6 rules from RFC 8200 8.1): parse and build.
 
 The checksum is computed the same way as TCP's in ``stack.wire.tcp``: from the
-field values, the pseudo-header and one ``int.from_bytes`` over the payload.
+field values, the pseudo-header and ``ones_sum`` of the payload.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import struct
 from typing import NamedTuple
 
 from stack.errors import BadLengthError, ChecksumError, TruncatedError
+from stack.wire.checksum import ones_sum as _ones_sum
+from stack.wire.checksum import verify as _verify
 
 __all__ = ["UdpHeader", "build_udp_packet", "parse_udp"]
 
@@ -47,7 +49,9 @@ def parse_udp(
     Args:
         buf: the packet buffer.
         offset: index of the UDP header (``IpHeader.offset``).
-        end: index where the IP payload ends (``IpHeader.end``).
+        end: index where the IP payload ends (``IpHeader.end``). The caller
+            guarantees ``0 <= offset`` and ``end <= len(buf)``, as ``parse_ip``
+            does; within that, any bytes raise only ``ParseError``.
         pseudo_sum: the pseudo-header sum computed with
             ``length = end - offset``, like for TCP (it is corrected here when
             the UDP length field is shorter), or None to skip verification.
@@ -75,11 +79,8 @@ def parse_udp(
     elif pseudo_sum is not None:
         # RFC 768: the pseudo-header carries the UDP length. pseudo_sum was computed
         # with avail; the length adds linearly, so subtract the difference (mod 0xFFFF).
-        x = _from_bytes(buf[offset : offset + length], "big")
-        if length & 1:
-            x <<= 8
-        x += pseudo_sum - (avail - length) + 0x1FFFE
-        if x % 0xFFFF:
+        initial = pseudo_sum - (avail - length) + 0x1FFFE
+        if not _verify(buf[offset : offset + length], initial):
             raise ChecksumError("UDP checksum")
     return _new(UdpHeader, (sport, dport, length, csum))
 
@@ -115,8 +116,7 @@ def build_udp_packet(
     # Header fields twice the length: once in the header, once in the pseudo-header.
     x = src_port + dst_port + length + length + _PROTO_UDP
     if payload:
-        p = _from_bytes(payload, "big")
-        x += p << 8 if len(payload) & 1 else p
+        x += _ones_sum(payload)
     addr = _from_bytes(src, "big") + _from_bytes(dst, "big")
     csum = -(x + addr) % 0xFFFF or 0xFFFF
     if len(src) == 4 and len(dst) == 4:

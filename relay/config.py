@@ -1,0 +1,50 @@
+"""Settings of the relay side (the stack has its own ``StackConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Relay settings, each with a sane default.
+
+    Memory per TCP flow is bounded by configuration, never by traffic:
+
+    * client -> server: bytes reported by ``DataReceived`` wait in the flow's
+      queue until ``sock.send`` took them; only then does the relay call
+      ``stack.consumed()``, which is what reopens the client's window. So the
+      queue holds at most ``TcpConfig.rcv_buf`` bytes (64 KiB by default);
+      ``max_c2s_queue`` is a hard cap behind that (exceeding it aborts the
+      flow; it only happens if the stack over-reports).
+    * server -> client: the flow reads the kernel socket only while the stack
+      has send space, at most ``recv_size`` bytes per read, so it holds at most
+      ``recv_size`` bytes, and the stack at most ``TcpConfig.snd_buf``.
+    * the stack itself: ``rcv_buf + snd_buf + ooo_limit`` of ``TcpConfig``.
+    * the kernel socket: ``upstream_rcvbuf + upstream_sndbuf`` when set
+      (``None`` leaves the kernel's autotuning, capped by ``tcp_rmem`` and
+      ``tcp_wmem``).
+
+    With the defaults that is about 64 KiB + 64 KiB in the relay plus the
+    stack's ~384 KiB and the kernel's buffers.
+    """
+
+    connect_timeout: float = 10.0  # upstream connect; on expiry the SYN is dropped silently
+    max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
+    recv_size: int = 65536  # upper bound of one upstream recv (server -> client)
+    max_c2s_queue: int = 1 << 20  # hard cap of queued client -> server bytes per flow
+    upstream_sndbuf: int | None = None  # SO_SNDBUF of upstream sockets; None = kernel default
+    upstream_rcvbuf: int | None = None  # SO_RCVBUF of upstream sockets; None = kernel default
+    fail_closed: bool = False  # an analyzer that raises aborts its flow instead of being detached
+    close_drain_timeout: float = 30.0  # after an orderly close, time to flush queued bytes upstream
+    flow_end_timeout: float = 5.0  # analyzers' flow_end calls, shielded from shutdown, are bounded
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be positive")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.recv_size < 1:
+            raise ValueError("recv_size must be at least 1")
+        if self.max_c2s_queue < 1:
+            raise ValueError("max_c2s_queue must be at least 1")

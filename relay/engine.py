@@ -1,0 +1,321 @@
+"""The packet loop: one per packet source, driving one sans-IO ``Stack``.
+
+Theory of operation (STYLE.md 3): each iteration drains up to ``max_batch``
+packets, feeds them to the stack with one ``now``, fires the stack's timers,
+dispatches every event, and writes whatever the stack wants sent. There is no
+trio checkpoint or channel hop per packet. Then it sleeps until the earliest
+of: the source is readable, the stack's next deadline, or a *kick*.
+
+A kick comes from a flow task that called ``stack.send/consumed/close/abort``
+(or ``accept``/``reject``): the stack now has packets to flush. The kick is a
+flag plus ``cancel()`` of the cancel scope the loop sleeps in: one wakeup
+owned by the engine, no channel and no extra task, and any number of kicks
+between two iterations coalesce into one flush. When the source stays busy
+(a full batch) the loop yields once per iteration so flow tasks get to run.
+
+Events become sync calls on the flow's ``TcpFlow``; everything that waits
+(connect, socket I/O, analyzers) runs in that flow's tasks, in the engine's
+nursery. Malformed packets are the stack's business (it counts and drops
+them); an exception out of ``stack.receive`` is a stack bug, and is counted
+and contained here as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from relay.config import RelayConfig
+from relay.hooks import AnalyzerChain
+from relay.isn import IsnGenerator
+from relay.packet_source import PacketSource
+from relay.tcpflow import Connector, FlowEnv, TcpFlow, make_connector
+from stack import (
+    Closed,
+    Connected,
+    ConnectionRequest,
+    ConnectionReset,
+    DataReceived,
+    Event,
+    FlowId,
+    PeerFinished,
+    Reject,
+    SendSpace,
+    Unreachable,
+)
+
+__all__ = ["Connector", "Relay", "RelayStack", "RelayStats", "raise_nofile_limit"]
+
+log = logging.getLogger(__name__)
+
+
+class RelayStack(Protocol):
+    """The part of ``stack.Stack`` the relay uses."""
+
+    def receive(self, packet: bytes, now: float) -> None: ...
+    def next_event(self) -> Event | None: ...
+    def packets_to_send(self, now: float) -> list[bytes]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def accept(self, flow: FlowId, *, isn: int) -> None: ...
+    def reject(
+        self, flow: FlowId, how: Reject = ..., *, unreachable: Unreachable = ...
+    ) -> None: ...
+    def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int: ...
+    def send_space(self, flow: FlowId) -> int: ...
+    def consumed(self, flow: FlowId, n: int) -> None: ...
+    def close(self, flow: FlowId) -> None: ...
+    def abort(self, flow: FlowId) -> None: ...
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Relay counters (the stack and the packet source keep their own)."""
+
+    iterations: int = 0  # packet-loop iterations
+    packets_in: int = 0
+    packets_out: int = 0
+    receive_errors: int = 0  # exceptions out of stack.receive (a stack bug); packet dropped
+    events: int = 0
+    stray_events: int = 0  # events for a flow the relay does not know
+    flows_requested: int = 0
+    flows_active: int = 0  # flow tasks running
+    flows_accepted: int = 0
+    flows_rejected: int = 0  # by an analyzer's verdict
+    connect_failed: int = 0  # refused, unreachable, timed out, other errors
+    flows_ended: int = 0
+    bytes_c2s: int = 0
+    bytes_s2c: int = 0
+    upstream_errors: int = 0  # resets and other socket errors mid-stream
+    send_space_rechecks: int = 0  # flows woken by the loop's re-check, not by SendSpace
+    analyzer_errors: int = 0
+    flow_errors: int = 0  # unexpected exceptions in a flow task (a bug; flow aborted)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: one fd per relayed flow.
+
+    Returns:
+        The soft limit now in effect.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses a soft limit above fs.nr_open.
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+            return soft
+        return target
+    return soft
+
+
+class Relay:
+    """Relays every TCP flow the stack terminates to its original destination.
+
+    Args:
+        source: where client packets come from and go to (TUN device, memory).
+        stack: the sans-IO stack; this relay is its only caller.
+        config: relay settings.
+        analyzers: objects implementing some of ``relay.hooks.Analyzer``.
+        connector: opens the upstream socket for a flow; the default connects
+            a kernel TCP socket to the original destination.
+        isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
+
+    Raises:
+        TypeError: an analyzer has a hook that is not an async method.
+    """
+
+    def __init__(
+        self,
+        source: PacketSource,
+        *,
+        stack: RelayStack,
+        config: RelayConfig,
+        analyzers: Sequence[object] = (),
+        connector: Connector | None = None,
+        isn: Callable[[FlowId], int] | None = None,
+    ) -> None:
+        self.stats = RelayStats()
+        self._source = source
+        self._stack = stack
+        self._config = config
+        chain = AnalyzerChain(
+            analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
+        )
+        self._env = FlowEnv(
+            stack=stack,
+            config=config,
+            chain=chain,
+            connector=connector if connector is not None else make_connector(config),
+            isn=isn if isn is not None else IsnGenerator(),
+            kick=self.kick,
+            stats=self.stats,
+        )
+        self._flows: dict[FlowId, TcpFlow] = {}
+        self._nursery: trio.Nursery | None = None
+        self._kicked = False
+        self._wait_scope: trio.CancelScope | None = None
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            ConnectionRequest: self._on_request,
+            Connected: self._on_connected,
+            DataReceived: self._on_data,
+            PeerFinished: self._on_peer_finished,
+            ConnectionReset: self._on_reset,
+            SendSpace: self._on_send_space,
+            Closed: self._on_closed,
+        }
+
+    @property
+    def active_flows(self) -> int:
+        """Flows the stack has not reported ``Closed`` yet."""
+        return len(self._flows)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the packet loop until cancelled or the source is closed.
+
+        On exit every flow task is cancelled: upstream sockets are reset and
+        analyzers get ``flow_end`` with ``how="shutdown"``.
+        """
+        if self._nursery is not None:
+            raise RuntimeError("Relay.run() is already running")
+        raise_nofile_limit()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await self._packet_loop()
+                except trio.ClosedResourceError:
+                    log.info("packet source closed; stopping the relay")
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._wait_scope = None
+
+    def kick(self) -> None:
+        """Wake the packet loop to flush the stack's output; cheap, coalescing."""
+        self._kicked = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    async def _packet_loop(self) -> None:
+        source, stack, stats = self._source, self._stack, self.stats
+        max_batch = self._config.max_batch
+        receive = stack.receive
+        while True:
+            self._kicked = False  # everything kicked so far is flushed below
+            now = trio.current_time()
+            packets = source.drain(max_batch)
+            if packets:
+                stats.packets_in += len(packets)
+                for packet in packets:
+                    try:
+                        receive(packet, now)
+                    except Exception:
+                        self._count_receive_error()
+            stack.handle_timer(now)
+            self._dispatch()
+            if self._env.space_watch:
+                self._recheck_send_space()
+            out = stack.packets_to_send(now)
+            if out:
+                stats.packets_out += len(out)
+                source.write_all(out)
+            stats.iterations += 1
+            if len(packets) >= max_batch or self._kicked:
+                await trio.lowlevel.checkpoint()  # busy: let flow tasks run, then go on
+                continue
+            deadline = stack.get_timer()
+            # No checkpoint since _kicked was last cleared, so no kick is lost: a kick
+            # from now on cancels this scope.
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                self._wait_scope = scope
+                await source.wait_readable()
+            self._wait_scope = None
+
+    def _dispatch(self) -> None:
+        next_event, handlers, stats = self._stack.next_event, self._handlers, self.stats
+        while (event := next_event()) is not None:
+            stats.events += 1
+            handler = handlers.get(type(event))
+            if handler is None:
+                log.debug("ignoring event %r", event)
+                continue
+            handler(event)
+
+    def _flow(self, event: Event) -> TcpFlow | None:
+        flow = self._flows.get(event.flow)
+        if flow is None:
+            self.stats.stray_events += 1
+            log.debug("event for an unknown flow: %r", event)
+        return flow
+
+    def _on_request(self, event: ConnectionRequest) -> None:
+        assert self._nursery is not None
+        if event.flow in self._flows:  # the stack promises one Closed per request first
+            self.stats.stray_events += 1
+            log.warning("duplicate connection request for a live flow: %r", event.flow)
+            return
+        self.stats.flows_requested += 1
+        flow = TcpFlow(self._env, event.flow)
+        self._flows[event.flow] = flow
+        self._nursery.start_soon(flow.run)
+
+    def _on_connected(self, event: Connected) -> None:
+        if (flow := self._flow(event)) is not None:
+            flow.on_connected()
+
+    def _on_data(self, event: DataReceived) -> None:
+        if (flow := self._flow(event)) is not None:
+            flow.on_data(event.data)
+
+    def _on_peer_finished(self, event: PeerFinished) -> None:
+        if (flow := self._flow(event)) is not None:
+            flow.on_peer_finished()
+
+    def _on_reset(self, event: ConnectionReset) -> None:
+        if (flow := self._flow(event)) is not None:
+            flow.on_reset()
+
+    def _on_send_space(self, event: SendSpace) -> None:
+        if (flow := self._flow(event)) is not None:
+            flow.on_send_space()
+
+    def _on_closed(self, event: Closed) -> None:
+        flow = self._flows.pop(event.flow, None)
+        if flow is None:
+            self.stats.stray_events += 1
+            return
+        flow.on_closed(event.reason)
+
+    def _recheck_send_space(self) -> None:
+        # Flows whose send buffer filled exactly get no SendSpace event (the stack
+        # emits it only after a short send); wake those that have room again.
+        send_space = self._stack.send_space
+        for flow in [f for f in self._env.space_watch if send_space(f.flow) > 0]:
+            self.stats.send_space_rechecks += 1
+            flow.on_send_space()
+
+    def _count_analyzer_error(self) -> None:
+        self.stats.analyzer_errors += 1
+
+    def _count_receive_error(self) -> None:
+        self.stats.receive_errors += 1
+        if self.stats.receive_errors & (self.stats.receive_errors - 1) == 0:  # 1, 2, 4, 8...
+            log.exception(
+                "stack.receive raised (%d so far); packet dropped", self.stats.receive_errors
+            )

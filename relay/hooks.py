@@ -1,0 +1,284 @@
+"""Analyzer API (v1) and the chain that runs analyzers with isolation.
+
+Theory of operation: an analyzer is any object with some of the async methods
+of ``Analyzer``. ``AnalyzerChain`` looks the methods up once, at registration,
+and keeps three lists of bound methods. Each flow gets a ``FlowHooks`` from
+``AnalyzerChain.open()``, which remembers the analyzers detached *for that
+flow*. The hooks run inside the flow's own tasks (the pumps), so a slow
+analyzer delays only its own flow: the bytes are reported ``consumed`` to the
+stack only after the analyzers and the upstream write, which closes that
+flow's TCP window and no other.
+
+An analyzer exception never leaves ``FlowHooks``: it is logged with the flow
+and a traceback, and the analyzer gets no more calls for that flow (not even
+``flow_end``). With ``fail_closed`` the methods report the failure to the flow
+instead, which aborts (or rejects) the connection. Cancellation
+(``trio.Cancelled`` is a ``BaseException``) passes through untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stack import FlowId
+
+__all__ = [
+    "Analyzer",
+    "AnalyzerChain",
+    "Direction",
+    "EndReason",
+    "FlowEnd",
+    "FlowHooks",
+    "FlowInfo",
+    "Verdict",
+    "new_uid",
+]
+
+log = logging.getLogger(__name__)
+
+_UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def new_uid() -> str:
+    """A Zeek-style connection uid: "C" and 17 random base-62 characters (~101 bits)."""
+    n = int.from_bytes(secrets.token_bytes(16))  # one random draw, not 17
+    chars = []
+    for _ in range(17):
+        n, r = divmod(n, 62)
+        chars.append(_UID_ALPHABET[r])
+    return "C" + "".join(chars)
+
+
+class Verdict(enum.Enum):
+    """What ``flow_start`` decides; returning ``None`` means ``ALLOW``."""
+
+    ALLOW = "allow"
+    REJECT = "reject"  # the client gets an RST, as from a closed port
+
+
+class Direction(enum.Enum):
+    CLIENT_TO_SERVER = "c2s"
+    SERVER_TO_CLIENT = "s2c"
+
+
+class EndReason(enum.StrEnum):
+    """How a flow ended (``FlowEnd.how``, the flow log's ``ended``).
+
+    From the stack's ``CloseReason``: ``fin``, ``rst``, ``timeout``, ``idle``,
+    ``limit``, ``aborted``. From the relay: ``rejected`` (an analyzer's
+    verdict), ``refused`` (upstream RST: ECONNREFUSED), ``unreachable``
+    (EHOSTUNREACH, ENETUNREACH, EACCES, EPERM: relayed as ICMP),
+    ``connect_timeout`` (relayed as silence), ``error`` (any other upstream
+    socket error), ``shutdown`` (the relay stopped while the flow was open).
+    ``rst`` covers a reset from either side: the client's, or the server's
+    relayed to the client.
+    """
+
+    FIN = "fin"
+    RST = "rst"
+    TIMEOUT = "timeout"
+    IDLE = "idle"
+    LIMIT = "limit"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    CONNECT_TIMEOUT = "connect_timeout"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInfo:
+    """What an analyzer knows about a flow; the same object for every call."""
+
+    uid: str  # Zeek-style short random id, unique per flow
+    proto: str  # "tcp" or "udp"
+    client_ip: str
+    client_port: int
+    server_ip: str  # the original destination the client addressed
+    server_port: int
+    start: float  # wall clock, time.time()
+    version: int  # 4 or 6
+
+    @classmethod
+    def from_flow(cls, flow: FlowId, *, proto: str = "tcp") -> FlowInfo:
+        return cls(
+            new_uid(), proto, flow.client_ip, flow.client_port,
+            flow.server_ip, flow.server_port, time.time(), flow.version,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        """``uid proto [client]:port -> [server]:port``, for log lines."""
+        return (
+            f"{self.uid} {self.proto} [{self.client_ip}]:{self.client_port}"
+            f" -> [{self.server_ip}]:{self.server_port}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnd:
+    """How a flow ended and how much it carried."""
+
+    how: EndReason
+    bytes_c2s: int  # payload bytes the client sent (and the relay received)
+    bytes_s2c: int  # payload bytes the server sent (and the relay received)
+    duration: float  # seconds from the client's SYN to the end
+
+
+class Analyzer(Protocol):
+    """The analyzer API. Every method is optional: implement the ones you need.
+
+    (A ``Protocol`` cannot mark methods optional; this one documents the
+    signatures, and ``AnalyzerChain`` accepts any object.)
+    """
+
+    async def flow_start(self, flow: FlowInfo) -> Verdict | None:
+        """A client asked for a connection; any ``REJECT`` refuses it (RST)."""
+        ...
+
+    async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
+        """The next bytes of one direction, in order. Passive: the relay forwards
+        the original bytes whatever this does. Taking long backpressures this flow."""
+        ...
+
+    async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
+        """The flow is over (also for rejected flows). Called shielded, with a time limit."""
+        ...
+
+
+_Hook = Callable[..., Awaitable[Any]]
+
+
+def _lookup(analyzer: object, name: str) -> _Hook | None:
+    fn = getattr(analyzer, name, None)
+    if fn is None:
+        return None
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{analyzer!r}.{name} must be an async method")
+    hook: _Hook = fn
+    return hook
+
+
+class AnalyzerChain:
+    """The registered analyzers, with their hook methods looked up once.
+
+    Args:
+        analyzers: objects implementing some of ``Analyzer``'s methods; called
+            in this order.
+        fail_closed: an analyzer error fails its flow instead of detaching the
+            analyzer.
+        on_error: called once per analyzer error (for counters).
+
+    Raises:
+        TypeError: an analyzer has a hook attribute that is not an async method.
+    """
+
+    __slots__ = ("_ends", "_starts", "data_hooks", "fail_closed", "on_error")
+
+    def __init__(
+        self,
+        analyzers: Sequence[object] = (),
+        *,
+        fail_closed: bool = False,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self._starts: list[tuple[int, _Hook]] = []
+        self.data_hooks: list[tuple[int, _Hook]] = []
+        self._ends: list[tuple[int, _Hook]] = []
+        for i, analyzer in enumerate(analyzers):
+            for name, hooks in (
+                ("flow_start", self._starts),
+                ("data", self.data_hooks),
+                ("flow_end", self._ends),
+            ):
+                fn = _lookup(analyzer, name)
+                if fn is not None:
+                    hooks.append((i, fn))
+        self.fail_closed = fail_closed
+        self.on_error = on_error
+
+    def open(self, info: FlowInfo) -> FlowHooks:
+        """Per-flow hook state for a new flow."""
+        return FlowHooks(self, info)
+
+
+class FlowHooks:
+    """Runs the chain for one flow; the analyzers that failed on it stay detached.
+
+    Attributes:
+        info: the flow.
+        has_data_hooks: False when no attached analyzer wants ``data`` (skip the call).
+    """
+
+    __slots__ = ("_chain", "_detached", "has_data_hooks", "info")
+
+    def __init__(self, chain: AnalyzerChain, info: FlowInfo) -> None:
+        self._chain = chain
+        self.info = info
+        self._detached: set[int] = set()
+        self.has_data_hooks = bool(chain.data_hooks)
+
+    def _failed(self, index: int, fn: _Hook, what: str) -> None:
+        # Called from inside ``except``: log.exception attaches the traceback.
+        self._detached.add(index)
+        self.has_data_hooks = any(i not in self._detached for i, _ in self._chain.data_hooks)
+        action = "failing the flow" if self._chain.fail_closed else "detached for this flow"
+        log.exception(
+            "analyzer %r raised in %s on flow %s; %s", fn, what, self.info.describe(), action
+        )
+        if self._chain.on_error is not None:
+            self._chain.on_error()
+
+    async def start(self) -> Verdict:
+        """Ask every analyzer; ``REJECT`` if any rejects (or fails, when fail-closed)."""
+        verdict = Verdict.ALLOW
+        for i, fn in self._chain._starts:
+            if i in self._detached:
+                continue
+            try:
+                v = await fn(self.info)
+                if v is not None and not isinstance(v, Verdict):
+                    raise TypeError(f"flow_start returned {v!r}, not a Verdict or None")
+            except Exception:
+                self._failed(i, fn, "flow_start")
+                if self._chain.fail_closed:
+                    return Verdict.REJECT
+                continue
+            if v is Verdict.REJECT:
+                verdict = Verdict.REJECT  # still ask the rest: each sees flow_start and flow_end
+        return verdict
+
+    async def data(self, direction: Direction, data: bytes) -> bool:
+        """Show ``data`` to each attached analyzer.
+
+        Returns:
+            False when an analyzer failed and the chain is fail-closed: abort the flow.
+        """
+        for i, fn in self._chain.data_hooks:
+            if i in self._detached:
+                continue
+            try:
+                await fn(self.info, direction, data)
+            except Exception:
+                self._failed(i, fn, "data")
+                if self._chain.fail_closed:
+                    return False
+        return True
+
+    async def end(self, end: FlowEnd) -> None:
+        """Tell each attached analyzer how the flow ended; errors are only logged."""
+        for i, fn in self._chain._ends:
+            if i in self._detached:
+                continue
+            try:
+                await fn(self.info, end)
+            except Exception:
+                self._failed(i, fn, "flow_end")

@@ -1,0 +1,395 @@
+"""One relayed TCP flow: the kernel-socket side (connect, two pumps, close).
+
+Theory of operation: the packet loop (``relay.engine``) owns the stack and
+turns its events into calls of the sync ``on_*`` methods here; those only
+update the flow's state and wake its tasks (a ``ParkingLot`` per direction).
+The flow's own task (``run``) does everything that waits:
+
+1. analyzers' ``flow_start`` verdicts, then connect upstream (connect before
+   accept): success -> ``stack.accept``; a connect error -> ``stack.reject``
+   the way the network would have answered (RST, ICMP, silence).
+2. two pumps. client -> server: queued ``DataReceived`` bytes go through the
+   analyzers and ``sock.send``; only then ``stack.consumed(n)``, so a slow
+   server or analyzer closes this flow's window. server -> client: ``recv``
+   only while ``stack.send_space()`` > 0 (one byte more than fits, so a short
+   ``send`` arms ``SendSpace``), analyzers, ``stack.send``.
+3. close. FIN is relayed as a half-close each way (``PeerFinished`` ->
+   ``shutdown(SHUT_WR)`` after the queue is written; upstream EOF ->
+   ``stack.close``). RST as RST: the client's reset closes the upstream
+   socket with ``SO_LINGER`` 0; an upstream error ``stack.abort``\\ s the flow.
+   ``Closed`` ends the task: socket closed (abortively unless both directions
+   finished cleanly), analyzers' ``flow_end``.
+
+Every stack call that can produce packets is followed by ``kick()`` so the
+packet loop flushes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from relay.config import RelayConfig
+from relay.hooks import AnalyzerChain, Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from stack import CloseReason, FlowId, Reject, Unreachable
+
+if TYPE_CHECKING:
+    from relay.engine import RelayStack, RelayStats
+
+__all__ = [
+    "Connector",
+    "FlowEnv",
+    "TcpFlow",
+    "classify_connect_error",
+    "make_connector",
+]
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[[FlowId], Awaitable[trio.socket.SocketType]]
+
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_C2S = Direction.CLIENT_TO_SERVER
+_S2C = Direction.SERVER_TO_CLIENT
+
+_FROM_CLOSE = {
+    CloseReason.FINISHED: EndReason.FIN,
+    CloseReason.RESET: EndReason.RST,
+    CloseReason.ABORTED: EndReason.ABORTED,
+    CloseReason.TIMED_OUT: EndReason.TIMEOUT,
+    CloseReason.REJECTED: EndReason.REJECTED,
+    CloseReason.IDLE: EndReason.IDLE,
+    CloseReason.LIMIT: EndReason.LIMIT,
+}
+
+# errno of a failed upstream connect -> how the client is answered.
+_CONNECT_ERRORS: dict[int, tuple[Reject, Unreachable, EndReason]] = {
+    errno.ECONNREFUSED: (Reject.RST, Unreachable.HOST, EndReason.REFUSED),
+    errno.EHOSTUNREACH: (Reject.ICMP, Unreachable.HOST, EndReason.UNREACHABLE),
+    errno.EHOSTDOWN: (Reject.ICMP, Unreachable.HOST, EndReason.UNREACHABLE),
+    errno.ENETUNREACH: (Reject.ICMP, Unreachable.NET, EndReason.UNREACHABLE),
+    errno.ENETDOWN: (Reject.ICMP, Unreachable.NET, EndReason.UNREACHABLE),
+    errno.EACCES: (Reject.ICMP, Unreachable.ADMIN, EndReason.UNREACHABLE),
+    errno.EPERM: (Reject.ICMP, Unreachable.ADMIN, EndReason.UNREACHABLE),
+    errno.ETIMEDOUT: (Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT),
+}
+
+
+def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason]:
+    """How to answer the client when the upstream connect failed with ``exc``.
+
+    Anything unlisted (EADDRNOTAVAIL: out of local ports, ...) is an RST.
+    """
+    return _CONNECT_ERRORS.get(exc.errno or 0, (Reject.RST, Unreachable.HOST, EndReason.ERROR))
+
+
+@dataclass(slots=True)
+class FlowEnv:
+    """What every flow of one relay shares."""
+
+    stack: RelayStack
+    config: RelayConfig
+    chain: AnalyzerChain
+    connector: Connector
+    isn: Callable[[FlowId], int]
+    kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
+    stats: RelayStats
+    # Flows waiting for send space without a SendSpace event to come (see _pump_s2c).
+    space_watch: set[TcpFlow] = field(default_factory=set)
+
+
+def make_connector(config: RelayConfig) -> Connector:
+    """The default connector: a kernel TCP socket to the original destination."""
+
+    async def connect(flow: FlowId) -> trio.socket.SocketType:
+        family = trio.socket.AF_INET if flow.version == 4 else trio.socket.AF_INET6
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+        try:
+            # Buffer sizes before connect: the window scale is fixed in the SYN.
+            if config.upstream_sndbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.upstream_sndbuf)
+            if config.upstream_rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.upstream_rcvbuf)
+            await sock.connect((flow.server_ip, flow.server_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
+class TcpFlow:
+    """The relay side of one TCP flow. Created on ``ConnectionRequest``."""
+
+    def __init__(self, env: FlowEnv, flow: FlowId) -> None:
+        self.flow = flow
+        self.hooks = env.chain.open(FlowInfo.from_flow(flow))
+        self.bytes_c2s = 0  # from the client (DataReceived)
+        self.bytes_s2c = 0  # from the server (recv)
+        self._env = env
+        self._t0 = trio.current_time()
+        self._done_at: float | None = None  # both directions finished cleanly
+        self._scope = trio.CancelScope()  # the whole flow; Closed cancels it
+        self._pumps: trio.Nursery | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._c2s: collections.deque[bytes] = collections.deque()
+        self._c2s_held = 0  # bytes received from the client, not yet written upstream
+        self._c2s_lot = trio.lowlevel.ParkingLot()
+        self._s2c_lot = trio.lowlevel.ParkingLot()
+        self._accepted = False
+        self._connected = False
+        self._peer_fin = False
+        # Set by Closed. From then on the FlowId may name a *new* connection in the
+        # stack (a SYN reusing the 4-tuple), so this flow never calls the stack again.
+        self._closed: CloseReason | None = None
+        self._closed_event = trio.Event()
+        self._hint: EndReason | None = None  # set when the relay itself ends the flow
+
+    # --- events from the packet loop (sync: state + wakeups only) --------------
+
+    def on_connected(self) -> None:
+        self._connected = True
+        self._s2c_lot.unpark_all()
+
+    def on_data(self, data: bytes) -> None:
+        n = len(data)
+        self.bytes_c2s += n
+        self._env.stats.bytes_c2s += n
+        if self._c2s_held + n > self._env.config.max_c2s_queue:
+            log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
+            self._abort(EndReason.LIMIT)
+            return
+        self._c2s_held += n
+        self._c2s.append(data)
+        self._c2s_lot.unpark_all()
+
+    def on_peer_finished(self) -> None:
+        self._peer_fin = True
+        self._c2s_lot.unpark_all()
+
+    def on_send_space(self) -> None:
+        self._env.space_watch.discard(self)
+        self._s2c_lot.unpark_all()
+
+    def on_reset(self) -> None:
+        # The client's RST: drop everything; _finish closes upstream with SO_LINGER 0.
+        self._scope.cancel()
+
+    def on_closed(self, reason: CloseReason) -> None:
+        self._closed = reason
+        self._closed_event.set()
+        if reason is CloseReason.FINISHED and self._pumps is not None:
+            # Both FINs were exchanged with the client, but queued bytes may still be
+            # on their way upstream: let the pumps finish, within a bound.
+            deadline = trio.current_time() + self._env.config.close_drain_timeout
+            self._scope.deadline = min(self._scope.deadline, deadline)
+        else:
+            self._scope.cancel()
+
+    # --- the flow task --------------------------------------------------------
+
+    async def run(self) -> None:
+        """The flow task; started by the engine in its nursery. Never raises
+        anything but cancellation."""
+        stats = self._env.stats
+        stats.flows_active += 1
+        try:
+            with self._scope:
+                await self._serve()
+        except Exception:
+            # A bug, not traffic: contain it to this flow.
+            stats.flow_errors += 1
+            log.exception("flow %s failed; aborting it", self.hooks.info.describe())
+            self._hint = self._hint or EndReason.ERROR
+            if self._closed is None:
+                if self._accepted:
+                    self._env.stack.abort(self.flow)
+                else:
+                    self._env.stack.reject(self.flow, Reject.RST)
+                self._env.kick()
+        finally:
+            stats.flows_active -= 1
+            stats.flows_ended += 1
+            with trio.CancelScope(shield=True, relative_deadline=self._env.config.flow_end_timeout):
+                await self._finish()
+
+    async def _serve(self) -> None:
+        env = self._env
+        if await self.hooks.start() is Verdict.REJECT:
+            env.stats.flows_rejected += 1
+            self._reject(Reject.RST, Unreachable.HOST, EndReason.REJECTED)
+            return
+        sock: trio.socket.SocketType | None = None
+        try:
+            with trio.move_on_after(env.config.connect_timeout):
+                sock = await env.connector(self.flow)
+        except OSError as exc:
+            env.stats.connect_failed += 1
+            log.debug("flow %s: connect failed: %s", self.hooks.info.describe(), exc)
+            self._reject(*classify_connect_error(exc))
+            return
+        if sock is None:
+            env.stats.connect_failed += 1
+            self._reject(Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT)
+            return
+        self._sock = sock
+        if self._closed is not None:
+            return  # the client went away meanwhile; _finish closes the socket
+        with contextlib.suppress(OSError):  # OSError: not TCP (a test's socketpair)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # relay what we have
+        env.stack.accept(self.flow, isn=env.isn(self.flow))
+        self._accepted = True
+        env.kick()
+        env.stats.flows_accepted += 1
+        async with trio.open_nursery() as pumps:
+            self._pumps = pumps
+            pumps.start_soon(self._pump_c2s)
+            pumps.start_soon(self._pump_s2c)
+        self._pumps = None
+        if self._hint is None:
+            # Both directions finished cleanly: FINs went both ways upstream.
+            self._done_at = trio.current_time()
+            self._close_socket(abortive=False)
+        await self._closed_event.wait()
+
+    def _reject(self, how: Reject, unreachable: Unreachable, end: EndReason) -> None:
+        self._hint = end
+        if self._closed is None:
+            self._env.stack.reject(self.flow, how, unreachable=unreachable)
+            self._env.kick()
+
+    def _abort(self, end: EndReason) -> None:
+        """The relay ends the flow: RST to the client; Closed(ABORTED) follows."""
+        if self._hint is None:
+            self._hint = end
+        if self._closed is None:
+            self._env.stack.abort(self.flow)
+            self._env.kick()
+        if self._pumps is not None:
+            self._pumps.cancel_scope.cancel()
+
+    def _upstream_failed(self, exc: BaseException) -> None:
+        self._env.stats.upstream_errors += 1
+        reset = isinstance(exc, ConnectionResetError)
+        log.debug("flow %s: upstream failed: %r", self.hooks.info.describe(), exc)
+        self._abort(EndReason.RST if reset else EndReason.ERROR)
+
+    async def _pump_c2s(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        stack, kick, flow, queue, lot = (
+            self._env.stack,
+            self._env.kick,
+            self.flow,
+            self._c2s,
+            self._c2s_lot,
+        )
+        while True:
+            while not queue and not self._peer_fin:
+                await lot.park()
+            if not queue:  # the client finished and everything is written
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    self._upstream_failed(exc)
+                return
+            data = queue.popleft() if len(queue) == 1 else b"".join(queue)
+            queue.clear()
+            if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, data):
+                self._abort(EndReason.ABORTED)
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    n = await sock.send(view)
+                except (OSError, trio.ClosedResourceError) as exc:
+                    self._upstream_failed(exc)
+                    return
+                view = view[n:]
+                self._c2s_held -= n
+                if self._closed is None:
+                    stack.consumed(flow, n)  # reopens the client's window by n
+                    kick()
+
+    async def _pump_s2c(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        env = self._env
+        stack, kick, flow, lot = env.stack, env.kick, self.flow, self._s2c_lot
+        recv_size = env.config.recv_size
+        while not self._connected:
+            await lot.park()
+        pending = b""  # read but not yet taken by the stack: at most 1 byte
+        armed = False  # the last send() came up short, so a SendSpace event will follow
+        while self._closed is None:
+            space = stack.send_space(flow)
+            if space <= 0:
+                if not armed:
+                    # The last send() filled the buffer exactly: no SendSpace will come,
+                    # so the packet loop re-checks our space after each batch.
+                    env.space_watch.add(self)
+                await lot.park()
+                armed = False
+                continue
+            if not pending:
+                try:
+                    # One byte more than fits: if it all arrives, send() comes up short
+                    # and arms SendSpace (the stack only emits it after a short send).
+                    pending = await sock.recv(min(space + 1, recv_size))
+                except (OSError, trio.ClosedResourceError) as exc:
+                    self._upstream_failed(exc)
+                    return
+                if not pending:  # upstream EOF: FIN to the client once the send buffer drains
+                    if self._closed is None:
+                        stack.close(flow)
+                        kick()
+                    return
+                self.bytes_s2c += len(pending)
+                env.stats.bytes_s2c += len(pending)
+                if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, pending):
+                    self._abort(EndReason.ABORTED)
+                    return
+            if self._closed is not None:
+                return
+            # The space only grew while we waited (nobody else sends on this flow).
+            n = stack.send(flow, pending)
+            armed = n < len(pending)
+            pending = pending[n:]
+            kick()
+
+    async def _finish(self) -> None:
+        self._env.space_watch.discard(self)
+        if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:
+            # The client closed cleanly, but its last bytes never made it upstream.
+            log.info("flow %s: close_drain_timeout expired", self.hooks.info.describe())
+            self._hint = EndReason.ERROR
+        self._close_socket(abortive=True)
+        end_time = self._done_at if self._done_at is not None else trio.current_time()
+        if self._hint is not None:
+            how = self._hint
+        elif self._closed is not None:
+            how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
+        else:
+            how = EndReason.SHUTDOWN
+        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
+        log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
+        await self.hooks.end(end)
+
+    def _close_socket(self, *, abortive: bool) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if abortive:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        sock.close()
