@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from relay.lab import Topology
 
 from relay import netns
+from relay.lab import Topology
 from relay.netconfig import NetConfig, route_client_nets_into_tun
 from relay.tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunDevice
 
