@@ -135,6 +135,8 @@ class TcpConnection:
         self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
         self._retries = 0  # consecutive timeouts without progress
         self._probes = 0  # unanswered zero-window probes
+        self._persist_backoff = 0  # probe-interval doublings since the window closed
+        self._sws_override = False  # the persist timer fired on a short usable window
         self._rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self._rtt_seq: int | None = None  # sequence number being timed (Karn: never a resend)
         self._rtt_start = 0.0
@@ -261,7 +263,7 @@ class TcpConnection:
         if self.state is State.CLOSED:
             return
         if self.state in _SYNCHRONIZED or self.state is State.SYN_RECEIVED:
-            self._ctl.append(self._segment(self.snd_nxt, self.rcv_nxt, RST | ACK, 0))
+            self._ctl.append(self._segment(self._ack_seq(), self.rcv_nxt, RST | ACK, 0))
         self._close(reason)
 
     # --------------------------------------------------------------------- events
@@ -352,7 +354,15 @@ class TcpConnection:
 
     def _on_persist_timeout(self, now: float) -> None:
         self.persist_deadline = None
-        if self.snd_wnd > 0 or self.state not in _SYNCHRONIZED:
+        if self.state not in _SYNCHRONIZED or self.rto_deadline is not None:
+            return
+        usable = seq_sub(seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd)), self.snd_nxt)
+        if usable > 0:
+            # RFC 9293 3.8.6.2.1 (d), the override timeout: sender SWS avoidance held
+            # back a short segment with nothing in flight. Send what fits. (Fixed:
+            # the timer used to run only at a zero window, so a lost window update
+            # after a shrink below the SWS threshold stalled the connection forever.)
+            self._sws_override = True
             return
         self._probes += 1
         if self._probes > self.config.max_retries:
@@ -364,8 +374,12 @@ class TcpConnection:
         self._ctl.append(
             self._segment(seq_add(self.snd_una, -1), self.rcv_nxt, ACK, self._advertise())
         )
+        # RFC 9293 3.8.6.1: probe intervals grow exponentially. Fixed: the exponent
+        # was the unanswered-probe count, which every answer resets, so while the
+        # peer kept answering the interval never grew past 2 RTOs.
+        self._persist_backoff = min(self._persist_backoff + 1, 16)
         self.persist_deadline = now + min(
-            self._rtt.rto * (1 << min(self._probes, 16)), self.config.rto_max
+            self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max
         )
 
     # ------------------------------------------------------------ segment input
@@ -408,6 +422,10 @@ class TcpConnection:
                 self._syn_due = True  # our SYN-ACK was lost: the client repeats its SYN
                 return
             self._ack_now = True  # RFC 9293: send an ACK, drop the segment
+            if state is State.TIME_WAIT and flags & FIN:
+                # RFC 9293 3.10.7.4 TIME-WAIT: a retransmitted FIN (it lies before
+                # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
+                self.linger_deadline = now + self.config.time_wait
             if flags & ACK and rcv_wnd == 0 and seq == self.rcv_nxt:
                 self._on_ack(ack, seq, window, 0, now)  # zero window: still take ACKs
             return
@@ -428,15 +446,23 @@ class TcpConnection:
         # Fifth: the ACK field.
         if not flags & ACK:
             return
-        if not self._on_ack(ack, seq, window, len(payload), now):
+        # seg_len, not len(payload): RFC 5681 2 (duplicate ACK) requires SYN and FIN
+        # off as well as no data; a bare FIN used to count as a duplicate.
+        if not self._on_ack(ack, seq, window, seg_len, now):
             return
         # Sixth and seventh: the text and the FIN.
         if payload and self.state in _RECEIVING:
+            if self.state is State.FIN_WAIT_2:
+                # close() is a half-close: the peer may go on sending. The FIN-WAIT-2
+                # timeout (RFC 9293 3.10.7.4 leaves it to the implementation) counts
+                # idle time, not time since our FIN, or a long upload would be cut.
+                self.linger_deadline = now + self.config.fin_wait_2_timeout
             self._on_data(seq, payload, now)
         if flags & FIN:
             self._on_fin(seq_add(seq, len(payload)), now)
-        elif self.state is State.TIME_WAIT:
-            self._ack_now = True
+        # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. Fixed:
+        # an ACK for every acceptable ACK made two TIME-WAIT ends (simultaneous
+        # close) ping-pong ACKs until the timer ran out.
 
     def _acceptable(self, seq: int, seg_len: int, rcv_wnd: int) -> bool:
         # RFC 9293 3.10.7.4, the four cases of the acceptability test.
@@ -532,6 +558,7 @@ class TcpConnection:
                 self.max_snd_wnd = window
             if window > 0:
                 self.persist_deadline = None
+                self._persist_backoff = 0
         self._probes = 0
         return self.state is not State.CLOSED
 
@@ -633,6 +660,9 @@ class TcpConnection:
         if fin_seq != self.rcv_nxt:
             if self.state in _RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
                 self._ooo_fin = fin_seq  # wait for the hole before it to fill
+                # RFC 5681 4.2: an out-of-order segment is acknowledged at once (the
+                # duplicate ACK); a bare FIN beyond a hole used to get no ACK at all.
+                self._ack_now = True
             else:
                 self._ack_now = True  # a repeated FIN
                 if self.state is State.TIME_WAIT:
@@ -659,6 +689,18 @@ class TcpConnection:
         self, seq: int, ack: int, flags: int, window: int, payload: bytes = b""
     ) -> TcpSegment:
         return TcpSegment(self.local_port, self.remote_port, seq, ack, flags, window, payload)
+
+    def _ack_seq(self) -> int:
+        """The sequence number for a segment without data: RFC 9293's SND.NXT.
+
+        Our snd_nxt goes back to snd_una after an RTO (go-back-N), but the peer
+        may hold everything up to snd_max. Fixed: pure ACKs carried snd_nxt, which
+        the peer found old and answered with an ACK; with both ends going back
+        at once the two exchanged ACKs without end. BSD's tcp_output uses snd_max
+        here; like Linux's tcp_acceptable_seq() we stay within the peer's window.
+        """
+        edge = seq_add(self.snd_una, self.snd_wnd)
+        return self.snd_max if seq_le(self.snd_max, edge) else edge
 
     def _window_increase(self) -> int:
         free = self.config.rcv_buf - self._unconsumed
@@ -688,6 +730,11 @@ class TcpConnection:
             self._syn_due = False
             self._send_syn(out, now)
             return out
+        if state is State.SYN_RECEIVED and self._ack_now:
+            # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
+            # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
+            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
+            self._ack_sent()
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
         if self._rtx_due:
@@ -695,7 +742,7 @@ class TcpConnection:
             self._retransmit_one(out, now)
         self._send_data(out, now)
         if self._ack_now:
-            out.append(self._segment(self.snd_nxt, self.rcv_nxt, ACK, self._advertise()))
+            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
             self._ack_sent()
         return out
 
@@ -726,10 +773,16 @@ class TcpConnection:
     def _retransmit_one(self, out: list[TcpSegment], now: float) -> None:
         start = self.snd_una
         off = seq_sub(start, self._sb_seq)
-        data = bytes(self._sndbuf[off : off + self.snd_mss]) if off >= 0 else b""
-        flags = ACK
         data_end = seq_add(self._sb_seq, len(self._sndbuf))
         fin_sent = self._fin_queued and seq_gt(self.snd_max, data_end)
+        # Resend only bytes sent before (RFC 9293 3.8.1: a retransmission repeats
+        # sent sequence space). Fixed: a full MSS was taken from the buffer, which
+        # could run past snd_max and the peer's window; the peer then acknowledged
+        # bytes we had never counted as sent, and we dropped all its later segments.
+        sent = seq_sub(self.snd_max, start) - (1 if fin_sent else 0)
+        n = min(self.snd_mss, sent)
+        data = bytes(self._sndbuf[off : off + n]) if off >= 0 and n > 0 else b""
+        flags = ACK
         if fin_sent and off + len(data) >= len(self._sndbuf):
             flags |= FIN
         if not data and not flags & FIN:
@@ -754,7 +807,7 @@ class TcpConnection:
                     break
                 # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a short segment only
                 # when it empties the buffer or the window is a large share of the max.
-                if n < mss and n < avail and n < self.max_snd_wnd // 2:
+                if n < mss and n < avail and n < self.max_snd_wnd // 2 and not self._sws_override:
                     break
                 if self.config.nagle and n < mss and seq_lt(self.snd_una, nxt):
                     break
@@ -768,18 +821,27 @@ class TcpConnection:
                 seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload)
                 self._sent(seg, nxt, n + (1 if flags & FIN else 0), now)
                 out.append(seg)
-            elif fin_pending and nxt == data_end and seq_lt(nxt, edge):
+            elif (
+                fin_pending and nxt == data_end and (seq_lt(nxt, edge) or seq_lt(nxt, self.snd_max))
+            ):
+                # A FIN already sent once is retransmitted regardless of the window
+                # (RFC 9293 3.8.6.1: retransmit even into a zero window). Fixed: a lost
+                # FIN behind a zero window was never resent and no timer stayed armed.
                 seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise())
                 self._sent(seg, nxt, 1, now)
                 out.append(seg)
             else:
                 break
-        # Zero window with data waiting and nothing in flight: probe (RFC 9293 3.8.6.1).
+        self._sws_override = False
+        # Something waits to be sent and nothing is being timed: run the persist
+        # timer (RFC 9293 3.8.6.1 zero-window probe; 3.8.6.2.1 SWS override timeout).
+        # Fixed: this used to require snd_wnd == 0 and nothing in flight, which left
+        # no timer at all for a small nonzero window held back by SWS avoidance, and
+        # for a window shrunk under data in flight once an RTO found nothing to send.
         if (
-            self.snd_wnd == 0
-            and self.snd_una == self.snd_max
-            and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
+            self.rto_deadline is None
             and self.persist_deadline is None
+            and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
         ):
             self.persist_deadline = now + self._rtt.rto
 

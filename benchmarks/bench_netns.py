@@ -1,0 +1,727 @@
+"""tunrelay against its peers, side by side, in throw-away network namespaces.
+
+Run (root): ``sudo .venv/bin/python benchmarks/bench_netns.py [--quick] [--repeat N]
+[--only a,b,d] [--seconds T] [--idle N] [--time-limit S] [--json PATH] [--log-dir DIR]``
+
+Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
+198.18.1.2 -> gateway ns -> server ns 198.18.2.2; nothing outside
+198.18.0.0/15 and fd00::/8, no route to any real network):
+
+    a  kernel forwarding in the gateway; the client talks straight to the server
+    b  a trio port forwarder (benchmarks/forwarder.py) between two kernel sockets,
+       listening in the gateway on 198.18.1.1; the client connects to it
+    c  tunrelay with offloads (``tunrelay run --offload``): n/a until the CLI has it
+    d  tunrelay without offloads (``tunrelay run --tun trb0 --client-net ...``) in the
+       gateway; the client connects to the server's address and the relay intercepts
+
+Measures, per configuration: iperf3 single-stream throughput up and down and
+4 streams up, connections/s, request/response latency (median and p99), the
+relay's CPU% during the single-stream upload and download, and its RSS
+before and with N idle connections open. Every measurement is repeated
+(``--repeat``, default 3; rounds interleave the configurations, so a burst
+of load from elsewhere hits all of them alike) and the median is printed,
+with the ratios d/b and d/a (c/b and c/a when c exists). See
+benchmarks/README.md for what each number means.
+
+Every child process has a hard time limit, every lab is torn down on every
+exit path (signals are held while a lab is being built or torn down), and a
+global alarm ends the run if something still hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeAlias
+
+from relay import netns
+from relay.lab import REPO_ROOT, Topology
+
+HERE = Path(__file__).resolve().parent
+LOADGEN = HERE / "loadgen.py"
+FORWARDER = HERE / "forwarder.py"
+IPERF_PORT = 5201
+ECHO_PORT = 7007
+TUN = "trb0"
+
+CONFIGS: dict[str, str] = {
+    "a": "kernel forwarding",
+    "b": "trio forwarder",
+    "c": "tunrelay --offload",
+    "d": "tunrelay",
+}
+USES_RELAY = {"c", "d"}  # tunrelay itself
+HAS_PROCESS = {"b", "c", "d"}  # a userspace process whose CPU and RSS we measure
+
+
+@dataclass(frozen=True)
+class Measure:
+    key: str
+    label: str
+    fmt: Callable[[float], str]
+
+
+def _g(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def _int(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def _one(v: float) -> str:
+    return f"{v:.1f}"
+
+
+MEASURES: list[Measure] = [
+    Measure("up", "1 stream up, Gbit/s", _g),
+    Measure("down", "1 stream down, Gbit/s", _g),
+    Measure("up4", "4 streams up, Gbit/s", _g),
+    Measure("cps", "connections/s", _int),
+    Measure("rtt_p50", "req/resp median, µs", _int),
+    Measure("rtt_p99", "req/resp p99, µs", _int),
+    Measure("cpu_up", "relay CPU % (1 up)", _int),
+    Measure("cpu_down", "relay CPU % (1 down)", _int),
+    Measure("rss_base", "relay RSS before idle, MiB", _one),
+    Measure("rss_idle", "relay RSS + {idle} idle conns, MiB", _one),
+    Measure("rss_per_conn", "relay RSS per idle conn, KiB", _one),
+]
+
+Sample: TypeAlias = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Params:
+    seconds: float  # iperf3 -t and the connection-rate run
+    repeat: int
+    idle: int  # idle connections for the RSS measure
+    idle_limit: float  # seconds allowed to open them
+    concurrency: int = 8
+    latency_count: int = 2000
+    offload_flag: bool = False  # the CLI has --offload (configuration c)
+
+
+class MeasureError(Exception):
+    """One measurement failed; the message says why (it is reported, the run goes on)."""
+
+
+class _Stopped(BaseException):
+    """SIGTERM or the global alarm: unwind (tearing labs down) and print what we have."""
+
+
+@dataclass
+class Report:
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # cfg -> key -> vals
+    notes: list[str] = field(default_factory=list)
+    relay_lines: list[str] = field(default_factory=list)
+
+    def add(self, cfg: str, key: str, value: float) -> None:
+        self.samples.setdefault(cfg, {}).setdefault(key, []).append(value)
+
+    def median(self, cfg: str, key: str) -> float | None:
+        vals = self.samples.get(cfg, {}).get(key)
+        return statistics.median(vals) if vals else None
+
+    def note(self, where: str, text: str) -> None:
+        line = f"[{where}] {text}"
+        self.notes.append(line)
+        print(f"  ! {line}", flush=True)
+
+
+# --- /proc and process helpers -----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1])
+    raise MeasureError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limit(pid: int) -> str:
+    """The soft RLIMIT_NOFILE of process `pid`, as /proc shows it."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    return "?"
+
+
+def listening(pid: int, port: int) -> bool:
+    """True if the network namespace of `pid` has a TCP socket listening on `port`."""
+    want = f":{port:04X}"
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[1].endswith(want) and parts[3] == "0A":
+                    return True
+    return False
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise MeasureError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """One line from the child's stdout, or MeasureError after `timeout`."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise MeasureError(f"{what}: no output after {timeout:.0f} s")
+    line = proc.stdout.readline().decode(errors="replace").strip()
+    if not line:
+        proc.poll()
+        raise MeasureError(f"{what}: exited ({proc.returncode}) without output")
+    return line
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float, what: str) -> tuple[str, str]:
+    """Wait for a child with a hard limit; its stdout and stderr."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise MeasureError(f"{what}: killed after the {timeout:.0f} s limit") from None
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+# --- one configuration in one fresh lab ----------------------------------------------------
+
+
+SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGALRM}
+
+
+@contextlib.contextmanager
+def fresh_lab() -> Iterator[Topology]:
+    """``with Topology.build() as topo``, with signals held while it is built and torn down."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        with Topology.build() as topo:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal raises here
+            try:
+                yield topo
+            finally:
+                signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Lab:
+    """One configuration running in `topo`: where the client connects, which pid to watch."""
+
+    def __init__(
+        self, cfg: str, topo: Topology, params: Params, report: Report, where: str, tmp: Path
+    ) -> None:
+        self.cfg, self.topo, self.params, self.report, self.where = cfg, topo, params, report, where
+        self.host = topo.srv_v4  # the client's destination
+        self.proc: subprocess.Popen[bytes] | None = None  # relay or forwarder
+        self.server: subprocess.Popen[bytes] | None = None  # the echo server
+        self.log_path = tmp / f"{where.replace(' ', '-')}.log"
+
+    # set-up
+
+    def start(self) -> None:
+        topo = self.topo
+        # Load-generator hygiene, the same in every configuration: many
+        # short connections leave TIME_WAIT sockets in the client ns (and, for
+        # b/c/d, in the gateway, whose upstream sockets close first).
+        for ns in ("cli", "gw"):
+            cfg = topo.netconfig(ns)
+            cfg.set_sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+            cfg.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
+        if self.cfg == "a":
+            topo.enable_forwarding()
+        elif self.cfg == "b":
+            self.host = topo.gw_cli_v4
+            argv = [
+                sys.executable, str(FORWARDER), "--listen", topo.gw_cli_v4,
+                "--forward", f"{IPERF_PORT}={topo.srv_v4}:{IPERF_PORT}",
+                "--forward", f"{ECHO_PORT}={topo.srv_v4}:{ECHO_PORT}",
+                "--max-seconds", "600",
+            ]  # fmt: skip
+            self.proc = topo.spawn("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            line = read_line(self.proc, 20, "forwarder")
+            if line != "ready":
+                raise MeasureError(f"forwarder said {line!r}")
+        else:
+            argv = [
+                sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
+                "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+            ]  # fmt: skip
+            if self.cfg == "c":
+                argv.append("--offload")
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            with open(self.log_path, "wb") as out:
+                self.proc = topo.spawn(
+                    "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
+                )
+            proc = self.proc
+
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise MeasureError(f"tunrelay exited with status {proc.returncode}")
+                return "relaying TCP" in self.log_path.read_text(errors="replace")
+
+            wait_for(ready, 20, "tunrelay")
+        self.server = topo.spawn(
+            "srv",
+            [sys.executable, str(LOADGEN), "server", "--port", str(ECHO_PORT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        if read_line(self.server, 10, "echo server") != "listening":
+            raise MeasureError("echo server did not start")
+
+    def tun_dropped(self) -> int | None:
+        """Packets the kernel dropped because the relay's TUN queue was full."""
+        if self.cfg not in USES_RELAY:
+            return None
+        try:
+            ipr = netns.ipr(self.topo.gw)
+            try:
+                (link,) = ipr.link("get", ifname=TUN)
+                return int(link.get_attr("IFLA_STATS64")["tx_dropped"])
+            finally:
+                ipr.close()
+        except Exception:  # the device is gone with the relay; not worth failing for
+            return None
+
+    def alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise MeasureError(f"the {CONFIGS[self.cfg]} process exited ({self.proc.returncode})")
+
+    # measures
+
+    def iperf(self, mode: str) -> str:
+        p = self.params
+        server = self.topo.spawn(
+            "srv",
+            ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: listening(server.pid, IPERF_PORT), 10, "iperf3 server")
+            argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", f"{p.seconds:g}"]
+            argv += ["-J", "--connect-timeout", "5000"]
+            argv += {"up": [], "down": ["-R"], "up4": ["-P", "4"]}[mode]
+            client = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            cpu: float | None = None
+            if self.proc is not None and mode in ("up", "down"):
+                # Steady state only: skip connection set-up and the final exchange.
+                time.sleep(0.5)
+                c0, t0 = cpu_seconds(self.proc.pid), time.monotonic()
+                time.sleep(max(0.2, p.seconds - 0.75))
+                if client.poll() is None:
+                    c1, t1 = cpu_seconds(self.proc.pid), time.monotonic()
+                    cpu = 100.0 * (c1 - c0) / (t1 - t0)
+            out, err = finish(client, p.seconds + 20, f"iperf3 {mode}")
+            try:
+                result = json.loads(out)
+            except json.JSONDecodeError:
+                raise MeasureError(
+                    f"iperf3 {mode}: exit {client.returncode}, no JSON: {err.strip()[:200]}"
+                ) from None
+            if "error" in result:
+                raise MeasureError(f"iperf3 {mode}: {result['error']}")
+            bps = float(result["end"]["sum_received"]["bits_per_second"])
+            self.report.add(self.cfg, mode, bps / 1e9)
+            summary = f"{bps / 1e9:.2f} Gbit/s"
+            if cpu is not None:
+                self.report.add(self.cfg, f"cpu_{mode}", cpu)
+                summary += f", process CPU {cpu:.0f}%"
+            retransmits = result["end"].get("sum_sent", {}).get("retransmits")
+            if retransmits is not None:
+                summary += f", {retransmits} retransmits (sender)"
+            if bps == 0:
+                self.report.note(self.where, f"iperf3 {mode}: 0 bit/s received")
+            return summary
+        finally:
+            stop(server, 2.0)
+
+    def connrate(self) -> str:
+        p = self.params
+        argv = [
+            sys.executable, str(LOADGEN), "connrate", "--host", self.host,
+            "--port", str(ECHO_PORT), "--seconds", f"{p.seconds:g}",
+            "--concurrency", str(p.concurrency), "--size", "64",
+        ]  # fmt: skip
+        proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = finish(proc, p.seconds + 20, "connrate")
+        try:
+            result = json.loads(out)
+        except json.JSONDecodeError:
+            raise MeasureError(f"connrate: no result: {err.strip()[-300:]}") from None
+        self.report.add(self.cfg, "cps", float(result["per_second"]))
+        if result["errors"]:
+            self.report.note(
+                self.where,
+                f"connrate: {result['completed']} completed, {result['errors']} failed "
+                f"({result['error_kinds']}); a stall = no response within 3 s",
+            )
+        return f"{result['per_second']:,.0f}/s, {result['errors']} failed"
+
+    def latency(self) -> str:
+        p = self.params
+        argv = [
+            sys.executable, str(LOADGEN), "latency", "--host", self.host,
+            "--port", str(ECHO_PORT), "--count", str(p.latency_count), "--size", "64",
+            "--timeout", "30",
+        ]  # fmt: skip
+        proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = finish(proc, 40, "latency")
+        try:
+            result = json.loads(out)
+        except json.JSONDecodeError:
+            raise MeasureError(f"latency: no result: {err.strip()[-300:]}") from None
+        if result.get("count", 0) < p.latency_count:
+            raise MeasureError(f"latency: only {result.get('count', 0)} round trips in 30 s")
+        self.report.add(self.cfg, "rtt_p50", float(result["p50_us"]))
+        self.report.add(self.cfg, "rtt_p99", float(result["p99_us"]))
+        return f"median {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs"
+
+    def idle(self) -> str:
+        p = self.params
+        assert self.proc is not None and self.server is not None
+        pid, server_pid = self.proc.pid, self.server.pid
+        base, base_fds, server_fds = rss_kib(pid), fd_count(pid), fd_count(server_pid)
+        argv = [
+            sys.executable, str(LOADGEN), "idle", "--host", self.host,
+            "--port", str(ECHO_PORT), "--count", str(p.idle),
+            "--limit-seconds", f"{p.idle_limit:g}", "--hold-seconds", "120",
+        ]  # fmt: skip
+        proc = self.topo.spawn(
+            "cli", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            result = json.loads(read_line(proc, p.idle_limit + 15, "idle connections"))
+            opened = int(result["open"])
+            # The client's connect() may return before the far side has caught up
+            # (the forwarder accepts and connects upstream after the kernel's
+            # handshake): wait until the server holds them all, or nothing has
+            # moved for 1.5 s (a process at its fd limit stops accepting).
+            deadline = time.monotonic() + 30.0
+            seen, still_since = (-1, -1), time.monotonic()
+            while time.monotonic() < deadline:
+                now = (fd_count(server_pid), fd_count(pid))
+                if now != seen:
+                    seen, still_since = now, time.monotonic()
+                elif now[0] - server_fds >= opened or time.monotonic() - still_since > 1.5:
+                    break
+                time.sleep(0.1)
+            self.alive()
+            held, held_fds = rss_kib(pid), fd_count(pid)
+            at_server = fd_count(server_pid) - server_fds
+            if opened < p.idle or at_server < opened:
+                limit = nofile_limit(pid)
+                self.report.note(
+                    self.where,
+                    f"idle: {opened}/{p.idle} connections opened in "
+                    f"{result['seconds']:.1f} s, {at_server} reached the server (errors "
+                    f"{result['errors']} {result['error_kinds']}, timeouts {result['timeouts']}, "
+                    f"not started {result['not_started']}); the process has {held_fds} fds "
+                    f"open, RLIMIT_NOFILE {limit}",
+                )
+            self.report.add(self.cfg, "rss_base", base / 1024)
+            if opened:
+                self.report.add(self.cfg, "rss_idle", held / 1024)
+                # Per connection that reached the server, i.e. that the process holds.
+                self.report.add(self.cfg, "rss_per_conn", (held - base) / max(1, at_server))
+            summary = (
+                f"{opened:,} open in {result['seconds']:.1f} s ({at_server:,} at the server); "
+                f"RSS {base / 1024:.1f} -> {held / 1024:.1f} MiB; fds {base_fds} -> {held_fds}"
+            )
+        finally:
+            # communicate() closes the client's stdin: it closes its connections and exits.
+            with contextlib.suppress(MeasureError):
+                finish(proc, 15, "idle close")
+        # Every upstream socket should be closed once the client's connections are.
+        t0 = time.monotonic()
+        while (now_fds := fd_count(pid)) > base_fds and time.monotonic() < t0 + 15.0:
+            time.sleep(0.1)
+        if now_fds > base_fds:
+            self.report.note(
+                self.where,
+                f"idle: {now_fds - base_fds} more fds than before the idle connections, "
+                "15 s after they were closed",
+            )
+        return summary + f"; closed all in {time.monotonic() - t0:.1f} s"
+
+    # tear-down
+
+    def close(self) -> None:
+        """Stop the relay ourselves (to see how it exits) and collect its log."""
+        if self.cfg not in USES_RELAY or self.proc is None:
+            return
+        rc = stop(self.proc, 10.0)
+        if rc not in (0, -signal.SIGTERM):
+            self.report.note(self.where, f"tunrelay exited with status {rc} on SIGTERM")
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        bad = [ln for ln in text.splitlines() if re.search(r"WARNING|ERROR|CRITICAL|Traceback", ln)]
+        for ln in bad[:5]:
+            self.report.note(self.where, f"tunrelay log: {ln[:300]}")
+        if len(bad) > 5:
+            self.report.note(self.where, f"tunrelay log: … {len(bad) - 5} more such lines")
+        for ln in text.splitlines():
+            if "stopped: stack" in ln:
+                self.report.relay_lines.append(f"[{self.where}] {ln.split(': ', 1)[-1]}")
+
+
+def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) -> None:
+    print(f"  {where}: {CONFIGS[cfg]}", flush=True)
+    t0 = time.monotonic()
+    with fresh_lab() as topo:
+        lab = Lab(cfg, topo, params, report, where, tmp)
+        try:
+            lab.start()
+        except MeasureError as exc:
+            report.note(where, f"set-up failed: {exc}")
+            lab.close()
+            return
+        steps: list[tuple[str, Callable[[], str]]] = [
+            ("up", lambda: lab.iperf("up")),
+            ("down", lambda: lab.iperf("down")),
+            ("up4", lambda: lab.iperf("up4")),
+            ("connrate", lab.connrate),
+            ("latency", lab.latency),
+        ]
+        if cfg in HAS_PROCESS:
+            steps.append(("idle", lab.idle))
+        for name, step in steps:
+            try:
+                lab.alive()
+                dropped = lab.tun_dropped()
+                summary = step()
+                after = lab.tun_dropped()
+                if dropped is not None and after is not None and after > dropped:
+                    summary += f"; TUN queue dropped {after - dropped:,} packets"
+                    report.note(
+                        where,
+                        f"{name}: the kernel dropped {after - dropped:,} packets "
+                        "at the full TUN queue (the relay fell behind)",
+                    )
+                print(f"    {name:8} {summary}", flush=True)
+            except MeasureError as exc:
+                report.note(where, f"{name}: {exc}")
+            except (OSError, ValueError, KeyError) as exc:
+                report.note(where, f"{name}: {type(exc).__name__}: {exc}")
+        lab.close()
+    print(f"    ({time.monotonic() - t0:.1f} s)", flush=True)
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def ratio(x: float | None, y: float | None) -> str:
+    if x is None or y is None or y == 0:
+        return "n/a"
+    r = x / y
+    return f"{r:.3f}" if r < 0.1 else f"{r:.2f}"
+
+
+def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
+    cols = list(CONFIGS)
+    pairs = [("d", "b"), ("d", "a")]
+    if params.offload_flag and "c" in configs:
+        pairs += [("c", "b"), ("c", "a")]
+    pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
+    heads = [f"{c}: {CONFIGS[c]}" if c != "c" else "c: tunrelay offload" for c in cols]
+    heads += [f"{x}/{y}" for x, y in pairs]
+    rows: list[list[str]] = []
+    for m in MEASURES:
+        row = [m.label.format(idle=f"{params.idle:,}")]
+        meds = {c: report.median(c, m.key) for c in cols}
+        for c in cols:
+            v = meds[c]
+            row.append("n/a" if v is None else m.fmt(v))
+        row += [ratio(meds[x], meds[y]) for x, y in pairs]
+        rows.append(row)
+    width0 = max(len(r[0]) for r in rows)
+    widths = [max(len(h), max(len(r[i + 1]) for r in rows)) for i, h in enumerate(heads)]
+    print()
+    print(f"median of {params.repeat} run(s); T = {params.seconds:g} s")
+    print("  ".join([" " * width0, *(h.rjust(w) for h, w in zip(heads, widths, strict=True))]))
+    for r in rows:
+        cells = (v.rjust(w) for v, w in zip(r[1:], widths, strict=True))
+        print("  ".join([r[0].ljust(width0), *cells]))
+
+
+def print_samples(report: Report) -> None:
+    print("\nall samples (config: measure = values):")
+    for cfg, by_key in report.samples.items():
+        parts = []
+        for m in MEASURES:
+            vals = by_key.get(m.key)
+            if vals:
+                parts.append(f"{m.key}=" + "/".join(m.fmt(v) for v in vals))
+        print(f"  {cfg}: " + "  ".join(parts))
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def cli_has_offload() -> bool:
+    """Does ``tunrelay run`` accept ``--offload`` yet (configuration c)?"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "relay.cli", "run", "--help"],
+            capture_output=True,
+            timeout=30,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return b"--offload" in out.stdout
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="tunrelay vs kernel forwarding vs a trio forwarder, in network namespaces"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
+    parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
+    parser.add_argument("--only", default="a,b,c,d", help="configurations, e.g. a,b,d")
+    parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
+    parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
+    parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")
+    parser.add_argument("--json", type=Path, help="also write all samples and notes here")
+    parser.add_argument("--log-dir", type=Path, help="keep tunrelay's logs here (default: discard)")
+    args = parser.parse_args(argv)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in only if c not in CONFIGS]
+    if bad or not only:
+        parser.error(f"--only: unknown configuration(s) {bad}; choose from a,b,c,d")
+    args.only = [c for c in CONFIGS if c in only]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_netns: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    repeat = args.repeat or (1 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    idle = args.idle or (1000 if args.quick else 10000)
+    if not (1 <= repeat <= 20 and 0.5 <= seconds <= 60 and 1 <= idle <= 30000):
+        print("bench_netns: --repeat 1..20, --seconds 0.5..60, --idle 1..30000", file=sys.stderr)
+        return 2
+    params = Params(
+        seconds=seconds,
+        repeat=repeat,
+        idle=idle,
+        idle_limit=max(15.0, idle / 250),
+        offload_flag=cli_has_offload(),
+    )
+    configs = [c for c in args.only if c != "c" or params.offload_flag]
+    if "c" in args.only and not params.offload_flag:
+        print("c (tunrelay with offloads): n/a — `tunrelay run` has no --offload option yet")
+    time_limit = args.time_limit or (240.0 if args.quick else 900.0)
+    report = Report()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.alarm(int(time_limit))
+    start = time.monotonic()
+    status = 0
+    print(
+        f"bench_netns: configs {','.join(configs)}; {repeat} round(s); T={seconds:g} s; "
+        f"{idle:,} idle conns; time limit {time_limit:.0f} s",
+        flush=True,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-netns-") as tmpdir:
+            logs = args.log_dir or Path(tmpdir)
+            logs.mkdir(parents=True, exist_ok=True)
+            for r in range(repeat):
+                for cfg in configs:
+                    run_config(cfg, params, report, f"round {r + 1} {cfg}", logs)
+    except (_Stopped, KeyboardInterrupt) as exc:
+        print(f"\nbench_netns: stopped ({exc or 'SIGINT'}); partial results:", file=sys.stderr)
+        status = 1
+    finally:
+        signal.alarm(0)
+    wall = time.monotonic() - start
+    print_table(report, params, configs)
+    if repeat > 1:
+        print_samples(report)
+    if report.relay_lines:
+        print("\ntunrelay counters at exit:")
+        for ln in report.relay_lines:
+            print(f"  {ln}")
+    if report.notes:
+        print("\nnotes:")
+        for ln in report.notes:
+            print(f"  {ln}")
+    print(f"\nwall time {wall:.0f} s")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "params": params.__dict__,
+                    "configs": configs,
+                    "samples": report.samples,
+                    "notes": report.notes,
+                    "relay_counters": report.relay_lines,
+                    "wall_seconds": wall,
+                },
+                indent=1,
+            )
+        )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
