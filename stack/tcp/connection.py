@@ -18,131 +18,26 @@ from the oldest unacknowledged one onward, so retransmission reads it directly.
 
 from __future__ import annotations
 
-import enum
-from collections import deque
-
-from stack.config import TcpConfig
 from stack.errors import LocalProtocolError
 from stack.events import (
-    Closed,
     CloseReason,
     Connected,
     ConnectionReset,
-    DataReceived,
-    Event,
-    FlowId,
     PeerFinished,
     SendSpace,
 )
-from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
-from stack.tcp.congestion import CongestionControl, Reno
-from stack.tcp.reassembly import Reassembly
-from stack.tcp.rtt import RttEstimator
+from stack.seq import seq_add, seq_gt, seq_le, seq_lt, seq_sub
+from stack.tcp.congestion import Reno
+from stack.tcp.core import MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
 from stack.tcp.segment import TcpSegment
-from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
+from stack.tcp.sender import TcpSender
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpOptions
+
+__all__ = ["State", "TcpConnection"]
 
 
-class State(enum.Enum):
-    CLOSED = "CLOSED"
-    LISTEN = "LISTEN"  # a SYN arrived; the caller has not yet accepted or rejected it
-    SYN_SENT = "SYN-SENT"
-    SYN_RECEIVED = "SYN-RECEIVED"
-    ESTABLISHED = "ESTABLISHED"
-    FIN_WAIT_1 = "FIN-WAIT-1"
-    FIN_WAIT_2 = "FIN-WAIT-2"
-    CLOSING = "CLOSING"
-    TIME_WAIT = "TIME-WAIT"
-    CLOSE_WAIT = "CLOSE-WAIT"
-    LAST_ACK = "LAST-ACK"
-
-
-_SYNCHRONIZED = frozenset(
-    {
-        State.ESTABLISHED,
-        State.FIN_WAIT_1,
-        State.FIN_WAIT_2,
-        State.CLOSE_WAIT,
-        State.CLOSING,
-        State.LAST_ACK,
-        State.TIME_WAIT,
-    }
-)
-_RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
-_MAX_WINDOW = 0xFFFF  # no window scaling yet: RFC 7323 comes with the bad-paths work
-
-
-class TcpConnection:
+class TcpConnection(TcpSender):
     """A TCP endpoint for one 4-tuple. See the module docstring."""
-
-    def __init__(
-        self,
-        *,
-        local_port: int,
-        remote_port: int,
-        config: TcpConfig | None = None,
-        flow: FlowId | None = None,
-        mss: int | None = None,
-        events: deque[Event] | None = None,
-        readable: list[TcpConnection] | None = None,
-    ) -> None:
-        cfg = config or TcpConfig()
-        self.config = cfg
-        self.local_port = local_port
-        self.remote_port = remote_port
-        self.flow = flow
-        self.state = State.CLOSED
-        self.close_reason: CloseReason | None = None
-        self._events: deque[Event] = deque() if events is None else events
-        self._readable: list[TcpConnection] = [] if readable is None else readable
-
-        # Send sequence space (RFC 9293 3.3.1).
-        self.iss = 0  # initial send sequence number, from the caller
-        self.snd_una = 0  # oldest unacknowledged sequence number
-        self.snd_nxt = 0  # next sequence number to send
-        self.snd_max = 0  # highest sequence number sent + 1 (snd_nxt < snd_max while going back)
-        self.snd_wnd = 0  # peer's receive window
-        self.snd_wl1 = 0  # segment sequence number used for the last window update
-        self.snd_wl2 = 0  # segment acknowledgment number used for the last window update
-        self.max_snd_wnd = 0  # largest window the peer has offered (sender SWS avoidance)
-        self.snd_mss = cfg.default_peer_mss  # largest payload we send per segment
-        self._sndbuf = bytearray()  # unacknowledged and unsent bytes from the application
-        self._sb_seq = 0  # sequence number of _sndbuf[0]
-        self._fin_queued = False  # close() was called: FIN follows the data
-        self._want_send_space = False  # a send() came up short: emit SendSpace when room frees
-
-        # Receive sequence space.
-        self.irs = 0  # initial receive sequence number
-        self.rcv_nxt = 0  # next sequence number expected
-        self.rcv_adv = 0  # right edge of the window last advertised
-        self.rcv_mss = mss or cfg.mss  # MSS we advertise
-        self._unconsumed = 0  # bytes delivered to the application and not yet consumed
-        self._ooo = Reassembly(min(cfg.ooo_limit, cfg.rcv_buf))
-        self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
-        self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
-        self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
-
-        # Output flags and timers (absolute deadlines, seconds).
-        self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
-        self._syn_due = False  # (re)send our SYN or SYN-ACK
-        self._ack_now = False  # an ACK is owed immediately
-        self._unacked_segments = 0  # in-order segments received since our last ACK
-        self._rtx_due = False  # fast retransmit: resend the segment at snd_una
-        self._recover: int | None = None  # RFC 6582 recovery point while in fast recovery
-        self._dupacks = 0
-        self.ack_deadline: float | None = None  # delayed ACK
-        self.rto_deadline: float | None = None  # retransmission
-        self.persist_deadline: float | None = None  # zero-window probe
-        self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
-        self._retries = 0  # consecutive timeouts without progress
-        self._probes = 0  # unanswered zero-window probes
-        self._persist_backoff = 0  # probe-interval doublings since the window closed
-        self._sws_override = False  # the persist timer fired on a short usable window
-        self._rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
-        self._rtt_seq: int | None = None  # sequence number being timed (Karn: never a resend)
-        self._rtt_start = 0.0
-        self._challenge_second = -1.0
-        self._challenge_count = 0
-        self.cc: CongestionControl = Reno(self.snd_mss)
 
     # ------------------------------------------------------------------ opening
 
@@ -233,7 +128,7 @@ class TcpConnection:
         # Send a window update now only when the window had become small and
         # the increase passes receiver SWS avoidance (RFC 9293 3.8.6.2.2).
         if (
-            self.state in _RECEIVING
+            self.state in RECEIVING
             and before < self.config.rcv_buf // 2
             and self._window_increase() >= min(self.config.rcv_buf // 2, self.rcv_mss)
         ):
@@ -258,129 +153,6 @@ class TcpConnection:
     def abort(self) -> None:
         """Reset the connection (RFC 9293 3.10.5) and close it."""
         self._reset(CloseReason.ABORTED)
-
-    def _reset(self, reason: CloseReason) -> None:
-        if self.state is State.CLOSED:
-            return
-        if self.state in _SYNCHRONIZED or self.state is State.SYN_RECEIVED:
-            self._ctl.append(self._segment(self._ack_seq(), self.rcv_nxt, RST | ACK, 0))
-        self._close(reason)
-
-    # --------------------------------------------------------------------- events
-
-    def next_event(self) -> Event | None:
-        """Pop the next event for this connection's queue, or None."""
-        self.flush_data()
-        return self._events.popleft() if self._events else None
-
-    def flush_data(self) -> None:
-        """Turn gathered in-order bytes into one ``DataReceived`` event."""
-        if self._rx_pending:
-            chunks = self._rx_pending
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._rx_pending = []
-            self._events.append(DataReceived(self._flow(), data))
-
-    def _emit(self, event: Event) -> None:
-        self.flush_data()
-        self._events.append(event)
-
-    def _flow(self) -> FlowId:
-        return self.flow or FlowId(0, "", self.remote_port, "", self.local_port)
-
-    def _close(self, reason: CloseReason) -> None:
-        self.state = State.CLOSED
-        self.close_reason = reason
-        self.ack_deadline = self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = None
-        self._ack_now = self._syn_due = self._rtx_due = False
-        self._sndbuf = bytearray()
-        self._ooo = Reassembly(0)
-        self._emit(Closed(self._flow(), reason))
-
-    # ----------------------------------------------------------------- timers
-
-    def get_timer(self) -> float | None:
-        """The earliest deadline, or None when no timer runs."""
-        best: float | None = None
-        deadlines = (self.ack_deadline, self.rto_deadline, self.persist_deadline)
-        for d in (*deadlines, self.linger_deadline):
-            if d is not None and (best is None or d < best):
-                best = d
-        return best
-
-    def handle_timer(self, now: float) -> None:
-        """Act on every deadline that has passed; a no-op when none has."""
-        if self.ack_deadline is not None and now >= self.ack_deadline:
-            self.ack_deadline = None
-            self._ack_now = True
-        if self.rto_deadline is not None and now >= self.rto_deadline:
-            self._on_retransmit_timeout(now)
-        if self.persist_deadline is not None and now >= self.persist_deadline:
-            self._on_persist_timeout(now)
-        if self.linger_deadline is not None and now >= self.linger_deadline:
-            self.linger_deadline = None
-            if self.state is State.TIME_WAIT:
-                self._close(CloseReason.FINISHED)
-            elif self.state is State.FIN_WAIT_2:
-                self._close(CloseReason.IDLE)
-
-    def _on_retransmit_timeout(self, now: float) -> None:
-        self.rto_deadline = None
-        if self.state in (State.SYN_RECEIVED, State.SYN_SENT):
-            self._retries += 1
-            if self._retries > self.config.syn_retries:
-                self._close(CloseReason.TIMED_OUT)
-                return
-            self._rtt.backoff += 1
-            self._rtt_seq = None
-            self._syn_due = True
-            return
-        flight = seq_sub(self.snd_max, self.snd_una)
-        if flight <= 0:
-            return
-        self._retries += 1
-        if self._retries > self.config.max_retries:
-            self._reset(CloseReason.TIMED_OUT)
-            return
-        # RFC 6298 5.5-5.7: back off, retransmit from snd_una (go-back-N under a
-        # one-segment congestion window), and do not time retransmissions (Karn).
-        self._rtt.backoff += 1
-        self._rtt_seq = None
-        self.cc.on_timeout(flight)
-        self._recover = None
-        self._dupacks = 0
-        self.snd_nxt = self.snd_una
-
-    def _on_persist_timeout(self, now: float) -> None:
-        self.persist_deadline = None
-        if self.state not in _SYNCHRONIZED or self.rto_deadline is not None:
-            return
-        usable = seq_sub(seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd)), self.snd_nxt)
-        if usable > 0:
-            # RFC 9293 3.8.6.2.1 (d), the override timeout: sender SWS avoidance held
-            # back a short segment with nothing in flight. Send what fits. (Fixed:
-            # the timer used to run only at a zero window, so a lost window update
-            # after a shrink below the SWS threshold stalled the connection forever.)
-            self._sws_override = True
-            return
-        self._probes += 1
-        if self._probes > self.config.max_retries:
-            self._reset(CloseReason.TIMED_OUT)
-            return
-        # A probe in the style of Linux's tcp_xmit_probe_skb: an old sequence
-        # number makes the peer answer with an ACK carrying its current window
-        # (RFC 9293 3.8.6.1 asks only that the window be probed).
-        self._ctl.append(
-            self._segment(seq_add(self.snd_una, -1), self.rcv_nxt, ACK, self._advertise())
-        )
-        # RFC 9293 3.8.6.1: probe intervals grow exponentially. Fixed: the exponent
-        # was the unanswered-probe count, which every answer resets, so while the
-        # peer kept answering the interval never grew past 2 RTOs.
-        self._persist_backoff = min(self._persist_backoff + 1, 16)
-        self.persist_deadline = now + min(
-            self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max
-        )
 
     # ------------------------------------------------------------ segment input
 
@@ -433,7 +205,7 @@ class TcpConnection:
         # Second: RST (RFC 5961 3.2).
         if flags & RST:
             if seq == self.rcv_nxt:
-                if state in _SYNCHRONIZED:
+                if state in SYNCHRONIZED:
                     self._emit(ConnectionReset(self._flow()))
                 self._close(CloseReason.RESET)
             else:
@@ -451,7 +223,7 @@ class TcpConnection:
         if not self._on_ack(ack, seq, window, seg_len, now):
             return
         # Sixth and seventh: the text and the FIN.
-        if payload and self.state in _RECEIVING:
+        if payload and self.state in RECEIVING:
             if self.state is State.FIN_WAIT_2:
                 # close() is a half-close: the peer may go on sending. The FIN-WAIT-2
                 # timeout (RFC 9293 3.10.7.4 leaves it to the implementation) counts
@@ -506,7 +278,7 @@ class TcpConnection:
             return
         self.irs = seq
         self.rcv_nxt = seq_add(seq, 1)
-        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.rcv_buf, _MAX_WINDOW))
+        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.rcv_buf, MAX_WINDOW))
         self.peer_options = options
         if options.mss:
             self.snd_mss = options.mss
@@ -658,7 +430,7 @@ class TcpConnection:
 
     def _on_fin(self, fin_seq: int, now: float) -> None:
         if fin_seq != self.rcv_nxt:
-            if self.state in _RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
+            if self.state in RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
                 self._ooo_fin = fin_seq  # wait for the hole before it to fill
                 # RFC 5681 4.2: an out-of-order segment is acknowledged at once (the
                 # duplicate ACK); a bare FIN beyond a hole used to get no ACK at all.
@@ -682,176 +454,3 @@ class TcpConnection:
         else:
             return
         self._emit(PeerFinished(self._flow()))
-
-    # ----------------------------------------------------------------- output
-
-    def _segment(
-        self, seq: int, ack: int, flags: int, window: int, payload: bytes = b""
-    ) -> TcpSegment:
-        return TcpSegment(self.local_port, self.remote_port, seq, ack, flags, window, payload)
-
-    def _ack_seq(self) -> int:
-        """The sequence number for a segment without data: RFC 9293's SND.NXT.
-
-        Our snd_nxt goes back to snd_una after an RTO (go-back-N), but the peer
-        may hold everything up to snd_max. Fixed: pure ACKs carried snd_nxt, which
-        the peer found old and answered with an ACK; with both ends going back
-        at once the two exchanged ACKs without end. BSD's tcp_output uses snd_max
-        here; like Linux's tcp_acceptable_seq() we stay within the peer's window.
-        """
-        edge = seq_add(self.snd_una, self.snd_wnd)
-        return self.snd_max if seq_le(self.snd_max, edge) else edge
-
-    def _window_increase(self) -> int:
-        free = self.config.rcv_buf - self._unconsumed
-        right = seq_add(self.rcv_nxt, min(max(free, 0), _MAX_WINDOW))
-        return seq_sub(right, self.rcv_adv)
-
-    def _advertise(self) -> int:
-        """The window for an outgoing segment, with receiver SWS avoidance (RFC 9293 3.8.6.2.2)."""
-        increase = self._window_increase()
-        if increase >= min(self.config.rcv_buf // 2, self.rcv_mss):
-            self.rcv_adv = seq_add(self.rcv_adv, increase)
-        return max(0, seq_sub(self.rcv_adv, self.rcv_nxt))
-
-    def _ack_sent(self) -> None:
-        self._ack_now = False
-        self.ack_deadline = None
-        self._unacked_segments = 0
-
-    def segments_to_send(self, now: float) -> list[TcpSegment]:
-        """Everything due now: control segments, (re)transmissions, an owed ACK."""
-        out = self._ctl
-        self._ctl = []
-        state = self.state
-        if state is State.CLOSED or state is State.LISTEN:
-            return out
-        if self._syn_due:
-            self._syn_due = False
-            self._send_syn(out, now)
-            return out
-        if state is State.SYN_RECEIVED and self._ack_now:
-            # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
-            # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
-            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
-            self._ack_sent()
-        if state is State.SYN_SENT or state is State.SYN_RECEIVED:
-            return out
-        if self._rtx_due:
-            self._rtx_due = False
-            self._retransmit_one(out, now)
-        self._send_data(out, now)
-        if self._ack_now:
-            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
-            self._ack_sent()
-        return out
-
-    def _send_syn(self, out: list[TcpSegment], now: float) -> None:
-        if self.state is State.SYN_SENT:
-            flags, ack = SYN, 0
-        else:
-            flags, ack = SYN | ACK, self.rcv_nxt
-        window = min(self.config.rcv_buf, _MAX_WINDOW)
-        self.rcv_adv = seq_add(self.rcv_nxt, window)
-        seg = TcpSegment(
-            self.local_port,
-            self.remote_port,
-            self.iss,
-            ack,
-            flags,
-            window,
-            b"",
-            TcpOptions(mss=self.rcv_mss),
-        )
-        out.append(seg)
-        if self.snd_max == self.iss:
-            self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
-            self._rtt_seq, self._rtt_start = self.iss, now
-        self.rto_deadline = now + self._rtt.rto
-        self._ack_sent()
-
-    def _retransmit_one(self, out: list[TcpSegment], now: float) -> None:
-        start = self.snd_una
-        off = seq_sub(start, self._sb_seq)
-        data_end = seq_add(self._sb_seq, len(self._sndbuf))
-        fin_sent = self._fin_queued and seq_gt(self.snd_max, data_end)
-        # Resend only bytes sent before (RFC 9293 3.8.1: a retransmission repeats
-        # sent sequence space). Fixed: a full MSS was taken from the buffer, which
-        # could run past snd_max and the peer's window; the peer then acknowledged
-        # bytes we had never counted as sent, and we dropped all its later segments.
-        sent = seq_sub(self.snd_max, start) - (1 if fin_sent else 0)
-        n = min(self.snd_mss, sent)
-        data = bytes(self._sndbuf[off : off + n]) if off >= 0 and n > 0 else b""
-        flags = ACK
-        if fin_sent and off + len(data) >= len(self._sndbuf):
-            flags |= FIN
-        if not data and not flags & FIN:
-            return
-        out.append(self._segment(start, self.rcv_nxt, flags, self._advertise(), data))
-        self._ack_sent()
-        self.rto_deadline = now + self._rtt.rto
-
-    def _send_data(self, out: list[TcpSegment], now: float) -> None:
-        sb_seq = self._sb_seq
-        buf = self._sndbuf
-        data_end = seq_add(sb_seq, len(buf))
-        mss = self.snd_mss
-        edge = seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd))
-        fin_pending = self._fin_queued and self.state is not State.SYN_RECEIVED
-        while True:
-            nxt = self.snd_nxt
-            avail = seq_sub(data_end, nxt)
-            if avail > 0:
-                n = min(avail, seq_sub(edge, nxt), mss)
-                if n <= 0:
-                    break
-                # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a short segment only
-                # when it empties the buffer or the window is a large share of the max.
-                if n < mss and n < avail and n < self.max_snd_wnd // 2 and not self._sws_override:
-                    break
-                if self.config.nagle and n < mss and seq_lt(self.snd_una, nxt):
-                    break
-                off = seq_sub(nxt, sb_seq)
-                flags = ACK
-                if n == avail:
-                    flags |= PSH
-                    if fin_pending:
-                        flags |= FIN
-                payload = bytes(buf[off : off + n])
-                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload)
-                self._sent(seg, nxt, n + (1 if flags & FIN else 0), now)
-                out.append(seg)
-            elif (
-                fin_pending and nxt == data_end and (seq_lt(nxt, edge) or seq_lt(nxt, self.snd_max))
-            ):
-                # A FIN already sent once is retransmitted regardless of the window
-                # (RFC 9293 3.8.6.1: retransmit even into a zero window). Fixed: a lost
-                # FIN behind a zero window was never resent and no timer stayed armed.
-                seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise())
-                self._sent(seg, nxt, 1, now)
-                out.append(seg)
-            else:
-                break
-        self._sws_override = False
-        # Something waits to be sent and nothing is being timed: run the persist
-        # timer (RFC 9293 3.8.6.1 zero-window probe; 3.8.6.2.1 SWS override timeout).
-        # Fixed: this used to require snd_wnd == 0 and nothing in flight, which left
-        # no timer at all for a small nonzero window held back by SWS avoidance, and
-        # for a window shrunk under data in flight once an RTO found nothing to send.
-        if (
-            self.rto_deadline is None
-            and self.persist_deadline is None
-            and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
-        ):
-            self.persist_deadline = now + self._rtt.rto
-
-    def _sent(self, seg: TcpSegment, seq: int, length: int, now: float) -> None:
-        end = seq_add(seq, length)
-        self.snd_nxt = end
-        if seq_ge(seq, self.snd_max) and self._rtt_seq is None:
-            self._rtt_seq, self._rtt_start = seq, now
-        if seq_gt(end, self.snd_max):
-            self.snd_max = end
-        if self.rto_deadline is None:
-            self.rto_deadline = now + self._rtt.rto
-        self._ack_sent()
