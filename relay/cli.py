@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rcv-buf", type=int, default=65535, help="per-flow receive buffer, bytes")
     run.add_argument("--snd-buf", type=int, default=256 * 1024, help="per-flow send buffer")
     run.add_argument(
+        "--udp-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a UDP flow may be idle (DNS and ping: at most 10)",
+    )
+    run.add_argument(
         "--fail-closed",
         action="store_true",
         help="reset a flow whose analyzer raises (default: detach the analyzer)",
@@ -106,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rcv_buf=args.rcv_buf,
             snd_buf=args.snd_buf,
             fail_closed=args.fail_closed,
+            udp_idle_timeout=args.udp_idle_timeout,
         )
         if os.geteuid() != 0:
             print("tunrelay run: needs root (CAP_NET_ADMIN) to create the TUN", file=sys.stderr)

@@ -13,7 +13,8 @@ owned by the engine, no channel and no extra task, and any number of kicks
 between two iterations coalesce into one flush. When the source stays busy
 (a full batch) the loop yields once per iteration so flow tasks get to run.
 
-Events become sync calls on the flow's ``TcpFlow``; everything that waits
+Events become sync calls on the flow's ``TcpFlow`` (UDP and echo events go to
+``relay.datagrams.DatagramRelay``); everything that waits
 (connect, socket I/O, analyzers) runs in that flow's tasks, in the engine's
 nursery. Malformed packets are the stack's business (it counts and drops
 them); an exception out of ``stack.receive`` is a stack bug, and is counted
@@ -32,10 +33,13 @@ from typing import Any, Protocol
 import trio
 
 from relay.config import RelayConfig
+from relay.datagrams import DatagramEnv, DatagramRelay, DatagramStack, SocketFactory
+from relay.echo import EchoFlow, open_ping_socket
 from relay.hooks import AnalyzerChain
 from relay.isn import IsnGenerator
 from relay.packet_source import PacketSource
 from relay.tcpflow import Connector, FlowEnv, TcpFlow, make_connector
+from relay.udpflow import UdpFlow, open_udp_socket
 from stack import (
     Closed,
     Connected,
@@ -55,8 +59,8 @@ __all__ = ["Connector", "Relay", "RelayStack", "RelayStats", "raise_nofile_limit
 log = logging.getLogger(__name__)
 
 
-class RelayStack(Protocol):
-    """The part of ``stack.Stack`` the relay uses."""
+class RelayStack(DatagramStack, Protocol):
+    """The part of ``stack.Stack`` the relay uses (with ``DatagramStack``'s)."""
 
     def receive(self, packet: bytes, now: float) -> None: ...
     def next_event(self) -> Event | None: ...
@@ -93,9 +97,14 @@ class RelayStats:
     bytes_c2s: int = 0
     bytes_s2c: int = 0
     upstream_errors: int = 0  # resets and other socket errors mid-stream
-    send_space_rechecks: int = 0  # flows woken by the loop's re-check, not by SendSpace
     analyzer_errors: int = 0
     flow_errors: int = 0  # unexpected exceptions in a flow task (a bug; flow aborted)
+    # UDP and ICMP echo (relay.udpflow, relay.echo); flows_rejected counts them too.
+    datagram_flows_active: int = 0  # UDP and echo flow tasks running
+    datagrams_c2s: int = 0  # UDP datagrams and echo requests from clients
+    datagrams_s2c: int = 0  # UDP datagrams and echo replies from servers
+    datagram_drops: int = 0  # queue or socket buffer full, or a send error: dropped
+    icmp_relayed: int = 0  # ICMP errors about the relay's sockets relayed to clients
 
 
 def raise_nofile_limit() -> int:
@@ -134,6 +143,8 @@ class Relay:
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
+        udp_socket: opens the connected upstream socket of a UDP flow.
+        echo_socket: opens the ICMP socket of an echo flow.
 
     Raises:
         TypeError: an analyzer has a hook that is not an async method.
@@ -148,6 +159,8 @@ class Relay:
         analyzers: Sequence[object] = (),
         connector: Connector | None = None,
         isn: Callable[[FlowId], int] | None = None,
+        udp_socket: SocketFactory = open_udp_socket,
+        echo_socket: SocketFactory = open_ping_socket,
     ) -> None:
         self.stats = RelayStats()
         self._source = source
@@ -178,11 +191,29 @@ class Relay:
             SendSpace: self._on_send_space,
             Closed: self._on_closed,
         }
+        self._datagrams = DatagramRelay(
+            DatagramEnv(
+                stack=stack,
+                chain=chain,
+                kick=self.kick,
+                stats=self.stats,
+                udp_socket=udp_socket,
+                echo_socket=echo_socket,
+                flow_end_timeout=config.flow_end_timeout,
+            ),
+            {"udp": UdpFlow, "icmp": EchoFlow},
+        )
+        self._handlers.update(self._datagrams.handlers())
 
     @property
     def active_flows(self) -> int:
         """Flows the stack has not reported ``Closed`` yet."""
         return len(self._flows)
+
+    @property
+    def active_datagram_flows(self) -> int:
+        """UDP and echo flows the stack has not reported ``DatagramFlowClosed`` yet."""
+        return len(self._datagrams)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the packet loop until cancelled or the source is closed.
@@ -195,7 +226,7 @@ class Relay:
         raise_nofile_limit()
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self._datagrams.nursery = nursery
                 task_status.started()
                 try:
                     await self._packet_loop()
@@ -203,7 +234,7 @@ class Relay:
                     log.info("packet source closed; stopping the relay")
                 nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
+            self._nursery = self._datagrams.nursery = None
             self._wait_scope = None
 
     def kick(self) -> None:
@@ -229,8 +260,6 @@ class Relay:
                         self._count_receive_error()
             stack.handle_timer(now)
             self._dispatch()
-            if self._env.space_watch:
-                self._recheck_send_space()
             out = stack.packets_to_send(now)
             if out:
                 stats.packets_out += len(out)
@@ -301,14 +330,6 @@ class Relay:
             self.stats.stray_events += 1
             return
         flow.on_closed(event.reason)
-
-    def _recheck_send_space(self) -> None:
-        # Flows whose send buffer filled exactly get no SendSpace event (the stack
-        # emits it only after a short send); wake those that have room again.
-        send_space = self._stack.send_space
-        for flow in [f for f in self._env.space_watch if send_space(f.flow) > 0]:
-            self.stats.send_space_rechecks += 1
-            flow.on_send_space()
 
     def _count_analyzer_error(self) -> None:
         self.stats.analyzer_errors += 1

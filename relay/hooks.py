@@ -60,7 +60,9 @@ class Verdict(enum.Enum):
     """What ``flow_start`` decides; returning ``None`` means ``ALLOW``."""
 
     ALLOW = "allow"
-    REJECT = "reject"  # the client gets an RST, as from a closed port
+    # As from a closed port: TCP gets an RST; UDP gets ICMP port unreachable for each
+    # datagram until the flow idles out; echo gets ICMP administratively prohibited.
+    REJECT = "reject"
 
 
 class Direction(enum.Enum):
@@ -100,7 +102,7 @@ class FlowInfo:
     """What an analyzer knows about a flow; the same object for every call."""
 
     uid: str  # Zeek-style short random id, unique per flow
-    proto: str  # "tcp" or "udp"
+    proto: str  # "tcp", "udp" or "icmp" (echo: client_port is the echo identifier)
     client_ip: str
     client_port: int
     server_ip: str  # the original destination the client addressed
@@ -141,7 +143,8 @@ class Analyzer(Protocol):
     """
 
     async def flow_start(self, flow: FlowInfo) -> Verdict | None:
-        """A client asked for a connection; any ``REJECT`` refuses it (RST)."""
+        """A client asked for a connection (or sent a UDP flow's or echo flow's first
+        datagram); any ``REJECT`` refuses it (see ``Verdict``)."""
         ...
 
     async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:

@@ -169,19 +169,39 @@ class NetConfig:
             lambda: self.ipr.route("del", **spec),
         )
 
-    def add_rule(self, from_cidr: str, table: int, priority: int) -> None:
-        """Add the policy rule `from <from_cidr> lookup <table>` at `priority`."""
+    def add_rule(
+        self,
+        from_cidr: str,
+        table: int | None,
+        priority: int,
+        *,
+        iifname: str | None = None,
+        unreachable: bool = False,
+    ) -> None:
+        """Add the policy rule `from <from_cidr> [iif <iifname>] lookup <table>`.
+
+        With `unreachable=True` the rule's action is `unreachable` instead of a
+        table lookup (`table` is then ignored).
+        """
         net: Network = ipaddress.ip_network(from_cidr, strict=False)
         spec: dict[str, Any] = {
             "family": _family(net),
             "src": str(net.network_address),
             "src_len": net.prefixlen,
-            "table": table,
             "priority": priority,
         }
+        if iifname is not None:
+            spec["iifname"] = iifname
+        if unreachable:
+            spec["action"] = "FR_ACT_UNREACHABLE"
+            what = "unreachable"
+        else:
+            spec["table"] = table
+            what = f"lookup {table}"
         self.ipr.rule("add", **spec)
+        iif = f" iif {iifname}" if iifname else ""
         self._push(
-            f"rule {priority}: from {net} lookup {table}", lambda: self.ipr.rule("del", **spec)
+            f"rule {priority}: from {net}{iif} {what}", lambda: self.ipr.rule("del", **spec)
         )
 
     # --- links -----------------------------------------------------------------
@@ -309,6 +329,13 @@ def route_client_nets_into_tun(
     for net in nets:
         cfg.add_route(str(net), table=table, route_type="throw")
     for net in nets:
+        # Locally generated packets with a source in a client network never go to
+        # the TUN: with no route upstream, the kernel picks such a source (the
+        # VPN server's own client-side address) and looks the route up again,
+        # which would match the TUN rule and loop the relay's own SYNs and pings
+        # back into itself (seen with IPv6). Main table first, else unreachable.
+        cfg.add_rule(str(net), 254, priority - 2, iifname="lo")
+        cfg.add_rule(str(net), None, priority - 1, iifname="lo", unreachable=True)
         cfg.add_rule(str(net), table, priority)
     if 4 in versions:
         cfg.set_sysctl("net.ipv4.ip_forward", 1)

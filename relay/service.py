@@ -20,11 +20,12 @@ from typing import IO
 import trio
 
 from relay.config import RelayConfig
+from relay.echo import enable_ping_sockets
 from relay.engine import Relay
 from relay.flowlog import FlowLog
 from relay.netconfig import NetConfig, route_client_nets_into_tun
 from relay.tun import TunDevice
-from stack import Stack, StackConfig, TcpConfig
+from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
 log = logging.getLogger("tunrelay")
 
@@ -66,6 +67,7 @@ def validate(
     rcv_buf: int = 65535,
     snd_buf: int = 256 * 1024,
     fail_closed: bool = False,
+    udp_idle_timeout: float = 60.0,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -89,7 +91,7 @@ def validate(
         ("--mtu", mtu, 1280, 65535),
         ("--txqueuelen", txqueuelen, 1, 1 << 20),
         ("--table", table, 1, 0xFFFFFFFF - 1),
-        ("--priority", priority, 1, 32765),
+        ("--priority", priority, 3, 32765),
         ("--max-flows", max_flows, 1, 1 << 22),
         ("--rcv-buf", rcv_buf, 1024, 65535),
         ("--snd-buf", snd_buf, 1024, 1 << 30),
@@ -101,6 +103,8 @@ def validate(
         raise ConfigError(f"--table: {table} is a reserved table (default, main, local)")
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout: {connect_timeout} must be positive")
+    if udp_idle_timeout <= 0:
+        raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
         raise ConfigError(f"--stats-interval: {stats_interval} must not be negative")
     tcp = TcpConfig(rcv_buf=rcv_buf, snd_buf=snd_buf, ooo_limit=rcv_buf, mss=mtu - 40)
@@ -115,7 +119,19 @@ def validate(
         priority=priority,
         stats_interval=stats_interval,
         relay=RelayConfig(connect_timeout=connect_timeout, fail_closed=fail_closed),
-        stack=StackConfig(tcp=tcp, max_flows=max_flows),
+        stack=StackConfig(
+            tcp=tcp, max_flows=max_flows, mtu=mtu, datagram=_datagram(udp_idle_timeout)
+        ),
+    )
+
+
+def _datagram(udp_idle_timeout: float) -> DatagramConfig:
+    # DNS and echo flows idle sooner by default; never later than other UDP flows.
+    d = DatagramConfig()
+    return DatagramConfig(
+        udp_idle_timeout=udp_idle_timeout,
+        dns_idle_timeout=min(d.dns_idle_timeout, udp_idle_timeout),
+        echo_idle_timeout=min(d.echo_idle_timeout, udp_idle_timeout),
     )
 
 
@@ -167,6 +183,7 @@ async def serve(
             route_client_nets_into_tun(
                 net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
             )
+            enable_ping_sockets(net)  # ICMP echo is relayed through ICMP datagram sockets
             stack = Stack(opts.stack)
             relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -33,7 +33,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -103,8 +103,6 @@ class FlowEnv:
     isn: Callable[[FlowId], int]
     kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
     stats: RelayStats
-    # Flows waiting for send space without a SendSpace event to come (see _pump_s2c).
-    space_watch: set[TcpFlow] = field(default_factory=set)
 
 
 def make_connector(config: RelayConfig) -> Connector:
@@ -178,7 +176,6 @@ class TcpFlow:
         self._c2s_lot.unpark_all()
 
     def on_send_space(self) -> None:
-        self._env.space_watch.discard(self)
         self._s2c_lot.unpark_all()
 
     def on_reset(self) -> None:
@@ -329,23 +326,15 @@ class TcpFlow:
         recv_size = env.config.recv_size
         while not self._connected:
             await lot.park()
-        pending = b""  # read but not yet taken by the stack: at most 1 byte
-        armed = False  # the last send() came up short, so a SendSpace event will follow
+        pending = b""  # read but not yet taken by the stack
         while self._closed is None:
             space = stack.send_space(flow)
             if space <= 0:
-                if not armed:
-                    # The last send() filled the buffer exactly: no SendSpace will come,
-                    # so the packet loop re-checks our space after each batch.
-                    env.space_watch.add(self)
-                await lot.park()
-                armed = False
+                await lot.park()  # a 0 from send_space() arms the SendSpace event
                 continue
             if not pending:
                 try:
-                    # One byte more than fits: if it all arrives, send() comes up short
-                    # and arms SendSpace (the stack only emits it after a short send).
-                    pending = await sock.recv(min(space + 1, recv_size))
+                    pending = await sock.recv(min(space, recv_size))
                 except (OSError, trio.ClosedResourceError) as exc:
                     self._upstream_failed(exc)
                     return
@@ -363,12 +352,10 @@ class TcpFlow:
                 return
             # The space only grew while we waited (nobody else sends on this flow).
             n = stack.send(flow, pending)
-            armed = n < len(pending)
             pending = pending[n:]
             kick()
 
     async def _finish(self) -> None:
-        self._env.space_watch.discard(self)
         if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:
             # The client closed cleanly, but its last bytes never made it upstream.
             log.info("flow %s: close_drain_timeout expired", self.hooks.info.describe())

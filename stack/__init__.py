@@ -1,6 +1,7 @@
 """tunrelay's sans-IO TCP/IP stack: bytes and ``now`` in; packets, events and deadlines out."""
 
-from stack.config import StackConfig, TcpConfig
+from stack.config import DatagramConfig, FragmentConfig, StackConfig, TcpConfig
+from stack.datagram import DatagramStats, unreachable_code
 from stack.errors import (
     BadHeaderError,
     BadLengthError,
@@ -16,7 +17,11 @@ from stack.events import (
     Connected,
     ConnectionRequest,
     ConnectionReset,
+    DatagramFlowClosed,
+    DatagramFlowOpened,
+    DatagramReceived,
     DataReceived,
+    EchoRequest,
     Event,
     FlowId,
     PeerFinished,
@@ -24,6 +29,7 @@ from stack.events import (
     SendSpace,
     Unreachable,
 )
+from stack.fragments import FragmentStats
 from stack.stack import Stack, StackStats
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.segment import TcpSegment
@@ -39,8 +45,16 @@ __all__ = [
     "ConnectionRequest",
     "ConnectionReset",
     "DataReceived",
+    "DatagramConfig",
+    "DatagramFlowClosed",
+    "DatagramFlowOpened",
+    "DatagramReceived",
+    "DatagramStats",
+    "EchoRequest",
     "Event",
     "FlowId",
+    "FragmentConfig",
+    "FragmentStats",
     "LocalProtocolError",
     "ParseError",
     "PeerFinished",
@@ -57,4 +71,5 @@ __all__ = [
     "TcpSegment",
     "TruncatedError",
     "Unreachable",
+    "unreachable_code",
 ]

@@ -20,11 +20,37 @@ class TcpConfig:
     max_retries: int = 8  # retransmissions of one segment before giving up
     syn_retries: int = 5  # SYN or SYN-ACK retransmissions before giving up
     delayed_ack: float = 0.04  # RFC 9293 3.8.6.3: must be under 0.5 s (issue: <= 0.2 s)
-    time_wait: float = 2.0  # short TIME-WAIT: RFC 9293's 2*MSL is 4 minutes
+    time_wait: float = 60.0  # as Linux; RFC 9293's 2*MSL is 4 minutes
     fin_wait_2_timeout: float = 60.0  # Linux tcp_fin_timeout
     nagle: bool = False  # a relay forwards what it has (RFC 9293 3.7.4 makes Nagle a SHOULD)
     challenge_ack_limit: int = 10  # RFC 5961 10: challenge ACKs per second per connection
     ttl: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramConfig:
+    """UDP and ICMP echo flows (``stack.datagram``)."""
+
+    udp_idle_timeout: float = 60.0  # a UDP flow with no datagram either way ends
+    dns_idle_timeout: float = 10.0  # the same for flows to port 53: one query, one answer
+    echo_idle_timeout: float = 10.0  # an echo flow (one ping run) with no request or reply
+    max_flows: int = 16384  # UDP and echo flows in the table, all clients
+    max_flows_per_client: int = 1024  # the same per client address
+    # RFC 1812 4.3.2.8, RFC 4443 2.4 (f): ICMP errors toward clients are rate-limited
+    # (a token bucket, like Linux's icmp_msgs_per_sec and icmp_msgs_burst).
+    icmp_errors_per_second: float = 1000.0
+    icmp_error_burst: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentConfig:
+    """IPv4/IPv6 reassembly of client packets (``stack.fragments``)."""
+
+    timeout_v4: float = 30.0  # RFC 791 (15 s lower bound); Linux ipfrag_time is 30 s
+    timeout_v6: float = 60.0  # RFC 8200 4.5
+    max_bytes: int = 4 << 20  # fragment data held, all datagrams (Linux ipfrag_high_thresh)
+    max_datagrams: int = 1024  # datagrams being reassembled
+    max_fragments: int = 256  # fragments of one datagram (64 KiB at an MTU of 296)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +60,11 @@ class StackConfig:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     max_flows: int = 65536  # TCP connections in the table, any state
     max_pending: int = 1024  # connection requests awaiting accept()/reject()
+    max_time_wait: int = 65536  # 4-tuples kept in TIME-WAIT (Linux tcp_max_tw_buckets)
+    mtu: int = 1500  # the clients' path MTU: larger UDP replies are fragmented to it
+    datagram: DatagramConfig = field(default_factory=DatagramConfig)
+    fragments: FragmentConfig = field(default_factory=FragmentConfig)
+
+    def __post_init__(self) -> None:
+        if not 1280 <= self.mtu <= 65535:  # RFC 8200 5: IPv6 needs at least 1280
+            raise ValueError(f"mtu {self.mtu} outside 1280..65535")

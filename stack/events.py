@@ -15,10 +15,12 @@ from stack.wire.tcp import TcpOptions
 
 @dataclass(frozen=True, slots=True)
 class FlowId:
-    """A TCP or UDP flow as the client addressed it.
+    """A TCP, UDP or ICMP echo flow as the client addressed it.
 
     ``server_ip``/``server_port`` are the *original destination*: the stack is
     a transparent endpoint and answers for whatever address the client used.
+    For an echo flow (``proto == "icmp"``) ``client_port`` is the client's echo
+    identifier and ``server_port`` is 0.
     """
 
     version: int  # 4 or 6
@@ -26,6 +28,7 @@ class FlowId:
     client_port: int
     server_ip: str
     server_port: int
+    proto: str = "tcp"  # "tcp", "udp" or "icmp" (ICMP or ICMPv6 echo)
 
 
 class CloseReason(enum.Enum):
@@ -109,6 +112,42 @@ class Closed:
     reason: CloseReason
 
 
+@dataclass(frozen=True, slots=True)
+class DatagramFlowOpened:
+    """A client's first datagram (UDP) or echo request (ICMP) of a new flow.
+
+    Its ``DatagramReceived``/``EchoRequest`` follows. The flow lives until it has
+    been idle for its timeout, then ``DatagramFlowClosed`` reports it gone.
+    """
+
+    flow: FlowId
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramReceived:
+    """One UDP datagram's payload from the client (reassembled if it was fragmented)."""
+
+    flow: FlowId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EchoRequest:
+    """An ICMP/ICMPv6 echo request from the client; answer with ``send_echo_reply``."""
+
+    flow: FlowId  # client_port is the client's echo identifier
+    seq: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramFlowClosed:
+    """A UDP or echo flow left the table (``IDLE``, or ``ABORTED`` by the caller)."""
+
+    flow: FlowId
+    reason: CloseReason
+
+
 Event = (
     ConnectionRequest
     | Connected
@@ -117,4 +156,8 @@ Event = (
     | ConnectionReset
     | SendSpace
     | Closed
+    | DatagramFlowOpened
+    | DatagramReceived
+    | EchoRequest
+    | DatagramFlowClosed
 )

@@ -8,6 +8,10 @@ was touched -- by a packet, a caller's call or a timer -- is remembered, and
 in a heap, so the cost of a batch follows the flows it touched, not the size
 of the table. Deadlines in the heap are checked lazily: an entry whose time no
 longer matches its connection's earliest deadline is skipped.
+
+Fragments go to ``stack.fragments`` and a reassembled packet comes back through
+``receive``; UDP and ICMP go to ``stack.datagram`` (flows, replies, ICMP
+errors); ``get_timer``/``handle_timer`` cover both.
 """
 
 from __future__ import annotations
@@ -15,22 +19,24 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stack.config import StackConfig
+from stack.datagram import Datagrams, DatagramStats
 from stack.errors import ChecksumError, ParseError
 from stack.events import (
-    Closed,
-    CloseReason,
     ConnectionRequest,
     Event,
     FlowId,
     Reject,
     Unreachable,
 )
-from stack.seq import seq_add, seq_gt
+from stack.fragments import FragmentStats, Reassembler
+from stack.seq import seq_add
 from stack.tcp.connection import State, TcpConnection
+from stack.tcp.core import MAX_WINDOW, ConnectionCore
 from stack.tcp.segment import TcpSegment
+from stack.tcp.timewait import TimeWaitTable
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.icmp import (
     ADMIN_PROHIBITED,
@@ -71,12 +77,14 @@ class StackStats:
     packets_out: int = 0
     parse_errors: int = 0  # malformed IP or TCP headers
     checksum_errors: int = 0
-    fragments: int = 0  # not reassembled yet: dropped
-    not_tcp: int = 0  # other protocols: dropped
+    fragments: int = 0  # fragments received (see ``reassembly`` for their fate)
+    not_tcp: int = 0  # neither TCP, UDP nor ICMP: dropped
     rst_sent: int = 0  # answers to segments for no connection
     syn_dropped: int = 0  # a SYN over the pending or flow limit
     connections_opened: int = 0
     connections_closed: int = 0
+    datagram: DatagramStats = field(default_factory=DatagramStats)  # UDP and ICMP
+    reassembly: FragmentStats = field(default_factory=FragmentStats)
 
 
 class _Entry:
@@ -101,7 +109,7 @@ class Stack:
         self._by_flow: dict[FlowId, TcpConnection] = {}
         self._entries: dict[TcpConnection, _Entry] = {}
         self._events: deque[Event] = deque()
-        self._readable: list[TcpConnection] = []
+        self._readable: list[ConnectionCore] = []
         self._touched: dict[TcpConnection, None] = {}  # ordered set
         self._raw_out: list[bytes] = []  # packets that belong to no connection
         self._timers: list[tuple[float, int, TcpConnection]] = []
@@ -109,19 +117,38 @@ class Stack:
         self._filed: dict[TcpConnection, float] = {}  # deadline each connection is filed under
         self._pending = 0  # connections in LISTEN
         self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
+        self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
+        self._datagrams = Datagrams(
+            self.config.datagram,
+            mtu=self.config.mtu,
+            events=self._events,
+            stats=self.stats.datagram,
+            ttl=self.config.tcp.ttl,
+        )
+        self._fragments = Reassembler(
+            self.config.fragments, self._reassembly_timed_out, self.stats.reassembly
+        )
 
     # ------------------------------------------------------------------ input
 
     def receive(self, packet: bytes, now: float) -> None:
-        """Take one raw IP packet from the client side. Never raises for bad input."""
+        """Take one raw IP packet from the client side. Never raises for bad input.
+
+        A packet that completes a fragmented datagram is followed by the whole
+        datagram, which is received (and counted in ``packets_in``) in turn.
+        """
         self.stats.packets_in += 1
         try:
             ip = parse_ip(packet)
             if ip.fragment is not None:
                 self.stats.fragments += 1
+                whole = self._fragments.add(packet, ip, now)
+                if whole is not None:
+                    self.receive(whole, now)
                 return
             if ip.proto != PROTO_TCP:
-                self.stats.not_tcp += 1
+                if not self._datagrams.receive(packet, ip, now, self._raw_out):
+                    self.stats.not_tcp += 1
                 return
             length = ip.end - ip.offset
             if ip.version == 4:
@@ -138,27 +165,48 @@ class Stack:
         off = ip.offset
         key = ip.src + ip.dst + packet[off : off + 4]
         conn = self._by_key.get(key)
-        flags = tcp.flags
-        if conn is None or (flags & SYN and not flags & ACK and self._reopens(conn, tcp.seq)):
+        if conn is None:
+            if key in self._time_wait and self._in_time_wait(key, tcp, ip.src, ip.dst, now):
+                return
             self._no_connection(packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len)
             return
         payload = packet[off + tcp.header_len : ip.end]
-        conn.on_segment(tcp.seq, tcp.ack, flags, tcp.window, payload, tcp.options, now)
+        conn.on_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, tcp.options, now)
         self._touched[conn] = None
-        if conn.state is State.CLOSED:
+        state = conn.state
+        if state is State.CLOSED:
             self._forget(conn)
+        elif state is State.TIME_WAIT:
+            self._retire(conn, now)
 
-    def _reopens(self, conn: TcpConnection, seq: int) -> bool:
-        # RFC 9293 3.6.1 / RFC 6191: a new SYN may reuse a 4-tuple in TIME-WAIT
-        # when its sequence number is beyond what the old incarnation used.
-        if conn.state is not State.TIME_WAIT or not seq_gt(seq, conn.rcv_nxt):
+    def _in_time_wait(self, key: bytes, tcp: TcpHeader, src: bytes, dst: bytes, now: float) -> bool:
+        """Handle a segment for a 4-tuple in TIME-WAIT; False when a SYN reopens it."""
+        flags = tcp.flags
+        tw = self._time_wait
+        if flags & SYN and not flags & ACK and tw.reopens(key, tcp.seq):
             return False
-        conn.linger_deadline = None
-        conn.state = State.CLOSED
-        conn.close_reason = CloseReason.FINISHED
-        self._events.append(Closed(self._flow_of(conn), CloseReason.FINISHED))
-        self._forget(conn)
+        entry = tw.get(key)
+        if entry is not None and flags & FIN and not flags & RST:
+            snd_nxt, rcv_nxt, window = entry
+            self._raw_out.append(
+                build_tcp_packet(
+                    dst, src, tcp.dst_port, tcp.src_port, snd_nxt, rcv_nxt, ACK, window
+                )
+            )
+            tw.restart(key, now)
         return True
+
+    def _retire(self, conn: TcpConnection, now: float) -> None:
+        # TIME-WAIT: the application is done, so Closed goes out now and only a
+        # compact record stays (see stack.tcp.timewait). The ACK of the peer's
+        # FIN is still owed: build it before the connection goes.
+        entry = self._entries[conn]
+        self._build(entry, conn.segments_to_send(now), self._raw_out)
+        window = min(self.config.tcp.rcv_buf, MAX_WINDOW)
+        self._time_wait.add(entry.key, conn.snd_max, conn.rcv_nxt, window, now)
+        conn.retire()
+        self._forget(conn)
+        self._orphans.pop(conn, None)
 
     def _no_connection(
         self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes, payload_len: int
@@ -284,9 +332,17 @@ class Stack:
         return conn.send(data)
 
     def send_space(self, flow: FlowId) -> int:
-        """Free bytes in the flow's send buffer (0 for a flow that is gone)."""
+        """Free bytes in the flow's send buffer (0 for a flow that is gone).
+
+        A 0 for a live flow arms a ``SendSpace`` event for when room frees.
+        """
         conn = self._by_flow.get(flow)
-        return 0 if conn is None else conn.send_space
+        if conn is None:
+            return 0
+        space = conn.send_space
+        if space == 0:
+            conn.arm_send_space()  # a SendSpace event follows once ACKs free room
+        return space
 
     def consumed(self, flow: FlowId, n: int) -> None:
         """``n`` delivered bytes were written upstream: reopen the client's window."""
@@ -341,29 +397,12 @@ class Stack:
             self.stats.packets_out += len(out)
             return out
         self._touched = {}
-        ttl = self.config.tcp.ttl
         for conn in touched:
             segs = conn.segments_to_send(now)
             entry = self._entries.get(conn) or self._orphans.pop(conn, None)
             if entry is None:
                 continue
-            for s in segs:
-                options = encode_options(mss=s.options.mss) if s.flags & SYN else b""
-                out.append(
-                    build_tcp_packet(
-                        entry.server,
-                        entry.client,
-                        s.src_port,
-                        s.dst_port,
-                        s.seq,
-                        s.ack,
-                        s.flags,
-                        s.window,
-                        options,
-                        s.payload,
-                        ttl=ttl,
-                    )
-                )
+            self._build(entry, segs, out)
             if conn.state is State.CLOSED:
                 self._forget(conn)
                 self._orphans.pop(conn, None)
@@ -371,6 +410,26 @@ class Stack:
                 self._file_timer(conn)
         self.stats.packets_out += len(out)
         return out
+
+    def _build(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
+        ttl = self.config.tcp.ttl
+        for s in segs:
+            options = encode_options(mss=s.options.mss) if s.flags & SYN else b""
+            out.append(
+                build_tcp_packet(
+                    entry.server,
+                    entry.client,
+                    s.src_port,
+                    s.dst_port,
+                    s.seq,
+                    s.ack,
+                    s.flags,
+                    s.window,
+                    options,
+                    s.payload,
+                    ttl=ttl,
+                )
+            )
 
     # ----------------------------------------------------------------- timers
 
@@ -386,7 +445,14 @@ class Stack:
         heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
 
     def get_timer(self) -> float | None:
-        """The earliest deadline over all connections, or None."""
+        """The earliest deadline over all connections, datagram flows and reassembly."""
+        deadline = self._tcp_timer()
+        for other in (self._datagrams.get_timer(), self._fragments.get_timer()):
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+        return deadline
+
+    def _tcp_timer(self) -> float | None:
         for conn in self._touched:
             if conn.state is not State.CLOSED:
                 self._file_timer(conn)
@@ -410,3 +476,69 @@ class Stack:
             self._touched[conn] = None
             if conn.state is State.CLOSED:
                 self._forget(conn)
+        self._datagrams.handle_timer(now)
+        self._fragments.handle_timer(now)
+        self._time_wait.expire(now)
+
+    # -------------------------------------------------------- UDP and ICMP echo
+
+    def send_datagram(self, flow: FlowId, data: bytes, now: float) -> bool:
+        """Send a UDP datagram to the client from the flow's original destination.
+
+        Replies larger than ``StackConfig.mtu`` are fragmented. Counts as activity
+        for the flow's idle timeout.
+
+        Returns:
+            False when the flow is gone (closed, or never existed).
+        """
+        return self._datagrams.send(flow, data, now, self._raw_out)
+
+    def send_echo_reply(self, flow: FlowId, seq: int, data: bytes, now: float) -> bool:
+        """Answer an ``EchoRequest`` with the client's own echo identifier.
+
+        Returns:
+            False when the echo flow is gone.
+        """
+        return self._datagrams.send_echo_reply(flow, seq, data, now, self._raw_out)
+
+    def datagram_unreachable(
+        self,
+        flow: FlowId,
+        code: Unreachable | int,
+        now: float,
+        *,
+        src: str | None = None,
+        quote: bytes = b"",
+    ) -> bool:
+        """Send the client ICMP/ICMPv6 destination unreachable about a UDP or echo flow.
+
+        Args:
+            flow: the flow.
+            code: an ``Unreachable``, or the raw code of the flow's ICMP version.
+            now: the current time (ICMP errors are rate-limited).
+            src: source of the error (e.g. the router that reported it); default
+                the original destination.
+            quote: the offending datagram's payload, or for echo its ICMP message.
+
+        Returns:
+            False when the flow is gone.
+        """
+        return self._datagrams.unreachable(flow, code, now, self._raw_out, src=src, quote=quote)
+
+    def refuse_datagrams(self, flow: FlowId, code: Unreachable | int | None) -> None:
+        """Stop delivering the flow's client datagrams; answer each with destination
+        unreachable ``code`` (rate-limited), or drop them silently when None. The
+        flow stays in the table until it idles out, so it is not opened again."""
+        self._datagrams.refuse(flow, code)
+
+    def end_datagram_flow(self, flow: FlowId) -> None:
+        """Remove a UDP or echo flow now; ``DatagramFlowClosed(ABORTED)`` follows."""
+        self._datagrams.end(flow)
+
+    @property
+    def datagram_flows(self) -> int:
+        """UDP and echo flows in the table."""
+        return len(self._datagrams)
+
+    def _reassembly_timed_out(self, icmp: bytes, now: float) -> None:
+        self._datagrams.icmp_error(icmp, now, self._raw_out)

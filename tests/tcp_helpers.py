@@ -111,8 +111,13 @@ def drain(conn: TcpConnection) -> list[Event]:
     return events
 
 
+# Builders default to a 2 s TIME-WAIT (the stack's default is Linux's 60 s) so
+# timing assertions stay short and readable.
+DEFAULT_CONFIG = TcpConfig(time_wait=2.0)
+
+
 def _conn(config: TcpConfig | None) -> TcpConnection:
-    return TcpConnection(local_port=LPORT, remote_port=RPORT, config=config or TcpConfig())
+    return TcpConnection(local_port=LPORT, remote_port=RPORT, config=config or DEFAULT_CONFIG)
 
 
 def _syn(irs: int, window: int, mss: int | None) -> TcpSegment:
@@ -170,7 +175,7 @@ def established(
     rtt: float | None = None,
 ) -> TcpConnection:
     """A passive-open connection in ESTABLISHED at now == 0.0 (see above for ``rtt``)."""
-    cfg = config or TcpConfig()
+    cfg = config or DEFAULT_CONFIG
     if rtt is None:
         t0 = -2 * cfg.rto_initial
         c = syn_received(iss=iss, irs=irs, window=window, mss=mss, config=cfg, now=t0)

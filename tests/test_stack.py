@@ -208,21 +208,62 @@ def test_client_rst_resets_the_flow() -> None:
     assert len(stack) == 0
 
 
-def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
-    stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
+def _server_closes_first(stack: Stack) -> FlowId:
     flow = established(stack)
     stack.close(flow)  # server closes first: the stack ends in TIME-WAIT
     (fin,) = out(stack)
     assert fin.tcp.flags & FIN
     stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 0.1)
-    out(stack, 0.1)
-    assert stack.state_of(flow) is State.TIME_WAIT
+    (ack,) = out(stack, 0.1)  # the ACK of the client's FIN is still sent
+    assert (ack.tcp.seq, ack.tcp.ack, ack.tcp.flags) == (SERVER_ISN + 2, CLIENT_ISN + 2, ACK)
+    return flow
+
+
+def test_time_wait_reports_closed_at_once_and_keeps_the_4_tuple() -> None:
+    stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
+    flow = _server_closes_first(stack)
+    # The relay is done with the flow now, not 30 s later.
+    assert events(stack)[-1] == Closed(flow, CloseReason.FINISHED)
+    assert stack.state_of(flow) is None and len(stack) == 0
+    # A repeated FIN (our ACK was lost) is acknowledged again, not reset.
+    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 5.0)
+    (ack,) = out(stack, 5.0)
+    assert (ack.tcp.seq, ack.tcp.ack, ack.tcp.flags) == (SERVER_ISN + 2, CLIENT_ISN + 2, ACK)
+    # Other segments for the 4-tuple are dropped, RSTs ignored (RFC 1337).
+    stack.receive(seg(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 6.0)
+    stack.receive(seg(CLIENT_ISN + 2, 0, RST), 6.0)
+    assert out(stack, 6.0) == [] and events(stack) == []
+    # After TIME-WAIT (restarted at 5.0) the 4-tuple is unknown: answered with RST.
+    stack.handle_timer(35.1)
+    stack.receive(seg(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 35.1)
+    (rst,) = out(stack, 35.1)
+    assert rst.tcp.flags == RST
+
+
+def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
+    stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
+    flow = _server_closes_first(stack)
     events(stack)
-    stack.receive(seg(CLIENT_ISN + 100_000, 0, SYN, options=encode_options(mss=1460)), 0.2)
-    evs = events(stack)
-    assert evs[0] == Closed(flow, CloseReason.FINISHED)
-    assert isinstance(evs[1], ConnectionRequest)
+    stack.receive(seg(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 0.2)
+    assert events(stack) == []  # an old SYN is not a new connection
+    stack.receive(seg(CLIENT_ISN + 100_000, 0, SYN, options=encode_options(mss=1460)), 0.3)
+    (ev,) = events(stack)
+    assert isinstance(ev, ConnectionRequest) and ev.flow == flow
     assert stack.state_of(flow) is State.LISTEN
+
+
+def test_time_wait_table_is_bounded() -> None:
+    stack = Stack(StackConfig(max_time_wait=3))
+    for port in range(5000, 5010):
+        stack.receive(seg(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+        (ev,) = [e for e in events(stack) if isinstance(e, ConnectionRequest)]
+        stack.accept(ev.flow, isn=SERVER_ISN)
+        out(stack)  # the SYN-ACK
+        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, sport=port), 0.0)
+        stack.close(ev.flow)
+        out(stack)  # the FIN
+        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN, sport=port), 0.0)
+    assert len(stack._time_wait) == 3  # white-box: the oldest entries were evicted
 
 
 def test_pending_and_flow_limits_drop_syns() -> None:

@@ -159,6 +159,20 @@ class ConnectionCore:
     def _flow(self) -> FlowId:
         return self.flow or FlowId(0, "", self.remote_port, "", self.local_port)
 
+    def retire(self) -> None:
+        """Close a connection in TIME-WAIT now, with reason FINISHED.
+
+        For a caller that keeps the 4-tuple in TIME-WAIT itself (the Stack's
+        compact ``TimeWaitTable``); a no-op in any other state.
+        """
+        if self.state is State.TIME_WAIT:
+            self._close(CloseReason.FINISHED)
+
+    def arm_send_space(self) -> None:
+        """Ask for a ``SendSpace`` event once the full send buffer frees room."""
+        if not self._fin_queued and self.state is not State.CLOSED:
+            self._want_send_space = True
+
     def _close(self, reason: CloseReason) -> None:
         self.state = State.CLOSED
         self.close_reason = reason

@@ -1,0 +1,615 @@
+"""`tunrelay run` in the lab's gateway namespace, for end-to-end relay tests.
+
+Import the fixtures into a test module (``from relay_harness import
+relay_fixture, start_relay_fixture  # noqa: F401``); they are then available
+by their fixture names:
+
+``relay``        a ``RelayProcess`` running with the default test set-up:
+                 ``StreamDigest`` (``relay.analyzers``) and the flow log.
+``start_relay``  a factory for other set-ups (more analyzers, environment,
+                 extra ``tunrelay run`` options).
+
+Theory of operation: the relay is spawned with ``Topology.spawn`` (nsexec
+execs, so ``proc.pid`` is the relay's own PID and /proc/PID/status is its
+memory), its output goes to a file, and it is ready when it logs "relaying
+TCP". Every relay the test started is checked at tear-down:
+
+1. it is still running, and its log has no traceback (except the ones a test
+   declared expected, e.g. ``InjectedFailure`` from ``Failing``);
+2. SIGTERM makes it exit with status 0 within ``STOP_TIMEOUT``;
+3. the gateway namespace, which still exists, no longer has its TUN device,
+   policy rules, routes in its table, or forwarding turned on; and every flow
+   in the flow log came from the lab's client (a flow from anywhere else means
+   the relay's own upstream packets looped back into its TUN);
+
+4. then the fixture closes the topology itself (``topology``'s own close is
+   then a no-op) and asserts the three namespaces are gone.
+
+Also here: helpers the relay tests share. Test data is a deterministic
+pattern, cheap to make at hundreds of MB/s: one random 1 MiB block, with the
+stream id and the byte offset stamped into every 4 KiB, so bytes that arrive
+reordered, duplicated, or from another stream change the SHA-256. Each side
+hashes incrementally; nothing holds a whole stream.
+
+Bounds (every wait is bounded): relay ready 20 s, relay stop 10 s, flow and
+digest records 10 s (a flow is logged when the stack forgets it, up to its
+2 s TIME-WAIT after the close), one socket operation ``IO_TIMEOUT`` 20 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import netns
+from relay.lab import Topology
+
+__all__ = [
+    "IO_TIMEOUT",
+    "MIB",
+    "Received",
+    "RelayProcess",
+    "Sent",
+    "addrs",
+    "diagnose",
+    "expected_digest",
+    "listener",
+    "pattern_chunks",
+    "recv_stream",
+    "run_parallel",
+    "send_pattern",
+]
+
+TUN = "trtun0"
+TABLE = 5197
+PRIORITY = 5197
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+RECORD_TIMEOUT = 10.0
+IO_TIMEOUT = 20.0
+MIB = 1 << 20
+STAMP = 4096  # bytes between stamps in the pattern
+CHUNK = 256 * 1024  # send/recv size of the helpers
+# StateDump has no hooks: SIGUSR1 makes it write the stack's state (``state_dump``).
+DEFAULT_ANALYZERS = ("relay.analyzers:StreamDigest", "relay.analyzers.testing:StateDump")
+# The relay logs this once it routes client packets into the TUN.
+READY_MARK = "relaying TCP"
+
+
+# --- the relay process ---------------------------------------------------------------
+
+
+@dataclass
+class RelayProcess:
+    """One `tunrelay run` in the gateway namespace of ``topo``."""
+
+    topo: Topology
+    proc: subprocess.Popen[Any]
+    log_path: Path
+    flow_log: Path
+    digest_log: Path
+    state_file: Path
+    started: float
+    expected_tracebacks: tuple[str, ...] = ()
+    stopped: bool = False
+    exit_status: int | None = None
+    _ready_seconds: float = field(default=0.0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    # --- looking at it ---
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        """VmRSS of the relay process, KiB."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError(f"no VmRSS for pid {self.pid}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the relay process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def state_dump(self, client_port: int | None = None, timeout: float = 3.0) -> str:
+        """The relay's internal state (StateDump, on SIGUSR1): the stack's and relay's
+        counters, and each connection's and flow's fields (only ``client_port``'s if given)."""
+        if not self.alive():
+            return "(the relay is not running)"
+        before = self.state_file.read_text().count("=== end ===") if self.state_file.exists() else 0
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.state_file.read_text() if self.state_file.exists() else ""
+            if text.count("=== end ===") > before:
+                break
+            time.sleep(0.02)
+        else:
+            return f"(no state dump within {timeout} s)"
+        last = text.split("=== state dump")[-1]
+        lines = last.splitlines()
+        if client_port is not None:
+            mark = f"client_port={client_port},"
+            lines = [ln for ln in lines if not ln.startswith(("conn ", "flow ")) or mark in ln]
+        return "=== state dump" + "\n".join(lines)
+
+    def exit_line(self) -> str | None:
+        """The relay's "stopped: stack ...; relay ..." line (stack and relay stats)."""
+        for line in reversed(self.log_text().splitlines()):
+            if "stopped: stack" in line:
+                return line
+        return None
+
+    def unexpected_tracebacks(self) -> list[str]:
+        """Tracebacks in the log whose final exception is not an expected one."""
+        lines = self.log_text().splitlines()
+        found = []
+        for i, line in enumerate(lines):
+            if not line.startswith("Traceback (most recent call last):"):
+                continue
+            # The exception line is the first unindented line after the frames.
+            last = next((ln for ln in lines[i + 1 :] if ln and not ln[0].isspace()), "<log ends>")
+            if not any(last.startswith(name) for name in self.expected_tracebacks):
+                found.append("\n".join(lines[max(0, i - 1) : i + 30]))
+        return found
+
+    def problems(self) -> list[str]:
+        """Lines at WARNING and above (shown in failure messages)."""
+        return [ln for ln in self.log_text().splitlines() if re.search(r" (WARNING|ERROR) ", ln)]
+
+    # --- its logs ---
+
+    def flow_records(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.flow_log)
+
+    def digest_records(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.digest_log)
+
+    def wait_records(
+        self,
+        which: str,
+        match: Callable[[dict[str, Any]], bool],
+        count: int = 1,
+        timeout: float = RECORD_TIMEOUT,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` records of the "flow" or "digest" log match; return them."""
+        read = self.flow_records if which == "flow" else self.digest_records
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [r for r in read() if match(r)]
+            if len(records) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        assert len(records) >= count, (
+            f"{which} log: {len(records)} of {count} records after {timeout} s; "
+            f"all: {read()}\nrelay log tail:\n{self.log_tail()}"
+        )
+        return records
+
+    def flow_of(self, client_port: int, **kw: Any) -> dict[str, Any]:
+        """The flow-log record of the connection from ``client_port``."""
+        (rec,) = self.wait_records("flow", lambda r: r.get("id.orig_p") == client_port, **kw)
+        return rec
+
+    def digest_of(self, client_port: int, **kw: Any) -> dict[str, Any]:
+        """The StreamDigest record of the connection from ``client_port``."""
+        (rec,) = self.wait_records("digest", lambda r: r.get("id.orig_p") == client_port, **kw)
+        return rec
+
+    def foreign_flows(self) -> list[dict[str, Any]]:
+        """Flow-log records whose client is not the lab's client (there should be none)."""
+        clients = (self.topo.cli_v4, self.topo.cli_v6)
+        return [r for r in self.flow_records() if r.get("id.orig_h") not in clients]
+
+    def describe(self) -> str:
+        """For assertion messages: pid, state, exit line, warnings, log tail."""
+        state = "running" if self.alive() else f"exited {self.proc.returncode}"
+        problems = "\n".join(self.problems()[-20:]) or "(none)"
+        return (
+            f"relay pid {self.pid} ({state}); exit line: {self.exit_line()}\n"
+            f"warnings/errors:\n{problems}\nlog tail:\n{self.log_tail()}"
+        )
+
+    # --- checks and stopping ---
+
+    def check_running(self) -> None:
+        """The relay is alive and its log holds no unexpected traceback."""
+        assert self.alive(), f"the relay died: {self.describe()}"
+        tracebacks = self.unexpected_tracebacks()
+        assert not tracebacks, "traceback in the relay log:\n" + "\n---\n".join(tracebacks)
+
+    def stop(self) -> None:
+        """SIGTERM; assert exit status 0 and that everything it installed is gone."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.exit_status = self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError(
+                f"the relay did not exit within {STOP_TIMEOUT} s of SIGTERM: {self.describe()}"
+            ) from None
+        print(f"\n[relay] {self.exit_line()}")
+        assert self.exit_status == 0, f"exit status {self.exit_status}: {self.describe()}"
+        leftovers = gateway_leftovers(self.topo)
+        assert leftovers == [], f"`tunrelay run` left behind in {self.topo.gw}: {leftovers}"
+        strangers = self.foreign_flows()
+        assert not strangers, (
+            f"{len(strangers)} flows did not come from the client (a routing loop: the "
+            f"relay's own upstream packets came back through its TUN?); first: {strangers[:3]}"
+        )
+        tracebacks = self.unexpected_tracebacks()
+        assert not tracebacks, "traceback in the relay log:\n" + "\n---\n".join(tracebacks)
+
+
+def run_in(topo: Topology, ns: str, argv: Sequence[str], timeout: float = 5.0) -> str:
+    """Run a tool inside a lab namespace (bounded); its output, or why it failed."""
+    cmd = [sys.executable, "-m", "relay.nsexec", topo.ns(ns), "--", *argv]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{argv[0]}: {exc!r}"
+    return (done.stdout + done.stderr).strip()
+
+
+def diagnose(topo: Topology, client_port: int, upstream_port: int | None = None) -> str:
+    """Kernel socket state of one relayed connection, from all three namespaces, and a
+    short packet capture on the client side of the gateway: for failure messages."""
+    parts = [f"ss, client side (port {client_port}):"]
+    parts.append(run_in(topo, "cli", ["ss", "-tinmoe", f"sport = :{client_port}"]))
+    if upstream_port is not None:
+        for ns, side in (("gw", "sport"), ("srv", "dport")):
+            parts.append(f"ss in {ns} (relay's upstream port {upstream_port}):")
+            parts.append(run_in(topo, ns, ["ss", "-tinmoe", f"{side} = :{upstream_port}"]))
+    for ns in ("cli", "gw"):
+        counters = run_in(topo, ns, ["nstat", "-asz"])
+        wanted = [ln for ln in counters.splitlines() if re.search(r"Csum|Err|Drop|Fail", ln)]
+        parts.append(f"nstat in {ns} (errors, drops):")
+        parts.append("\n".join(ln for ln in wanted if not re.search(r"\s0\s", ln)) or "(none)")
+    parts.append(f"links in gw:\n{run_in(topo, 'gw', ['ip', '-s', 'link', 'show', TUN])}")
+    parts.append(f"tcpdump on {topo.gw_cli_if} for 2 s (port {client_port}):")
+    parts.append(
+        run_in(
+            topo, "gw",
+            ["timeout", "2", "tcpdump", "-nn", "-c", "40", "-i", topo.gw_cli_if,
+             "tcp", "port", str(client_port)],
+            timeout=5.0,
+        )
+    )  # fmt: skip
+    return "\n".join(parts)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def relay_installed(topo: Topology) -> dict[str, Any]:
+    """What of the relay's set-up exists in the gateway namespace now."""
+    ipr = netns.ipr(topo.gw)
+    try:
+        links = [link.get("ifname") for link in ipr.get_links()]
+        rules = [
+            (family, r.get_attr("FRA_SRC"), r.get("src_len"))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in ipr.get_rules(family=family)
+            if r.get_attr("FRA_TABLE") == TABLE
+        ]
+        routes = [
+            (family, r.get_attr("RTA_DST"), r.get("dst_len"), r.get("type"))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in ipr.get_routes(family=family, table=TABLE)
+        ]
+    finally:
+        ipr.close()
+    with netns.entered(topo.gw):
+        forwarding = {
+            key: Path("/proc/sys/net", key).read_text().strip()
+            for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding")
+        }
+    return {"tun": TUN in links, "rules": rules, "routes": routes, "forwarding": forwarding}
+
+
+def gateway_leftovers(topo: Topology) -> list[str]:
+    """What `tunrelay run` left in the (still existing) gateway namespace."""
+    assert netns.exists(topo.gw), f"{topo.gw} is gone: cannot check it"
+    now = relay_installed(topo)
+    left = []
+    if now["tun"]:
+        left.append(f"TUN device {TUN}")
+    left += [f"rule {r}" for r in now["rules"]]
+    left += [f"route {r}" for r in now["routes"]]
+    left += [f"sysctl {k}={v}" for k, v in now["forwarding"].items() if v != "0"]
+    return left
+
+
+@pytest.fixture(name="start_relay")
+def start_relay_fixture(
+    topology: Topology, tmp_path: Path
+) -> Iterator[Callable[..., RelayProcess]]:
+    """Factory: ``start_relay(analyzers=..., env=..., args=..., expected_tracebacks=...)``.
+
+    ``analyzers`` are ``module:attr`` specs loaded after the default
+    ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
+    ``args`` are extra ``tunrelay run`` options.
+    """
+    relays: list[RelayProcess] = []
+
+    def start(
+        analyzers: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        expected_tracebacks: Sequence[str] = (),
+    ) -> RelayProcess:
+        n = len(relays)
+        log_path = tmp_path / f"relay{n}.log"
+        flow_log = tmp_path / f"flows{n}.jsonl"
+        digest_log = tmp_path / f"digests{n}.jsonl"
+        state_file = tmp_path / f"state{n}.txt"
+        argv = [
+            sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
+            "--tun", TUN,
+            "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
+            "--flow-log", str(flow_log),
+        ]  # fmt: skip
+        for spec in (*DEFAULT_ANALYZERS, *analyzers):
+            argv += ["--analyzer", spec]
+        argv += list(args)
+        full_env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TUNRELAY_DIGEST_LOG=str(digest_log),
+            TUNRELAY_STATE_DUMP=str(state_file),
+            **(env or {}),
+        )
+        t0 = time.monotonic()
+        with open(log_path, "wb") as out:
+            proc = topology.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        relay = RelayProcess(
+            topology, proc, log_path, flow_log, digest_log, state_file, t0,
+            expected_tracebacks=tuple(expected_tracebacks),
+        )  # fmt: skip
+        relays.append(relay)
+        deadline = t0 + READY_TIMEOUT
+        while READY_MARK not in relay.log_text():
+            assert relay.alive(), f"the relay exited while starting: {relay.describe()}"
+            assert time.monotonic() < deadline, (
+                f"the relay was not ready after {READY_TIMEOUT} s: {relay.describe()}"
+            )
+            time.sleep(0.02)
+        relay._ready_seconds = time.monotonic() - t0
+        return relay
+
+    yield start
+
+    failures = []
+    for relay in relays:
+        # A relay the test stopped itself was checked then.
+        checks = [] if relay.stopped else [relay.check_running, relay.stop]
+        for check in checks:
+            try:
+                check()
+            except AssertionError as exc:
+                failures.append(str(exc))
+    # Tear the lab down now (``topology``'s own close is then a no-op) to check it.
+    topology.close()
+    left = [name for name in (topology.cli, topology.gw, topology.srv) if netns.exists(name)]
+    if left:
+        failures.append(f"namespaces left behind: {left}")
+    if failures:
+        pytest.fail("relay tear-down checks failed:\n" + "\n\n".join(failures), pytrace=False)
+
+
+@pytest.fixture(name="relay")
+def relay_fixture(start_relay: Callable[..., RelayProcess]) -> RelayProcess:
+    """`tunrelay run` in the gateway with StreamDigest and the flow log, ready."""
+    return start_relay()
+
+
+# --- sockets and data ----------------------------------------------------------------
+
+
+def addrs(topo: Topology, family: int) -> tuple[str, str]:
+    """(client address, server address) for ``family``."""
+    if family == socket.AF_INET:
+        return topo.cli_v4, topo.srv_v4
+    return topo.cli_v6, topo.srv_v6
+
+
+def listener(topo: Topology, family: int, backlog: int = 16) -> tuple[socket.socket, int]:
+    """A listening socket in the server namespace (closed at tear-down) and its port."""
+    srv = topo.socket("srv", family)
+    srv.bind((addrs(topo, family)[1], 0))
+    srv.listen(backlog)
+    srv.settimeout(IO_TIMEOUT)
+    return srv, srv.getsockname()[1]
+
+
+def connect(topo: Topology, family: int, port: int, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A client socket (client namespace) connected to the server's ``port``."""
+    sock = topo.socket("cli", family)
+    sock.settimeout(timeout)
+    sock.connect((addrs(topo, family)[1], port))
+    return sock
+
+
+def accept(srv: socket.socket) -> socket.socket:
+    conn, _ = srv.accept()
+    conn.settimeout(IO_TIMEOUT)
+    return conn
+
+
+@functools.cache
+def _base_block() -> bytes:
+    return random.Random(0x7E57).randbytes(MIB)
+
+
+def pattern_chunks(stream: int, size: int, chunk: int = MIB) -> Iterator[bytes]:
+    """The ``size`` bytes of test stream ``stream``, in pieces of at most ``chunk`` (<= 1 MiB).
+
+    Every 4 KiB of the base block gets (stream, absolute offset) stamped into
+    its first 12 bytes, so every stream and every position is distinct.
+    """
+    assert 0 < chunk <= MIB and MIB % chunk == 0
+    base = _base_block()
+    pack = struct.Struct("<IQ").pack_into
+    for mib_start in range(0, size, MIB):
+        block = bytearray(base[: min(MIB, size - mib_start)])
+        for off in range(0, len(block) - 11, STAMP):
+            pack(block, off, stream, mib_start + off)
+        for off in range(0, len(block), chunk):
+            yield bytes(block[off : off + chunk])
+
+
+@functools.cache
+def expected_digest(stream: int, size: int) -> str:
+    """SHA-256 (hex) of ``size`` bytes of test stream ``stream``."""
+    h = hashlib.sha256()
+    for piece in pattern_chunks(stream, size):
+        h.update(piece)
+    return h.hexdigest()
+
+
+@dataclass
+class Sent:
+    count: int
+    sha256: str
+    seconds: float
+
+
+@dataclass
+class Received:
+    count: int
+    sha256: str
+    seconds: float  # from the call until EOF (or the limit)
+    eof: bool
+
+    def mbps(self) -> float:
+        return self.count / max(self.seconds, 1e-9) / 1e6
+
+
+def send_pattern(
+    sock: socket.socket,
+    stream: int,
+    size: int,
+    *,
+    shut: bool = True,
+    chunk: int = CHUNK,
+    stop: threading.Event | None = None,
+) -> Sent:
+    """Send ``size`` bytes of ``stream`` (blocking, per-call socket timeout), hashing
+    as it goes; then ``shutdown(SHUT_WR)`` if ``shut``. Stops early when ``stop`` is set."""
+    h = hashlib.sha256()
+    count = 0
+    t0 = time.perf_counter()
+    for piece in pattern_chunks(stream, size, chunk):
+        if stop is not None and stop.is_set():
+            break
+        sock.sendall(piece)
+        h.update(piece)
+        count += len(piece)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return Sent(count, h.hexdigest(), time.perf_counter() - t0)
+
+
+def recv_stream(
+    sock: socket.socket,
+    limit: int | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Received:
+    """Read until EOF (or ``limit`` bytes), hashing as it goes.
+
+    ``progress(total)`` is called after every read.
+    """
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    count = 0
+    eof = False
+    t0 = time.perf_counter()
+    while limit is None or count < limit:
+        want = CHUNK if limit is None else min(CHUNK, limit - count)
+        n = sock.recv_into(view[:want])
+        if n == 0:
+            eof = True
+            break
+        h.update(view[:n])
+        count += n
+        if progress is not None:
+            progress(count)
+    return Received(count, h.hexdigest(), time.perf_counter() - t0, eof)
+
+
+def run_parallel(*fns: Callable[[], Any], timeout: float) -> list[Any]:
+    """Run each function in its own thread; their results, in order.
+
+    Raises the first exception a function raised (after all finished or the
+    time ran out), or AssertionError naming the ones still running after
+    ``timeout`` seconds (their sockets are closed at tear-down, which ends them).
+    """
+    results: list[Any] = [None] * len(fns)
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    def wrap(i: int, fn: Callable[[], Any]) -> None:
+        try:
+            results[i] = fn()
+        except BaseException as exc:
+            errors[i] = exc
+
+    threads = [
+        threading.Thread(target=wrap, args=(i, fn), daemon=True, name=getattr(fn, "__name__", ""))
+        for i, fn in enumerate(fns)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    assert not stuck, f"still running after {timeout} s: {stuck}"
+    return results

@@ -1,0 +1,334 @@
+"""Relayed UDP flows: one connected kernel UDP socket per flow.
+
+Theory of operation: the stack keeps the flow table (``stack.datagram``: idle
+timeouts, limits) and reports ``DatagramFlowOpened``, ``DatagramReceived``
+and ``DatagramFlowClosed``; ``relay.datagrams.DatagramRelay`` turns them into
+calls on one ``DatagramFlow`` per flow (``UdpFlow`` here, ``EchoFlow`` in
+``relay.echo``).
+The flow's task asks the analyzers for a verdict and opens its socket;
+datagrams that arrive meanwhile wait in a small bounded queue. Then:
+
+* client -> server: with no analyzer watching data, each ``DatagramReceived``
+  is one non-blocking ``send`` straight from the packet loop (one parse, one
+  dict lookup, one send per datagram). With data hooks, a pump task runs them
+  and sends. A full queue or socket buffer drops the datagram, as a full link
+  would: UDP has no backpressure to give.
+* server -> client: the task waits for the socket to be readable, reads what
+  is there (analyzers, then ``stack.send_datagram``) and kicks the loop once.
+* errors: the sockets have ``IP_RECVERR``/``IPV6_RECVERR`` on, so every ICMP
+  destination unreachable the kernel gets for them (a closed port, a router's
+  host unreachable) is read from the error queue and relayed to the client
+  with its code, quoting the datagram (ECONNREFUSED at a connected client
+  socket comes from exactly that). Errors raised locally (no route) become
+  the ICMP error a router would have sent.
+* refusal: a REJECT verdict answers the client with ICMP port unreachable
+  (the UDP counterpart of TCP's RST from a closed port); a socket that cannot
+  be opened (no route) answers with the matching unreachable code. The stack
+  then answers later datagrams itself, and the flow stays refused until it
+  idles out (so the analyzers are asked once per flow, not per datagram).
+* end: ``DatagramFlowClosed`` (idle, or aborted) cancels the task, closes the
+  socket and reports ``flow_end`` with byte counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+from typing import ClassVar, NoReturn
+
+import trio
+
+from relay.datagrams import (
+    IP_RECVERR,
+    IPV6_RECVERR,
+    LOCAL_ERRORS,
+    SOL_IP,
+    SOL_IPV6,
+    DatagramEnv,
+    read_socket_errors,
+)
+from relay.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from stack import CloseReason, FlowId, Unreachable
+
+__all__ = ["DatagramFlow", "UdpFlow", "open_udp_socket"]
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 65536  # the largest datagram
+RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
+_C2S = Direction.CLIENT_TO_SERVER
+_S2C = Direction.SERVER_TO_CLIENT
+
+_FROM_CLOSE = {
+    CloseReason.IDLE: EndReason.IDLE,
+    CloseReason.ABORTED: EndReason.ABORTED,
+    CloseReason.LIMIT: EndReason.LIMIT,
+}
+
+
+def open_udp_socket(flow: FlowId) -> socket.socket:
+    """The default: a non-blocking UDP socket with IP(V6)_RECVERR, connected to the
+    flow's original destination."""
+    v4 = flow.version == 4
+    family = socket.AF_INET if v4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
+        sock.connect((flow.server_ip, flow.server_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DatagramFlow:
+    """The relay side of one UDP or echo flow; subclasses say how to talk upstream.
+
+    Items are ``bytes`` ready for ``sock.send``: a UDP payload, or an ICMP echo
+    request message. Created on ``DatagramFlowOpened``; ``run`` is its task.
+    """
+
+    reject_code: ClassVar[Unreachable] = Unreachable.PORT  # the answer to a REJECT verdict
+    watch_data: ClassVar[bool] = True  # show payloads to the analyzers' ``data``
+
+    def __init__(self, env: DatagramEnv, flow: FlowId) -> None:
+        self.flow = flow
+        self.hooks = env.chain.open(FlowInfo.from_flow(flow, proto=flow.proto))
+        self.bytes_c2s = 0  # payload bytes from the client
+        self.bytes_s2c = 0  # payload bytes from the server
+        self._env = env
+        self._t0 = trio.current_time()
+        self._scope = trio.CancelScope()
+        self._sock: socket.socket | None = None
+        self._direct = False  # send from the packet loop: socket open, no data hooks
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed: CloseReason | None = None  # set by DatagramFlowClosed: never call the stack
+        self._hint: EndReason | None = None  # set when the relay decided how the flow ends
+
+    # --- events from the packet loop (sync) -------------------------------------
+
+    def on_item(self, item: bytes, size: int) -> None:
+        """A client datagram (``size`` payload bytes) to send upstream."""
+        self.bytes_c2s += size
+        self._env.stats.datagrams_c2s += 1
+        if self._direct:
+            self._send(item)
+            return
+        if self._queued + len(item) > self._env.queue_limit:
+            self._env.stats.datagram_drops += 1
+            return
+        self._queue.append(item)
+        self._queued += len(item)
+        self._lot.unpark_all()
+
+    def on_closed(self, reason: CloseReason) -> None:
+        self._closed = reason
+        self._direct = False
+        self._scope.cancel()
+
+    def on_datagram(self, data: bytes) -> None:
+        """A UDP payload from the client (UDP flows)."""
+        self._env.stats.stray_events += 1
+
+    def on_echo(self, seq: int, data: bytes) -> None:
+        """An echo request from the client (echo flows)."""
+        self._env.stats.stray_events += 1
+
+    # --- subclasses ---------------------------------------------------------------
+
+    def open_socket(self) -> socket.socket:
+        return self._env.udp_socket(self.flow)
+
+    def refusal(self, exc: OSError) -> tuple[Unreachable | None, EndReason]:
+        """How to answer the client when ``open_socket`` failed with ``exc``."""
+        code = LOCAL_ERRORS.get(exc.errno or 0)
+        return code, EndReason.UNREACHABLE if code is not None else EndReason.ERROR
+
+    async def deliver(self, data: bytes, now: float) -> bool:
+        """Hand one message read from the socket to the client; False aborts the flow."""
+        raise NotImplementedError
+
+    # --- the task -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The flow task. Never raises anything but cancellation."""
+        stats = self._env.stats
+        stats.datagram_flows_active += 1
+        try:
+            with self._scope:
+                await self._serve()
+        except Exception:
+            stats.flow_errors += 1  # a bug, not traffic: contain it to this flow
+            log.exception("flow %s failed; ending it", self.hooks.info.describe())
+            self._end(EndReason.ERROR)
+        finally:
+            stats.datagram_flows_active -= 1
+            with trio.CancelScope(shield=True, relative_deadline=self._env.flow_end_timeout):
+                await self._finish()
+
+    async def _serve(self) -> None:
+        if await self.hooks.start() is Verdict.REJECT:
+            self._env.stats.flows_rejected += 1
+            await self._refuse(self.reject_code, EndReason.REJECTED)
+        try:
+            sock = self.open_socket()
+        except OSError as exc:
+            log.debug("flow %s: no socket: %s", self.hooks.info.describe(), exc)
+            await self._refuse(*self.refusal(exc))
+        self._sock = sock
+        if self._closed is not None:
+            return
+        async with trio.open_nursery() as nursery:
+            if self.watch_data and self.hooks.has_data_hooks:
+                nursery.start_soon(self._pump_c2s)
+            else:
+                while self._queue:
+                    self._send(self._queue.popleft())
+                self._queued = 0
+                self._direct = True
+            await self._pump_s2c()
+
+    async def _refuse(self, code: Unreachable | None, end: EndReason) -> NoReturn:
+        """Answer queued and later datagrams with ``code`` (None: silence) until idle."""
+        self._hint = end
+        env = self._env
+        if self._closed is None:
+            env.stack.refuse_datagrams(self.flow, code)
+            if code is not None:
+                now = trio.current_time()
+                for item in self._queue:
+                    env.stack.datagram_unreachable(self.flow, code, now, quote=item)
+            env.kick()
+        self._queue.clear()
+        await trio.sleep_forever()  # until DatagramFlowClosed cancels the scope
+        raise AssertionError("unreachable")
+
+    def _end(self, end: EndReason) -> None:
+        """The relay ends the flow itself; DatagramFlowClosed(ABORTED) follows."""
+        if self._hint is None:
+            self._hint = end
+        if self._closed is None:
+            self._direct = False
+            self._env.stack.end_datagram_flow(self.flow)
+            self._env.kick()
+        self._scope.cancel()
+
+    def _send(self, item: bytes) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.send(item)
+        except BlockingIOError:
+            self._env.stats.datagram_drops += 1
+        except OSError as exc:
+            # A pending error from an earlier ICMP message (reported by the error
+            # queue, relayed there) fails this send without sending: retry once.
+            if self._socket_error(exc, item):
+                try:
+                    sock.send(item)
+                except OSError:
+                    self._env.stats.datagram_drops += 1
+
+    def _socket_error(self, exc: OSError, item: bytes = b"") -> bool:
+        """Relay what the socket reported; True when it came from the error queue."""
+        sock, env = self._sock, self._env
+        assert sock is not None
+        queued = read_socket_errors(sock)
+        errors: list[tuple[Unreachable | int, bytes]] = list(queued)
+        if not errors:
+            local = LOCAL_ERRORS.get(exc.errno or 0)
+            if local is None:
+                env.stats.datagram_drops += 1
+                log.debug("flow %s: %r", self.hooks.info.describe(), exc)
+                return False
+            errors.append((local, item))
+        if self._closed is None:
+            now = trio.current_time()
+            for code, quote in errors:
+                env.stack.datagram_unreachable(self.flow, code, now, quote=quote)
+                env.stats.icmp_relayed += 1
+            env.kick()
+        return bool(queued)
+
+    async def _pump_c2s(self) -> None:
+        sock, queue, lot = self._sock, self._queue, self._lot
+        assert sock is not None
+        while True:
+            while not queue:
+                await lot.park()
+            item = queue.popleft()
+            self._queued -= len(item)
+            if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, item):
+                self._end(EndReason.ABORTED)
+                return
+            try:
+                sock.send(item)
+            except BlockingIOError:
+                # The socket buffer is full: wait for room (the queue bounds the wait).
+                await trio.lowlevel.wait_writable(sock)
+                self._send(item)
+            except OSError as exc:
+                if self._socket_error(exc, item):
+                    self._send(item)
+
+    async def _pump_s2c(self) -> None:
+        sock, env = self._sock, self._env
+        assert sock is not None
+        stats = env.stats
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            got = False
+            for _ in range(RECV_BATCH):
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self._socket_error(exc)
+                    continue
+                stats.datagrams_s2c += 1
+                if not await self.deliver(data, trio.current_time()):
+                    self._end(EndReason.ABORTED)
+                    return
+                if self._closed is not None:
+                    return
+                got = True
+            if got:
+                env.kick()
+
+    async def _finish(self) -> None:
+        sock, self._sock = self._sock, None
+        self._direct = False
+        if sock is not None:
+            sock.close()
+        end_time = trio.current_time()
+        if self._hint is not None:
+            how = self._hint
+        elif self._closed is not None:
+            how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
+        else:
+            how = EndReason.SHUTDOWN
+        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
+        log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
+        await self.hooks.end(end)
+
+
+class UdpFlow(DatagramFlow):
+    """A UDP flow: datagrams both ways, each shown to the analyzers' ``data``.
+
+    The answer to a REJECT verdict is ICMP port unreachable, as from a closed port.
+    """
+
+    def on_datagram(self, data: bytes) -> None:
+        self.on_item(data, len(data))
+
+    async def deliver(self, data: bytes, now: float) -> bool:
+        self.bytes_s2c += len(data)
+        if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, data):
+            return False
+        if self._closed is None:
+            self._env.stack.send_datagram(self.flow, data, now)
+        return True
