@@ -5,7 +5,9 @@ relay_fixture, start_relay_fixture  # noqa: F401``); they are then available
 by their fixture names:
 
 ``relay``        a ``RelayProcess`` running with the default test set-up:
-                 ``StreamDigest`` (``relay.analyzers``) and the flow log.
+                 ``StreamDigest`` (``relay.analyzers``), ``StateDump`` (no
+                 hooks; SIGUSR1 dumps the stack's state, see ``state_dump``)
+                 and the flow log.
 ``start_relay``  a factory for other set-ups (more analyzers, environment,
                  extra ``tunrelay run`` options).
 
@@ -18,10 +20,10 @@ TCP". Every relay the test started is checked at tear-down:
    declared expected, e.g. ``InjectedFailure`` from ``Failing``);
 2. SIGTERM makes it exit with status 0 within ``STOP_TIMEOUT``;
 3. the gateway namespace, which still exists, no longer has its TUN device,
-   policy rules, routes in its table, or forwarding turned on; and every flow
-   in the flow log came from the lab's client (a flow from anywhere else means
-   the relay's own upstream packets looped back into its TUN);
-
+   policy rules, routes in its table, or forwarding turned on, and its links,
+   rules and routes are exactly what they were before the relay started; and
+   every flow in the flow log came from the lab's client (a flow from anywhere
+   else means the relay's own upstream packets looped back into its TUN);
 4. then the fixture closes the topology itself (``topology``'s own close is
    then a no-op) and asserts the three namespaces are gone.
 
@@ -81,6 +83,7 @@ __all__ = [
 TUN = "trtun0"
 TABLE = 5197
 PRIORITY = 5197
+RT_TABLE_MAIN = 254
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 RECORD_TIMEOUT = 10.0
@@ -109,6 +112,7 @@ class RelayProcess:
     state_file: Path
     started: float
     expected_tracebacks: tuple[str, ...] = ()
+    gateway_before: set[str] | None = None  # gateway_snapshot() before it started
     stopped: bool = False
     exit_status: int | None = None
     _ready_seconds: float = field(default=0.0)
@@ -166,11 +170,21 @@ class RelayProcess:
         return "=== state dump" + "\n".join(lines)
 
     def exit_line(self) -> str | None:
-        """The relay's "stopped: stack ...; relay ..." line (stack and relay stats)."""
+        """The relay's "stopped: stack ...; relay ...; tun ..." line (its counters)."""
         for line in reversed(self.log_text().splitlines()):
             if "stopped: stack" in line:
                 return line
         return None
+
+    def exit_lines(self) -> list[str]:
+        """Every "stopped: stack ..." line: one per worker with ``--workers N``."""
+        return [line for line in self.log_text().splitlines() if "stopped: stack" in line]
+
+    def counter(self, name: str) -> int:
+        """Counter ``name`` (its first occurrence per line) summed over every exit line."""
+        found = [re.search(rf"\b{name}=(\d+)", line) for line in self.exit_lines()]
+        assert any(found), f"no {name} in {self.exit_lines()!r}"
+        return sum(int(m.group(1)) for m in found if m)
 
     def unexpected_tracebacks(self) -> list[str]:
         """Tracebacks in the log whose final exception is not an expected one."""
@@ -267,7 +281,7 @@ class RelayProcess:
             ) from None
         print(f"\n[relay] {self.exit_line()}")
         assert self.exit_status == 0, f"exit status {self.exit_status}: {self.describe()}"
-        leftovers = gateway_leftovers(self.topo)
+        leftovers = gateway_leftovers(self.topo, self.gateway_before)
         assert leftovers == [], f"`tunrelay run` left behind in {self.topo.gw}: {leftovers}"
         strangers = self.foreign_flows()
         assert not strangers, (
@@ -325,15 +339,18 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def relay_installed(topo: Topology) -> dict[str, Any]:
-    """What of the relay's set-up exists in the gateway namespace now."""
+    """What of the relay's set-up exists in the gateway namespace now: its TUN, its
+    policy rules (to its table or in its priority band), routes in its table, and
+    the forwarding sysctls."""
     ipr = netns.ipr(topo.gw)
     try:
         links = [link.get("ifname") for link in ipr.get_links()]
-        rules = [
+        rules = [  # pointing at its table, or in its priority band (the "iif lo" guards)
             (family, r.get_attr("FRA_SRC"), r.get("src_len"))
             for family in (socket.AF_INET, socket.AF_INET6)
             for r in ipr.get_rules(family=family)
             if r.get_attr("FRA_TABLE") == TABLE
+            or PRIORITY - 10 <= (r.get_attr("FRA_PRIORITY") or 0) <= PRIORITY
         ]
         routes = [
             (family, r.get_attr("RTA_DST"), r.get("dst_len"), r.get("type"))
@@ -350,8 +367,35 @@ def relay_installed(topo: Topology) -> dict[str, Any]:
     return {"tun": TUN in links, "rules": rules, "routes": routes, "forwarding": forwarding}
 
 
-def gateway_leftovers(topo: Topology) -> list[str]:
-    """What `tunrelay run` left in the (still existing) gateway namespace."""
+def gateway_snapshot(topo: Topology) -> set[str]:
+    """Every link, policy rule, route (main table and the relay's) and forwarding sysctl
+    of the gateway namespace, one string each: compared before and after a relay run."""
+    ipr = netns.ipr(topo.gw)
+    items: set[str] = set()
+    try:
+        items |= {f"link {link.get('ifname')}" for link in ipr.get_links()}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.get_rules(family=family):
+                attrs = sorted((k, str(v)) for k, v in r["attrs"] if k != "FRA_PROTOCOL")
+                items.add(f"rule {family} action={r['action']} {attrs}")
+            for table in (RT_TABLE_MAIN, TABLE):
+                for r in ipr.get_routes(family=family, table=table):
+                    attrs = sorted(
+                        (k, str(v)) for k, v in r["attrs"] if k not in ("RTA_CACHEINFO",)
+                    )
+                    items.add(f"route {family} type={r['type']} /{r['dst_len']} {attrs}")
+    finally:
+        ipr.close()
+    with netns.entered(topo.gw):
+        for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+            items.add(f"sysctl {key}={Path('/proc/sys/net', key).read_text().strip()}")
+    return items
+
+
+def gateway_leftovers(topo: Topology, before: set[str] | None = None) -> list[str]:
+    """What `tunrelay run` left in the (still existing) gateway namespace: the
+    differences from ``before`` (a ``gateway_snapshot`` taken before it started),
+    and anything of its TUN, table or forwarding in any case."""
     assert netns.exists(topo.gw), f"{topo.gw} is gone: cannot check it"
     now = relay_installed(topo)
     left = []
@@ -360,6 +404,10 @@ def gateway_leftovers(topo: Topology) -> list[str]:
     left += [f"rule {r}" for r in now["rules"]]
     left += [f"route {r}" for r in now["routes"]]
     left += [f"sysctl {k}={v}" for k, v in now["forwarding"].items() if v != "0"]
+    if before is not None:
+        after = gateway_snapshot(topo)
+        left += [f"added: {x}" for x in sorted(after - before)]
+        left += [f"removed: {x}" for x in sorted(before - after)]
     return left
 
 
@@ -371,7 +419,7 @@ def start_relay_fixture(
 
     ``analyzers`` are ``module:attr`` specs loaded after the default
     ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
-    ``args`` are extra ``tunrelay run`` options.
+    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise).
     """
     relays: list[RelayProcess] = []
 
@@ -395,6 +443,9 @@ def start_relay_fixture(
         for spec in (*DEFAULT_ANALYZERS, *analyzers):
             argv += ["--analyzer", spec]
         argv += list(args)
+        if "--workers" not in args:
+            # One process by default: the tests look at its RSS, fds, CPU and exit line.
+            argv += ["--workers", "1"]
         full_env = dict(
             os.environ,
             PYTHONUNBUFFERED="1",
@@ -402,12 +453,13 @@ def start_relay_fixture(
             TUNRELAY_STATE_DUMP=str(state_file),
             **(env or {}),
         )
+        before = gateway_snapshot(topology)
         t0 = time.monotonic()
         with open(log_path, "wb") as out:
             proc = topology.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
         relay = RelayProcess(
             topology, proc, log_path, flow_log, digest_log, state_file, t0,
-            expected_tracebacks=tuple(expected_tracebacks),
+            expected_tracebacks=tuple(expected_tracebacks), gateway_before=before,
         )  # fmt: skip
         relays.append(relay)
         deadline = t0 + READY_TIMEOUT

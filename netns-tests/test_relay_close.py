@@ -216,8 +216,8 @@ def test_relay_exit_removes_its_tun_rule_and_routes(
     after SIGTERM (exit status 0) they are gone, and the namespace is still there."""
     before = relay_installed(topology)
     assert before["tun"], before
-    assert len(before["rules"]) == 2, before  # one per client network
-    assert len(before["routes"]) == 4, before  # default dev TUN + throw <net>, per family
+    assert {r[0] for r in before["rules"]} == {socket.AF_INET, socket.AF_INET6}, before
+    assert {r[0] for r in before["routes"]} == {socket.AF_INET, socket.AF_INET6}, before
     assert before["forwarding"] == {"ipv4/ip_forward": "1", "ipv6/conf/all/forwarding": "1"}
     # One flow open when the signal arrives: it must not keep the relay from exiting.
     client, conn = connected_pair(topology, socket.AF_INET)
