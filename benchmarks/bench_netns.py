@@ -10,9 +10,11 @@ Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
     a  kernel forwarding in the gateway; the client talks straight to the server
     b  a trio port forwarder (benchmarks/forwarder.py) between two kernel sockets,
        listening in the gateway on 198.18.1.1; the client connects to it
-    c  tunrelay with offloads (``tunrelay run --offload``): n/a until the CLI has it
+    c  tunrelay with offloads (``tunrelay run --offload``; n/a if the CLI lacks it)
     d  tunrelay without offloads (``tunrelay run --tun trb0 --client-net ...``) in the
        gateway; the client connects to the server's address and the relay intercepts
+       (both with the default ``--workers``, one per CPU: CPU, RSS and fds are summed
+       over the supervisor and its workers)
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -145,24 +147,58 @@ class Report:
 # --- /proc and process helpers -----------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid` (all its threads), in seconds."""
+def _stat_fields(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (`tunrelay run --workers N` is a supervisor and N
+    workers). This kernel has no /proc/PID/task/TID/children, so scan /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                children.setdefault(int(_stat_fields(int(name))[1]), []).append(int(name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` and its descendants (all threads), in seconds."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = _stat_fields(p)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1])
-    raise MeasureError(f"no VmRSS for pid {pid}")
+    """VmRSS of `pid` and its descendants, summed (shared pages counted in each)."""
+    total: float | None = None
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + float(line.split()[1])
+    if total is None:
+        raise MeasureError(f"no VmRSS for pid {pid}")
+    return total
 
 
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds of `pid` and its descendants."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{p}/fd"))
+    return total
 
 
 def nofile_limit(pid: int) -> str:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import trio
 
-from relay.service import ConfigError, serve, validate
+from relay.service import MAX_WORKERS, ConfigError, serve, validate
+from relay.workers import supervise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=float, default=10.0, help="upstream connect timeout, seconds"
     )
     run.add_argument("--max-flows", type=int, default=65536, help="TCP flows at most")
-    run.add_argument("--rcv-buf", type=int, default=65535, help="per-flow receive buffer, bytes")
-    run.add_argument("--snd-buf", type=int, default=256 * 1024, help="per-flow send buffer")
+    run.add_argument(
+        "--rcv-buf", type=int, default=4 << 20, help="per-flow receive buffer cap, bytes"
+    )
+    run.add_argument("--snd-buf", type=int, default=4 << 20, help="per-flow send buffer cap, bytes")
     run.add_argument(
         "--udp-idle-timeout",
         type=float,
@@ -73,6 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stats-interval", type=float, default=0.0, help="log counters every N seconds (0: off)"
     )
+    run.add_argument(
+        "--offload",
+        action="store_true",
+        help="TUN offloads: virtio-net headers, checksum offload and TSO (GRO super-segments "
+        "in; checksums the kernel vouches for are not recomputed)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes, one TUN queue each (multi-queue TUN; the kernel keeps a flow on "
+        "one queue); 1 runs everything in one process (default: the number of usable CPUs)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -83,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--bulk-mib", type=int, default=16, help="size of the bulk transfers")
     return parser
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on (at most ``MAX_WORKERS``)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             snd_buf=args.snd_buf,
             fail_closed=args.fail_closed,
             udp_idle_timeout=args.udp_idle_timeout,
+            offload=args.offload,
+            workers=default_workers() if args.workers is None else args.workers,
         )
         if os.geteuid() != 0:
             print("tunrelay run: needs root (CAP_NET_ADMIN) to create the TUN", file=sys.stderr)
             return 2
+        if opts.workers > 1:
+            return trio.run(supervise, opts, args.log_level)
         trio.run(serve, opts)
     except ConfigError as exc:
         print(f"tunrelay run: {exc}", file=sys.stderr)

@@ -14,7 +14,8 @@ class RelayConfig:
     * client -> server: bytes reported by ``DataReceived`` wait in the flow's
       queue until ``sock.send`` took them; only then does the relay call
       ``stack.consumed()``, which is what reopens the client's window. So the
-      queue holds at most ``TcpConfig.rcv_buf`` bytes (64 KiB by default);
+      queue holds at most ``TcpConfig.rcv_buf`` bytes (the receive buffer
+      cap, 4 MiB by default; buffers start at 64 KiB and grow with demand);
       ``max_c2s_queue`` is a hard cap behind that (exceeding it aborts the
       flow; it only happens if the stack over-reports).
     * server -> client: the flow reads the kernel socket only while the stack
@@ -25,14 +26,16 @@ class RelayConfig:
       (``None`` leaves the kernel's autotuning, capped by ``tcp_rmem`` and
       ``tcp_wmem``).
 
-    With the defaults that is about 64 KiB + 64 KiB in the relay plus the
-    stack's ~384 KiB and the kernel's buffers.
+    A flow starts with about 64 KiB in the relay and the stack's initial
+    buffers (64 KiB receive, 256 KiB send); buffers grow only while the flow
+    moves data faster than they allow, up to the caps, and all of them are
+    charged to the Stack's ``TcpConfig.memory_budget``.
     """
 
     connect_timeout: float = 10.0  # upstream connect; on expiry the SYN is dropped silently
     max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
     recv_size: int = 65536  # upper bound of one upstream recv (server -> client)
-    max_c2s_queue: int = 1 << 20  # hard cap of queued client -> server bytes per flow
+    max_c2s_queue: int = 64 << 20  # hard cap of queued client -> server bytes per flow
     upstream_sndbuf: int | None = None  # SO_SNDBUF of upstream sockets; None = kernel default
     upstream_rcvbuf: int | None = None  # SO_RCVBUF of upstream sockets; None = kernel default
     fail_closed: bool = False  # an analyzer that raises aborts its flow instead of being detached

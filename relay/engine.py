@@ -37,7 +37,7 @@ from relay.datagrams import DatagramEnv, DatagramRelay, DatagramStack, SocketFac
 from relay.echo import EchoFlow, open_ping_socket
 from relay.hooks import AnalyzerChain
 from relay.isn import IsnGenerator
-from relay.packet_source import PacketSource
+from relay.packet_source import CsumPacketSource, PacketSource
 from relay.tcpflow import Connector, FlowEnv, TcpFlow, make_connector
 from relay.udpflow import UdpFlow, open_udp_socket
 from stack import (
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 class RelayStack(DatagramStack, Protocol):
     """The part of ``stack.Stack`` the relay uses (with ``DatagramStack``'s)."""
 
-    def receive(self, packet: bytes, now: float) -> None: ...
+    def receive(self, packet: bytes, now: float, *, csum_ok: bool = ...) -> None: ...
     def next_event(self) -> Event | None: ...
     def packets_to_send(self, now: float) -> list[bytes]: ...
     def get_timer(self) -> float | None: ...
@@ -164,6 +164,12 @@ class Relay:
     ) -> None:
         self.stats = RelayStats()
         self._source = source
+        # TUN offloads: the source marks packets whose checksum the stack must not verify.
+        self._drain_csum = (
+            source.drain_csum
+            if isinstance(source, CsumPacketSource) and source.csum_offload
+            else None
+        )
         self._stack = stack
         self._config = config
         chain = AnalyzerChain(
@@ -247,17 +253,25 @@ class Relay:
         source, stack, stats = self._source, self._stack, self.stats
         max_batch = self._config.max_batch
         receive = stack.receive
+        drain_csum = self._drain_csum
         while True:
             self._kicked = False  # everything kicked so far is flushed below
             now = trio.current_time()
-            packets = source.drain(max_batch)
-            if packets:
-                stats.packets_in += len(packets)
+            if drain_csum is None:
+                packets = source.drain(max_batch)
                 for packet in packets:
                     try:
                         receive(packet, now)
                     except Exception:
                         self._count_receive_error()
+            else:
+                packets, trusted = drain_csum(max_batch)
+                for packet, ok in zip(packets, trusted, strict=True):
+                    try:
+                        receive(packet, now, csum_ok=ok)
+                    except Exception:
+                        self._count_receive_error()
+            stats.packets_in += len(packets)
             stack.handle_timer(now)
             self._dispatch()
             out = stack.packets_to_send(now)

@@ -6,8 +6,11 @@ Field names follow Zeek's conn.log where one exists (``ts``, ``uid``,
 ``EndReason`` set documented in ``relay.hooks``). ``id.resp_h``/``id.resp_p``
 are the original destination the client addressed.
 
-Each line is written and flushed in ``flow_end``. The write is synchronous: a
-line is a few hundred bytes into a buffered file, cheaper than a thread hop.
+Each line is written in ``flow_end``, synchronously: a few hundred bytes,
+cheaper than a thread hop. To a path, the file is opened ``O_APPEND`` and each
+line is one ``write(2)``, so the worker processes of ``tunrelay run --workers
+N`` can share one log without their lines ever interleaving; each line then
+says which ``worker`` served the flow.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from relay.hooks import FlowEnd, FlowInfo
 __all__ = ["FlowLog", "flow_record"]
 
 
-def flow_record(flow: FlowInfo, end: FlowEnd) -> dict[str, Any]:
-    """The flow-log record of one finished flow."""
-    return {
+def flow_record(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict[str, Any]:
+    """The flow-log record of one finished flow (with ``worker`` when given)."""
+    record = {
         "ts": round(flow.start, 6),
         "uid": flow.uid,
         "proto": flow.proto,
@@ -36,33 +39,48 @@ def flow_record(flow: FlowInfo, end: FlowEnd) -> dict[str, Any]:
         "resp_bytes": end.bytes_s2c,
         "ended": str(end.how),
     }
+    if worker is not None:
+        record["worker"] = worker
+    return record
 
 
 class FlowLog:
     """Writes one JSON line per finished flow.
 
     Args:
-        target: a path (opened for append, owned and closed by ``close()``) or
-            an open text stream (left open).
+        target: a path (opened ``O_APPEND``, owned and closed by ``close()``)
+            or an open text stream (left open; written and flushed per line).
+        worker: the worker index to record in every line, if any.
+
+    Raises:
+        OSError: the path cannot be opened.
     """
 
-    def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
+    def __init__(
+        self, target: str | os.PathLike[str] | IO[str], *, worker: int | None = None
+    ) -> None:
+        self._worker = worker
+        self._fd: int | None = None
+        self._stream: IO[str] | None = None
         if isinstance(target, str | os.PathLike):
-            self._stream: IO[str] = open(target, "a", encoding="utf-8")  # noqa: SIM115
-            self._owned = True
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         else:
             self._stream = target
-            self._owned = False
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
-        line = json.dumps(flow_record(flow, end), separators=(",", ":"))
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        line = json.dumps(flow_record(flow, end, self._worker), separators=(",", ":")) + "\n"
+        if self._fd is not None:
+            # One write(2) per line: O_APPEND keeps other processes' lines whole.
+            os.write(self._fd, line.encode())
+        elif self._stream is not None:
+            self._stream.write(line)
+            self._stream.flush()
 
     def close(self) -> None:
         """Close the file if ``FlowLog`` opened it. Safe to call twice."""
-        if self._owned and not self._stream.closed:
-            self._stream.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> FlowLog:
         return self

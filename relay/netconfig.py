@@ -200,9 +200,7 @@ class NetConfig:
             what = f"lookup {table}"
         self.ipr.rule("add", **spec)
         iif = f" iif {iifname}" if iifname else ""
-        self._push(
-            f"rule {priority}: from {net}{iif} {what}", lambda: self.ipr.rule("del", **spec)
-        )
+        self._push(f"rule {priority}: from {net}{iif} {what}", lambda: self.ipr.rule("del", **spec))
 
     # --- links -----------------------------------------------------------------
 

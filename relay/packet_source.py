@@ -8,7 +8,10 @@ is no task or channel hop per packet; a full queue drops the packet and counts
 it, which is what a NIC or the TUN device's txqueue does too.
 
 `TunDevice` (relay.tun) is the kernel implementation; `MemoryPacketSource` is
-for a VPN server that feeds packets from its own loop, and for tests.
+for a VPN server that feeds packets from its own loop, and for tests. A source
+that can tell which packets' checksums the kernel already vouches for (a TUN
+with offloads) also implements `CsumPacketSource`, and the packet loop then
+drains with `drain_csum()` instead of `drain()`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
-__all__ = ["MemoryPacketSource", "PacketSource", "PacketStats"]
+__all__ = ["CsumPacketSource", "MemoryPacketSource", "PacketSource", "PacketStats"]
 
 
 class PacketSource(Protocol):
@@ -43,6 +46,26 @@ class PacketSource(Protocol):
         ...
 
 
+@runtime_checkable
+class CsumPacketSource(PacketSource, Protocol):
+    """A PacketSource that may know, per packet, that the transport checksum is good.
+
+    With TUN offloads the kernel hands over packets whose TCP/UDP checksum is
+    only partial (locally generated or forwarded from a virtual link) or was
+    already verified; the packet loop passes that on as ``Stack.receive(...,
+    csum_ok=True)``.
+    """
+
+    @property
+    def csum_offload(self) -> bool:
+        """``drain_csum`` can mark packets (else use ``drain``: every mark is False)."""
+        ...
+
+    def drain_csum(self, max_batch: int) -> tuple[list[bytes], list[bool]]:
+        """Like ``drain``, plus a parallel list: True where the checksum is trusted."""
+        ...
+
+
 @dataclass(slots=True)
 class PacketStats:
     """Counters, seen from the relay: "in" is towards the relay, "out" from it."""
@@ -51,8 +74,10 @@ class PacketStats:
     bytes_in: int = 0
     packets_out: int = 0
     bytes_out: int = 0
-    drops_in: int = 0  # arrived while the inbound queue was full
+    drops_in: int = 0  # arrived while the inbound queue was full (or a frame had no packet)
     drops_out: int = 0  # written while the outbound queue was full
+    gso_packets_in: int = 0  # GRO super-segments (TUN offloads)
+    csum_trusted_in: int = 0  # checksum partial or verified by the kernel (TUN offloads)
 
 
 class MemoryPacketSource:

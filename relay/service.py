@@ -4,6 +4,11 @@ It creates the TUN device, routes packets *from* the client networks into it
 with a policy rule (the relay's own upstream sockets do not match the rule, so
 nothing loops), runs the packet loop until SIGINT or SIGTERM, and removes
 everything it installed on every exit path.
+
+With ``--workers 1`` all of that happens in this process (``serve``); with more,
+``relay.workers`` sets the network up here and runs one packet loop per TUN
+queue in worker processes, each doing what ``relay_queue`` does. ``--offload``
+opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.tun``).
 """
 
 from __future__ import annotations
@@ -13,9 +18,8 @@ import ipaddress
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
 
 import trio
 
@@ -24,10 +28,13 @@ from relay.echo import enable_ping_sockets
 from relay.engine import Relay
 from relay.flowlog import FlowLog
 from relay.netconfig import NetConfig, route_client_nets_into_tun
-from relay.tun import TunDevice
+from relay.tun import OFFLOADS, TunDevice
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
 log = logging.getLogger("tunrelay")
+
+
+MAX_WORKERS = 64  # a multi-queue TUN has at most 256 queues; more cores than this is moot
 
 
 class ConfigError(ValueError):
@@ -47,6 +54,8 @@ class RunOptions:
     table: int = 5197
     priority: int = 5197
     stats_interval: float = 0.0
+    offload: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
+    workers: int = 1  # worker processes, one TUN queue each; 1: all in this process
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
 
@@ -64,10 +73,12 @@ def validate(
     stats_interval: float = 0.0,
     connect_timeout: float = 10.0,
     max_flows: int = 65536,
-    rcv_buf: int = 65535,
-    snd_buf: int = 256 * 1024,
+    rcv_buf: int = 4 << 20,
+    snd_buf: int = 4 << 20,
     fail_closed: bool = False,
     udp_idle_timeout: float = 60.0,
+    offload: bool = False,
+    workers: int = 1,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -93,8 +104,9 @@ def validate(
         ("--table", table, 1, 0xFFFFFFFF - 1),
         ("--priority", priority, 3, 32765),
         ("--max-flows", max_flows, 1, 1 << 22),
-        ("--rcv-buf", rcv_buf, 1024, 65535),
-        ("--snd-buf", snd_buf, 1024, 1 << 30),
+        ("--rcv-buf", rcv_buf, 4096, 1 << 30),
+        ("--snd-buf", snd_buf, 4096, 1 << 30),
+        ("--workers", workers, 1, MAX_WORKERS),
     ]
     for name, value, lo, hi in checks:
         if not lo <= value <= hi:
@@ -107,7 +119,17 @@ def validate(
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
         raise ConfigError(f"--stats-interval: {stats_interval} must not be negative")
-    tcp = TcpConfig(rcv_buf=rcv_buf, snd_buf=snd_buf, ooo_limit=rcv_buf, mss=mtu - 40)
+    # Buffers start small and grow with demand up to these caps; keepalive finds
+    # clients that vanished without a FIN or RST (Linux's 2 h / 75 s / 9 probes).
+    tcp = TcpConfig(
+        rcv_buf=rcv_buf,
+        rcv_buf_initial=min(64 * 1024, rcv_buf),
+        snd_buf=snd_buf,
+        snd_buf_initial=min(256 * 1024, snd_buf),
+        ooo_limit=rcv_buf,
+        mss=mtu - 40,
+        keepalive=True,
+    )
     return RunOptions(
         tun=tun,
         client_nets=tuple(nets),
@@ -118,7 +140,13 @@ def validate(
         table=table,
         priority=priority,
         stats_interval=stats_interval,
-        relay=RelayConfig(connect_timeout=connect_timeout, fail_closed=fail_closed),
+        offload=offload,
+        workers=workers,
+        relay=RelayConfig(
+            connect_timeout=connect_timeout,
+            fail_closed=fail_closed,
+            max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
+        ),
         stack=StackConfig(
             tcp=tcp, max_flows=max_flows, mtu=mtu, datagram=_datagram(udp_idle_timeout)
         ),
@@ -155,57 +183,109 @@ def load_analyzer(spec: str) -> object:
     return obj
 
 
-def _open_flow_log(path: str | None) -> tuple[FlowLog | None, IO[str] | None]:
-    if path is None:
-        return None, None
-    if path == "-":
-        return FlowLog(sys.stdout), None
+def load_analyzers(opts: RunOptions, worker: int = 0) -> tuple[list[object], FlowLog | None]:
+    """The ``--analyzer`` objects, then the flow log (also returned, to be closed).
+
+    Raises:
+        ConfigError: an analyzer cannot be loaded or the flow log cannot be opened.
+    """
+    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
+    if opts.flow_log is None:
+        return analyzers, None
     try:
-        stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller
+        target = sys.stdout if opts.flow_log == "-" else opts.flow_log
+        flow_log = FlowLog(target, worker=worker)
     except OSError as exc:
-        raise ConfigError(f"--flow-log: cannot open {path!r}: {exc.strerror}") from None
-    return FlowLog(stream), stream
+        raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
+    analyzers.append(flow_log)
+    return analyzers, flow_log
+
+
+def open_queue(opts: RunOptions, *, multi_queue: bool = False) -> TunDevice:
+    """Open (create, or attach one more queue to) the TUN device ``opts`` describes,
+    with its offloads (a setting of the device: every queue gets super-segments).
+
+    Raises:
+        OSError: the device cannot be opened or configured.
+    """
+    tun = TunDevice.open(
+        opts.tun,
+        mtu=opts.mtu,
+        txqueuelen=opts.txqueuelen,
+        vnet_hdr=opts.offload,
+        multi_queue=multi_queue,
+    )
+    if opts.offload:
+        try:
+            tun.set_offload(OFFLOADS)
+        except BaseException:
+            tun.close()
+            raise
+    return tun
+
+
+def route_into(net: NetConfig, tun: TunDevice, opts: RunOptions) -> None:
+    """Route the client networks into ``tun`` and allow ICMP sockets (undone by ``net``)."""
+    route_client_nets_into_tun(
+        net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
+    )
+    enable_ping_sockets(net)  # ICMP echo is relayed through ICMP datagram sockets
 
 
 async def serve(
     opts: RunOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down."""
-    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
-    flow_log, stream = _open_flow_log(opts.flow_log)
-    if flow_log is not None:
-        analyzers.append(flow_log)
+    """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down (one process)."""
+    analyzers, flow_log = load_analyzers(opts)
     try:
-        with (
-            NetConfig() as net,
-            TunDevice.open(opts.tun, mtu=opts.mtu, txqueuelen=opts.txqueuelen) as tun,
-        ):
-            route_client_nets_into_tun(
-                net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
-            )
-            enable_ping_sockets(net)  # ICMP echo is relayed through ICMP datagram sockets
-            stack = Stack(opts.stack)
-            relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(relay.run)
-                    if opts.stats_interval > 0:
-                        nursery.start_soon(_log_stats, relay, stack, opts.stats_interval)
-                    log.info(
-                        "relaying TCP from %s through %s", ", ".join(opts.client_nets), tun.name
-                    )
-                    task_status.started()
-                    async for signum in signals:
-                        log.info("received %s: shutting down", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        break
-            log.info("stopped: stack %s; relay %s", stack.stats, relay.stats)
+        with NetConfig() as net, open_queue(opts) as tun:
+            route_into(net, tun, opts)
+
+            def ready() -> None:
+                log.info(
+                    "relaying TCP from %s through %s%s",
+                    ", ".join(opts.client_nets),
+                    tun.name,
+                    " with offloads" if opts.offload else "",
+                )
+                task_status.started()
+
+            await relay_queue(opts, tun, analyzers, on_ready=ready)
     finally:
-        if stream is not None:
-            stream.close()
+        if flow_log is not None:
+            flow_log.close()
 
 
-async def _log_stats(relay: Relay, stack: Stack, interval: float) -> None:
+async def relay_queue(
+    opts: RunOptions,
+    tun: TunDevice,
+    analyzers: Sequence[object],
+    *,
+    on_ready: Callable[[], None],
+) -> None:
+    """Run the packet loop on one TUN queue until SIGINT/SIGTERM or cancellation.
+
+    ``on_ready`` is called once packets are being relayed. On the way out the
+    stack's, the relay's and the queue's counters are logged ("stopped: stack").
+    """
+    stack = Stack(opts.stack)
+    relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            if opts.stats_interval > 0:
+                nursery.start_soon(_log_stats, relay, stack, tun, opts.stats_interval)
+            on_ready()
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    log.info("stopped: stack %s; relay %s; tun %s", stack.stats, relay.stats, tun.stats)
+
+
+async def _log_stats(relay: Relay, stack: Stack, tun: TunDevice, interval: float) -> None:
     while True:
         await trio.sleep(interval)
-        log.info("flows=%d stack %s; relay %s", len(stack), stack.stats, relay.stats)
+        log.info(
+            "flows=%d stack %s; relay %s; tun %s", len(stack), stack.stats, relay.stats, tun.stats
+        )

@@ -8,6 +8,18 @@ thread, so both always agree. The fd is non-blocking: `drain()` reads with
 that the kernel refuses for lack of room (EAGAIN, ENOBUFS) is a drop, like a
 full NIC queue: it is counted and the packet loop carries on.
 
+With `vnet_hdr=True` (IFF_VNET_HDR, needed for offloads) every packet on the
+fd is framed by a virtio-net header (relay.vnet). The framing stays in here:
+`drain()` returns bare IP packets, `drain_csum()` also says per packet whether
+the kernel vouches for its TCP/UDP checksum, and `write_all()` prepends an
+all-zero header with `os.writev` (no copy of the packet). Without vnet_hdr the
+fd carries bare packets and none of this code runs.
+
+With `multi_queue=True` each `open()` of the same name attaches one more
+queue; the kernel steers each flow to one queue (by a symmetric flow hash,
+then by the queue its replies are written to), so one worker per queue sees
+whole flows.
+
 pytun's own read/write are not used: its read raises pytun.Error instead of
 BlockingIOError on an empty queue and its write rejects memoryview.
 """
@@ -25,12 +37,14 @@ import trio
 
 from relay import netns
 from relay.packet_source import PacketStats
+from relay.vnet import DATA_VALID, NEEDS_CSUM, VNET_HDR_LEN, ZERO_HEADER
 
 __all__ = [
     "IFF_MULTI_QUEUE",
     "IFF_NO_PI",
     "IFF_TUN",
     "IFF_VNET_HDR",
+    "OFFLOADS",
     "TUNSETOFFLOAD",
     "TUN_F_CSUM",
     "TUN_F_TSO4",
@@ -54,7 +68,10 @@ TUN_F_TSO_ECN = 0x08
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 IFNAMSIZ = 16
-VNET_HDR_LEN = 10  # struct virtio_net_hdr, the default TUNSETVNETHDRSZ
+# What `tunrelay run --offload` asks for: GRO super-segments in, partial checksums.
+# (TSO needs CSUM, else EINVAL; TSO_ECN and USO are not handled.)
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+_TRUSTED = NEEDS_CSUM | DATA_VALID
 
 # A read shorter than the packet truncates it silently: leave room for a
 # 64 KiB GSO super-segment plus the virtio-net header.
@@ -65,8 +82,9 @@ _DROP_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 class TunDevice:
     """One queue of a TUN device (IFF_TUN | IFF_NO_PI): raw IPv4/IPv6 packets.
 
-    Create with `TunDevice.open()`. With `vnet_hdr=True` every packet read or
-    written starts with a 10-byte virtio_net_hdr.
+    Create with `TunDevice.open()`. With `vnet_hdr=True` every packet on the
+    fd starts with a 10-byte virtio_net_hdr, which `drain`/`drain_csum` strip
+    and `write_all` adds (all zeros: the stack's packets are complete).
     """
 
     def __init__(self, dev: pytun.TunTapDevice, name: str, *, vnet_hdr: bool) -> None:
@@ -74,6 +92,7 @@ class TunDevice:
         self._fd: int = dev.fileno()
         self.name = name
         self.vnet_hdr = vnet_hdr
+        self.csum_offload = vnet_hdr  # drain_csum() can tell trusted checksums apart
         self.stats = PacketStats()
         self._closed = False
 
@@ -145,16 +164,27 @@ class TunDevice:
         """
         fcntl.ioctl(self._fd, TUNSETOFFLOAD, flags)
 
+    def detach(self) -> None:
+        """Stop this queue receiving packets (TUNSETQUEUE IFF_DETACH_QUEUE; multi-queue only).
+
+        A detached queue still keeps the device, its routes and its settings
+        alive: `tunrelay run --workers N` holds one so the device outlives any
+        one worker's queue.
+        """
+        self._dev.mq_attach(False)
+
     # --- PacketSource -------------------------------------------------------
 
     def drain(self, max_batch: int) -> list[bytes]:
-        """Read up to `max_batch` packets without blocking.
+        """Read up to `max_batch` packets without blocking (bare IP packets).
 
         Raises:
             trio.ClosedResourceError: the device was closed.
         """
         if self._closed:
             raise trio.ClosedResourceError("TUN device is closed")
+        if self.vnet_hdr:
+            return self.drain_csum(max_batch)[0]
         packets: list[bytes] = []
         if max_batch <= 0:
             return packets
@@ -174,12 +204,58 @@ class TunDevice:
             stats.bytes_in += sum(map(len, packets))
         return packets
 
+    def drain_csum(self, max_batch: int) -> tuple[list[bytes], list[bool]]:
+        """Like `drain`, plus for each packet whether its transport checksum is
+        trusted (virtio NEEDS_CSUM or DATA_VALID: the stack must not verify it).
+
+        Without `vnet_hdr` nothing is known, and every mark is False.
+
+        Raises:
+            trio.ClosedResourceError: the device was closed.
+        """
+        if not self.vnet_hdr:
+            plain = self.drain(max_batch)
+            return plain, [False] * len(plain)
+        if self._closed:
+            raise trio.ClosedResourceError("TUN device is closed")
+        packets: list[bytes] = []
+        trusted: list[bool] = []
+        if max_batch <= 0:
+            return packets, trusted
+        read = os.read
+        fd = self._fd
+        append, mark = packets.append, trusted.append
+        stats = self.stats
+        gso = short = 0
+        try:
+            while True:
+                frame = read(fd, READ_SIZE)
+                if len(frame) <= VNET_HDR_LEN:  # never from the kernel; keep it out anyway
+                    short += 1
+                    continue
+                append(frame[VNET_HDR_LEN:])  # one copy: the stack wants bytes
+                mark(frame[0] & _TRUSTED != 0)
+                if frame[1]:  # gso_type: a GRO super-segment
+                    gso += 1
+                if len(packets) >= max_batch:
+                    break
+        except BlockingIOError:
+            pass
+        if packets:
+            stats.packets_in += len(packets)
+            stats.bytes_in += sum(map(len, packets))
+            stats.csum_trusted_in += sum(trusted)
+            stats.gso_packets_in += gso
+        stats.drops_in += short
+        return packets, trusted
+
     def write_all(self, packets: Iterable[bytes]) -> None:
         """Write each packet; EAGAIN/ENOBUFS are counted in `stats.drops_out`.
 
         Each write runs the kernel's receive path for that packet
         synchronously (3-12 us), so a packet written here is already routed
-        when this returns.
+        when this returns. With `vnet_hdr` each packet goes out behind an
+        all-zero virtio-net header: a plain packet, checksums complete.
 
         Raises:
             OSError: any other write error (for example EINVAL for a bad
@@ -188,12 +264,30 @@ class TunDevice:
         """
         if self._closed:
             raise trio.ClosedResourceError("TUN device is closed")
-        write = os.write
         fd = self._fd
         stats = self.stats
+        if self.vnet_hdr:
+            self._write_framed(packets)
+            return
+        write = os.write
         for packet in packets:
             try:
                 n = write(fd, packet)
+            except OSError as exc:
+                if exc.errno in _DROP_ERRNOS:
+                    stats.drops_out += 1
+                    continue
+                raise
+            stats.packets_out += 1
+            stats.bytes_out += n
+
+    def _write_framed(self, packets: Iterable[bytes]) -> None:
+        fd = self._fd
+        stats = self.stats
+        writev = os.writev
+        for packet in packets:
+            try:
+                n = writev(fd, (ZERO_HEADER, packet)) - VNET_HDR_LEN
             except OSError as exc:
                 if exc.errno in _DROP_ERRNOS:
                     stats.drops_out += 1

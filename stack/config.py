@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
 class TcpConfig:
-    """Per-connection TCP settings."""
+    """Per-connection TCP settings (the memory budget is per Stack)."""
 
     mss: int = 1460  # MSS we advertise (what we can receive per segment)
     default_peer_mss: int = 536  # RFC 9293 3.7.1: when the SYN carries no MSS option
-    rcv_buf: int = 65535  # receive buffer: bytes held until the caller consumes them
-    snd_buf: int = 256 * 1024  # send buffer: bytes accepted from the caller until ACKed
-    ooo_limit: int = 65535  # out-of-order bytes held per connection
+    min_snd_mss: int = 48  # floor on the peer's MSS, as Linux's tcp_min_snd_mss
+    # Buffers (stack.tcp.buffers). Each starts at its *_initial size and grows with
+    # demand (auto-tuning) up to the cap, within the Stack-wide memory_budget.
+    rcv_buf: int = 4 << 20  # receive buffer cap: bytes held until the caller consumes them
+    rcv_buf_initial: int = 64 * 1024  # about the largest unscaled window (RFC 7323 2.2)
+    snd_buf: int = 4 << 20  # send buffer cap: bytes accepted from the caller until ACKed
+    snd_buf_initial: int = 256 * 1024
+    ooo_limit: int = 4 << 20  # out-of-order bytes held per connection (and <= the rcv buffer)
+    memory_budget: int = 1 << 30  # buffer bytes all connections of one Stack may reserve
+    # Options, each used only when the peer's SYN (or SYN-ACK) carries it too.
+    window_scaling: bool = True  # RFC 7323 2: windows beyond 64 KiB
+    timestamps: bool = True  # RFC 7323 3-5: RTT measurement on every ACK, and PAWS
+    sack: bool = True  # RFC 2018 SACK blocks out, RFC 6675 loss recovery with the peer's
+    congestion: Literal["cubic", "newreno"] = "cubic"  # RFC 9438 / RFC 5681 + RFC 6582
     rto_initial: float = 1.0  # RFC 6298 (2.1)
     rto_min: float = 0.2  # RFC 6298 (2.4) says 1 s; Linux and most stacks use 200 ms
     rto_max: float = 60.0  # RFC 6298 (2.5)
@@ -22,9 +34,19 @@ class TcpConfig:
     delayed_ack: float = 0.04  # RFC 9293 3.8.6.3: must be under 0.5 s (issue: <= 0.2 s)
     time_wait: float = 60.0  # as Linux; RFC 9293's 2*MSL is 4 minutes
     fin_wait_2_timeout: float = 60.0  # Linux tcp_fin_timeout
+    # Lingering ESTABLISHED / CLOSE-WAIT flows (the other states have their own timers).
+    keepalive: bool = False  # RFC 9293 3.8.4 / RFC 1122 4.2.3.6: probe an idle peer
+    keepalive_idle: float = 7200.0  # idle seconds before the first probe (Linux: 2 h)
+    keepalive_interval: float = 75.0  # between unanswered probes (Linux: 75 s)
+    keepalive_probes: int = 9  # unanswered probes before closing TIMED_OUT (Linux: 9)
+    idle_timeout: float | None = None  # no segment from the peer this long: RST, IDLE
     nagle: bool = False  # a relay forwards what it has (RFC 9293 3.7.4 makes Nagle a SHOULD)
     challenge_ack_limit: int = 10  # RFC 5961 10: challenge ACKs per second per connection
     ttl: int = 64
+
+    def __post_init__(self) -> None:
+        if self.congestion not in ("cubic", "newreno"):
+            raise ValueError(f"congestion {self.congestion!r}: 'cubic' or 'newreno'")
 
 
 @dataclass(frozen=True, slots=True)

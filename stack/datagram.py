@@ -170,8 +170,13 @@ class Datagrams:
 
     # ------------------------------------------------------------------ input
 
-    def receive(self, packet: bytes, ip: IpHeader, now: float, out: list[bytes]) -> bool:
+    def receive(
+        self, packet: bytes, ip: IpHeader, now: float, out: list[bytes], csum_ok: bool = False
+    ) -> bool:
         """Handle a whole (reassembled) non-TCP packet; False if not UDP or ICMP.
+
+        ``csum_ok`` skips verifying a UDP checksum (see ``Stack.receive``); ICMP
+        checksums are always verified (no offload computes them).
 
         Raises:
             ParseError: a malformed UDP/ICMP header or a bad checksum (the
@@ -179,20 +184,25 @@ class Datagrams:
         """
         proto = ip.proto
         if proto == PROTO_UDP:
-            self._udp(packet, ip, now, out)
+            self._udp(packet, ip, now, out, csum_ok)
             return True
         if proto == (PROTO_ICMP if ip.version == 4 else PROTO_ICMPV6):
             self._icmp(packet, ip, now, out)
             return True
         return False
 
-    def _udp(self, packet: bytes, ip: IpHeader, now: float, out: list[bytes]) -> None:
+    def _udp(
+        self, packet: bytes, ip: IpHeader, now: float, out: list[bytes], csum_ok: bool
+    ) -> None:
         src, dst, off, end = ip.src, ip.dst, ip.offset, ip.end
         v4 = ip.version == 4
         if dst[0] >= 224 if v4 else dst[0] == 0xFF:
             self.stats.multicast += 1
             return
-        if v4:
+        pseudo: int | None
+        if csum_ok:
+            pseudo = None
+        elif v4:
             pseudo = pseudo_sum_v4(src, dst, PROTO_UDP, end - off)
         else:
             pseudo = pseudo_sum_v6(src, dst, PROTO_UDP, end - off)

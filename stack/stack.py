@@ -33,6 +33,7 @@ from stack.events import (
 )
 from stack.fragments import FragmentStats, Reassembler
 from stack.seq import seq_add
+from stack.tcp.buffers import MemoryBudget
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.core import MAX_WINDOW, ConnectionCore
 from stack.tcp.segment import TcpSegment
@@ -53,9 +54,11 @@ from stack.wire.ip import PROTO_TCP, parse_ip
 from stack.wire.tcp import (
     ACK,
     FIN,
+    NO_OPTIONS,
     RST,
     SYN,
     TcpHeader,
+    TcpOptions,
     build_tcp_packet,
     encode_options,
     parse_tcp,
@@ -118,6 +121,7 @@ class Stack:
         self._pending = 0  # connections in LISTEN
         self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
         self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
+        self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget)  # all connections' buffers
         self._datagrams = Datagrams(
             self.config.datagram,
             mtu=self.config.mtu,
@@ -131,11 +135,16 @@ class Stack:
 
     # ------------------------------------------------------------------ input
 
-    def receive(self, packet: bytes, now: float) -> None:
+    def receive(self, packet: bytes, now: float, *, csum_ok: bool = False) -> None:
         """Take one raw IP packet from the client side. Never raises for bad input.
 
         A packet that completes a fragmented datagram is followed by the whole
         datagram, which is received (and counted in ``packets_in``) in turn.
+
+        ``csum_ok``: the TCP/UDP checksum is not verified, because the caller
+        knows it is good or only partial (TUN offloads: virtio NEEDS_CSUM or
+        DATA_VALID). Such a packet may be a GRO super-segment: one TCP segment
+        with up to ~64 KiB of payload, taken like any other segment.
         """
         self.stats.packets_in += 1
         try:
@@ -147,11 +156,14 @@ class Stack:
                     self.receive(whole, now)
                 return
             if ip.proto != PROTO_TCP:
-                if not self._datagrams.receive(packet, ip, now, self._raw_out):
+                if not self._datagrams.receive(packet, ip, now, self._raw_out, csum_ok):
                     self.stats.not_tcp += 1
                 return
             length = ip.end - ip.offset
-            if ip.version == 4:
+            pseudo: int | None
+            if csum_ok:
+                pseudo = None
+            elif ip.version == 4:
                 pseudo = pseudo_sum_v4(ip.src, ip.dst, PROTO_TCP, length)
             else:
                 pseudo = pseudo_sum_v6(ip.src, ip.dst, PROTO_TCP, length)
@@ -250,6 +262,7 @@ class Stack:
             mss=cfg.mss if version == 4 else cfg.mss - 20,  # the IPv6 header is 20 bytes longer
             events=self._events,
             readable=self._readable,
+            budget=self._tcp_memory,
         )
         conn.listen(
             TcpSegment(
@@ -413,8 +426,27 @@ class Stack:
 
     def _build(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
         ttl = self.config.tcp.ttl
+        last: TcpOptions = NO_OPTIONS
+        options = b""
         for s in segs:
-            options = encode_options(mss=s.options.mss) if s.flags & SYN else b""
+            # Options as the connection chose them per segment: MSS, window scale,
+            # SACK-permitted and TSopt on SYNs; TSopt (RFC 7323 3.2) and SACK blocks
+            # (RFC 2018) on the rest once negotiated; nothing on RSTs. A batch shares
+            # one options object: it is encoded once.
+            o = s.options
+            if o is not last:
+                last = o
+                if o is NO_OPTIONS:
+                    options = b""
+                elif s.flags & SYN:
+                    options = encode_options(
+                        mss=o.mss,
+                        wscale=o.wscale,
+                        sack_permitted=o.sack_permitted,
+                        timestamps=o.timestamps,
+                    )
+                else:
+                    options = encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
             out.append(
                 build_tcp_packet(
                     entry.server,

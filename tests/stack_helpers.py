@@ -66,9 +66,7 @@ def events(stack: Stack) -> list[object]:
 
 
 def request(stack: Stack, *, src: bytes = C4, dst: bytes = S4, mss: int = 1460) -> FlowId:
-    stack.receive(
-        seg(CLIENT_ISN, 0, SYN, src=src, dst=dst, options=encode_options(mss=mss)), 0.0
-    )
+    stack.receive(seg(CLIENT_ISN, 0, SYN, src=src, dst=dst, options=encode_options(mss=mss)), 0.0)
     (ev,) = events(stack)
     assert isinstance(ev, ConnectionRequest)
     return ev.flow

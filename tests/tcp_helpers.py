@@ -11,6 +11,10 @@ Two templates name the usual segments:
 * ``REPLY``: what the connection sends back,
   ``seq=ISS+1, ack=IRS+1, ACK, window=WINDOW``.
 
+Builders take ``options=`` for the peer's SYN (``ALL_OPTIONS``: window scale,
+SACK-permitted and timestamps, like Linux); without it the peer offers only
+an MSS and nothing else is negotiated.
+
 Tests ``replace(...)`` the fields that differ. ``send``/``recv``/``recv_nothing``
 take explicit time. ``ConnectionPair`` joins two connections by a ``LossyLink``
 driven by a seeded ``random.Random``.
@@ -31,11 +35,13 @@ from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 
 __all__ = [
     "ACK",
+    "ALL_OPTIONS",
     "FIN",
     "FLOW",
     "IRS",
     "ISS",
     "LPORT",
+    "PEER_TS",
     "PEER_WINDOW",
     "PSH",
     "REPLY",
@@ -117,12 +123,23 @@ DEFAULT_CONFIG = TcpConfig(time_wait=2.0)
 
 
 def _conn(config: TcpConfig | None) -> TcpConnection:
-    return TcpConnection(local_port=LPORT, remote_port=RPORT, config=config or DEFAULT_CONFIG)
+    # Packet-level tests use a few-byte MSS to keep segment counts small, so the
+    # builders lift the MSS floor (test_tcp_options covers the floor itself).
+    cfg = replace(config or DEFAULT_CONFIG, min_snd_mss=1)
+    return TcpConnection(local_port=LPORT, remote_port=RPORT, config=cfg)
 
 
-def _syn(irs: int, window: int, mss: int | None) -> TcpSegment:
-    opts = NO_OPTIONS if mss is None else TcpOptions(mss=mss)
+def _syn(irs: int, window: int, mss: int | None, options: TcpOptions | None) -> TcpSegment:
+    if options is None:
+        opts = NO_OPTIONS if mss is None else TcpOptions(mss=mss)
+    else:
+        opts = options._replace(mss=mss)
     return TcpSegment(RPORT, LPORT, irs, 0, SYN, window, b"", opts)
+
+
+PEER_TS = 5000  # the TSval the builders' peer puts in its SYN and handshake ACK
+# What a peer like Linux offers: SACK, timestamps and a window-scale shift.
+ALL_OPTIONS = TcpOptions(wscale=7, sack_permitted=True, timestamps=(PEER_TS, 0))
 
 
 # --------------------------------------------------------------------- builders
@@ -139,10 +156,14 @@ def listen(
     window: int = PEER_WINDOW,
     mss: int | None = 1460,
     config: TcpConfig | None = None,
+    options: TcpOptions | None = None,
 ) -> TcpConnection:
-    """A connection that has recorded the peer's SYN and awaits accept()/reject()."""
+    """A connection that has recorded the peer's SYN and awaits accept()/reject().
+
+    ``options``: the SYN's options besides the MSS (e.g. ``ALL_OPTIONS``).
+    """
     c = _conn(config)
-    c.listen(_syn(irs, window, mss))
+    c.listen(_syn(irs, window, mss, options))
     assert c.state is State.LISTEN
     return c
 
@@ -155,9 +176,10 @@ def syn_received(
     mss: int | None = 1460,
     config: TcpConfig | None = None,
     now: float = 0.0,
+    options: TcpOptions | None = None,
 ) -> TcpConnection:
     """Accepted at ``now``; the SYN-ACK has been sent (and taken)."""
-    c = listen(irs=irs, window=window, mss=mss, config=config)
+    c = listen(irs=irs, window=window, mss=mss, config=config, options=options)
     c.accept(isn=iss)
     out = recv(c, now)
     assert [s.flags for s in out] == [SYN | ACK], out
@@ -173,19 +195,32 @@ def established(
     mss: int | None = 1460,
     config: TcpConfig | None = None,
     rtt: float | None = None,
+    options: TcpOptions | None = None,
 ) -> TcpConnection:
-    """A passive-open connection in ESTABLISHED at now == 0.0 (see above for ``rtt``)."""
+    """A passive-open connection in ESTABLISHED at now == 0.0 (see above for ``rtt``).
+
+    With ``options`` carrying timestamps, the handshake ACK has TSval ``PEER_TS``
+    and echoes the SYN-ACK's TSval (``rtt=x``) or 0, which gives no sample.
+    """
     cfg = config or DEFAULT_CONFIG
+    c = listen(irs=irs, window=window, mss=mss, config=cfg, options=options)
+    c.accept(isn=iss)
     if rtt is None:
         t0 = -2 * cfg.rto_initial
-        c = syn_received(iss=iss, irs=irs, window=window, mss=mss, config=cfg, now=t0)
+        assert [s.flags for s in recv(c, t0)] == [SYN | ACK]
         deadline = c.get_timer()
         assert deadline is not None
         c.handle_timer(deadline)
-        assert [s.flags for s in recv(c, deadline)] == [SYN | ACK]
+        (synack,) = recv(c, deadline)
     else:
-        c = syn_received(iss=iss, irs=irs, window=window, mss=mss, config=cfg, now=-rtt)
-    ack = TcpSegment(RPORT, LPORT, (irs + 1) & M, (iss + 1) & M, ACK, window)
+        (synack,) = recv(c, -rtt)
+    assert synack.flags == SYN | ACK
+    opts = NO_OPTIONS
+    if c.ts is not None:
+        assert synack.options.timestamps is not None
+        echo = 0 if rtt is None else synack.options.timestamps[0]
+        opts = TcpOptions(timestamps=(PEER_TS, echo))
+    ack = TcpSegment(RPORT, LPORT, (irs + 1) & M, (iss + 1) & M, ACK, window, b"", opts)
     send(c, ack, 0.0)
     assert c.state is State.ESTABLISHED
     recv_nothing(c, 0.0)

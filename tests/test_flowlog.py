@@ -55,3 +55,19 @@ async def test_path_is_appended_and_flushed_per_line(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert [json.loads(line).get("ended") for line in lines] == [None, "rst", "shutdown"]
     log.close()  # twice is fine
+
+
+async def test_worker_field_and_whole_lines_from_several_writers(tmp_path: Path) -> None:
+    # Two workers of `tunrelay run --workers 2` append to one file: O_APPEND, one
+    # write(2) per line, so the lines never interleave.
+    path = tmp_path / "flows.jsonl"
+    logs = [FlowLog(path, worker=w) for w in (0, 1)]
+    for i in range(200):
+        await logs[i % 2].flow_end(V4, FlowEnd(EndReason.FIN, i, 2 * i, 0.5))
+    for log in logs:
+        log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["worker"], r["orig_bytes"]) for r in records] == [(i % 2, i) for i in range(200)]
+    out = io.StringIO()
+    await FlowLog(out).flow_end(V6, FlowEnd(EndReason.FIN, 1, 1, 0.1))
+    assert "worker" not in json.loads(out.getvalue())  # only when given

@@ -9,8 +9,23 @@ import pytest
 
 STACK = Path(__file__).resolve().parent.parent / "stack"
 BANNED = {
-    "trio", "socket", "os", "time", "random", "threading", "asyncio", "select", "selectors",
-    "secrets", "relay", "pytun", "pyroute2", "subprocess", "datetime", "signal", "io",
+    "trio",
+    "socket",
+    "os",
+    "time",
+    "random",
+    "threading",
+    "asyncio",
+    "select",
+    "selectors",
+    "secrets",
+    "relay",
+    "pytun",
+    "pyroute2",
+    "subprocess",
+    "datetime",
+    "signal",
+    "io",
 }
 FILES = sorted(STACK.rglob("*.py"))
 

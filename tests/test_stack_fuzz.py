@@ -83,7 +83,9 @@ def test_hostile_packets_never_raise_and_stay_bounded(packets: list[bytes], acce
         stack.packets_to_send(now)
         _check_bounds(stack)
     counted = (
-        stack.stats.parse_errors + stack.stats.checksum_errors + stack.stats.fragments
+        stack.stats.parse_errors
+        + stack.stats.checksum_errors
+        + stack.stats.fragments
         + stack.stats.not_tcp
     )
     assert counted <= stack.stats.packets_in

@@ -20,6 +20,14 @@ such step acknowledges at least one of the B bytes or one of the two FINs
 and TIME-WAIT adds config.time_wait. That is loose (it assumes one byte per
 stall); the loop stops as soon as both sides are done, so it costs nothing.
 
+Both ends draw their options (window scaling, timestamps, SACK; mostly on),
+the congestion controller and buffer sizes that make them matter (a 1 MiB
+receive cap is window scale 5; a 1000-byte initial buffer must auto-tune up).
+A second test forces SACK + timestamps + window scaling on both ends, with
+transfers of several windows, so that SACK recovery, PAWS under duplication
+and reordering, and scaled windows are all exercised, and checks that they
+were negotiated.
+
 Retries are raised from the defaults (8 and 5) to 14 so that giving up, which
 is right on a dead link, has negligible probability at <= 20 % loss: each
 retransmission round fails with p <= 1 - 0.8**2 = 0.36 and 0.36**15 < 3e-7.
@@ -128,9 +136,13 @@ isns = st.one_of(
 
 
 @st.composite
-def app_scripts(draw: st.DrawFn) -> tuple[int, list[tuple[float, int]], float, float]:
-    # Magnitudes first: left alone, hypothesis favours tiny transfers.
-    size = draw(st.sampled_from([0, 10, 1000, 5000, 20000])) + draw(st.integers(0, 999))
+def app_scripts(
+    draw: st.DrawFn, big: bool = False
+) -> tuple[int, list[tuple[float, int]], float, float]:
+    # Magnitudes first: left alone, hypothesis favours tiny transfers. ``big`` adds
+    # transfers of several windows, where auto-tuning and SACK recovery matter.
+    sizes = [0, 10, 1000, 5000, 20000] + ([200_000] if big else [])
+    size = draw(st.sampled_from(sizes)) + draw(st.integers(0, 999))
     n = draw(st.integers(1, 8))
     cuts = sorted(draw(st.lists(st.integers(0, size), min_size=n - 1, max_size=n - 1)))
     sizes = [b - a for a, b in zip([0, *cuts], [*cuts, size], strict=True)]
@@ -144,17 +156,29 @@ def percent(top: int) -> st.SearchStrategy[float]:
     return st.integers(0, top).map(lambda p: p / 100)
 
 
+mostly = st.sampled_from([True, True, True, False])
+
 configs = st.builds(
     TcpConfig,
     mss=st.sampled_from([100, 536, 1460]),
-    rcv_buf=st.sampled_from([1000, 4000, 65535]),
-    snd_buf=st.sampled_from([700, 8192]),
+    rcv_buf=st.sampled_from([1000, 4000, 65535, 1 << 20]),  # 1 MiB: window scale 5
+    rcv_buf_initial=st.sampled_from([1000, 65536]),  # a small start: auto-tuning grows it
+    snd_buf=st.sampled_from([700, 8192, 1 << 20]),
+    snd_buf_initial=st.sampled_from([700, 8192]),
     ooo_limit=st.sampled_from([1500, 65535]),
     nagle=st.booleans(),
+    window_scaling=mostly,
+    timestamps=mostly,
+    sack=mostly,
+    congestion=st.sampled_from(["cubic", "newreno"]),
     rto_max=st.just(RTO_MAX),
     max_retries=st.just(RETRIES),
     syn_retries=st.just(RETRIES),
     time_wait=st.just(TIME_WAIT),
+)
+# Both ends negotiate SACK, timestamps and window scaling (RFC 2018, RFC 7323).
+full_configs = configs.map(
+    lambda c: replace(c, window_scaling=True, timestamps=True, sack=True, rcv_buf=1 << 20)
 )
 
 
@@ -204,6 +228,59 @@ def test_reliable_delivery_over_a_lossy_link(
     script_a: tuple[int, list[tuple[float, int]], float, float],
     script_b: tuple[int, list[tuple[float, int]], float, float],
 ) -> None:
+    pair = _run(seed, loss, dup, reorder, cfg_a, cfg_b, isn_a, isn_b, script_a, script_b)
+    for conn, mine, theirs in ((pair.a, cfg_a, cfg_b), (pair.b, cfg_b, cfg_a)):
+        assert conn.sack_ok == (mine.sack and theirs.sack)
+        assert (conn.ts is not None) == (mine.timestamps and theirs.timestamps)
+
+
+@settings(
+    max_examples=max(MAX_EXAMPLES // 2, 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    loss=percent(20),
+    dup=percent(10),
+    reorder=percent(20),
+    cfg_a=full_configs,
+    cfg_b=full_configs,
+    isn_a=isns,
+    isn_b=isns,
+    script_a=app_scripts(big=True),
+    script_b=app_scripts(big=True),
+)
+def test_reliable_delivery_with_sack_timestamps_and_window_scaling(
+    seed: int,
+    loss: float,
+    dup: float,
+    reorder: float,
+    cfg_a: TcpConfig,
+    cfg_b: TcpConfig,
+    isn_a: int,
+    isn_b: int,
+    script_a: tuple[int, list[tuple[float, int]], float, float],
+    script_b: tuple[int, list[tuple[float, int]], float, float],
+) -> None:
+    pair = _run(seed, loss, dup, reorder, cfg_a, cfg_b, isn_a, isn_b, script_a, script_b)
+    for conn in (pair.a, pair.b):
+        assert conn.sack_ok and conn.ts is not None
+        assert (conn.snd_wscale, conn.rcv_wscale) == (5, 5)  # 1 MiB: 65535 << 5
+
+
+def _run(
+    seed: int,
+    loss: float,
+    dup: float,
+    reorder: float,
+    cfg_a: TcpConfig,
+    cfg_b: TcpConfig,
+    isn_a: int,
+    isn_b: int,
+    script_a: tuple[int, list[tuple[float, int]], float, float],
+    script_b: tuple[int, list[tuple[float, int]], float, float],
+) -> ConnectionPair:
     note(f"cfg_a={cfg_a!r}\ncfg_b={cfg_b!r}")
     rng = random.Random(seed)
     apps = {}
@@ -245,6 +322,7 @@ def test_reliable_delivery_over_a_lossy_link(
         assert apps[peer].peer_finished == 1
         assert app.resets == 0
         assert app.closed_events in ([], [CloseReason.FINISHED]), app.closed_events
+    return pair
 
 
 def test_simultaneous_close_over_a_clean_link_is_four_segments() -> None:

@@ -46,6 +46,7 @@ from stack.errors import LocalProtocolError
 from stack.events import Closed, CloseReason, Connected, ConnectionReset, DataReceived, PeerFinished
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.segment import TcpSegment
+from stack.tcp.timestamps import offset_for
 from stack.wire.tcp import TcpOptions
 
 SYN_IN = TcpSegment(RPORT, LPORT, IRS, 0, SYN, PEER_WINDOW, b"", TcpOptions(mss=1460))
@@ -173,13 +174,29 @@ def test_active_open() -> None:
 
 
 def test_syn_sent_sends_exact_syn_and_retransmits() -> None:
+    # Default changed with RFC 7323 / RFC 2018 support: an active open offers window
+    # scaling (shift 7 covers the 4 MiB receive-buffer cap), SACK and timestamps
+    # (TSval = now in ms + a per-connection offset derived from the ISN).
     c = TcpConnection(local_port=LPORT, remote_port=RPORT)
+    c.connect(isn=ISS)
+    off = offset_for(ISS)
+
+    def syn(tsval: int) -> TcpSegment:
+        opts = TcpOptions(mss=1460, wscale=7, sack_permitted=True, timestamps=(tsval, 0))
+        return TcpSegment(LPORT, RPORT, ISS, 0, SYN, WINDOW, b"", opts)
+
+    assert recv(c, 0.0) == [syn(off)]
+    c.handle_timer(1.0)
+    assert recv(c, 1.0) == [syn(off + 1000)]
+    assert c.get_timer() == pytest.approx(3.0)
+
+
+def test_syn_sent_without_options_configured_sends_mss_only() -> None:
+    cfg = TcpConfig(window_scaling=False, sack=False, timestamps=False)
+    c = TcpConnection(local_port=LPORT, remote_port=RPORT, config=cfg)
     c.connect(isn=ISS)
     syn = TcpSegment(LPORT, RPORT, ISS, 0, SYN, WINDOW, b"", TcpOptions(mss=1460))
     assert recv(c, 0.0) == [syn]
-    c.handle_timer(1.0)
-    assert recv(c, 1.0) == [syn]
-    assert c.get_timer() == pytest.approx(3.0)
 
 
 def test_syn_sent_unacceptable_ack_gets_rst() -> None:

@@ -1,9 +1,16 @@
 """Congestion control for the server-to-client direction.
 
 A small interface in the shape of aioquic's ``congestion/base.py``: the
-connection reports ACKs and loss, and reads ``cwnd``. ``Reno`` follows
-RFC 5681 (slow start, congestion avoidance, and the window reductions on
-fast retransmit and on timeout).
+connection reports what happened -- new data acknowledged outside loss
+recovery, a loss found by duplicate ACKs or SACK (once per recovery episode),
+the end of that recovery, a retransmission timeout -- and reads ``cwnd`` and
+``ssthresh``. Loss *recovery* (which segments to resend, RFC 6675 pipe,
+RFC 6582 window inflation) belongs to the connection; these classes only size
+the window. Every call gets ``now`` so that time-based algorithms (CUBIC,
+``stack.tcp.cubic``) need nothing else.
+
+``NewReno`` is RFC 5681 with the RFC 6582 exit rule; ``stack.tcp.cubic.make``
+picks an algorithm by ``TcpConfig.congestion``.
 """
 
 from __future__ import annotations
@@ -15,41 +22,69 @@ class CongestionControl:
     __slots__ = ("cwnd", "mss", "ssthresh")
 
     def __init__(self, mss: int) -> None:
-        self.mss = mss
+        self.mss = mss  # sender MSS (SMSS), bytes
         self.cwnd = 1 << 30  # congestion window, bytes
         self.ssthresh = 1 << 30  # slow-start threshold, bytes
 
-    def on_ack(self, acked: int, flight: int) -> None:
-        """``acked`` new bytes were acknowledged with ``flight`` bytes outstanding before."""
+    def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
+        """``acked`` new bytes were acknowledged outside loss recovery.
 
-    def on_fast_retransmit(self, flight: int) -> None:
-        """Three duplicate ACKs signalled a loss."""
+        Args:
+            acked: bytes newly acknowledged.
+            flight: bytes outstanding before this ACK.
+            now: the current time.
+            srtt: the smoothed RTT (0.0 before any sample).
+        """
 
-    def on_timeout(self, flight: int) -> None:
+    def on_loss(self, flight: int, now: float) -> None:
+        """Duplicate ACKs or SACK found a loss: loss recovery begins (once per episode)."""
+
+    def on_recovery_end(self, flight: int, now: float) -> None:
+        """A cumulative ACK covered the recovery point.
+
+        RFC 6582 3.2 (3), option (1): cwnd = min(ssthresh, max(FlightSize, SMSS) + SMSS),
+        so the data released at the end of recovery does not go out as one burst.
+        """
+        self.cwnd = min(self.ssthresh, max(flight, self.mss) + self.mss)
+
+    def on_timeout(self, flight: int, now: float) -> None:
         """The retransmission timer expired."""
 
 
-class Reno(CongestionControl):
-    """RFC 5681 Reno."""
+class NewReno(CongestionControl):
+    """RFC 5681 slow start and congestion avoidance; RFC 6582 reductions."""
 
-    __slots__ = ()
+    __slots__ = ("_acked",)
 
     def __init__(self, mss: int) -> None:
         super().__init__(mss)
         self.cwnd = 10 * mss  # RFC 6928 initial window
+        self._acked = 0  # bytes acknowledged toward the next congestion-avoidance step
 
-    def on_ack(self, acked: int, flight: int) -> None:
+    def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
         if flight + self.mss < self.cwnd:
             return  # RFC 7661: do not grow a window the sender is not using
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, self.mss)  # RFC 5681 3.1 (3.2) slow start
-        else:
-            self.cwnd += max(1, self.mss * self.mss // self.cwnd)  # (3.3)
+            self.cwnd += min(acked, self.mss)  # RFC 5681 3.1 (2) slow start
+            return
+        # RFC 5681 3.1, congestion avoidance with byte counting (the RECOMMENDED
+        # way): one SMSS per cwnd of acknowledged bytes.
+        self._acked += acked
+        if self._acked >= self.cwnd:
+            self._acked -= self.cwnd
+            self.cwnd += self.mss
 
-    def on_fast_retransmit(self, flight: int) -> None:
-        self.ssthresh = max(flight // 2, 2 * self.mss)  # RFC 5681 (4)
-        self.cwnd = self.ssthresh
-
-    def on_timeout(self, flight: int) -> None:
+    def on_loss(self, flight: int, now: float) -> None:
+        # RFC 5681 (4) and RFC 6582 3.2 (2). The connection adds the 3 * SMSS
+        # inflation of fast recovery itself (only peers without SACK need it).
         self.ssthresh = max(flight // 2, 2 * self.mss)
-        self.cwnd = self.mss  # RFC 5681 3.1: loss window is one segment
+        self.cwnd = self.ssthresh
+        self._acked = 0
+
+    def on_timeout(self, flight: int, now: float) -> None:
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.mss  # RFC 5681 3.1: the loss window is one segment
+        self._acked = 0
+
+
+Reno = NewReno  # the name the connection used before RFC 6582 recovery

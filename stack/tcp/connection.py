@@ -14,6 +14,12 @@ packets for one flow costs one event.
 The receive window is derived, never stored: buffer capacity minus the bytes
 the application has not yet confirmed consumed. The send buffer holds bytes
 from the oldest unacknowledged one onward, so retransmission reads it directly.
+
+Options (RFC 7323, RFC 2018) are negotiated in the SYN exchange: a passive
+open answers window scaling, timestamps and SACK-permitted only when the
+client's SYN carried them; an active open offers all three (as configured)
+and keeps those the SYN-ACK returns. With timestamps, PAWS (RFC 7323 5.3)
+drops a segment older than TS.Recent before the acceptability test.
 """
 
 from __future__ import annotations
@@ -21,22 +27,23 @@ from __future__ import annotations
 from stack.errors import LocalProtocolError
 from stack.events import (
     CloseReason,
-    Connected,
     ConnectionReset,
     PeerFinished,
-    SendSpace,
 )
 from stack.seq import seq_add, seq_gt, seq_le, seq_lt, seq_sub
-from stack.tcp.congestion import Reno
+from stack.tcp.buffers import MAX_WSCALE, wscale_for
 from stack.tcp.core import MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
+from stack.tcp.cubic import make
+from stack.tcp.recovery import TcpRecovery
+from stack.tcp.sack import MAX_RECENT
 from stack.tcp.segment import TcpSegment
-from stack.tcp.sender import TcpSender
+from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpOptions
 
 __all__ = ["State", "TcpConnection"]
 
 
-class TcpConnection(TcpSender):
+class TcpConnection(TcpRecovery):
     """A TCP endpoint for one 4-tuple. See the module docstring."""
 
     # ------------------------------------------------------------------ opening
@@ -47,9 +54,17 @@ class TcpConnection(TcpSender):
         self.irs = syn.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
         self.peer_options = syn.options
-        self._take_syn_options(syn)
         self.snd_wnd = syn.window  # RFC 7323 2.2: the window in a SYN is never scaled
         self.max_snd_wnd = syn.window
+        # Answer only what the client offered (RFC 7323 1.3 and 3.2, RFC 2018 2).
+        cfg = self.config
+        opts = syn.options
+        if cfg.window_scaling and opts.wscale is not None:
+            self._use_wscale(opts.wscale)
+        self.sack_ok = cfg.sack and opts.sack_permitted
+        if cfg.timestamps and opts.timestamps is not None:
+            self.ts = Timestamps(opts.timestamps[0])
+        self._set_snd_mss(opts.mss)
 
     def accept(self, isn: int) -> None:
         """Answer the recorded SYN with a SYN-ACK (passive open)."""
@@ -60,9 +75,15 @@ class TcpConnection(TcpSender):
         self._syn_due = True
 
     def connect(self, isn: int) -> None:
-        """Active open: send a SYN."""
+        """Active open: send a SYN offering the configured options."""
         if self.state is not State.CLOSED or self.close_reason is not None:
             raise LocalProtocolError(f"connect() in state {self.state.value}")
+        cfg = self.config
+        if cfg.window_scaling:
+            self._use_wscale(0)  # the peer's shift comes with its SYN-ACK
+        self.sack_ok = cfg.sack
+        if cfg.timestamps:
+            self.ts = Timestamps()
         self._init_send(isn)
         self.state = State.SYN_SENT
         self._syn_due = True
@@ -79,11 +100,33 @@ class TcpConnection(TcpSender):
         self.iss = isn
         self.snd_una = self.snd_nxt = self.snd_max = isn
         self._sb_seq = seq_add(isn, 1)
+        self.recover = self.high_rxt = isn  # RFC 6582 3.2: recover starts at the ISN
+        if self.ts is not None:
+            self.ts.offset = offset_for(isn)
+        self.buf.open(self._max_wnd)
+        self._ooo.limit = min(self.config.ooo_limit, self.buf.rcv)
 
-    def _take_syn_options(self, seg: TcpSegment) -> None:
-        if seg.options.mss:
-            self.snd_mss = seg.options.mss
-        self.cc = Reno(self.snd_mss)
+    def _use_wscale(self, peer_shift: int) -> None:
+        self._ws_ok = True
+        self.snd_wscale = min(peer_shift, MAX_WSCALE)  # RFC 7323 2.3
+        self.rcv_wscale = wscale_for(self.config.rcv_buf)
+        self._max_wnd = MAX_WINDOW << self.rcv_wscale
+
+    def _set_snd_mss(self, peer_mss: int | None) -> None:
+        """Full-segment payload from the peer's MSS option, once options are settled.
+
+        RFC 6691: the MSS counts payload after bare 20-byte IP and TCP headers, so
+        the 12 bytes of TSopt on every segment come out of it (Linux's mss_cache
+        does the same). Fixed: full segments with timestamps were 12 bytes over
+        the path MTU and never arrived.
+        """
+        # Linux's tcp_min_snd_mss floor: a tiny MSS would cost a segment per few bytes.
+        cfg = self.config
+        mss = max(peer_mss or cfg.default_peer_mss, cfg.min_snd_mss)
+        if self.ts is not None:
+            mss = max(mss - TS_OPTION_LEN, 1)
+        self.snd_mss = self._seg_mss = mss
+        self.cc = make(cfg.congestion, mss)
 
     # ----------------------------------------------------------- application side
 
@@ -99,7 +142,9 @@ class TcpConnection(TcpSender):
         """
         if self._fin_queued or self.state in (State.CLOSED, State.LISTEN):
             raise LocalProtocolError(f"send() in state {self.state.value}")
-        room = self.config.snd_buf - len(self._sndbuf)
+        room = self.buf.snd - len(self._sndbuf)
+        if room < len(data) and self.buf.want_snd(2 * min(self.cc.cwnd, self.max_snd_wnd)):
+            room = self.buf.snd - len(self._sndbuf)  # grown with demand (buffers.py)
         n = min(room, len(data))
         if n < len(data):
             self._want_send_space = True
@@ -112,7 +157,7 @@ class TcpConnection(TcpSender):
         """Free bytes in the send buffer (0 once closed for sending)."""
         if self._fin_queued or self.state in (State.CLOSED, State.LISTEN):
             return 0
-        return self.config.snd_buf - len(self._sndbuf)
+        return self.buf.snd - len(self._sndbuf)
 
     @property
     def unsent(self) -> int:
@@ -129,8 +174,8 @@ class TcpConnection(TcpSender):
         # the increase passes receiver SWS avoidance (RFC 9293 3.8.6.2.2).
         if (
             self.state in RECEIVING
-            and before < self.config.rcv_buf // 2
-            and self._window_increase() >= min(self.config.rcv_buf // 2, self.rcv_mss)
+            and before < self.buf.rcv // 2
+            and self._window_increase() >= min(self.buf.rcv // 2, self.rcv_mss)
         ):
             self._ack_now = True
 
@@ -183,11 +228,29 @@ class TcpConnection(TcpSender):
         if state is State.SYN_SENT:
             self._on_segment_syn_sent(seq, ack, flags, window, options, now)
             return
+        self._last_rcv = now  # the peer is alive (keepalive, idle timeout)
+        if self.snd_wscale and not flags & SYN:
+            window <<= self.snd_wscale  # RFC 7323 2.3: SND.WND = SEG.WND << Snd.Wind.Shift
+        ts = self.ts
+        stamp = None if ts is None else options.timestamps
+        # RFC 7323 5.3 R1 (PAWS): an older TSval than TS.Recent is a duplicate from
+        # an earlier incarnation of the sequence space: ACK it and drop it. RSTs are
+        # exempt. (A segment without TSopt is processed, as Linux and FreeBSD do;
+        # RFC 7323 3.2 says SHOULD drop, MUST NOT abort.)
+        if (
+            stamp is not None
+            and ts is not None
+            and seq_lt(stamp[0], ts.recent)
+            and not flags & RST
+            and ts.paws_rejects(stamp[0], now)
+        ):
+            self._ack_now = True
+            return
 
         # RFC 9293 3.10.7.4, first: is the segment acceptable?
         seg_len = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
         rcv_wnd = seq_sub(self.rcv_adv, self.rcv_nxt)
-        if not self._acceptable(seq, seg_len, rcv_wnd):
+        if not self._acceptable(seq, seg_len, rcv_wnd, flags & RST):
             if flags & RST:
                 return
             if state is State.SYN_RECEIVED and flags & SYN and seq == self.irs:
@@ -199,8 +262,10 @@ class TcpConnection(TcpSender):
                 # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
                 self.linger_deadline = now + self.config.time_wait
             if flags & ACK and rcv_wnd == 0 and seq == self.rcv_nxt:
-                self._on_ack(ack, seq, window, 0, now)  # zero window: still take ACKs
+                self._on_ack(ack, seq, window, 0, options, now)  # zero window: take ACKs
             return
+        if stamp is not None and ts is not None and stamp[0] != ts.recent:
+            ts.update(stamp[0], seq, self.last_ack_sent, now)  # RFC 7323 5.3 R3, 4.3
 
         # Second: RST (RFC 5961 3.2).
         if flags & RST:
@@ -220,7 +285,7 @@ class TcpConnection(TcpSender):
             return
         # seg_len, not len(payload): RFC 5681 2 (duplicate ACK) requires SYN and FIN
         # off as well as no data; a bare FIN used to count as a duplicate.
-        if not self._on_ack(ack, seq, window, seg_len, now):
+        if not self._on_ack(ack, seq, window, seg_len, options, now):
             return
         # Sixth and seventh: the text and the FIN.
         if payload and self.state in RECEIVING:
@@ -236,13 +301,21 @@ class TcpConnection(TcpSender):
         # an ACK for every acceptable ACK made two TIME-WAIT ends (simultaneous
         # close) ping-pong ACKs until the timer ran out.
 
-    def _acceptable(self, seq: int, seg_len: int, rcv_wnd: int) -> bool:
+    def _acceptable(self, seq: int, seg_len: int, rcv_wnd: int, rst: int) -> bool:
         # RFC 9293 3.10.7.4, the four cases of the acceptability test.
         rcv_nxt = self.rcv_nxt
         if seg_len == 0:
+            # Inclusive right edge for non-RST segments, as Linux's tcp_sequence()
+            # and BSD: a peer that filled our window exactly sends its pure ACKs
+            # with SEQ == RCV.NXT + RCV.WND; RFC 9293's strict "<" drops them and
+            # ignores their ACK field, which stalled flows whose first segment in
+            # the window was lost. An RST at the edge stays outside (RFC 5961 3.2).
+            edge = seq_add(rcv_nxt, rcv_wnd)
+            if not rst and seq == edge:
+                return True
             if rcv_wnd == 0:
                 return seq == rcv_nxt
-            return seq_le(rcv_nxt, seq) and seq_lt(seq, seq_add(rcv_nxt, rcv_wnd))
+            return seq_le(rcv_nxt, seq) and seq_lt(seq, edge)
         if rcv_wnd == 0:
             return False
         end = seq_add(seq, seg_len - 1)
@@ -278,116 +351,39 @@ class TcpConnection(TcpSender):
             return
         self.irs = seq
         self.rcv_nxt = seq_add(seq, 1)
-        self.rcv_adv = seq_add(self.rcv_nxt, min(self.config.rcv_buf, MAX_WINDOW))
+        self.rcv_adv = seq_add(self.rcv_nxt, min(self.buf.rcv, MAX_WINDOW))
         self.peer_options = options
-        if options.mss:
-            self.snd_mss = options.mss
-            self.cc = Reno(self.snd_mss)
-        self.snd_wnd = self.max_snd_wnd = window
+        self._negotiated(options, now)
+        self._set_snd_mss(options.mss)
+        self.snd_wnd = self.max_snd_wnd = window  # RFC 7323 2.2: never scaled in a SYN
         self.snd_wl1, self.snd_wl2 = seq, ack
+        self._last_rcv = now
         self._ack_now = True
         if flags & ACK:
-            self._on_new_ack(ack, now)
+            self._on_new_ack(ack, options, now)
             self.state = State.ESTABLISHED
-            self._emit(Connected(self._flow()))
+            self._on_established(now)
         else:
             self.state = State.SYN_RECEIVED  # simultaneous open
             self._syn_due = True
 
-    def _on_ack(self, ack: int, seq: int, window: int, payload_len: int, now: float) -> bool:
-        """RFC 9293 3.10.7.4 fifth step. Returns False when the segment is to be dropped."""
-        if self.state is State.SYN_RECEIVED:
-            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
-                self._ctl.append(self._segment(ack, 0, RST, 0))
-                return False
-            self.state = State.ESTABLISHED
-            self.snd_wnd = window
-            self.max_snd_wnd = max(self.max_snd_wnd, window)
-            self.snd_wl1, self.snd_wl2 = seq, ack
-            self._on_new_ack(ack, now)
-            self._emit(Connected(self._flow()))
-            if self._fin_queued:
-                self.state = State.FIN_WAIT_1
-            return True
-
-        if seq_gt(ack, self.snd_max):
-            self._ack_now = True  # acknowledges something never sent
-            return False
-        if seq_gt(ack, self.snd_una):
-            self._on_new_ack(ack, now)
-        elif (
-            ack == self.snd_una
-            and payload_len == 0
-            and window == self.snd_wnd
-            and self.snd_max != self.snd_una
-        ):
-            self._on_duplicate_ack()
-        # Window update (RFC 9293 3.10.7.4, with SND.WL1/WL2 ordering).
-        if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
-            self.snd_wnd = window
-            self.snd_wl1, self.snd_wl2 = seq, ack
-            if window > self.max_snd_wnd:
-                self.max_snd_wnd = window
-            if window > 0:
-                self.persist_deadline = None
-                self._persist_backoff = 0
-        self._probes = 0
-        return self.state is not State.CLOSED
-
-    def _on_new_ack(self, ack: int, now: float) -> None:
-        flight = seq_sub(self.snd_max, self.snd_una)
-        acked = seq_sub(ack, self.snd_una)
-        if self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
-            self._rtt.sample(now - self._rtt_start)
-            self._rtt_seq = None
-        self.snd_una = ack
-        if seq_lt(self.snd_nxt, ack):
-            self.snd_nxt = ack
-        # Drop acknowledged bytes from the send buffer (the SYN and FIN hold no bytes).
-        n = min(seq_sub(ack, self._sb_seq), len(self._sndbuf))
-        if n > 0:
-            del self._sndbuf[:n]
-            self._sb_seq = seq_add(self._sb_seq, n)
-            if self._want_send_space and not self._fin_queued:
-                self._want_send_space = False
-                self._emit(SendSpace(self._flow()))
-        self._retries = 0
-        self._rtt.backoff = 0
-        self._dupacks = 0
-        if self._recover is not None:
-            if seq_lt(ack, self._recover):
-                self._rtx_due = True  # RFC 6582 3.2 (5): a partial ACK, the next hole
+    def _negotiated(self, options: TcpOptions, now: float) -> None:
+        """Keep what both our SYN and the peer's offered (RFC 7323 1.3, 3.2; RFC 2018 2)."""
+        if self._ws_ok and options.wscale is not None:
+            self.snd_wscale = min(options.wscale, MAX_WSCALE)  # RFC 7323 2.3
+        elif self._ws_ok:
+            self._ws_ok = False
+            self.rcv_wscale = 0
+            self._max_wnd = MAX_WINDOW
+            self.buf.limit_window(MAX_WINDOW)
+            self._ooo.limit = min(self.config.ooo_limit, self.buf.rcv)
+        self.sack_ok = self.sack_ok and options.sack_permitted
+        ts = self.ts
+        if ts is not None:
+            if options.timestamps is None:
+                self.ts = None
             else:
-                self._recover = None
-        else:
-            self.cc.on_ack(acked, flight)
-        # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
-        self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
-        if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
-            self._on_fin_acked(now)
-
-    def _on_duplicate_ack(self) -> None:
-        self._dupacks += 1
-        if self._dupacks == 3 and self._recover is None:
-            # RFC 5681 3.2 fast retransmit; RFC 6582 recovery point.
-            self.cc.on_fast_retransmit(seq_sub(self.snd_max, self.snd_una))
-            self._recover = self.snd_max
-            self._rtx_due = True
-            self._rtt_seq = None
-
-    def _on_fin_acked(self, now: float) -> None:
-        if self.state is State.FIN_WAIT_1:
-            self.state = State.FIN_WAIT_2
-            self.linger_deadline = now + self.config.fin_wait_2_timeout
-        elif self.state is State.CLOSING:
-            self._enter_time_wait(now)
-        elif self.state is State.LAST_ACK:
-            self._close(CloseReason.FINISHED)
-
-    def _enter_time_wait(self, now: float) -> None:
-        self.state = State.TIME_WAIT
-        self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = now + self.config.time_wait
+                ts.recent, ts.recent_at = options.timestamps[0], now
 
     def _on_data(self, seq: int, payload: bytes, now: float) -> None:
         # Trim to the window: the part before rcv_nxt is a duplicate and the part
@@ -404,7 +400,10 @@ class TcpConnection(TcpSender):
             self._ack_now = True
             return
         if seq != rcv_nxt:
-            self._ooo.insert(rcv_nxt, seq, payload)
+            if self._ooo.insert(rcv_nxt, seq, payload) and self.sack_ok:
+                recent = self._sack_recent  # RFC 2018 4: its block goes first
+                recent.insert(0, seq)
+                del recent[MAX_RECENT:]
             self._ack_now = True  # RFC 5681 4.2: an immediate duplicate ACK
             return
         filled_hole = bool(self._ooo)
@@ -415,6 +414,10 @@ class TcpConnection(TcpSender):
             self._ack_now = True  # RFC 5681 4.2: ACK at once when a hole fills
         if self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt:
             self._on_fin(self._ooo_fin, now)
+        if now >= self.buf.tick_at and self.buf.rcv_tick(
+            self.rcv_nxt, self._unconsumed, now, self._rtt.srtt or self.config.rto_initial
+        ):
+            self._ooo.limit = min(self.config.ooo_limit, self.buf.rcv)  # auto-tuned
         self._unacked_segments += 1
         if self._unacked_segments >= 2:
             self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment

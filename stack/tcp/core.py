@@ -1,10 +1,32 @@
 """State shared by every part of a TCP connection: the variables, events, and helpers.
 
-``TcpConnection`` is assembled from three layers so each stays readable:
+``TcpConnection`` is assembled from four layers so each stays readable:
 ``ConnectionCore`` (this module: the RFC 9293 variables, event emission,
-window advertisement), ``TcpSender`` (``sender.py``: timers and everything
-that produces segments) and ``TcpConnection`` (``connection.py``: opening,
-the application calls, and segment processing).
+window advertisement and the options on outgoing segments), ``TcpSender``
+(``sender.py``: timers and everything that produces segments),
+``TcpRecovery`` (``recovery.py``: the ACK field -- RTT samples, the SACK
+scoreboard, loss recovery) and ``TcpConnection`` (``connection.py``: opening,
+the application calls, and the rest of segment processing).
+
+The receive window (RFC 7323 2.4): ``rcv_adv`` is the right edge we have
+advertised, and it never moves left. A window opens -- by at least the
+receiver-SWS threshold, RFC 9293 3.8.6.2.2 -- to the free buffer space,
+rounded down to the scale unit (2**shift bytes). The 16-bit field is the
+distance to ``rcv_adv`` shifted right and rounded up, so the peer sees
+``rcv_adv`` or a little beyond it (which then becomes ``rcv_adv``). Each
+rounding promises the peer up to a unit more than the buffer had free when
+the window last opened; while the application does not read, these add up,
+by less than a unit per ACK. Once they would pass ``slack`` (an eighth of the
+buffer, at least one unit minus one byte), the field is rounded down
+instead: the edge the peer sees retracts by less than one unit -- the
+retraction by rounding of RFC 7323 Appendix F -- and segments up to
+``rcv_adv`` are still accepted. With full-sized segments and the default
+cap (a 128-byte unit) a whole window closes before that point; it takes
+segments smaller than a unit, and always rounding up would let such a peer
+keep the window open for ever and grow the buffer without bound (the
+problem Linux made optional in 2023, ``tcp_shrink_window``). So a
+connection holds at most ``rcv_buf + slack`` bytes, and a buffer shrunk by
+memory pressure still honours the edge it advertised before.
 """
 
 from __future__ import annotations
@@ -21,11 +43,17 @@ from stack.events import (
     FlowId,
 )
 from stack.seq import seq_add, seq_le, seq_sub
-from stack.tcp.congestion import CongestionControl, Reno
+from stack.tcp.buffers import MAX_WINDOW, Buffers, MemoryBudget
+from stack.tcp.congestion import CongestionControl
+from stack.tcp.cubic import make
 from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
+from stack.tcp.sack import Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
+from stack.tcp.timestamps import Timestamps
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, TcpOptions
+
+_new = tuple.__new__
 
 
 class State(enum.Enum):
@@ -54,7 +82,8 @@ SYNCHRONIZED = frozenset(
     }
 )
 RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
-MAX_WINDOW = 0xFFFF  # no window scaling yet: RFC 7323 comes with the bad-paths work
+LINGERING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT})  # keepalive / idle timeout
+__all__ = ["LINGERING", "MAX_WINDOW", "RECEIVING", "SYNCHRONIZED", "ConnectionCore", "State"]
 
 
 class ConnectionCore:
@@ -70,6 +99,7 @@ class ConnectionCore:
         mss: int | None = None,
         events: deque[Event] | None = None,
         readable: list[ConnectionCore] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         cfg = config or TcpConfig()
         self.config = cfg
@@ -90,6 +120,7 @@ class ConnectionCore:
         self.snd_wl1 = 0  # segment sequence number used for the last window update
         self.snd_wl2 = 0  # segment acknowledgment number used for the last window update
         self.max_snd_wnd = 0  # largest window the peer has offered (sender SWS avoidance)
+        self.snd_wscale = 0  # RFC 7323 Snd.Wind.Shift: the peer's window field is << this
         self.snd_mss = cfg.default_peer_mss  # largest payload we send per segment
         self._sndbuf = bytearray()  # unacknowledged and unsent bytes from the application
         self._sb_seq = 0  # sequence number of _sndbuf[0]
@@ -99,13 +130,26 @@ class ConnectionCore:
         # Receive sequence space.
         self.irs = 0  # initial receive sequence number
         self.rcv_nxt = 0  # next sequence number expected
-        self.rcv_adv = 0  # right edge of the window last advertised
+        self.rcv_adv = 0  # right edge of the window advertised (never moves left)
+        self.rcv_wscale = 0  # RFC 7323 Rcv.Wind.Shift: our window field is >> this
+        self._max_wnd = MAX_WINDOW  # the largest window the field can express
+        self._rounded = 0  # bytes promised by rounding up since the window last opened
         self.rcv_mss = mss or cfg.mss  # MSS we advertise
+        self.last_ack_sent = 0  # RFC 7323 Last.ACK.sent: the ACK field we last sent
+        self.buf = Buffers(cfg, budget or MemoryBudget(cfg.memory_budget), self.rcv_mss)
         self._unconsumed = 0  # bytes delivered to the application and not yet consumed
-        self._ooo = Reassembly(min(cfg.ooo_limit, cfg.rcv_buf))
+        self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv))
         self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
         self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
         self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
+
+        # Negotiated options (RFC 7323, RFC 2018): set by the SYN exchange.
+        self._ws_ok = False  # window scaling offered (active open) or agreed
+        self.ts: Timestamps | None = None  # timestamps: our clock, TS.Recent
+        self.sack_ok = False  # SACK-permitted both ways
+        self._sack_recent: list[int] = []  # seqs of recent out-of-order arrivals (RFC 2018 4)
+        self._tx_opts: TcpOptions = NO_OPTIONS  # options for the segments being built now
+        self._seg_mss = self.snd_mss  # payload per segment once those options are paid for
 
         # Output flags and timers (absolute deadlines, seconds).
         self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
@@ -113,12 +157,23 @@ class ConnectionCore:
         self._ack_now = False  # an ACK is owed immediately
         self._unacked_segments = 0  # in-order segments received since our last ACK
         self._rtx_due = False  # fast retransmit: resend the segment at snd_una
-        self._recover: int | None = None  # RFC 6582 recovery point while in fast recovery
-        self._dupacks = 0
         self.ack_deadline: float | None = None  # delayed ACK
         self.rto_deadline: float | None = None  # retransmission
         self.persist_deadline: float | None = None  # zero-window probe
         self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
+        self.idle_deadline: float | None = None  # keepalive probe or idle timeout
+        self._last_rcv = 0.0  # when the peer last sent anything (keepalive, idle timeout)
+        self._ka_probes = 0  # keepalive probes sent since the peer was last heard
+        self._ka_sent_at = 0.0  # when the last keepalive probe went
+
+        # Loss recovery (RFC 6582 NewReno, RFC 6675 with SACK).
+        self.in_recovery = False  # between a loss detected by ACKs and the recovery point
+        self.recover = 0  # RFC 6582 "recover" / RFC 6675 RecoveryPoint (snd_max then)
+        self._dupacks = 0  # RFC 5681 / RFC 6675 DupAcks
+        self._inflate = 0  # RFC 6582 fast-recovery window inflation (peers without SACK)
+        self._sb = Scoreboard()  # the peer's SACKed ranges (RFC 6675)
+        self.high_rxt = 0  # RFC 6675 HighRxt (exclusive): end of what was resent
+        self.rescue_rxt: int | None = None  # RFC 6675 RescueRxt
         self._retries = 0  # consecutive timeouts without progress
         self._probes = 0  # unanswered zero-window probes
         self._persist_backoff = 0  # probe-interval doublings since the window closed
@@ -128,7 +183,7 @@ class ConnectionCore:
         self._rtt_start = 0.0
         self._challenge_second = -1.0
         self._challenge_count = 0
-        self.cc: CongestionControl = Reno(self.snd_mss)
+        self.cc: CongestionControl = make(cfg.congestion, self.snd_mss)
 
     def _reset(self, reason: CloseReason) -> None:
         if self.state is State.CLOSED:
@@ -177,10 +232,12 @@ class ConnectionCore:
         self.state = State.CLOSED
         self.close_reason = reason
         self.ack_deadline = self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = None
+        self.linger_deadline = self.idle_deadline = None
         self._ack_now = self._syn_due = self._rtx_due = False
         self._sndbuf = bytearray()
         self._ooo = Reassembly(0)
+        self._sb.clear()
+        self.buf.close()
         self._emit(Closed(self._flow(), reason))
 
     # ----------------------------------------------------------------- timers
@@ -188,8 +245,13 @@ class ConnectionCore:
     def get_timer(self) -> float | None:
         """The earliest deadline, or None when no timer runs."""
         best: float | None = None
-        deadlines = (self.ack_deadline, self.rto_deadline, self.persist_deadline)
-        for d in (*deadlines, self.linger_deadline):
+        for d in (
+            self.ack_deadline,
+            self.rto_deadline,
+            self.persist_deadline,
+            self.linger_deadline,
+            self.idle_deadline,
+        ):
             if d is not None and (best is None or d < best):
                 best = d
         return best
@@ -197,9 +259,36 @@ class ConnectionCore:
     # ----------------------------------------------------------------- output
 
     def _segment(
-        self, seq: int, ack: int, flags: int, window: int, payload: bytes = b""
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: bytes = b"",
+        options: TcpOptions = NO_OPTIONS,
     ) -> TcpSegment:
-        return TcpSegment(self.local_port, self.remote_port, seq, ack, flags, window, payload)
+        return TcpSegment(
+            self.local_port, self.remote_port, seq, ack, flags, window, payload, options
+        )
+
+    def _options(self, now: float) -> TcpOptions:
+        """Options for a non-SYN, non-RST segment sent at ``now``.
+
+        RFC 7323 3.2: once negotiated, TSopt goes on every non-RST segment (RSTs go
+        without: they are accepted regardless of timestamps, 5.3 R1). RFC 2018 4:
+        SACK blocks on every ACK while out-of-order data is held -- at most 3 next
+        to timestamps, else 4 (RFC 2018 3, the 40-byte option space).
+        """
+        ts = self.ts
+        blocks: tuple[tuple[int, int], ...] = ()
+        if self.sack_ok and self._ooo:
+            blocks = choose_blocks(self._ooo.blocks(), self._sack_recent, 4 if ts is None else 3)
+        if ts is None:
+            if not blocks:
+                return NO_OPTIONS
+            return _new(TcpOptions, (None, None, False, None, blocks))
+        stamp = (ts.clock(now), ts.recent)
+        return _new(TcpOptions, (None, None, False, stamp, blocks))
 
     def _ack_seq(self) -> int:
         """The sequence number for a segment without data: RFC 9293's SND.NXT.
@@ -213,19 +302,46 @@ class ConnectionCore:
         edge = seq_add(self.snd_una, self.snd_wnd)
         return self.snd_max if seq_le(self.snd_max, edge) else edge
 
+    def _free(self) -> int:
+        """Buffer room for a window, in bytes: at most what the field can express."""
+        free = self.buf.rcv - self._unconsumed
+        return 0 if free <= 0 else min(free, self._max_wnd)
+
     def _window_increase(self) -> int:
-        free = self.config.rcv_buf - self._unconsumed
-        right = seq_add(self.rcv_nxt, min(max(free, 0), MAX_WINDOW))
-        return seq_sub(right, self.rcv_adv)
+        free = self._free()
+        shift = self.rcv_wscale
+        if shift:
+            free = free >> shift << shift  # a new edge is a whole number of units
+        return seq_sub(seq_add(self.rcv_nxt, free), self.rcv_adv)
 
     def _advertise(self) -> int:
-        """The window for an outgoing segment, with receiver SWS avoidance (RFC 9293 3.8.6.2.2)."""
+        """The window field for an outgoing segment (RFC 9293 3.8.6.2.2, RFC 7323 2.4).
+
+        Receiver SWS avoidance: the edge moves right only by min(buffer / 2, MSS) or
+        more. See the module docstring for the scaled case.
+        """
         increase = self._window_increase()
-        if increase >= min(self.config.rcv_buf // 2, self.rcv_mss):
+        if increase >= min(self.buf.rcv // 2, self.rcv_mss):
             self.rcv_adv = seq_add(self.rcv_adv, increase)
-        return max(0, seq_sub(self.rcv_adv, self.rcv_nxt))
+            self._rounded = 0
+        wnd = seq_sub(self.rcv_adv, self.rcv_nxt)
+        if wnd <= 0:
+            return 0
+        shift = self.rcv_wscale
+        if not shift:
+            return wnd
+        field = wnd >> shift
+        if field << shift != wnd:
+            up = ((field + 1) << shift) - wnd
+            rcv = self.buf.rcv
+            if self._rounded + up <= max(rcv >> 3, (1 << shift) - 1):
+                self._rounded += up  # round up, within the slack (module docstring)
+                field += 1
+                self.rcv_adv = seq_add(self.rcv_nxt, field << shift)
+        return field
 
     def _ack_sent(self) -> None:
         self._ack_now = False
         self.ack_deadline = None
         self._unacked_segments = 0
+        self.last_ack_sent = self.rcv_nxt

@@ -20,15 +20,25 @@ class RttEstimator:
         self.backoff = 0  # doublings since the last new ACK (RFC 6298 5.5)
         self._base = initial
 
-    def sample(self, rtt: float) -> None:
-        """Feed one RTT measurement (RFC 6298 2.2 and 2.3)."""
+    def sample(self, rtt: float, expected: int = 1) -> None:
+        """Feed one RTT measurement (RFC 6298 2.2 and 2.3).
+
+        Args:
+            rtt: the measurement, seconds.
+            expected: with timestamps, the samples expected per RTT,
+                ceil(FlightSize / (2 * SMSS)); RFC 7323 Appendix G divides alpha and
+                beta by it so that SRTT and RTTVAR keep the history RFC 6298 meant
+                for one sample per RTT.
+        """
         if self.srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
-            # alpha = 1/8, beta = 1/4
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+            # alpha = 1/8, beta = 1/4 (RFC 6298 2.3), each / ExpectedSamples.
+            alpha = 0.125 / expected
+            beta = 0.25 / expected
+            self.rttvar = (1 - beta) * self.rttvar + beta * abs(self.srtt - rtt)
+            self.srtt = (1 - alpha) * self.srtt + alpha * rtt
         # G (clock granularity) is taken as 1 ms.
         self._base = self.srtt + max(0.001, 4 * self.rttvar)
 

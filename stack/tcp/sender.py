@@ -1,21 +1,39 @@
-"""Timers and output of a TCP connection (RFC 9293 3.8, RFC 6298, RFC 5681).
+"""Timers and output of a TCP connection (RFC 9293 3.8, RFC 6298, RFC 5681, RFC 6675).
 
 Theory of operation: input only sets flags and moves sequence variables;
 ``segments_to_send(now)`` turns that state into segments -- control segments
-first, then a due retransmission, then new data within the peer's window and
-the congestion window, then a pure ACK if one is still owed. Timers arm
+first, then retransmissions, then new data within the peer's window and the
+congestion window, then a pure ACK if one is still owed. Timers arm
 themselves here as segments leave.
+
+What is retransmitted depends on the recovery in progress (``recovery.py``
+decides which): with SACK, RFC 6675's NextSeg() rules under the ``pipe``
+estimate (lost holes first, then new data, then other holes, then one rescue
+segment); without, RFC 6582 NewReno resends the segment at ``snd_una`` and
+sends new data within an inflated window; after an RTO, go-back-N from
+``snd_una`` under a one-segment window, skipping what the peer SACKs anew.
+
+Lingering flows: the keepalive (RFC 9293 3.8.4, RFC 1122 4.2.3.6) and idle
+timeout share ``idle_deadline``; both count from the last segment received,
+which input records with one store (the timer re-arms lazily when it finds
+the peer was heard since).
 """
 
 from __future__ import annotations
 
-from stack.events import (
-    CloseReason,
-)
-from stack.seq import seq_add, seq_ge, seq_gt, seq_lt, seq_sub
-from stack.tcp.core import MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
+from stack.events import CloseReason
+from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
+from stack.tcp.core import LINGERING, MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
 from stack.tcp.segment import TcpSegment
-from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpOptions
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, SYN, TcpOptions
+
+
+def _sack_len(opts: TcpOptions) -> int:
+    """Bytes the SACK blocks take in ``encode_options`` (NOP,NOP,SACK + 8 per block)."""
+    n = len(opts.sack_blocks)
+    if not n:
+        return 0
+    return 4 + 8 * min(n, 3 if opts.timestamps is not None else 4)
 
 
 class TcpSender(ConnectionCore):
@@ -36,6 +54,8 @@ class TcpSender(ConnectionCore):
                 self._close(CloseReason.FINISHED)
             elif self.state is State.FIN_WAIT_2:
                 self._close(CloseReason.IDLE)
+        if self.idle_deadline is not None and now >= self.idle_deadline:
+            self._on_idle_timer(now)
 
     def _on_retransmit_timeout(self, now: float) -> None:
         self.rto_deadline = None
@@ -59,8 +79,16 @@ class TcpSender(ConnectionCore):
         # one-segment congestion window), and do not time retransmissions (Karn).
         self._rtt.backoff += 1
         self._rtt_seq = None
-        self.cc.on_timeout(flight)
-        self._recover = None
+        self.cc.on_timeout(flight, now)
+        # RFC 6582 3.2 (4) / RFC 6675 5.1: recovery ends; none starts again until
+        # everything sent so far is acknowledged. RFC 2018 8: the peer may have
+        # reneged, so the SACK scoreboard is forgotten.
+        self.in_recovery = False
+        self._inflate = 0
+        self.recover = self.snd_max
+        self._sb.clear()
+        self.high_rxt = self.snd_una
+        self.rescue_rxt = None
         self._dupacks = 0
         self.snd_nxt = self.snd_una
 
@@ -83,9 +111,7 @@ class TcpSender(ConnectionCore):
         # A probe in the style of Linux's tcp_xmit_probe_skb: an old sequence
         # number makes the peer answer with an ACK carrying its current window
         # (RFC 9293 3.8.6.1 asks only that the window be probed).
-        self._ctl.append(
-            self._segment(seq_add(self.snd_una, -1), self.rcv_nxt, ACK, self._advertise())
-        )
+        self._send_probe(now)
         # RFC 9293 3.8.6.1: probe intervals grow exponentially. Fixed: the exponent
         # was the unanswered-probe count, which every answer resets, so while the
         # peer kept answering the interval never grew past 2 RTOs.
@@ -93,6 +119,67 @@ class TcpSender(ConnectionCore):
         self.persist_deadline = now + min(
             self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max
         )
+
+    def _send_probe(self, now: float) -> None:
+        seq = seq_add(self.snd_una, -1)
+        opts = self._options(now)
+        self._ctl.append(self._segment(seq, self.rcv_nxt, ACK, self._advertise(), b"", opts))
+
+    # ------------------------------------------------------- lingering flows
+
+    def _arm_idle(self, now: float, keepalive_at: float | None = None) -> None:
+        """(Re)arm the keepalive / idle-timeout deadline from the last segment heard."""
+        cfg = self.config
+        best: float | None = None
+        if cfg.idle_timeout is not None:
+            best = self._last_rcv + cfg.idle_timeout
+        if cfg.keepalive:
+            if keepalive_at is None:
+                if self._ka_probes:
+                    keepalive_at = self._ka_sent_at + cfg.keepalive_interval
+                else:
+                    keepalive_at = self._last_rcv + cfg.keepalive_idle
+            best = keepalive_at if best is None else min(best, keepalive_at)
+        self.idle_deadline = best
+
+    def _on_idle_timer(self, now: float) -> None:
+        self.idle_deadline = None
+        if self.state not in LINGERING:
+            return  # the other states have their own timers
+        cfg = self.config
+        last = self._last_rcv
+        if cfg.idle_timeout is not None and now - last >= cfg.idle_timeout:
+            self._reset(CloseReason.IDLE)
+            return
+        if not cfg.keepalive:
+            self._arm_idle(now)
+            return
+        if self._ka_probes and last >= self._ka_sent_at:
+            self._ka_probes = 0  # the peer answered
+        due = (
+            self._ka_sent_at + cfg.keepalive_interval
+            if self._ka_probes
+            else last + cfg.keepalive_idle
+        )
+        if now < due:
+            self._arm_idle(now)
+            return
+        if self.snd_una != self.snd_max or self._sndbuf or self.persist_deadline is not None:
+            # RFC 1122 4.2.3.6: keepalives only while no data is outstanding; the
+            # retransmission and persist timers watch the peer meanwhile.
+            self._ka_probes = 0
+            self._arm_idle(now, now + cfg.keepalive_interval)
+            return
+        if self._ka_probes >= cfg.keepalive_probes:
+            self._reset(CloseReason.TIMED_OUT)  # a dead peer: RST, as Linux does
+            return
+        # RFC 1122 4.2.3.6: SEG.SEQ = SND.NXT - 1, no data; any live peer ACKs it.
+        self._send_probe(now)
+        self._ka_probes += 1
+        self._ka_sent_at = now
+        self._arm_idle(now)
+
+    # ------------------------------------------------------------------ output
 
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Everything due now: control segments, (re)transmissions, an owed ACK."""
@@ -105,86 +192,193 @@ class TcpSender(ConnectionCore):
             self._syn_due = False
             self._send_syn(out, now)
             return out
+        opts = self._tx_opts = (
+            NO_OPTIONS if self.ts is None and not self.sack_ok else (self._options(now))
+        )
+        # RFC 6691: options come out of the peer's MSS. snd_mss already pays for
+        # TSopt; SACK blocks vary per batch (Linux's tcp_current_mss does the same).
+        self._seg_mss = self.snd_mss - _sack_len(opts)
         if state is State.SYN_RECEIVED and self._ack_now:
             # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
             # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
-            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
+            out.append(
+                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
+            )
             self._ack_sent()
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
-        if self._rtx_due:
-            self._rtx_due = False
-            self._retransmit_one(out, now)
-        self._send_data(out, now)
+        if self.in_recovery and self.sack_ok:
+            self._send_recovery(out, now)
+        else:
+            if self._rtx_due:
+                self._rtx_due = False
+                self._retransmit(out, self.snd_una, self.snd_max, now, restart=True)
+            self._send_data(out, now, self._edge())
         if self._ack_now:
-            out.append(self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise()))
+            out.append(
+                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
+            )
             self._ack_sent()
         return out
 
+    def _edge(self) -> int:
+        """Right edge for new data: the peer's window and the congestion window."""
+        return seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd + self._inflate))
+
     def _send_syn(self, out: list[TcpSegment], now: float) -> None:
+        ts = self.ts
         if self.state is State.SYN_SENT:
             flags, ack = SYN, 0
+            stamp = None if ts is None else (ts.clock(now), 0)
         else:
             flags, ack = SYN | ACK, self.rcv_nxt
-        window = min(self.config.rcv_buf, MAX_WINDOW)
+            stamp = None if ts is None else (ts.clock(now), ts.recent)
+        # RFC 7323 2.2: the window in a SYN is never scaled.
+        window = min(self.buf.rcv, MAX_WINDOW)
         self.rcv_adv = seq_add(self.rcv_nxt, window)
-        seg = TcpSegment(
-            self.local_port,
-            self.remote_port,
-            self.iss,
-            ack,
-            flags,
-            window,
-            b"",
-            TcpOptions(mss=self.rcv_mss),
+        options = TcpOptions(
+            mss=self.rcv_mss,
+            wscale=self.rcv_wscale if self._ws_ok else None,
+            sack_permitted=self.sack_ok,
+            timestamps=stamp,
         )
-        out.append(seg)
+        out.append(
+            TcpSegment(
+                self.local_port, self.remote_port, self.iss, ack, flags, window, b"", options
+            )
+        )
         if self.snd_max == self.iss:
             self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
             self._rtt_seq, self._rtt_start = self.iss, now
         self.rto_deadline = now + self._rtt.rto
         self._ack_sent()
 
-    def _retransmit_one(self, out: list[TcpSegment], now: float) -> None:
-        start = self.snd_una
-        off = seq_sub(start, self._sb_seq)
-        data_end = seq_add(self._sb_seq, len(self._sndbuf))
+    def _retransmit(
+        self, out: list[TcpSegment], start: int, end: int, now: float, *, restart: bool = False
+    ) -> int:
+        """Resend one segment of sent sequence space from ``start``, not past ``end``.
+
+        Returns:
+            The sequence space it covers (0 when there was nothing to resend).
+        """
+        sb_seq = self._sb_seq
+        off = seq_sub(start, sb_seq)
+        if off < 0:
+            return 0
+        data_end = seq_add(sb_seq, len(self._sndbuf))
         fin_sent = self._fin_queued and seq_gt(self.snd_max, data_end)
+        if seq_gt(end, self.snd_max):
+            end = self.snd_max
         # Resend only bytes sent before (RFC 9293 3.8.1: a retransmission repeats
         # sent sequence space). Fixed: a full MSS was taken from the buffer, which
         # could run past snd_max and the peer's window; the peer then acknowledged
         # bytes we had never counted as sent, and we dropped all its later segments.
-        sent = seq_sub(self.snd_max, start) - (1 if fin_sent else 0)
-        n = min(self.snd_mss, sent)
-        data = bytes(self._sndbuf[off : off + n]) if off >= 0 and n > 0 else b""
+        n = min(self._seg_mss, seq_sub(data_end if seq_lt(data_end, end) else end, start))
+        data = bytes(self._sndbuf[off : off + n]) if n > 0 else b""
         flags = ACK
-        if fin_sent and off + len(data) >= len(self._sndbuf):
+        if fin_sent and seq_add(start, len(data)) == data_end and seq_gt(end, data_end):
             flags |= FIN
         if not data and not flags & FIN:
-            return
-        out.append(self._segment(start, self.rcv_nxt, flags, self._advertise(), data))
+            return 0
+        out.append(
+            self._segment(start, self.rcv_nxt, flags, self._advertise(), data, self._tx_opts)
+        )
         self._ack_sent()
-        self.rto_deadline = now + self._rtt.rto
+        length = len(data) + (1 if flags & FIN else 0)
+        if self._rtt_seq is not None and seq_in(self._rtt_seq, start, seq_add(start, length)):
+            self._rtt_seq = None  # Karn: a resent segment gives no RTT sample
+        if restart or self.rto_deadline is None:
+            self.rto_deadline = now + self._rtt.rto
+        return length
 
-    def _send_data(self, out: list[TcpSegment], now: float) -> None:
+    def _send_recovery(self, out: list[TcpSegment], now: float) -> None:
+        """RFC 6675 5 (C): send while cwnd - pipe >= SMSS, choosing by NextSeg()."""
+        mss = self.snd_mss
+        una = self.snd_una
+        high = self.snd_max
+        sb = self._sb
+        if self._rtx_due:
+            # RFC 6675 (4.3): the first segment presumed lost goes regardless of pipe.
+            self._rtx_due = False
+            hole = sb.next_hole(una, high)
+            if hole is not None:
+                n = self._retransmit(out, una, hole[1], now, restart=True)
+                self.high_rxt = self.rescue_rxt = seq_add(una, n)
+        hr = self.high_rxt if seq_gt(self.high_rxt, una) else una
+        pipe = sb.pipe(una, high, hr, mss)
+        cwnd = self.cc.cwnd
+        # NextSeg (1): holes IsLost() declares lost, above HighRxt.
+        lost_edge = sb.lost_edge(una, mss)
+        while cwnd - pipe >= mss and (hole := sb.next_hole(hr, lost_edge)) is not None:
+            n = self._retransmit(out, hole[0], hole[1], now)
+            if n == 0:
+                break
+            hr = self.high_rxt = seq_add(hole[0], n)
+            pipe += n
+        # (2): new data, within the peer's window.
+        if cwnd - pipe >= mss:
+            budget_edge = seq_add(self.snd_nxt, cwnd - pipe)
+            win_edge = seq_add(una, self.snd_wnd)
+            pipe += self._send_data(
+                out, now, budget_edge if seq_lt(budget_edge, win_edge) else win_edge
+            )
+        # (3): other unSACKed data below the highest SACKed octet.
+        top = sb.highest()
+        while top is not None and cwnd - pipe >= mss and (hole := sb.next_hole(hr, top)):
+            n = self._retransmit(out, hole[0], hole[1], now)
+            if n == 0:
+                break
+            hr = self.high_rxt = seq_add(hole[0], n)
+            pipe += n
+        # (4): one rescue retransmission per recovery (HighRxt is not moved).
+        rescue = self.rescue_rxt
+        if cwnd - pipe >= mss and (rescue is None or seq_gt(una, rescue)):
+            hole = sb.rescue_hole(una, high)
+            if hole is not None:
+                start = hole[0] if seq_sub(hole[1], hole[0]) <= mss else seq_add(hole[1], -mss)
+                if self._retransmit(out, start, hole[1], now):
+                    self.rescue_rxt = self.recover
+
+    def _send_data(self, out: list[TcpSegment], now: float, edge: int) -> int:
+        """Send from ``snd_nxt`` up to ``edge``; returns the sequence space sent."""
         sb_seq = self._sb_seq
         buf = self._sndbuf
         data_end = seq_add(sb_seq, len(buf))
-        mss = self.snd_mss
-        edge = seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd))
+        mss = self._seg_mss
+        opts = self._tx_opts
+        snd_max = self.snd_max
+        sacked = self._sb if self._sb and seq_lt(self.snd_nxt, snd_max) else None
         fin_pending = self._fin_queued and self.state is not State.SYN_RECEIVED
+        total = 0
         while True:
             nxt = self.snd_nxt
             avail = seq_sub(data_end, nxt)
             if avail > 0:
                 n = min(avail, seq_sub(edge, nxt), mss)
+                resend = seq_lt(nxt, snd_max)  # going back after an RTO
+                if resend and sacked is not None:
+                    # Skip what the peer SACKed since the RTO; stop short of the next.
+                    held = sacked.contains(nxt)
+                    if held is not None:
+                        self.snd_nxt = held[1]
+                        continue
+                    nxt_held = sacked.next_start(nxt)
+                    if nxt_held is not None:
+                        n = min(n, seq_sub(nxt_held, nxt))
                 if n <= 0:
                     break
                 # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a short segment only
                 # when it empties the buffer or the window is a large share of the max.
-                if n < mss and n < avail and n < self.max_snd_wnd // 2 and not self._sws_override:
+                # It concerns new data: resent holes may be short.
+                if (
+                    not resend
+                    and n < mss
+                    and n < avail
+                    and n < self.max_snd_wnd // 2
+                    and not self._sws_override
+                ):
                     break
-                if self.config.nagle and n < mss and seq_lt(self.snd_una, nxt):
+                if self.config.nagle and n < mss and seq_lt(self.snd_una, nxt) and not resend:
                     break
                 off = seq_sub(nxt, sb_seq)
                 flags = ACK
@@ -193,18 +387,21 @@ class TcpSender(ConnectionCore):
                     if fin_pending:
                         flags |= FIN
                 payload = bytes(buf[off : off + n])
-                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload)
-                self._sent(seg, nxt, n + (1 if flags & FIN else 0), now)
+                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload, opts)
+                length = n + (1 if flags & FIN else 0)
+                self._sent(nxt, length, now)
                 out.append(seg)
+                total += length
             elif (
                 fin_pending and nxt == data_end and (seq_lt(nxt, edge) or seq_lt(nxt, self.snd_max))
             ):
                 # A FIN already sent once is retransmitted regardless of the window
                 # (RFC 9293 3.8.6.1: retransmit even into a zero window). Fixed: a lost
                 # FIN behind a zero window was never resent and no timer stayed armed.
-                seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise())
-                self._sent(seg, nxt, 1, now)
+                seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise(), b"", opts)
+                self._sent(nxt, 1, now)
                 out.append(seg)
+                total += 1
             else:
                 break
         self._sws_override = False
@@ -219,8 +416,9 @@ class TcpSender(ConnectionCore):
             and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
         ):
             self.persist_deadline = now + self._rtt.rto
+        return total
 
-    def _sent(self, seg: TcpSegment, seq: int, length: int, now: float) -> None:
+    def _sent(self, seq: int, length: int, now: float) -> None:
         end = seq_add(seq, length)
         self.snd_nxt = end
         if seq_ge(seq, self.snd_max) and self._rtt_seq is None:

@@ -1,0 +1,192 @@
+"""Per-connection buffer sizes, their auto-tuning, and the Stack-wide memory budget.
+
+Theory of operation: a connection's receive and send buffers start small
+(``TcpConfig.rcv_buf_initial``/``snd_buf_initial``) and grow with demand up to
+their caps (``rcv_buf``/``snd_buf``), as Linux's receive-buffer auto-tuning
+(dynamic right sizing) and send-buffer expansion do:
+
+* receive: once per RTT the connection reports how far ``rcv_nxt`` moved. If
+  the peer filled at least half the buffer within that RTT while the
+  application kept up (it holds at most half the buffer unconsumed), the
+  window, not the path or the application, is the bottleneck: the buffer
+  doubles (or grows to twice what arrived), like slow start does for cwnd.
+* send: when the application offers more than fits and the buffer is smaller
+  than twice what the network could carry per RTT (min(cwnd, peer window)),
+  the buffer grows to that.
+
+Every byte of buffer size is reserved from a ``MemoryBudget`` that the Stack
+shares among all its connections. Growth takes only what the budget has left;
+a new connection's initial buffers shrink to what is left (never below a few
+segments, so that nothing fails: the budget may be over-committed by those
+floors); and while the budget is over-committed, a receive buffer gives back
+half its size at each of its RTT ticks. Shrinking a buffer only lowers the
+windows advertised from then on: the right edge already advertised is never
+moved left (RFC 7323 2.4, RFC 9293 3.8.6.2.2), see ``ConnectionCore._advertise``.
+"""
+
+from __future__ import annotations
+
+from stack.config import TcpConfig
+from stack.seq import seq_sub
+
+MAX_WINDOW = 0xFFFF  # the 16-bit window field
+MAX_WSCALE = 14  # RFC 7323 2.3
+MIN_TICK = 0.001  # seconds: the receive-tuning period when the RTT measures ~0 (1 ms clocks)
+
+
+def wscale_for(cap: int) -> int:
+    """The smallest window-scale shift whose largest window covers ``cap`` bytes."""
+    shift = 0
+    while shift < MAX_WSCALE and MAX_WINDOW << shift < cap:
+        shift += 1
+    return shift
+
+
+class MemoryBudget:
+    """Buffer bytes all connections of one Stack may reserve together."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # bytes
+        self.used = 0  # bytes reserved now (may exceed limit by the per-connection floors)
+
+    def reserve(self, want: int) -> int:
+        """Reserve up to ``want`` bytes; returns how many were granted (maybe 0)."""
+        grant = min(want, self.limit - self.used)
+        if grant <= 0:
+            return 0
+        self.used += grant
+        return grant
+
+    def force(self, n: int) -> None:
+        """Reserve ``n`` bytes even beyond the limit (a connection's floor)."""
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+    @property
+    def over(self) -> bool:
+        """Whether more is reserved than the limit allows."""
+        return self.used > self.limit
+
+
+class Buffers:
+    """The current receive and send buffer sizes of one connection."""
+
+    __slots__ = (
+        "_budget",
+        "_mark_seq",
+        "_mark_time",
+        "_reserved",
+        "_snd_floor",
+        "rcv",
+        "rcv_cap",
+        "rcv_floor",
+        "snd",
+        "snd_cap",
+        "tick_at",
+    )
+
+    def __init__(self, cfg: TcpConfig, budget: MemoryBudget, mss: int) -> None:
+        self._budget = budget
+        self.rcv_cap = cfg.rcv_buf  # the configured cap (lowered to the window limit later)
+        self.snd_cap = cfg.snd_buf
+        self.rcv = min(cfg.rcv_buf_initial, cfg.rcv_buf)  # receive buffer size, bytes
+        self.snd = min(cfg.snd_buf_initial, cfg.snd_buf)  # send buffer size, bytes
+        self.rcv_floor = min(self.rcv, 4 * mss)  # never shrunk below (SWS needs room)
+        self._snd_floor = min(self.snd, 4 * mss)
+        self._reserved = 0  # bytes of the budget this connection holds
+        self.tick_at = float("inf")  # next receive auto-tuning check (once per RTT)
+        self._mark_seq = 0  # rcv_nxt at the last check
+        self._mark_time = 0.0  # and when it was
+
+    def open(self, max_window: int) -> None:
+        """Reserve the initial sizes; under budget pressure they shrink to what is left."""
+        self.rcv_cap = min(self.rcv_cap, max_window)
+        self.rcv = min(self.rcv, self.rcv_cap)
+        self.rcv_floor = min(self.rcv_floor, self.rcv)
+        want = self.rcv + self.snd
+        got = self._budget.reserve(want)
+        if got < want:
+            # Shrink what will be advertised rather than fail: the floors are
+            # granted even beyond the limit.
+            spare = max(got - self.rcv_floor - self._snd_floor, 0)
+            extra = min(self.rcv - self.rcv_floor, spare // 2)
+            self.rcv = self.rcv_floor + extra
+            self.snd = self._snd_floor + min(self.snd - self._snd_floor, spare - extra)
+            need = self.rcv + self.snd
+            if need > got:
+                self._budget.force(need - got)
+            else:
+                self._budget.release(got - need)
+            got = need
+        self._reserved = got
+
+    def limit_window(self, max_window: int) -> None:
+        """The window cannot exceed ``max_window`` (no scaling agreed): cap the buffer."""
+        self.rcv_cap = min(self.rcv_cap, max_window)
+        if self.rcv > self.rcv_cap:
+            self._resize_rcv(self.rcv_cap)
+        self.rcv_floor = min(self.rcv_floor, self.rcv)
+
+    def start_ticks(self, rcv_nxt: int, now: float, rtt: float) -> None:
+        """Begin measuring: the first check is one RTT after ``now`` (see rcv_tick)."""
+        self._mark_seq, self._mark_time = rcv_nxt, now
+        self.tick_at = now + max(rtt, MIN_TICK)
+
+    def rcv_tick(self, rcv_nxt: int, unconsumed: int, now: float, rtt: float) -> bool:
+        """Once per RTT: grow (or, over budget, shrink) the receive buffer.
+
+        Returns:
+            True when the size changed.
+        """
+        rtt = max(rtt, MIN_TICK)
+        self.tick_at = now + rtt
+        received = seq_sub(rcv_nxt, self._mark_seq)
+        fresh = now - self._mark_time <= 2 * rtt  # else the flow idled: not one RTT's worth
+        self._mark_seq, self._mark_time = rcv_nxt, now
+        rcv = self.rcv
+        if self._budget.over:
+            new = max(self.rcv_floor, rcv // 2)
+            if new < rcv:
+                self._resize_rcv(new)
+                return True
+            return False
+        if not fresh or rcv >= self.rcv_cap or 2 * received < rcv or 2 * unconsumed > rcv:
+            return False
+        want = min(self.rcv_cap, max(2 * rcv, 2 * received)) - rcv
+        grant = self._budget.reserve(want)
+        if grant <= 0:
+            return False
+        self._reserved += grant
+        self.rcv = rcv + grant
+        return True
+
+    def _resize_rcv(self, new: int) -> None:
+        self._budget.release(self.rcv - new)
+        self._reserved -= self.rcv - new
+        self.rcv = new
+
+    def want_snd(self, target: int) -> bool:
+        """The application is blocked on a full send buffer: grow toward ``target``.
+
+        Returns:
+            True when the buffer grew.
+        """
+        target = min(target, self.snd_cap)
+        if target <= self.snd:
+            return False
+        grant = self._budget.reserve(target - self.snd)
+        if grant <= 0:
+            return False
+        self._reserved += grant
+        self.snd += grant
+        return True
+
+    def close(self) -> None:
+        """Give every reserved byte back to the budget."""
+        self._budget.release(self._reserved)
+        self._reserved = 0
+        self.tick_at = float("inf")
