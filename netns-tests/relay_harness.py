@@ -226,10 +226,11 @@ class RelayProcess:
             if len(records) >= count or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
-        assert len(records) >= count, (
-            f"{which} log: {len(records)} of {count} records after {timeout} s; "
-            f"all: {read()}\nrelay log tail:\n{self.log_tail()}"
-        )
+        if len(records) < count:
+            raise AssertionError(
+                f"{which} log: {len(records)} of {count} records after {timeout} s; "
+                f"all: {read()}\n{self.state_dump()}\nrelay log tail:\n{self.log_tail()}"
+            )
         return records
 
     def flow_of(self, client_port: int, **kw: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ class TcpConfig:
     mss: int = 1460  # MSS we advertise (what we can receive per segment)
     default_peer_mss: int = 536  # RFC 9293 3.7.1: when the SYN carries no MSS option
     min_snd_mss: int = 48  # floor on the peer's MSS, as Linux's tcp_min_snd_mss
+    tail_loss_probe: bool = True  # RFC 8985 7: probe after 2 SRTT without an ACK
     # Buffers (stack.tcp.buffers). Each starts at its *_initial size and grows with
     # demand (auto-tuning) up to the cap, within the Stack-wide memory_budget.
     rcv_buf: int = 4 << 20  # receive buffer cap: bytes held until the caller consumes them

@@ -352,7 +352,7 @@ class Stack:
         conn = self._by_flow.get(flow)
         if conn is None:
             return 0
-        space = conn.send_space
+        space = conn.send_space or conn.grow_send_buffer()
         if space == 0:
             conn.arm_send_space()  # a SendSpace event follows once ACKs free room
         return space

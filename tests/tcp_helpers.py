@@ -122,10 +122,13 @@ def drain(conn: TcpConnection) -> list[Event]:
 DEFAULT_CONFIG = TcpConfig(time_wait=2.0)
 
 
-def _conn(config: TcpConfig | None) -> TcpConnection:
+def _conn(config: TcpConfig | None, tlp: bool = False) -> TcpConnection:
     # Packet-level tests use a few-byte MSS to keep segment counts small, so the
-    # builders lift the MSS floor (test_tcp_options covers the floor itself).
-    cfg = replace(config or DEFAULT_CONFIG, min_snd_mss=1)
+    # builders lift the MSS floor (test_tcp_segment_size covers the floor). They
+    # also leave out the tail loss probe unless asked (``tlp=True``), so that
+    # timer tests see the RTO they are about.
+    cfg = config or DEFAULT_CONFIG
+    cfg = replace(cfg, min_snd_mss=1, tail_loss_probe=tlp and cfg.tail_loss_probe)
     return TcpConnection(local_port=LPORT, remote_port=RPORT, config=cfg)
 
 
@@ -157,12 +160,13 @@ def listen(
     mss: int | None = 1460,
     config: TcpConfig | None = None,
     options: TcpOptions | None = None,
+    tlp: bool = False,
 ) -> TcpConnection:
     """A connection that has recorded the peer's SYN and awaits accept()/reject().
 
     ``options``: the SYN's options besides the MSS (e.g. ``ALL_OPTIONS``).
     """
-    c = _conn(config)
+    c = _conn(config, tlp)
     c.listen(_syn(irs, window, mss, options))
     assert c.state is State.LISTEN
     return c
@@ -196,6 +200,7 @@ def established(
     config: TcpConfig | None = None,
     rtt: float | None = None,
     options: TcpOptions | None = None,
+    tlp: bool = False,
 ) -> TcpConnection:
     """A passive-open connection in ESTABLISHED at now == 0.0 (see above for ``rtt``).
 
@@ -203,7 +208,7 @@ def established(
     and echoes the SYN-ACK's TSval (``rtt=x``) or 0, which gives no sample.
     """
     cfg = config or DEFAULT_CONFIG
-    c = listen(irs=irs, window=window, mss=mss, config=cfg, options=options)
+    c = listen(irs=irs, window=window, mss=mss, config=cfg, options=options, tlp=tlp)
     c.accept(isn=iss)
     if rtt is None:
         t0 = -2 * cfg.rto_initial

@@ -24,15 +24,30 @@ MSS = 1000
 # ------------------------------------------------------------------ NewReno
 
 
-def test_newreno_slow_start_adds_at_most_one_mss_per_ack() -> None:
+def test_newreno_slow_start_adds_at_most_two_mss_per_ack() -> None:
     cc = NewReno(MSS)
     assert cc.cwnd == 10 * MSS  # RFC 6928
     cc.on_ack(MSS, cc.cwnd, 0.0, 0.1)
     assert cc.cwnd == 11 * MSS
-    cc.on_ack(3 * MSS, cc.cwnd, 0.0, 0.1)  # a stretch ACK: still one MSS (RFC 5681 (2))
-    assert cc.cwnd == 12 * MSS
+    cc.on_ack(2 * MSS, cc.cwnd, 0.0, 0.1)  # a delayed ACK: both segments count
+    assert cc.cwnd == 13 * MSS
+    cc.on_ack(5 * MSS, cc.cwnd, 0.0, 0.1)  # a stretch ACK: capped at L = 2 SMSS (RFC 3465)
+    assert cc.cwnd == 15 * MSS
     cc.on_ack(MSS, 5 * MSS, 0.0, 0.1)  # application-limited (RFC 7661): no growth
-    assert cc.cwnd == 12 * MSS
+    assert cc.cwnd == 15 * MSS
+
+
+def test_acks_processed_as_one_batch_all_grow_the_window() -> None:
+    # A drained batch of ACKs is processed before anything is sent: each ACK
+    # sees less in flight than the one before. The window was in use, so each
+    # still counts (RFC 7661). Fixed: only the first ACK of a batch grew cwnd.
+    c = established(mss=10, window=60_000)
+    c.send(bytes(5000))
+    assert len(recv(c, 0.1)) == 10  # the initial window: 100 bytes
+    for k in range(1, 6):
+        send(c, ack(20 * k), 0.2)  # five delayed ACKs, two segments each
+    assert c.cc.cwnd == 100 + 5 * 20  # slow start: doubled in one round trip
+    assert len(recv(c, 0.2)) == 20
 
 
 def test_newreno_congestion_avoidance_one_mss_per_window() -> None:

@@ -313,9 +313,28 @@ def test_send_buffer_grows_when_the_application_offers_more() -> None:
     assert c.send(b"more") == 0  # full, and cwnd has not grown
     assert sum(len(s.payload) for s in recv(c, 0.0)) == 14_480
     send(c, replace(TEMPLATE, ack=ISS + 1 + 14_480, window=4000), 0.1)
-    assert c.cc.cwnd == 15_928  # slow start
-    assert c.send(bytes(100_000)) == 31_856 - 14_480
-    assert c.buf.snd == 31_856
+    assert c.cc.cwnd == 17_376  # slow start: a stretch ACK counts 2 SMSS (RFC 3465)
+    assert c.send(bytes(100_000)) == 34_752 - 14_480
+    assert c.buf.snd == 34_752
+
+
+def test_send_buffer_grows_for_a_caller_that_offers_only_the_free_space() -> None:
+    # The relay reads upstream no more than send_space() bytes, so send() never
+    # finds the buffer overfull; a full buffer seen through Stack.send_space grows it.
+    stack = Stack(StackConfig(tcp=TcpConfig(snd_buf_initial=20_000, snd_buf=100_000)))
+    syn = encode_options(mss=1460, sack_permitted=True, timestamps=(7, 0), wscale=7)
+    stack.receive(seg(CLIENT_ISN, 0, SYN_FLAG, options=syn), 0.0)
+    (req,) = events(stack)
+    flow = req.flow  # type: ignore[attr-defined]
+    stack.accept(flow, isn=SERVER_ISN)
+    (synack,) = out(stack)
+    assert synack.tcp.options.timestamps is not None
+    ts = encode_options(timestamps=(8, synack.tcp.options.timestamps[0]))
+    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ts, window=4000), 0.0)
+    events(stack)
+    assert stack.send_space(flow) == 20_000
+    assert stack.send(flow, bytes(20_000)) == 20_000
+    assert stack.send_space(flow) == 28_960 - 20_000  # 2 * min(cwnd, peer window)
 
 
 # --------------------------------------------------------------- the budget

@@ -44,6 +44,11 @@ def blocks(*spans: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple((IRS + 1 + a, IRS + 1 + b) for a, b in spans)
 
 
+def blocks2(*spans: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """SACK blocks of our stream, as offsets from our first byte."""
+    return tuple((ISS + 1 + a, ISS + 1 + b) for a, b in spans)
+
+
 def ack(n: int, *spans: tuple[int, int]) -> TcpSegment:
     """The peer acknowledging ``n`` of our bytes and SACKing ``spans`` of them."""
     sacks = tuple((ISS + 1 + a, ISS + 1 + b) for a, b in spans)
@@ -81,6 +86,25 @@ def test_blocks_most_recent_first_three_next_to_timestamps() -> None:
     assert drain(c) == [DataReceived(FLOW, bytes(120))]
 
 
+def test_one_duplicate_ack_per_segment_within_one_batch() -> None:
+    # A drained TUN batch delivers several segments before output is taken.
+    # RFC 5681 4.2: each out-of-order segment still gets its own duplicate
+    # ACK, each with the SACK blocks of its moment, so the sender counts them.
+    c = established(options=SACK_ONLY)
+    for off in (100, 200, 300):
+        send(c, peer_data(off, 10), 0.1)
+    dups = recv(c, 0.1)
+    assert [d.ack for d in dups] == [IRS + 1] * 3
+    assert [d.options.sack_blocks for d in dups] == [
+        blocks((100, 110)),
+        blocks((200, 210), (100, 110)),
+        blocks((300, 310), (200, 210), (100, 110)),
+    ]
+    send(c, peer_data(300, 10), 0.2)  # a duplicate of held data, then more
+    send(c, peer_data(400, 10), 0.2)
+    assert len(recv(c, 0.2)) == 2
+
+
 def test_blocks_four_without_timestamps() -> None:
     c = established(options=SACK_ONLY)
     for i, off in enumerate((100, 200, 300, 400, 500)):
@@ -98,7 +122,30 @@ def test_a_duplicate_of_held_data_is_reported_first() -> None:
         recv(c, 0.1 + i / 100)
     send(c, peer_data(100, 10), 0.2)  # a retransmission of what we hold
     (dup,) = recv(c, 0.2)
-    assert dup.options.sack_blocks == blocks((100, 110), (300, 310), (200, 210))
+    # RFC 2883 4.1.2: the D-SACK block, then the block holding it, then the rest.
+    assert dup.options.sack_blocks == blocks((100, 110), (100, 110), (300, 310), (200, 210))
+    send(c, peer_data(400, 10), 0.3)  # the D-SACK block is reported once
+    (nxt,) = recv(c, 0.3)
+    assert nxt.options.sack_blocks == blocks((400, 410), (100, 110), (300, 310), (200, 210))
+
+
+def test_d_sack_for_a_segment_below_the_cumulative_ack() -> None:
+    c = established(options=SACK_ONLY)
+    send(c, peer_data(0, 10), 0.1)
+    send(c, peer_data(10, 10), 0.1)
+    recv(c, 0.1)
+    send(c, peer_data(0, 10), 0.2)  # the whole segment again (RFC 2883 4.1.1)
+    (dup,) = recv(c, 0.2)
+    assert dup.ack == IRS + 21 and dup.options.sack_blocks == blocks((0, 10))
+    send(c, peer_data(15, 10), 0.3)  # half old, half new (RFC 2883 4.1.3)
+    (ack_,) = recv(c, 0.3)
+    assert ack_.ack == IRS + 26 and ack_.options.sack_blocks == blocks((15, 20))
+    send(c, peer_data(0, 10), 0.4)  # without SACK agreed there is no D-SACK
+    c2 = established()
+    send(c2, peer_data(0, 10), 0.1)
+    recv(c2, 0.1)
+    send(c2, peer_data(0, 10), 0.2)
+    assert recv(c2, 0.2)[0].options.sack_blocks == ()
 
 
 def test_no_blocks_without_sack_permitted() -> None:
@@ -131,8 +178,8 @@ def test_stack_encodes_sack_blocks_and_timestamps_in_one_option_block() -> None:
         stack.receive(seg(CLIENT_ISN + 1 + off, SERVER_ISN + 1, ACK, b"x" * 100, options=ts),
                       0.02 + i / 100)  # fmt: skip
     dups = out(stack, 0.06)
-    assert len(dups) == 1  # one ACK for the batch, with the latest blocks
-    opts = dups[0].tcp.options
+    assert len(dups) == 4  # one duplicate ACK each (RFC 5681 4.2); the last has all
+    opts = dups[-1].tcp.options
     assert opts.timestamps is not None and opts.timestamps[1] == 8  # echoes the client
     base = CLIENT_ISN + 1
     assert opts.sack_blocks == tuple((base + o, base + o + 100) for o in (4000, 3000, 2000))
@@ -327,3 +374,72 @@ def test_duplicates_without_blocks_still_count_when_sack_was_agreed() -> None:
     send(c, ack(0), 0.12)
     assert c.in_recovery and sent(c, 0.12) == [0]
     assert c._inflate == 0  # no RFC 6582 inflation: pipe does the accounting
+
+
+# ------------------------------------- reordering: undo, DupThresh, lost retransmissions
+
+
+def _reordered_recovery() -> TcpConnection:
+    """Recovery started by reordering: 10 SACKed after 20-50 arrived first."""
+    c = established(mss=10, options=SACK_ONLY)
+    c.send(bytes(200))
+    assert sent(c, 0.0) == list(range(0, 100, 10))
+    send(c, ack(10, (20, 50)), 0.1)  # 10-20 held behind the next three
+    assert c.in_recovery and c.cc.cwnd == 77  # 0.7 * 110
+    assert sent(c, 0.1) == [10, 100]  # the hole, then new data (pipe 70)
+    return c
+
+
+def test_d_sack_of_every_retransmission_undoes_the_reduction() -> None:
+    # RFC 3708 5: the peer reports the retransmitted 10-20 as a duplicate.
+    c = _reordered_recovery()
+    send(c, ack(50, (10, 20)), 0.11)  # the original arrived; then the D-SACK
+    assert c.cc.cwnd == 110  # the window before the spurious reduction
+    assert c._dupthresh == 4  # three segments of reordering: DupThresh past them
+    # The same reordering again starts no recovery.
+    send(c, ack(100), 0.2)
+    assert not c.in_recovery
+    c.send(bytes(200))
+    out = sent(c, 0.2)
+    first = out[0]
+    send(c, ack(first + 10, (first + 20, first + 50)), 0.3)
+    assert not c.in_recovery
+
+
+def test_a_network_duplicate_is_no_reason_to_undo() -> None:
+    c = _reordered_recovery()
+    send(c, ack(50, (60, 70)), 0.11)  # a D-SACK for data never retransmitted: 60-70 ...
+    # ... is not below the ACK, so not a D-SACK at all; and one that is:
+    send(c, ack(50, (40, 50)), 0.12)
+    assert c.cc.cwnd == 77 and c._dupthresh == 3
+
+
+def test_eifel_timestamps_undo_a_spurious_fast_retransmit() -> None:
+    # RFC 3522: the ACK for the hole echoes the original's TSval, older than the
+    # retransmission's, so the original arrived and nothing was lost.
+    c = established(mss=22, options=ALL_OPTIONS._replace(wscale=None))  # 10 + TSopt
+    c.send(bytes(200))
+    first = recv(c, 0.0)
+    assert first[0].options.timestamps is not None
+    original_tsval = first[1].options.timestamps[0]  # the segment at 10 (0.0 s)
+    sacks = TcpOptions(timestamps=(PEER_TS, original_tsval), sack_blocks=blocks2((20, 50)))
+    send(c, replace(TEMPLATE, ack=ISS + 1 + 10, options=sacks), 0.1)
+    assert c.in_recovery and c.cc.cwnd == 77
+    recv(c, 0.1)  # the retransmission of 10-20, TSval of 0.1 s
+    echo = TcpOptions(timestamps=(PEER_TS + 1, original_tsval))
+    send(c, replace(TEMPLATE, ack=ISS + 1 + 50, options=echo), 0.11)
+    assert c.cc.cwnd == 110 and c._dupthresh == 4
+
+
+def test_a_lost_retransmission_is_resent_without_waiting_for_the_rto() -> None:
+    c = established(mss=10, options=SACK_ONLY, window=60_000)
+    c.send(bytes(400))
+    assert sent(c, 0.0) == list(range(0, 100, 10))
+    send(c, ack(0, (10, 40)), 0.1)  # 0-10 lost
+    assert sent(c, 0.1) == [0]  # the retransmission ...
+    # ... is lost too. New data sent after it arrives, three segments' worth.
+    for k in range(4, 10):
+        send(c, ack(0, (10, 10 * k + 10)), 0.1 + k / 100)
+        sent(c, 0.1 + k / 100)
+    send(c, ack(0, (10, 130)), 0.2)
+    assert 0 in sent(c, 0.2)  # resent once more, long before the RTO (1 s)

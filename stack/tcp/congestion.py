@@ -31,7 +31,9 @@ class CongestionControl:
 
         Args:
             acked: bytes newly acknowledged.
-            flight: bytes outstanding before this ACK.
+            flight: the most bytes outstanding after any send in the current
+                window (at least those outstanding before this ACK): whether the
+                sender is using its window (RFC 7661).
             now: the current time.
             srtt: the smoothed RTT (0.0 before any sample).
         """
@@ -62,11 +64,13 @@ class NewReno(CongestionControl):
         self._acked = 0  # bytes acknowledged toward the next congestion-avoidance step
 
     def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
+        if self.cwnd < self.ssthresh:
+            if 2 * flight <= self.cwnd:
+                return  # RFC 7661: not using half the window (Linux's slow-start test)
+            self.cwnd += min(acked, 2 * self.mss)  # RFC 5681 3.1 (2), RFC 3465 L = 2*SMSS
+            return
         if flight + self.mss < self.cwnd:
             return  # RFC 7661: do not grow a window the sender is not using
-        if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, self.mss)  # RFC 5681 3.1 (2) slow start
-            return
         # RFC 5681 3.1, congestion avoidance with byte counting (the RECOMMENDED
         # way): one SMSS per cwnd of acknowledged bytes.
         self._acked += acked

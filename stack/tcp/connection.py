@@ -38,7 +38,7 @@ from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
-from stack.wire.tcp import ACK, FIN, RST, SYN, TcpOptions
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, RST, SYN, TcpOptions
 
 __all__ = ["State", "TcpConnection"]
 
@@ -100,6 +100,7 @@ class TcpConnection(TcpRecovery):
         self.iss = isn
         self.snd_una = self.snd_nxt = self.snd_max = isn
         self._sb_seq = seq_add(isn, 1)
+        self._flight_hw_end = isn
         self.recover = self.high_rxt = isn  # RFC 6582 3.2: recover starts at the ISN
         if self.ts is not None:
             self.ts.offset = offset_for(isn)
@@ -158,6 +159,21 @@ class TcpConnection(TcpRecovery):
         if self._fin_queued or self.state in (State.CLOSED, State.LISTEN):
             return 0
         return self.buf.snd - len(self._sndbuf)
+
+    def grow_send_buffer(self) -> int:
+        """The caller found the send buffer full: grow it with demand, as ``send`` does.
+
+        A caller that offers only ``send_space`` bytes never overfills the buffer,
+        so this is where auto-tuning happens for it (buffers.py). Fixed: the relay
+        read at most ``send_space`` bytes upstream and the buffer never left its
+        initial size, capping a flow at 256 KiB per RTT.
+
+        Returns:
+            The send space afterwards.
+        """
+        if self.send_space == 0:
+            self.buf.want_snd(2 * min(self.cc.cwnd, self.max_snd_wnd))
+        return self.send_space
 
     @property
     def unsent(self) -> int:
@@ -244,7 +260,16 @@ class TcpConnection(TcpRecovery):
             and not flags & RST
             and ts.paws_rejects(stamp[0], now)
         ):
+            if self._ack_now:
+                self._send_ack_now(now)  # one ACK per segment, as in _on_data
             self._ack_now = True
+            if payload and self.sack_ok and seq_lt(seq, self.rcv_nxt):
+                # A late original behind its retransmission: its TSval is older, so
+                # PAWS drops it, but it is still a duplicate the sender should hear
+                # of (RFC 2883; Linux's tcp_send_dupack). Fixed: without this D-SACK
+                # the sender never undid the reduction for a spurious retransmit.
+                end = seq_add(seq, len(payload))
+                self._dsack = (seq, end if seq_le(end, self.rcv_nxt) else self.rcv_nxt)
             return
 
         # RFC 9293 3.10.7.4, first: is the segment acceptable?
@@ -256,7 +281,11 @@ class TcpConnection(TcpRecovery):
             if state is State.SYN_RECEIVED and flags & SYN and seq == self.irs:
                 self._syn_due = True  # our SYN-ACK was lost: the client repeats its SYN
                 return
+            if self._ack_now:
+                self._send_ack_now(now)  # one ACK per segment, as in _on_data
             self._ack_now = True  # RFC 9293: send an ACK, drop the segment
+            if payload and self.sack_ok and seq_lt(seq, self.rcv_nxt):
+                self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.1
             if state is State.TIME_WAIT and flags & FIN:
                 # RFC 9293 3.10.7.4 TIME-WAIT: a retransmitted FIN (it lies before
                 # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
@@ -390,22 +419,39 @@ class TcpConnection(TcpRecovery):
         # beyond the advertised edge is not ours to keep (RFC 9293 3.10.7.4).
         rcv_nxt = self.rcv_nxt
         front = seq_sub(rcv_nxt, seq)
+        dup: tuple[int, int] | None = None
         if front > 0:
+            dup = (seq, rcv_nxt if front < len(payload) else seq_add(seq, len(payload)))
             payload = payload[front:]
             seq = rcv_nxt
         room = seq_sub(self.rcv_adv, seq)
         if len(payload) > room:
             payload = payload[: max(room, 0)]
-        if not payload:
+        if not payload or seq != rcv_nxt:
+            if self._ack_now:
+                # RFC 5681 4.2: one duplicate ACK per out-of-order (or duplicate)
+                # segment. An ACK still owed for an earlier segment of this batch
+                # goes now, with the SACK blocks of that moment. Fixed: a drained
+                # batch of N segments behind a hole got one ACK, so the sender saw
+                # too few duplicates to start fast retransmit and waited for its RTO.
+                self._send_ack_now(now)
             self._ack_now = True
+        if not payload:
+            if dup is not None and self.sack_ok:
+                self._dsack = dup  # RFC 2883: report what arrived twice
             return
         if seq != rcv_nxt:
+            held = self._ooo.size
             if self._ooo.insert(rcv_nxt, seq, payload) and self.sack_ok:
+                if self._ooo.size == held:
+                    self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.2
                 recent = self._sack_recent  # RFC 2018 4: its block goes first
                 recent.insert(0, seq)
                 del recent[MAX_RECENT:]
-            self._ack_now = True  # RFC 5681 4.2: an immediate duplicate ACK
             return
+        if dup is not None and self.sack_ok:
+            self._dsack = dup  # a partial duplicate (RFC 2883 4.1.3)
+            self._ack_now = True
         filled_hole = bool(self._ooo)
         self._deliver(payload)
         if filled_hole:
@@ -423,6 +469,12 @@ class TcpConnection(TcpRecovery):
             self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment
         elif self.ack_deadline is None:
             self.ack_deadline = now + self.config.delayed_ack
+
+    def _send_ack_now(self, now: float) -> None:
+        opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
+        ack = self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
+        self._ctl.append(ack)
+        self._ack_sent()
 
     def _deliver(self, data: bytes) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))

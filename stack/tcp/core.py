@@ -48,7 +48,7 @@ from stack.tcp.congestion import CongestionControl
 from stack.tcp.cubic import make
 from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
-from stack.tcp.sack import Scoreboard, choose_blocks
+from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import Timestamps
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, TcpOptions
@@ -150,6 +150,23 @@ class ConnectionCore:
         self._sack_recent: list[int] = []  # seqs of recent out-of-order arrivals (RFC 2018 4)
         self._tx_opts: TcpOptions = NO_OPTIONS  # options for the segments being built now
         self._seg_mss = self.snd_mss  # payload per segment once those options are paid for
+        # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
+        # transmission during the current window, so that ACKs processed as one
+        # batch, each lowering the flight before the next send, still count as
+        # cwnd-limited. Fixed: only the first ACK of a batch grew cwnd.
+        self._dsack: tuple[int, int] | None = None  # RFC 2883 block for the next ACK
+        # Reordering and spurious retransmissions (recovery.py): the DupThresh in
+        # use, the controller as it was before the last reduction (to undo it),
+        # and the retransmissions of that episode as (start, end, snd_max then).
+        self._dupthresh = DUP_THRESH
+        self._undo_cc: CongestionControl | None = None
+        self._undo_tsval: int | None = None
+        self._undo_reorder = 0  # bytes SACKed above snd_una when the episode began
+        self._undone = False
+        self._rtx_marks: list[tuple[int, int, int]] = []
+        self._flight_hw = 0
+        self._flight_hw_prev = 0  # the same for the window before
+        self._flight_hw_end = 0  # the window ends when snd_una reaches this
 
         # Output flags and timers (absolute deadlines, seconds).
         self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
@@ -159,6 +176,10 @@ class ConnectionCore:
         self._rtx_due = False  # fast retransmit: resend the segment at snd_una
         self.ack_deadline: float | None = None  # delayed ACK
         self.rto_deadline: float | None = None  # retransmission
+        self.tlp_deadline: float | None = None  # tail loss probe (RFC 8985 7), before the RTO
+        self._tlp_due = False  # the probe goes with the next segments_to_send
+        self._tlp_armed_at = -1.0  # when the probe timer was last armed
+        self._last_progress = 0.0  # when data last went out or was acknowledged
         self.persist_deadline: float | None = None  # zero-window probe
         self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
         self.idle_deadline: float | None = None  # keepalive probe or idle timeout
@@ -232,7 +253,7 @@ class ConnectionCore:
         self.state = State.CLOSED
         self.close_reason = reason
         self.ack_deadline = self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = self.idle_deadline = None
+        self.linger_deadline = self.idle_deadline = self.tlp_deadline = None
         self._ack_now = self._syn_due = self._rtx_due = False
         self._sndbuf = bytearray()
         self._ooo = Reassembly(0)
@@ -248,6 +269,7 @@ class ConnectionCore:
         for d in (
             self.ack_deadline,
             self.rto_deadline,
+            self.tlp_deadline,
             self.persist_deadline,
             self.linger_deadline,
             self.idle_deadline,
@@ -281,8 +303,15 @@ class ConnectionCore:
         """
         ts = self.ts
         blocks: tuple[tuple[int, int], ...] = ()
+        limit = 4 if ts is None else 3
         if self.sack_ok and self._ooo:
-            blocks = choose_blocks(self._ooo.blocks(), self._sack_recent, 4 if ts is None else 3)
+            blocks = choose_blocks(self._ooo.blocks(), self._sack_recent, limit)
+        if self._dsack is not None:
+            # RFC 2883 4: a D-SACK block goes first, once; the sender uses it to
+            # undo a reduction after a spurious retransmission and to learn
+            # about reordering (Linux's tcp_check_dsack).
+            blocks = ((self._dsack, *blocks))[:limit]
+            self._dsack = None
         if ts is None:
             if not blocks:
                 return NO_OPTIONS

@@ -85,11 +85,15 @@ class Cubic(CongestionControl):
 
     def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
         mss = self.mss
+        if self.cwnd < self.ssthresh:
+            if 2 * flight <= self.cwnd:
+                return  # RFC 7661: not using half the window (Linux's slow-start test)
+            # RFC 5681 3.1 slow start, with RFC 3465's L = 2*SMSS so that delayed
+            # ACKs (each covering two segments) still double cwnd per RTT.
+            self.cwnd += min(acked, 2 * mss)
+            return
         if flight + mss < self.cwnd:
             return  # RFC 9438 4.2 / RFC 7661: no growth while application-limited
-        if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, mss)  # RFC 5681 3.1 slow start
-            return
         if self.t_epoch is None:
             self._start_epoch(now)
         t = now - (self.t_epoch or 0.0)

@@ -24,10 +24,12 @@ timeout (RFC 6582 3.2 (2) "careful" variant; RFC 6675 5.1).
 
 from __future__ import annotations
 
+from copy import copy
+
 from stack.events import CloseReason, Connected, SendSpace
 from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
 from stack.tcp.core import State
-from stack.tcp.sack import DUP_THRESH
+from stack.tcp.sack import DUP_THRESH, MAX_DUPTHRESH
 from stack.tcp.sender import TcpSender
 from stack.wire.tcp import RST, TcpOptions
 
@@ -67,6 +69,10 @@ class TcpRecovery(TcpSender):
             self._on_new_ack(ack, options, now)
         blocks = options.sack_blocks if self.sack_ok else ()
         if blocks:
+            first = blocks[0]
+            inside = len(blocks) > 1 and seq_le(blocks[1][0], first[0])
+            if seq_le(first[1], ack) or (inside and seq_le(first[1], blocks[1][1])):
+                self._on_dsack(first, now)  # RFC 2883 5: below the ACK, or inside the next
             if self.snd_una != self.snd_max:
                 self._on_sack(blocks, now)
         elif (
@@ -99,6 +105,17 @@ class TcpRecovery(TcpSender):
         acked = seq_sub(ack, una)
         ts = self.ts
         stamp = options.timestamps
+        if (
+            self._undo_tsval is not None
+            and stamp is not None
+            and self._undo_cc is not None
+            and seq_lt(stamp[1], self._undo_tsval)
+        ):
+            # RFC 3522 (Eifel detection): the first ACK for the retransmitted
+            # segment echoes a TSval older than the retransmission: the original
+            # arrived, so the retransmission was spurious (reordering, not loss).
+            self._undo_reduction()
+        self._undo_tsval = None  # only the first ACK that advances decides
         if ts is not None and stamp is not None:
             # RFC 7323 4.1 (RTTM): every ACK that advances snd_una is a sample,
             # retransmission or not; Appendix G weights it by the samples per RTT.
@@ -111,6 +128,7 @@ class TcpRecovery(TcpSender):
             self._rtt.sample(now - self._rtt_start)
             self._rtt_seq = None
         self.snd_una = ack
+        self._last_progress = now
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
         # Drop acknowledged bytes from the send buffer (the SYN and FIN hold no bytes).
@@ -131,14 +149,20 @@ class TcpRecovery(TcpSender):
                 # RFC 6582 3.2 (3) / RFC 6675 5 (A): the full ACK ends recovery.
                 self.in_recovery = False
                 self._inflate = 0
-                self.cc.on_recovery_end(seq_sub(self.snd_max, ack), now)
+                if not self._undone:
+                    self.cc.on_recovery_end(seq_sub(self.snd_max, ack), now)
             elif not self.sack_ok:
                 # RFC 6582 3.2 (5), a partial ACK: resend the next hole, deflate the
                 # window by what was acknowledged, add back one SMSS if that was one.
                 self._rtx_due = True
                 self._inflate -= acked - (self.snd_mss if acked >= self.snd_mss else 0)
         else:
-            self.cc.on_ack(acked, flight, now, self._rtt.srtt or 0.0)
+            used = max(flight, self._flight_hw, self._flight_hw_prev)
+            self.cc.on_ack(acked, used, now, self._rtt.srtt or 0.0)
+        if seq_ge(ack, self._flight_hw_end):  # a window has gone by: start another
+            self._flight_hw_prev = self._flight_hw
+            self._flight_hw = seq_sub(self.snd_max, ack)
+            self._flight_hw_end = self.snd_max
         # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
         self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
         if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
@@ -147,21 +171,22 @@ class TcpRecovery(TcpSender):
     def _on_sack(self, blocks: tuple[tuple[int, int], ...], now: float) -> None:
         """RFC 6675 5: update the scoreboard; count duplicates; maybe start recovery."""
         una = self.snd_una
-        if not self._sb.update(blocks, una, self.snd_max) or self.in_recovery:
+        if not self._sb.update(blocks, una, self.snd_max):
+            return
+        if self.in_recovery:
+            self._find_lost_retransmissions()
             return
         self._dupacks += 1
         # (1) DupThresh duplicates, or (2) IsLost(HighACK + 1); and never before
         # the recovery point of an RTO is passed (RFC 6675 5.1).
-        lost = seq_gt(self._sb.lost_edge(una, self.snd_mss), una)
-        if (self._dupacks >= DUP_THRESH or lost) and seq_ge(una, self.recover):
+        dupthresh = self._dup_thresh()
+        lost = seq_gt(self._sb.lost_edge(una, self.snd_mss, dupthresh), una)
+        if (self._dupacks >= dupthresh or lost) and seq_ge(una, self.recover):
             # (4.1)-(4.3): RecoveryPoint = HighData; ssthresh and cwnd; resend the
             # first segment (segments_to_send) with HighRxt = RescueRxt = its end.
-            self.in_recovery = True
-            self.recover = self.snd_max
-            self.cc.on_loss(seq_sub(self.snd_max, una), now)
+            self._enter_recovery(now)
             self.high_rxt = una
             self.rescue_rxt = None
-            self._rtx_due = True
 
     def _on_duplicate_ack(self, now: float) -> None:
         self._dupacks += 1
@@ -171,16 +196,92 @@ class TcpRecovery(TcpSender):
         elif self._dupacks == DUP_THRESH and seq_ge(self.snd_una, self.recover):
             # RFC 5681 3.2 fast retransmit; RFC 6582 3.2 (2) recovery point and the
             # window: ssthresh, inflated by the three segments that have left.
-            self.cc.on_loss(seq_sub(self.snd_max, self.snd_una), now)
-            self.in_recovery = True
-            self.recover = self.snd_max
-            self._rtx_due = True
+            self._enter_recovery(now)
             self._rtt_seq = None
             if self.sack_ok:  # RFC 6675 recovery, on an empty scoreboard
                 self.high_rxt = self.snd_una
                 self.rescue_rxt = None
             else:
                 self._inflate = DUP_THRESH * self.snd_mss
+
+    def _enter_recovery(self, now: float) -> None:
+        una = self.snd_una
+        self._undo_cc = copy(self.cc)  # the window before the reduction, for an undo
+        self._undo_tsval = None if self.ts is None else self.ts.clock(now)
+        self._undo_reorder = seq_sub(self._sb.highest() or una, una)
+        self._undone = False
+        self._rtx_marks.clear()
+        self.cc.on_loss(seq_sub(self.snd_max, una), now)
+        self.in_recovery = True
+        self.recover = self.snd_max
+        self._rtx_due = True
+
+    def _undo_reduction(self) -> None:
+        """The last reduction answered reordering, not loss: take it back.
+
+        RFC 4015 (Eifel response) / RFC 3708 5: restore cwnd and ssthresh, and
+        raise DupThresh past the reordering seen, so that the same reordering
+        does not start recovery again (RFC 4653's idea; Linux's tp->reordering).
+        """
+        prior = self._undo_cc
+        if prior is None:
+            return
+        self._undo_cc = None
+        self._undone = True
+        if prior.cwnd > self.cc.cwnd:
+            self.cc = prior
+        mss = self.snd_mss
+        seen = -(-self._undo_reorder // mss)  # the hole and the segments past it
+        self._dupthresh = min(max(self._dupthresh, seen), MAX_DUPTHRESH)
+
+    def _on_dsack(self, block: tuple[int, int], now: float) -> None:
+        """RFC 2883: the peer got ``block`` twice. RFC 3708 5: once every
+        retransmission of the episode is reported so, none was needed."""
+        if self._undo_cc is None:
+            return
+        marks = self._rtx_marks
+        for i, (s, e, _) in enumerate(marks):
+            if seq_le(block[0], s) and seq_le(e, block[1]):
+                del marks[i]
+                break
+        else:
+            return  # a duplicate the network made, not one of our retransmissions
+        if not marks:
+            self._undo_reduction()
+
+    def _find_lost_retransmissions(self) -> None:
+        """A retransmission is lost when what was sent after it arrives (RFC 8985's
+        idea, by sequence rather than time): SACKed data more than DupThresh - 1
+        segments beyond the snd_max of its sending, or DupThresh later
+        retransmissions delivered. NextSeg() then resends it (high_rxt goes back).
+        Fixed: a lost retransmission used to wait for the RTO."""
+        marks = self._rtx_marks
+        if not marks:
+            return
+        sb = self._sb
+        una = self.snd_una
+        highest = sb.highest()
+        if highest is None:
+            return
+        dupthresh = self._dup_thresh()
+        reach = (dupthresh - 1) * self.snd_mss
+        later_delivered = 0
+        lost_from: int | None = None
+        keep: list[tuple[int, int, int]] = []
+        for s, e, sent_max in reversed(marks):
+            if seq_le(e, una) or sb.covers(s, e):
+                later_delivered += 1
+                continue  # delivered: its mark has served
+            if later_delivered >= dupthresh or seq_gt(highest, seq_add(sent_max, reach)):
+                lost_from = s if lost_from is None or seq_lt(s, lost_from) else lost_from
+                continue  # resent below; a fresh mark follows
+            keep.append((s, e, sent_max))
+        if lost_from is None:
+            return
+        keep.reverse()
+        self._rtx_marks = keep
+        if seq_lt(lost_from, self.high_rxt):
+            self.high_rxt = lost_from if seq_gt(lost_from, una) else una
 
     def _on_fin_acked(self, now: float) -> None:
         if self.state is State.FIN_WAIT_1:
@@ -195,4 +296,5 @@ class TcpRecovery(TcpSender):
     def _enter_time_wait(self, now: float) -> None:
         self.state = State.TIME_WAIT
         self.rto_deadline = self.persist_deadline = self.idle_deadline = None
+        self.tlp_deadline = None
         self.linger_deadline = now + self.config.time_wait

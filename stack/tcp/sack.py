@@ -22,6 +22,7 @@ from __future__ import annotations
 from stack.seq import seq_add, seq_gt, seq_in, seq_le, seq_lt, seq_sub
 
 DUP_THRESH = 3  # RFC 6675 / RFC 5681: duplicate ACKs that signal a loss
+MAX_DUPTHRESH = 32  # the most reordering tolerated, in segments (Linux allows 300)
 MAX_RANGES = 64  # SACKed ranges remembered; beyond that the highest are dropped
 MAX_RECENT = 8  # recent out-of-order arrivals remembered for block ordering
 
@@ -142,16 +143,25 @@ class Scoreboard:
                 return s
         return None
 
-    def lost_edge(self, una: int, mss: int) -> int:
+    def lost_edge(self, una: int, mss: int, dupthresh: int = DUP_THRESH) -> int:
         """Every unSACKed octet below the result is lost by RFC 6675 IsLost()."""
         ranges = self._ranges
         total = 0
         for i in range(len(ranges) - 1, -1, -1):
             s, e = ranges[i]
             total += seq_sub(e, s)
-            if total > (DUP_THRESH - 1) * mss or len(ranges) - i >= DUP_THRESH:
+            if total > (dupthresh - 1) * mss or len(ranges) - i >= dupthresh:
                 return s
         return una
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` lies inside one SACKed range."""
+        for s, e in self._ranges:
+            if seq_le(s, start) and seq_le(end, e):
+                return True
+            if seq_gt(s, start):
+                return False
+        return False
 
     def _sacked_below(self, una: int, x: int) -> int:
         n = 0
@@ -161,14 +171,16 @@ class Scoreboard:
             n += seq_sub(e if seq_lt(e, x) else x, s)
         return n
 
-    def pipe(self, una: int, high: int, high_rxt: int, mss: int) -> int:
+    def pipe(
+        self, una: int, high: int, high_rxt: int, mss: int, dupthresh: int = DUP_THRESH
+    ) -> int:
         """RFC 6675 SetPipe(): octets presumed in the network.
 
         Each unSACKed octet below ``high`` counts once if not lost and once more
         if retransmitted (below ``high_rxt``, the end of what was resent).
         """
         unsacked = seq_sub(high, una) - self.sacked
-        edge = self.lost_edge(una, mss)
+        edge = self.lost_edge(una, mss, dupthresh)
         lost = seq_sub(edge, una) - self._sacked_below(una, edge)
         rxt = 0
         if seq_gt(high_rxt, una):

@@ -24,6 +24,7 @@ from __future__ import annotations
 from stack.events import CloseReason
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
 from stack.tcp.core import LINGERING, MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
+from stack.tcp.sack import DUP_THRESH
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, SYN, TcpOptions
 
@@ -36,6 +37,9 @@ def _sack_len(opts: TcpOptions) -> int:
     return 4 + 8 * min(n, 3 if opts.timestamps is not None else 4)
 
 
+TLP_MIN = 0.01  # RFC 8985 7.2 leaves a floor to implementations; Linux uses 10 ms
+
+
 class TcpSender(ConnectionCore):
     """The timer and output half of a connection."""
 
@@ -45,7 +49,11 @@ class TcpSender(ConnectionCore):
             self.ack_deadline = None
             self._ack_now = True
         if self.rto_deadline is not None and now >= self.rto_deadline:
+            self.tlp_deadline = None
             self._on_retransmit_timeout(now)
+        if self.tlp_deadline is not None and now >= self.tlp_deadline:
+            self.tlp_deadline = None
+            self._tlp_due = self.state in SYNCHRONIZED and self.snd_una != self.snd_max
         if self.persist_deadline is not None and now >= self.persist_deadline:
             self._on_persist_timeout(now)
         if self.linger_deadline is not None and now >= self.linger_deadline:
@@ -91,6 +99,8 @@ class TcpSender(ConnectionCore):
         self.rescue_rxt = None
         self._dupacks = 0
         self.snd_nxt = self.snd_una
+        self._undo_cc = None  # no undo across a timeout
+        self._rtx_marks.clear()
 
     def _on_persist_timeout(self, now: float) -> None:
         self.persist_deadline = None
@@ -207,6 +217,9 @@ class TcpSender(ConnectionCore):
             self._ack_sent()
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
+        if self._tlp_due:
+            self._tlp_due = False
+            self._send_tail_probe(out, now)
         if self.in_recovery and self.sack_ok:
             self._send_recovery(out, now)
         else:
@@ -214,12 +227,59 @@ class TcpSender(ConnectionCore):
                 self._rtx_due = False
                 self._retransmit(out, self.snd_una, self.snd_max, now, restart=True)
             self._send_data(out, now, self._edge())
+        flight = seq_sub(self.snd_max, self.snd_una)
+        if flight > self._flight_hw:
+            self._flight_hw = flight
+        self._arm_probe(flight, now)
         if self._ack_now:
             out.append(
                 self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
             )
             self._ack_sent()
         return out
+
+    def _dup_thresh(self) -> int:
+        """DupThresh in use: raised by observed reordering (recovery.py), but never
+        past half the window, or a small window could not recover without an RTO."""
+        return max(DUP_THRESH, min(self._dupthresh, self.cc.cwnd // (2 * self.snd_mss)))
+
+    def _arm_probe(self, flight: int, now: float) -> None:
+        """RFC 8985 7.2: with data in flight, probe after PTO = 2 SRTT without an ACK.
+
+        Re-armed when this batch sent or was acknowledged; an RTO due first wins.
+        """
+        srtt = self._rtt.srtt
+        if flight <= 0 or not srtt or self.rto_deadline is None or not self.config.tail_loss_probe:
+            self.tlp_deadline = None
+            return
+        if self.tlp_deadline is not None and self._tlp_armed_at > self._last_progress:
+            return  # armed after the last send or ACK: keep it
+        pto = 2 * srtt
+        if flight <= self._seg_mss:
+            pto = max(pto, 1.5 * srtt + self.config.delayed_ack)  # RFC 8985 7.2: WCDelAckT
+        pto = max(pto, TLP_MIN)
+        at = now + pto
+        self.tlp_deadline = at if at < self.rto_deadline else None
+        self._tlp_armed_at = now
+
+    def _send_tail_probe(self, out: list[TcpSegment], now: float) -> None:
+        """RFC 8985 7.3: one new segment if the peer's window allows, else the last one
+        sent again, so that the peer's ACK (with SACK blocks) starts fast recovery
+        instead of an RTO. In recovery (which RFC 8985 leaves to RACK's timer) the
+        first hole goes again: its retransmission has gone unanswered for 2 SRTT."""
+        una, high = self.snd_una, self.snd_max
+        if self.in_recovery:
+            self.high_rxt = una
+            self._retransmit(out, una, high, now)
+            return
+        data_end = seq_add(self._sb_seq, len(self._sndbuf))
+        if seq_lt(self.snd_nxt, data_end) and seq_lt(self.snd_nxt, seq_add(una, self.snd_wnd)):
+            edge = seq_add(self.snd_nxt, self._seg_mss)
+            self._sws_override = True
+            if self._send_data(out, now, edge):
+                return
+        start = seq_add(high, -min(self._seg_mss, seq_sub(high, una)))
+        self._retransmit(out, start, high, now)
 
     def _edge(self) -> int:
         """Right edge for new data: the peer's window and the congestion window."""
@@ -285,6 +345,9 @@ class TcpSender(ConnectionCore):
         )
         self._ack_sent()
         length = len(data) + (1 if flags & FIN else 0)
+        if self.in_recovery:
+            # Kept for spotting a lost retransmission, and for D-SACK undo (recovery.py).
+            self._rtx_marks.append((start, seq_add(start, length), self.snd_max))
         if self._rtt_seq is not None and seq_in(self._rtt_seq, start, seq_add(start, length)):
             self._rtt_seq = None  # Karn: a resent segment gives no RTT sample
         if restart or self.rto_deadline is None:
@@ -305,10 +368,11 @@ class TcpSender(ConnectionCore):
                 n = self._retransmit(out, una, hole[1], now, restart=True)
                 self.high_rxt = self.rescue_rxt = seq_add(una, n)
         hr = self.high_rxt if seq_gt(self.high_rxt, una) else una
-        pipe = sb.pipe(una, high, hr, mss)
+        dupthresh = self._dup_thresh()
+        pipe = sb.pipe(una, high, hr, mss, dupthresh)
         cwnd = self.cc.cwnd
         # NextSeg (1): holes IsLost() declares lost, above HighRxt.
-        lost_edge = sb.lost_edge(una, mss)
+        lost_edge = sb.lost_edge(una, mss, dupthresh)
         while cwnd - pipe >= mss and (hole := sb.next_hole(hr, lost_edge)) is not None:
             n = self._retransmit(out, hole[0], hole[1], now)
             if n == 0:
@@ -419,6 +483,7 @@ class TcpSender(ConnectionCore):
         return total
 
     def _sent(self, seq: int, length: int, now: float) -> None:
+        self._last_progress = now
         end = seq_add(seq, length)
         self.snd_nxt = end
         if seq_ge(seq, self.snd_max) and self._rtt_seq is None:
