@@ -105,9 +105,15 @@ def test_offload_64mib_byte_exact(
 
     relay.stop()
     gso, trusted = relay.counter("gso_packets_in"), relay.counter("csum_trusted_in")
-    print(f"[offload {name}] gso_packets_in={gso} csum_trusted_in={trusted}")
+    gso_out = relay.counter("gso_packets_out")
+    print(
+        f"[offload {name}] gso_packets_in={gso} csum_trusted_in={trusted} gso_packets_out={gso_out}"
+    )
     assert relay.counter("checksum_errors") == 0
     assert trusted > 0
     if c2s:  # client data arrives coalesced: far fewer packets than 1448-byte segments
         assert gso > 0
         assert relay.counter("packets_in") < c2s // 1448
+    if s2c:  # and leaves as GSO super-segments the kernel cuts (byte-exact above)
+        assert gso_out > 0
+        assert relay.counter("packets_out") < s2c // 1448

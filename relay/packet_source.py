@@ -77,6 +77,7 @@ class PacketStats:
     drops_in: int = 0  # arrived while the inbound queue was full (or a frame had no packet)
     drops_out: int = 0  # written while the outbound queue was full
     gso_packets_in: int = 0  # GRO super-segments (TUN offloads)
+    gso_packets_out: int = 0  # GSO super-segments written (TUN offloads)
     csum_trusted_in: int = 0  # checksum partial or verified by the kernel (TUN offloads)
 
 

@@ -148,7 +148,11 @@ def validate(
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
         ),
         stack=StackConfig(
-            tcp=tcp, max_flows=max_flows, mtu=mtu, datagram=_datagram(udp_idle_timeout)
+            tcp=tcp,
+            max_flows=max_flows,
+            mtu=mtu,
+            datagram=_datagram(udp_idle_timeout),
+            offload=offload,  # partial checksums and GSO writes (relay.tun frames them)
         ),
     )
 

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import struct
 from collections.abc import Iterable
 
 import pytun
@@ -37,7 +38,18 @@ import trio
 
 from relay import netns
 from relay.packet_source import PacketStats
-from relay.vnet import DATA_VALID, NEEDS_CSUM, VNET_HDR_LEN, ZERO_HEADER
+from relay.vnet import (
+    DATA_VALID,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    NEEDS_CSUM,
+    VNET_HDR_LEN,
+    ZERO_HEADER,
+)
+from stack.wire.tcp import OffloadPacket
+
+_VNET = struct.Struct("<BBHHHH")  # relay.vnet's layout, packed inline on the hot path
 
 __all__ = [
     "IFF_MULTI_QUEUE",
@@ -286,8 +298,17 @@ class TunDevice:
         stats = self.stats
         writev = os.writev
         for packet in packets:
+            header = ZERO_HEADER
+            if type(packet) is OffloadPacket:
+                # NEEDS_CSUM from csum_start, checksum at +16; a TCP gso_type when
+                # the stack made a super-segment (relay.vnet, LINUX-NOTES).
+                gso = packet.gso_size
+                kind = (GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6) if gso else GSO_NONE
+                header = _VNET.pack(NEEDS_CSUM, kind, packet.hdr_len, gso, packet.csum_start, 16)
+                if gso:
+                    stats.gso_packets_out += 1
             try:
-                n = writev(fd, (ZERO_HEADER, packet)) - VNET_HDR_LEN
+                n = writev(fd, (header, packet)) - VNET_HDR_LEN
             except OSError as exc:
                 if exc.errno in _DROP_ERRNOS:
                     stats.drops_out += 1

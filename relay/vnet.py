@@ -12,10 +12,11 @@ default TUNSETVNETHDRSZ). On reads it says what the kernel left undone:
   ``gso_size`` bytes per wire segment) that the relay takes as one segment.
 
 On writes an all-zero header means "a plain packet with every checksum
-computed". A GSO write (not used yet) would carry NEEDS_CSUM, the TCP gso_type,
-``hdr_len``, ``gso_size`` (the client's MSS), ``csum_start`` (the TCP header)
-and ``csum_offset`` 16, with the folded pseudo-header sum in the checksum field
-(``stack.wire.build_tcp_packet_partial_csum``).
+computed". A ``stack.wire.tcp.OffloadPacket`` (the Stack makes them with
+``StackConfig.offload``) goes with NEEDS_CSUM, ``csum_start`` (the TCP header),
+``csum_offset`` 16 and the folded pseudo-header sum in the checksum field; a
+GSO super-segment also carries the TCP gso_type, ``hdr_len`` and ``gso_size``
+(the segment size the stack cut the run to, within the client's MSS).
 
 ``relay.tun.TunDevice`` strips and adds the header in its own hot loop; this
 module is the one definition of the layout, for it, for tests and for tools.

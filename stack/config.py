@@ -85,6 +85,11 @@ class StackConfig:
     max_pending: int = 1024  # connection requests awaiting accept()/reject()
     max_time_wait: int = 65536  # 4-tuples kept in TIME-WAIT (Linux tcp_max_tw_buckets)
     mtu: int = 1500  # the clients' path MTU: larger UDP replies are fragmented to it
+    # TCP out as OffloadPackets (stack.wire.tcp): partial checksums, and runs of
+    # full-sized segments as GSO super-segments of up to gso_max payload bytes.
+    # Only for a writer that frames them (relay.tun with virtio-net headers).
+    offload: bool = False
+    gso_max: int = 63 * 1024
     datagram: DatagramConfig = field(default_factory=DatagramConfig)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)
 

@@ -55,12 +55,15 @@ from stack.wire.tcp import (
     ACK,
     FIN,
     NO_OPTIONS,
+    PSH,
     RST,
     SYN,
     TcpHeader,
     TcpOptions,
     build_tcp_packet,
+    build_tcp_packet_partial_csum,
     encode_options,
+    offload_packet,
     parse_tcp,
 )
 
@@ -425,6 +428,9 @@ class Stack:
         return out
 
     def _build(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
+        if self.config.offload:
+            self._build_offload(entry, segs, out)
+            return
         ttl = self.config.tcp.ttl
         last: TcpOptions = NO_OPTIONS
         options = b""
@@ -462,6 +468,81 @@ class Stack:
                     ttl=ttl,
                 )
             )
+
+    def _build_offload(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
+        """``_build`` for an offloading writer: partial checksums, GSO super-segments.
+
+        A run of data segments that continue each other in sequence space, with
+        the same ACK, window and options, all ``gso_size`` long but the last, and
+        PSH/FIN on the last only, leaves as one super-segment: the kernel cuts it
+        exactly as the run was cut (tcp_gso_segment). The payload is never
+        summed here: the checksum is the kernel's work, which was most of ours.
+        """
+        ttl = self.config.tcp.ttl
+        gso_max = self.config.gso_max
+        ip_len = 20 if len(entry.server) == 4 else 40
+        server, client = entry.server, entry.client
+        last: TcpOptions | None = None
+        options = b""
+        i, n = 0, len(segs)
+        while i < n:
+            s = segs[i]
+            o = s.options
+            if o is not last:
+                last = o
+                if o is NO_OPTIONS:
+                    options = b""
+                elif s.flags & SYN:
+                    options = encode_options(
+                        mss=o.mss,
+                        wscale=o.wscale,
+                        sack_permitted=o.sack_permitted,
+                        timestamps=o.timestamps,
+                    )
+                else:
+                    options = encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
+            size = len(s.payload)
+            if not size or s.flags & (SYN | RST):
+                packet = build_tcp_packet(
+                    server, client, s.src_port, s.dst_port, s.seq, s.ack, s.flags,
+                    s.window, options, s.payload, ttl=ttl,
+                )  # fmt: skip
+                out.append(packet)
+                i += 1
+                continue
+            j = i + 1
+            total = size
+            end = seq_add(s.seq, size)
+            flags = s.flags
+            if not flags & (PSH | FIN):
+                while j < n:
+                    t = segs[j]
+                    tn = len(t.payload)
+                    if (
+                        t.seq != end
+                        or not tn
+                        or tn > size
+                        or total + tn > gso_max
+                        or t.options is not o
+                        or t.window != s.window
+                        or t.ack != s.ack
+                        or t.flags & (SYN | RST)
+                    ):
+                        break
+                    total += tn
+                    end = seq_add(end, tn)
+                    flags = t.flags
+                    j += 1
+                    if tn < size or flags & (PSH | FIN):
+                        break  # short or flagged: the last of the run
+            payload = s.payload if j == i + 1 else b"".join([t.payload for t in segs[i:j]])
+            packet = build_tcp_packet_partial_csum(
+                server, client, s.src_port, s.dst_port, s.seq, s.ack, flags, s.window,
+                options, payload, ttl=ttl,
+            )  # fmt: skip
+            gso = size if j > i + 1 else 0
+            out.append(offload_packet(packet, ip_len, ip_len + 20 + len(options), gso))
+            i = j
 
     # ----------------------------------------------------------------- timers
 

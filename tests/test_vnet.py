@@ -39,7 +39,7 @@ from relay.vnet import (
 from stack import DataReceived, Stack
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import parse_ip
-from stack.wire.tcp import ACK, RST, parse_tcp
+from stack.wire.tcp import ACK, RST, offload_packet, parse_tcp
 from tests.stack_helpers import (
     C4,
     C6,
@@ -234,6 +234,23 @@ def test_tun_vnet_write_prepends_zero_header(vnet_tun: tuple[TunDevice, socket.s
     assert kernel.recv(100) == ZERO_HEADER + b"\x45one"
     assert kernel.recv(100) == ZERO_HEADER + b"\x60two!"
     assert (tun.stats.packets_out, tun.stats.bytes_out) == (2, 9)
+
+
+def test_tun_vnet_write_frames_offload_packets(vnet_tun: tuple[TunDevice, socket.socket]) -> None:
+    # NEEDS_CSUM from the TCP header; a TCP gso_type and gso_size for super-segments.
+    tun, kernel = vnet_tun
+    v4 = offload_packet(b"\x45" + bytes(99), csum_start=20, hdr_len=52, gso_size=1448)
+    v6 = offload_packet(b"\x60" + bytes(99), csum_start=40, hdr_len=72, gso_size=1428)
+    one = offload_packet(b"\x45" + bytes(59), csum_start=20, hdr_len=52, gso_size=0)
+    tun.write_all([v4, v6, one])
+    frames = [kernel.recv(200) for _ in range(3)]
+    assert [parse_header(f) for f in frames] == [
+        VnetHeader(NEEDS_CSUM, GSO_TCPV4, 52, 1448, 20, 16),
+        VnetHeader(NEEDS_CSUM, GSO_TCPV6, 72, 1428, 40, 16),
+        VnetHeader(NEEDS_CSUM, GSO_NONE, 52, 0, 20, 16),
+    ]
+    assert [f[VNET_HDR_LEN:] for f in frames] == [v4, v6, one]
+    assert (tun.stats.packets_out, tun.stats.gso_packets_out) == (3, 2)
 
 
 def test_tun_without_vnet_marks_nothing() -> None:

@@ -328,6 +328,28 @@ def build_tcp_packet(
     return hdr + options if olen else hdr
 
 
+class OffloadPacket(bytes):
+    """A TCP packet for a writer with checksum and segmentation offload.
+
+    Its TCP checksum field holds only the folded pseudo-header sum (virtio
+    NEEDS_CSUM: the kernel completes it from ``csum_start``); with ``gso_size``
+    > 0 it is a super-segment that the kernel cuts into ``gso_size``-byte
+    segments (GSO), repeating the headers and keeping PSH and FIN for the last.
+    Only ``Stack`` with ``StackConfig.offload`` makes them, for ``relay.tun``
+    with virtio-net headers; to anything else they are ordinary bytes.
+    """
+
+    gso_size: int  # payload bytes per wire segment; 0: one segment
+    csum_start: int  # the TCP header's offset (the IP header length)
+    hdr_len: int  # IP + TCP header bytes
+
+
+def offload_packet(packet: bytes, csum_start: int, hdr_len: int, gso_size: int) -> OffloadPacket:
+    p = OffloadPacket(packet)
+    p.csum_start, p.hdr_len, p.gso_size = csum_start, hdr_len, gso_size
+    return p
+
+
 def build_tcp_packet_partial_csum(
     src: bytes,
     dst: bytes,
