@@ -67,6 +67,20 @@ from stack.wire.tcp import (
     parse_tcp,
 )
 
+
+def _encode(o: TcpOptions, flags: int) -> bytes:
+    """A segment's options as the connection chose them: MSS, window scale,
+    SACK-permitted and TSopt on SYNs; TSopt (RFC 7323 3.2) and SACK blocks
+    (RFC 2018) on the rest once negotiated; nothing on RSTs."""
+    if o is NO_OPTIONS:
+        return b""
+    if flags & SYN:
+        return encode_options(
+            mss=o.mss, wscale=o.wscale, sack_permitted=o.sack_permitted, timestamps=o.timestamps
+        )
+    return encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
+
+
 _ICMP_CODES = {
     Unreachable.NET: (NET_UNREACH, ICMP6_NO_ROUTE),
     Unreachable.HOST: (HOST_UNREACH, ICMP6_ADDR_UNREACH),
@@ -435,24 +449,11 @@ class Stack:
         last: TcpOptions = NO_OPTIONS
         options = b""
         for s in segs:
-            # Options as the connection chose them per segment: MSS, window scale,
-            # SACK-permitted and TSopt on SYNs; TSopt (RFC 7323 3.2) and SACK blocks
-            # (RFC 2018) on the rest once negotiated; nothing on RSTs. A batch shares
-            # one options object: it is encoded once.
+            # A batch shares one options object: it is encoded once.
             o = s.options
             if o is not last:
                 last = o
-                if o is NO_OPTIONS:
-                    options = b""
-                elif s.flags & SYN:
-                    options = encode_options(
-                        mss=o.mss,
-                        wscale=o.wscale,
-                        sack_permitted=o.sack_permitted,
-                        timestamps=o.timestamps,
-                    )
-                else:
-                    options = encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
+                options = _encode(o, s.flags)
             out.append(
                 build_tcp_packet(
                     entry.server,
@@ -490,17 +491,7 @@ class Stack:
             o = s.options
             if o is not last:
                 last = o
-                if o is NO_OPTIONS:
-                    options = b""
-                elif s.flags & SYN:
-                    options = encode_options(
-                        mss=o.mss,
-                        wscale=o.wscale,
-                        sack_permitted=o.sack_permitted,
-                        timestamps=o.timestamps,
-                    )
-                else:
-                    options = encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
+                options = _encode(o, s.flags)
             size = len(s.payload)
             if not size or s.flags & (SYN | RST):
                 packet = build_tcp_packet(
