@@ -129,6 +129,9 @@ def validate(
         ooo_limit=rcv_buf,
         mss=mtu - 40,
         keepalive=True,
+        # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
+        # way out, or written as one GSO super-segment with --offload.
+        tso_segments=44,
     )
     return RunOptions(
         tun=tun,

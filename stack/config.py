@@ -14,6 +14,10 @@ class TcpConfig:
     default_peer_mss: int = 536  # RFC 9293 3.7.1: when the SYN carries no MSS option
     min_snd_mss: int = 48  # floor on the peer's MSS, as Linux's tcp_min_snd_mss
     tail_loss_probe: bool = True  # RFC 8985 7: probe after 2 SRTT without an ACK
+    # New data taken from the send buffer per TcpSegment, in segments: the Stack
+    # cuts larger ones to the MSS (or, with StackConfig.offload, writes them as one
+    # GSO super-segment), so per-segment work in the connection is paid once.
+    tso_segments: int = 1
     # Buffers (stack.tcp.buffers). Each starts at its *_initial size and grows with
     # demand (auto-tuning) up to the cap, within the Stack-wide memory_budget.
     rcv_buf: int = 4 << 20  # receive buffer cap: bytes held until the caller consumes them

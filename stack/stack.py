@@ -68,6 +68,20 @@ from stack.wire.tcp import (
 )
 
 
+def _cut(entry: _Entry, s: TcpSegment, options: bytes, ttl: int, out: list[bytes]) -> None:
+    """Cut a several-segment TcpSegment into ``s.gso``-sized packets, as GSO would:
+    headers repeated, sequence numbers advanced, PSH and FIN on the last only."""
+    size, payload = s.gso, s.payload
+    last = len(payload) - 1
+    for k in range(0, len(payload), size):
+        flags = s.flags if k + size > last else s.flags & ~(PSH | FIN)
+        packet = build_tcp_packet(
+            entry.server, entry.client, s.src_port, s.dst_port, seq_add(s.seq, k), s.ack,
+            flags, s.window, options, payload[k : k + size], ttl=ttl,
+        )  # fmt: skip
+        out.append(packet)
+
+
 def _encode(o: TcpOptions, flags: int) -> bytes:
     """A segment's options as the connection chose them: MSS, window scale,
     SACK-permitted and TSopt on SYNs; TSopt (RFC 7323 3.2) and SACK blocks
@@ -454,6 +468,9 @@ class Stack:
             if o is not last:
                 last = o
                 options = _encode(o, s.flags)
+            if s.gso:
+                _cut(entry, s, options, ttl, out)
+                continue
             out.append(
                 build_tcp_packet(
                     entry.server,
@@ -493,6 +510,14 @@ class Stack:
                 last = o
                 options = _encode(o, s.flags)
             size = len(s.payload)
+            if s.gso:  # already several segments: one GSO write as it is
+                packet = build_tcp_packet_partial_csum(
+                    server, client, s.src_port, s.dst_port, s.seq, s.ack, s.flags, s.window,
+                    options, s.payload, ttl=ttl,
+                )  # fmt: skip
+                out.append(offload_packet(packet, ip_len, ip_len + 20 + len(options), s.gso))
+                i += 1
+                continue
             if not size or s.flags & (SYN | RST):
                 packet = build_tcp_packet(
                     server, client, s.src_port, s.dst_port, s.seq, s.ack, s.flags,
@@ -511,6 +536,7 @@ class Stack:
                     tn = len(t.payload)
                     if (
                         t.seq != end
+                        or t.gso
                         or not tn
                         or tn > size
                         or total + tn > gso_max

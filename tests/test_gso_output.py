@@ -139,3 +139,30 @@ def test_without_offload_nothing_changes() -> None:
     packets = stack.packets_to_send(0.0)
     assert len(packets) == 10 and all(type(p) is bytes for p in packets)
     assert [len(parse_out(p).payload) for p in packets] == [1448] * 10
+
+
+def test_tso_segments_change_nothing_on_the_wire() -> None:
+    # tso_segments: the connection hands over several segments at once; cut by the
+    # Stack they are the same packets, byte for byte.
+    from stack.config import TcpConfig
+
+    plain, tso = Stack(), Stack(StackConfig(tcp=TcpConfig(tso_segments=44)))
+    data = bytes(range(256)) * 100
+    got = []
+    for stack in (plain, tso):
+        flow = connect(stack)
+        stack.send(flow, data)  # type: ignore[arg-type]
+        got.append(stack.packets_to_send(0.0))
+    assert len(got[0]) == 10 and got[0] == got[1]
+
+
+def test_tso_segments_with_offload_make_one_gso_write() -> None:
+    from stack.config import TcpConfig
+
+    stack = Stack(StackConfig(tcp=TcpConfig(tso_segments=44), offload=True))
+    flow = connect(stack)
+    stack.send(flow, bytes(range(256)) * 100)  # type: ignore[arg-type]
+    (p,) = stack.packets_to_send(0.0)
+    assert isinstance(p, OffloadPacket) and p.gso_size == 1448
+    pieces = [parse_out(x) for x in gso_segment(p)]
+    assert b"".join(x.payload for x in pieces) == (bytes(range(256)) * 100)[:14480]

@@ -171,6 +171,7 @@ configs = st.builds(
     timestamps=mostly,
     sack=mostly,
     congestion=st.sampled_from(["cubic", "newreno"]),
+    tso_segments=st.sampled_from([1, 1, 8]),  # 8: several segments per TcpSegment
     rto_max=st.just(RTO_MAX),
     max_retries=st.just(RETRIES),
     syn_retries=st.just(RETRIES),

@@ -19,6 +19,7 @@ class TcpSegment:
     window: int
     payload: bytes = b""
     options: TcpOptions = NO_OPTIONS
+    gso: int = 0  # > 0: the payload is several wire segments of this size (TSO-style)
 
     @property
     def seg_len(self) -> int:

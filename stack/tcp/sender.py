@@ -21,6 +21,8 @@ the peer was heard since).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from stack.events import CloseReason
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
 from stack.tcp.core import LINGERING, MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
@@ -409,6 +411,7 @@ class TcpSender(ConnectionCore):
         buf = self._sndbuf
         data_end = seq_add(sb_seq, len(buf))
         mss = self._seg_mss
+        burst = mss * self.config.tso_segments  # new data: several segments at once
         opts = self._tx_opts
         snd_max = self.snd_max
         sacked = self._sb if self._sb and seq_lt(self.snd_nxt, snd_max) else None
@@ -418,8 +421,8 @@ class TcpSender(ConnectionCore):
             nxt = self.snd_nxt
             avail = seq_sub(data_end, nxt)
             if avail > 0:
-                n = min(avail, seq_sub(edge, nxt), mss)
                 resend = seq_lt(nxt, snd_max)  # going back after an RTO
+                n = min(avail, seq_sub(edge, nxt), mss if resend else burst)
                 if resend and sacked is not None:
                     # Skip what the peer SACKed since the RTO; stop short of the next.
                     held = sacked.contains(nxt)
@@ -452,6 +455,10 @@ class TcpSender(ConnectionCore):
                         flags |= FIN
                 payload = bytes(buf[off : off + n])
                 seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload, opts)
+                if n > mss:
+                    # Several wire segments in one: the Stack cuts it to ``mss`` or
+                    # hands it to the kernel as one GSO write (TcpConfig.tso_segments).
+                    seg = replace(seg, gso=mss)
                 length = n + (1 if flags & FIN else 0)
                 self._sent(nxt, length, now)
                 out.append(seg)
