@@ -260,16 +260,11 @@ class TcpConnection(TcpRecovery):
             and not flags & RST
             and ts.paws_rejects(stamp[0], now)
         ):
-            if self._ack_now:
-                self._send_ack_now(now)  # one ACK per segment, as in _on_data
-            self._ack_now = True
-            if payload and self.sack_ok and seq_lt(seq, self.rcv_nxt):
-                # A late original behind its retransmission: its TSval is older, so
-                # PAWS drops it, but it is still a duplicate the sender should hear
-                # of (RFC 2883; Linux's tcp_send_dupack). Fixed: without this D-SACK
-                # the sender never undid the reduction for a spurious retransmit.
-                end = seq_add(seq, len(payload))
-                self._dsack = (seq, end if seq_le(end, self.rcv_nxt) else self.rcv_nxt)
+            # A late original behind its retransmission has an older TSval, so PAWS
+            # drops it; it is still a duplicate the sender should hear of (Linux's
+            # tcp_send_dupack). Fixed: without the D-SACK the sender never undid
+            # the reduction for a spurious retransmission.
+            self._ack_duplicate(now, seq, len(payload))
             return
 
         # RFC 9293 3.10.7.4, first: is the segment acceptable?
@@ -281,11 +276,7 @@ class TcpConnection(TcpRecovery):
             if state is State.SYN_RECEIVED and flags & SYN and seq == self.irs:
                 self._syn_due = True  # our SYN-ACK was lost: the client repeats its SYN
                 return
-            if self._ack_now:
-                self._send_ack_now(now)  # one ACK per segment, as in _on_data
-            self._ack_now = True  # RFC 9293: send an ACK, drop the segment
-            if payload and self.sack_ok and seq_lt(seq, self.rcv_nxt):
-                self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.1
+            self._ack_duplicate(now, seq, len(payload))  # RFC 9293: ACK, drop the segment
             if state is State.TIME_WAIT and flags & FIN:
                 # RFC 9293 3.10.7.4 TIME-WAIT: a retransmitted FIN (it lies before
                 # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
@@ -418,28 +409,18 @@ class TcpConnection(TcpRecovery):
         # Trim to the window: the part before rcv_nxt is a duplicate and the part
         # beyond the advertised edge is not ours to keep (RFC 9293 3.10.7.4).
         rcv_nxt = self.rcv_nxt
+        arrived, arrived_len = seq, len(payload)
         front = seq_sub(rcv_nxt, seq)
-        dup: tuple[int, int] | None = None
         if front > 0:
-            dup = (seq, rcv_nxt if front < len(payload) else seq_add(seq, len(payload)))
             payload = payload[front:]
             seq = rcv_nxt
         room = seq_sub(self.rcv_adv, seq)
         if len(payload) > room:
             payload = payload[: max(room, 0)]
         if not payload or seq != rcv_nxt:
-            if self._ack_now:
-                # RFC 5681 4.2: one duplicate ACK per out-of-order (or duplicate)
-                # segment. An ACK still owed for an earlier segment of this batch
-                # goes now, with the SACK blocks of that moment. Fixed: a drained
-                # batch of N segments behind a hole got one ACK, so the sender saw
-                # too few duplicates to start fast retransmit and waited for its RTO.
-                self._send_ack_now(now)
-            self._ack_now = True
-        if not payload:
-            if dup is not None and self.sack_ok:
-                self._dsack = dup  # RFC 2883: report what arrived twice
-            return
+            self._ack_duplicate(now, arrived, arrived_len)
+            if not payload:
+                return
         if seq != rcv_nxt:
             held = self._ooo.size
             if self._ooo.insert(rcv_nxt, seq, payload) and self.sack_ok:
@@ -449,9 +430,8 @@ class TcpConnection(TcpRecovery):
                 recent.insert(0, seq)
                 del recent[MAX_RECENT:]
             return
-        if dup is not None and self.sack_ok:
-            self._dsack = dup  # a partial duplicate (RFC 2883 4.1.3)
-            self._ack_now = True
+        if front > 0 and self.sack_ok:
+            self._ack_duplicate(now, arrived, arrived_len)  # partly old (RFC 2883 4.1.3)
         filled_hole = bool(self._ooo)
         self._deliver(payload)
         if filled_hole:
@@ -469,6 +449,22 @@ class TcpConnection(TcpRecovery):
             self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment
         elif self.ack_deadline is None:
             self.ack_deadline = now + self.config.delayed_ack
+
+    def _ack_duplicate(self, now: float, seq: int, length: int) -> None:
+        """Owe an immediate ACK for an out-of-order or (partly) duplicate segment.
+
+        RFC 5681 4.2: one duplicate ACK per such segment. An ACK still owed for an
+        earlier segment of this batch goes first, with the SACK blocks of that
+        moment. Fixed: a drained batch of N segments behind a hole got one ACK,
+        so the sender saw too few duplicates to start fast retransmit. With SACK,
+        the bytes below rcv_nxt go in a D-SACK block (RFC 2883 4.1.1, 4.1.3).
+        """
+        if self._ack_now:
+            self._send_ack_now(now)
+        self._ack_now = True
+        if length and self.sack_ok and seq_lt(seq, self.rcv_nxt):
+            end = seq_add(seq, length)
+            self._dsack = (seq, end if seq_le(end, self.rcv_nxt) else self.rcv_nxt)
 
     def _send_ack_now(self, now: float) -> None:
         opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
