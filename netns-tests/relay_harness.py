@@ -635,12 +635,14 @@ def recv_stream(
     return Received(count, h.hexdigest(), time.perf_counter() - t0, eof)
 
 
-def run_parallel(*fns: Callable[[], Any], timeout: float) -> list[Any]:
-    """Run each function in its own thread; their results, in order.
+def run_threads(
+    *fns: Callable[[], Any], timeout: float
+) -> tuple[list[Any], list[BaseException | None], list[str]]:
+    """Run each function in its own thread for at most ``timeout`` seconds.
 
-    Raises the first exception a function raised (after all finished or the
-    time ran out), or AssertionError naming the ones still running after
-    ``timeout`` seconds (their sockets are closed at tear-down, which ends them).
+    Returns:
+        Their results and exceptions, in order, and the names of the ones still
+        running at the end (their sockets are closed at tear-down, which ends them).
     """
     results: list[Any] = [None] * len(fns)
     errors: list[BaseException | None] = [None] * len(fns)
@@ -660,7 +662,17 @@ def run_parallel(*fns: Callable[[], Any], timeout: float) -> list[Any]:
     deadline = time.monotonic() + timeout
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threads if t.is_alive()]
+    return results, errors, [t.name for t in threads if t.is_alive()]
+
+
+def run_parallel(*fns: Callable[[], Any], timeout: float) -> list[Any]:
+    """Run each function in its own thread; their results, in order.
+
+    Raises the first exception a function raised (after all finished or the
+    time ran out), or AssertionError naming the ones still running after
+    ``timeout`` seconds.
+    """
+    results, errors, stuck = run_threads(*fns, timeout=timeout)
     for exc in errors:
         if exc is not None:
             raise exc

@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -74,6 +73,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     expected_digest,
     listener,
     recv_stream,
+    run_threads,
     send_pattern,
     start_relay_fixture,
 )
@@ -240,7 +240,13 @@ def transfer(
     def server_recv() -> Received:
         return recv_stream(conn, progress=lambda n: progress.__setitem__("c2s", n))
 
-    results, stuck = _run(client_send, client_recv, server_send, server_recv, timeout=limit)
+    results, errors, stuck = run_threads(
+        client_send, client_recv, server_send, server_recv, timeout=limit
+    )
+    if not stuck:
+        for exc in errors:
+            if exc is not None:
+                raise exc
     seconds = time.perf_counter() - t0
     if stuck:
         where = (
@@ -254,37 +260,6 @@ def transfer(
         raise Stalled(f"{where}\n{details}")
     sent_c2s, got_s2c, sent_s2c, got_c2s = results
     return Transfer(seconds, client.getsockname()[1], peer[1], sent_c2s, sent_s2c, got_c2s, got_s2c)
-
-
-def _run(*fns: Callable[[], Any], timeout: float) -> tuple[list[Any], list[str]]:
-    """Run each function in a thread: (results, names still running after `timeout`).
-
-    Re-raises the first exception a finished function raised.
-    """
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException | None] = [None] * len(fns)
-
-    def wrap(i: int, fn: Callable[[], Any]) -> None:
-        try:
-            results[i] = fn()
-        except BaseException as exc:
-            errors[i] = exc
-
-    threads = [
-        threading.Thread(target=wrap, args=(i, fn), daemon=True, name=fn.__name__)
-        for i, fn in enumerate(fns)
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threads if t.is_alive()]
-    if not stuck:
-        for exc in errors:
-            if exc is not None:
-                raise exc
-    return results, stuck
 
 
 def check_exact(t: Transfer, size: int) -> None:

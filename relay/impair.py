@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import netns
-from relay.netconfig import IFA_F_NODAD
+from relay.lab import add_address
 
 __all__ = [
     "CLEAN",
@@ -696,16 +696,7 @@ class Wire:
             try:
                 index = ipr.link_lookup(ifname=ifname)[0]
                 for cidr in cidrs:
-                    address, prefixlen = cidr.split("/")
-                    v6 = ":" in address
-                    ipr.addr(
-                        "add",
-                        index=index,
-                        address=address,
-                        prefixlen=int(prefixlen),
-                        family=socket.AF_INET6 if v6 else socket.AF_INET,
-                        flags=IFA_F_NODAD if v6 else 0,
-                    )
+                    add_address(ipr, index, cidr)
                 ipr.link("set", index=index, state="up")
                 if name == topo.cli:
                     ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=topo.gw_cli_v4)

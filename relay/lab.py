@@ -140,16 +140,7 @@ class Topology:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 for ifname, cidr in addrs:
                     index = ipr.link_lookup(ifname=ifname)[0]
-                    address, prefixlen = cidr.split("/")
-                    v6 = ":" in address
-                    ipr.addr(
-                        "add",
-                        index=index,
-                        address=address,
-                        prefixlen=int(prefixlen),
-                        family=socket.AF_INET6 if v6 else socket.AF_INET,
-                        flags=IFA_F_NODAD if v6 else 0,
-                    )
+                    add_address(ipr, index, cidr)
                     ipr.link("set", index=index, state="up")
             cli, srv = iprs[self.cli], iprs[self.srv]
             cli.route("add", dst="0.0.0.0", dst_len=0, gateway=self.gw_cli_v4)
@@ -263,6 +254,24 @@ class Topology:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def add_address(ipr: Any, index: int, cidr: str) -> None:
+    """Add ``cidr`` ("198.18.1.2/24" or "fd00:1::2/64") to link ``index``.
+
+    IPv6 addresses skip duplicate address detection (IFA_F_NODAD), so they are
+    usable at once in a fresh namespace.
+    """
+    address, prefixlen = cidr.split("/")
+    v6 = ":" in address
+    ipr.addr(
+        "add",
+        index=index,
+        address=address,
+        prefixlen=int(prefixlen),
+        family=socket.AF_INET6 if v6 else socket.AF_INET,
+        flags=IFA_F_NODAD if v6 else 0,
+    )
 
 
 def _signal(proc: subprocess.Popen[Any], sig: int) -> None:
