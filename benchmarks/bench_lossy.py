@@ -36,7 +36,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from typing import Any
 from bench_netns import (
     IPERF_PORT,
     MeasureError,
+    Report,
     finish,
     fresh_lab,
     listening,
@@ -70,21 +70,10 @@ class _Stopped(BaseException):
 
 
 @dataclass
-class Results:
-    mbps: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # cfg -> mode -> vals
-    notes: list[str] = field(default_factory=list)
+class Results(Report):
+    """bench_netns's Report (samples: cfg -> up/down -> Mbit/s), plus the wire's counters."""
+
     wire: list[str] = field(default_factory=list)
-
-    def add(self, cfg: str, mode: str, value: float) -> None:
-        self.mbps.setdefault(cfg, {}).setdefault(mode, []).append(value)
-
-    def median(self, cfg: str, mode: str) -> float | None:
-        vals = self.mbps.get(cfg, {}).get(mode)
-        return statistics.median(vals) if vals else None
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        print(f"  ! {text}", flush=True)
 
 
 def start_relay(topo: Topology, log_path: Path) -> subprocess.Popen[bytes]:
@@ -176,28 +165,29 @@ def run_config(
                     res.wire.append(f"[{where} {mode}] {stats.summary()}")
                     if stats.uncontrolled_drops():
                         res.note(
-                            f"{where} {mode}: {stats.uncontrolled_drops()} frames lost outside "
-                            "the impairment (forwarder overloaded)"
+                            f"{where} {mode}",
+                            f"{stats.uncontrolled_drops()} frames lost outside "
+                            "the impairment (forwarder overloaded)",
                         )
                 except MeasureError as exc:
-                    res.note(f"{where} {mode}: {exc}")
+                    res.note(f"{where} {mode}", str(exc))
                 finally:
                     if stats is None and wire.running:
                         wire.stop()
                 if relay is not None and relay.poll() is not None:
-                    res.note(f"{where}: tunrelay exited ({relay.returncode})")
+                    res.note(where, f"tunrelay exited ({relay.returncode})")
                     break
         except MeasureError as exc:
-            res.note(f"{where}: set-up failed: {exc}")
+            res.note(where, f"set-up failed: {exc}")
         finally:
             if relay is not None:
                 rc = stop(relay, 10.0)
                 if rc not in (0, -signal.SIGTERM):
-                    res.note(f"{where}: tunrelay exited with status {rc} on SIGTERM")
+                    res.note(where, f"tunrelay exited with status {rc} on SIGTERM")
                 text = log_path.read_text(errors="replace") if log_path.exists() else ""
                 bad = [ln for ln in text.splitlines() if re.search(r"ERROR|CRITICAL|Traceback", ln)]
                 for ln in bad[:3]:
-                    res.note(f"{where}: tunrelay log: {ln[:300]}")
+                    res.note(where, f"tunrelay log: {ln[:300]}")
 
 
 def print_table(
@@ -282,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
     print_table(res, imp, args.rtt_ms, args.seconds, args.repeat, args.cc)
     print("\nall samples, Mbit/s:")
-    for cfg, by_mode in res.mbps.items():
+    for cfg, by_mode in res.samples.items():
         parts = [f"{m}=" + "/".join(f"{v:.1f}" for v in vals) for m, vals in by_mode.items()]
         print(f"  {cfg}: " + "  ".join(parts))
     print("\nwire counters:")
@@ -299,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "rtt_ms": args.rtt_ms,
             "seconds": args.seconds,
             "cc": args.cc,
-            "samples_mbps": res.mbps,
+            "samples_mbps": res.samples,
             "notes": res.notes,
             "wire": res.wire,
         }

@@ -40,7 +40,7 @@ from types import FrameType
 from typing import Any
 
 from relay.demo_analyzer import endpoint
-from relay.lab import Topology
+from relay.lab import Topology, stop_process
 
 __all__ = ["run_demo"]
 
@@ -193,18 +193,6 @@ def wait_ready(proc: subprocess.Popen[Any], log_path: Path) -> str | None:
             return f"the relay exited with status {proc.returncode}"
         time.sleep(0.02)
     return f"the relay was not ready after {READY_TIMEOUT:.0f} s"
-
-
-def stop_relay(proc: subprocess.Popen[Any]) -> int:
-    """SIGTERM the relay and wait for it; its exit status (-9 if it had to be killed)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5.0)
-    return proc.returncode
 
 
 # --- the client (sockets in the client namespace) --------------------------------------
@@ -493,7 +481,7 @@ def _exercise(
     wait_flow_log(flow_log, len(expected))
     t2 = time.perf_counter()
     timings["last flow ends"] = t2 - t1
-    status = stop_relay(relay)
+    status = stop_process(relay)
     timings["relay stop"] = time.perf_counter() - t2
     say(f"\nrelay stopped (exit status {status})")
     results.append(status == 0)

@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import netns
-from relay.lab import add_address
+from relay.lab import add_address, stop_process
 
 __all__ = [
     "CLEAN",
@@ -780,13 +780,7 @@ class Wire:
         if engine is None or proc is None:
             raise RuntimeError("no engine is running")
         cpu = _cpu_seconds(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5.0)
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         path = self._stats_path

@@ -274,6 +274,18 @@ def add_address(ipr: Any, index: int, cidr: str) -> None:
     )
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> int:
+    """SIGTERM a child and wait for it; its exit status (-9 if it had to be killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5.0)
+    return proc.returncode
+
+
 def _signal(proc: subprocess.Popen[Any], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if proc.returncode is not None:
