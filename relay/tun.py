@@ -30,7 +30,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import struct
 from collections.abc import Iterable
 
 import pytun
@@ -43,13 +42,12 @@ from relay.vnet import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
+    HEADER,
     NEEDS_CSUM,
     VNET_HDR_LEN,
     ZERO_HEADER,
 )
 from stack.wire.tcp import OffloadPacket
-
-_VNET = struct.Struct("<BBHHHH")  # relay.vnet's layout, packed inline on the hot path
 
 __all__ = [
     "IFF_MULTI_QUEUE",
@@ -304,7 +302,7 @@ class TunDevice:
                 # the stack made a super-segment (relay.vnet, LINUX-NOTES).
                 gso = packet.gso_size
                 kind = (GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6) if gso else GSO_NONE
-                header = _VNET.pack(NEEDS_CSUM, kind, packet.hdr_len, gso, packet.csum_start, 16)
+                header = HEADER.pack(NEEDS_CSUM, kind, packet.hdr_len, gso, packet.csum_start, 16)
                 if gso:
                     stats.gso_packets_out += 1
             try:

@@ -1,4 +1,4 @@
-"""The virtio-net header that frames every packet on a TUN opened with IFF_VNET_HDR.
+"""The virtio-net header that frames every packet on a TUN opened with IFF_VNETHEADER.
 
 Theory of operation: with IFF_VNET_HDR each packet read from or written to the
 TUN starts with a 10-byte ``struct virtio_net_hdr`` (little-endian; TUN's
@@ -34,6 +34,7 @@ __all__ = [
     "GSO_TCPV4",
     "GSO_TCPV6",
     "GSO_UDP_L4",
+    "HEADER",
     "NEEDS_CSUM",
     "VNET_HDR_LEN",
     "ZERO_HEADER",
@@ -54,7 +55,7 @@ GSO_TCPV6 = 0x04
 GSO_UDP_L4 = 0x05  # USO, only with TUN_F_USO4/6 (not enabled)
 GSO_ECN = 0x80  # flag: the super-segment had CWR set (only with TUN_F_TSO_ECN)
 
-_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 ZERO_HEADER = bytes(VNET_HDR_LEN)
 
 
@@ -82,12 +83,12 @@ def parse_header(buf: bytes | bytearray | memoryview) -> VnetHeader:
     """
     if len(buf) < VNET_HDR_LEN:
         raise ValueError(f"virtio-net header needs {VNET_HDR_LEN} bytes, got {len(buf)}")
-    return VnetHeader._make(_HDR.unpack_from(buf))
+    return VnetHeader._make(HEADER.unpack_from(buf))
 
 
 def pack_header(header: VnetHeader) -> bytes:
     """Encode ``header`` (10 bytes)."""
-    return _HDR.pack(*header)
+    return HEADER.pack(*header)
 
 
 def csum_trusted(flags: int) -> bool:
