@@ -1,7 +1,7 @@
 """``tunrelay run --workers 2``: a multi-queue TUN, one worker process per queue.
 
-64 TCP flows (each from its own client port, to its own listener), 16 at a
-time, each moving 256 KiB both ways. The kernel must keep every flow on one
+64 TCP flows (each bound to its own client port, to its own listener), 16 at
+a time, each moving 256 KiB both ways. The kernel must keep every flow on one
 queue: a packet that reached the other worker would find no connection there
 and be answered with a reset, so besides byte-exact transfers the test checks
 
@@ -56,6 +56,10 @@ AT_ONCE = 16
 SIZE = 256 * 1024
 BATCH_LIMIT = 60.0
 WORKERS = 2
+# Client ports are bound explicitly, below the ephemeral range (32768+): the
+# kernel may reuse an ephemeral port for a flow to another listener, even
+# while the first flow is open, and the test keys flows by client port.
+CLIENT_PORT_BASE = 20000
 
 
 def c2s_stream(i: int) -> int:
@@ -66,12 +70,15 @@ def s2c_stream(i: int) -> int:
     return 1001 + 2 * i
 
 
-def one_flow(topology: Topology, family: int, i: int) -> Callable[[], int]:
-    """A function that runs flow ``i`` (256 KiB each way, checked) and returns its client port."""
+def one_flow(topology: Topology, family: int, i: int, client_port: int) -> Callable[[], int]:
+    """A function that runs flow ``i`` from ``client_port`` (256 KiB each way,
+    checked) and returns the client port it used."""
 
     def run() -> int:
         srv, port = listener(topology, family, backlog=1)
         client = topology.socket("cli", family)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind((addrs(topology, family)[0], client_port))
         client.settimeout(IO_TIMEOUT)
         client.connect((addrs(topology, family)[1], port))
         conn, _ = srv.accept()
@@ -116,10 +123,11 @@ def test_each_flow_is_served_whole_by_one_worker(
         batch = range(start, min(start + AT_ONCE, FLOWS))
         family = socket.AF_INET if start % (2 * AT_ONCE) == 0 else socket.AF_INET6
         results = run_parallel(
-            *(one_flow(topology, family, i) for i in batch), timeout=BATCH_LIMIT + 10
+            *(one_flow(topology, family, i, CLIENT_PORT_BASE + i) for i in batch),
+            timeout=BATCH_LIMIT + 10,
         )
         ports.update(zip(results, batch, strict=True))
-    assert len(ports) == FLOWS, "client ports were reused"
+    assert ports == {CLIENT_PORT_BASE + i: i for i in range(FLOWS)}, ports
 
     flows = relay.wait_records("flow", lambda r: r.get("id.orig_p") in ports, count=FLOWS)
     by_port: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
