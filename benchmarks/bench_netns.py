@@ -1,7 +1,8 @@
 """tunrelay against its peers, side by side, in throw-away network namespaces.
 
 Run (root): ``sudo .venv/bin/python benchmarks/bench_netns.py [--quick] [--repeat N]
-[--only a,b,d] [--seconds T] [--idle N] [--time-limit S] [--json PATH] [--log-dir DIR]``
+[--only a,b,d] [--measures up,down] [--seconds T] [--idle N] [--time-limit S]
+[--json PATH] [--log-dir DIR] [--profile DIR]``
 
 Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
 198.18.1.2 -> gateway ns -> server ns 198.18.2.2; nothing outside
@@ -15,6 +16,8 @@ Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
        gateway; the client connects to the server's address and the relay intercepts
        (both with the default ``--workers``, one per CPU: CPU, RSS and fds are summed
        over the supervisor and its workers)
+    e  tunrelay with offloads and ``--workers 1``: c/e on 4 streams is what the
+       workers add (the issue's target: >= 1.6 on 2 cores)
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -22,7 +25,7 @@ relay's CPU% during the single-stream upload and download, and its RSS
 before and with N idle connections open. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b and d/a (c/b and c/a when c exists). See
+with the ratios d/b, d/a, c/b, c/a, e/b and c/e. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -65,9 +68,11 @@ CONFIGS: dict[str, str] = {
     "b": "trio forwarder",
     "c": "tunrelay --offload",
     "d": "tunrelay",
+    "e": "tunrelay --offload --workers 1",
 }
-USES_RELAY = {"c", "d"}  # tunrelay itself
-HAS_PROCESS = {"b", "c", "d"}  # a userspace process whose CPU and RSS we measure
+USES_RELAY = {"c", "d", "e"}  # tunrelay itself
+OFFLOADED = {"c", "e"}
+HAS_PROCESS = {"b", "c", "d", "e"}  # a userspace process whose CPU and RSS we measure
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,9 @@ MEASURES: list[Measure] = [
 Sample: TypeAlias = dict[str, float]
 
 
+STEPS = ("up", "down", "up4", "connrate", "latency", "idle")
+
+
 @dataclass(frozen=True)
 class Params:
     seconds: float  # iperf3 -t and the connection-rate run
@@ -115,6 +123,8 @@ class Params:
     concurrency: int = 8
     latency_count: int = 2000
     offload_flag: bool = False  # the CLI has --offload (configuration c)
+    profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
+    measures: tuple[str, ...] = STEPS
 
 
 class MeasureError(Exception):
@@ -330,8 +340,13 @@ class Lab:
                 sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
                 "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
             ]  # fmt: skip
-            if self.cfg == "c":
+            if self.cfg in OFFLOADED:
                 argv.append("--offload")
+            if self.cfg == "e":
+                argv += ["--workers", "1"]
+            elif self.params.profile_dir is not None:
+                prof = self.params.profile_dir / f"{self.where.replace(' ', '-')}.prof"
+                argv += ["--workers", "1", "--profile", str(prof)]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             with open(self.log_path, "wb") as out:
                 self.proc = topo.spawn(
@@ -569,6 +584,7 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
         ]
         if cfg in HAS_PROCESS:
             steps.append(("idle", lab.idle))
+        steps = [(name, step) for name, step in steps if name in params.measures]
         for name, step in steps:
             try:
                 lab.alive()
@@ -604,10 +620,11 @@ def ratio(x: float | None, y: float | None) -> str:
 def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     cols = list(CONFIGS)
     pairs = [("d", "b"), ("d", "a")]
-    if params.offload_flag and "c" in configs:
-        pairs += [("c", "b"), ("c", "a")]
+    if params.offload_flag:
+        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
-    heads = [f"{c}: {CONFIGS[c]}" if c != "c" else "c: tunrelay offload" for c in cols]
+    short = {"c": "tunrelay offload", "e": "offload, 1 worker"}
+    heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
     rows: list[list[str]] = []
     for m in MEASURES:
@@ -665,18 +682,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d", help="configurations, e.g. a,b,d")
+    parser.add_argument("--only", default="a,b,c,d,e", help="configurations, e.g. a,b,d")
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")
     parser.add_argument("--json", type=Path, help="also write all samples and notes here")
     parser.add_argument("--log-dir", type=Path, help="keep tunrelay's logs here (default: discard)")
+    parser.add_argument(
+        "--measures",
+        default=",".join(STEPS),
+        help=f"which measures to run (default all: {','.join(STEPS)})",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run c/d as one worker under cProfile; one .prof per run in DIR "
+        "(read with python -m pstats); slows them, so not for the table",
+    )
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     bad = [c for c in only if c not in CONFIGS]
     if bad or not only:
-        parser.error(f"--only: unknown configuration(s) {bad}; choose from a,b,c,d")
+        parser.error(f"--only: unknown configuration(s) {bad}; choose from {','.join(CONFIGS)}")
     args.only = [c for c in CONFIGS if c in only]
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    if not measures or any(m not in STEPS for m in measures):
+        parser.error(f"--measures: choose from {','.join(STEPS)}")
+    args.measures = tuple(m for m in STEPS if m in measures)
     return args
 
 
@@ -697,9 +730,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle=idle,
         idle_limit=max(15.0, idle / 250),
         offload_flag=cli_has_offload(),
+        profile_dir=args.profile,
+        measures=args.measures,
     )
-    configs = [c for c in args.only if c != "c" or params.offload_flag]
-    if "c" in args.only and not params.offload_flag:
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    configs = [c for c in args.only if c not in OFFLOADED or params.offload_flag]
+    if OFFLOADED & set(args.only) and not params.offload_flag:
         print("c (tunrelay with offloads): n/a — `tunrelay run` has no --offload option yet")
     time_limit = args.time_limit or (240.0 if args.quick else 900.0)
     report = Report()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import trio
 
-from relay.service import MAX_WORKERS, ConfigError, serve, validate
+from relay.service import MAX_WORKERS, ConfigError, RunOptions, serve, validate
 from relay.workers import supervise
 
 
@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes, one TUN queue each (multi-queue TUN; the kernel keeps a flow on "
         "one queue); 1 runs everything in one process (default: the number of usable CPUs)",
     )
+    run.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="write a cProfile of the packet loop to PATH on exit (pstats format; "
+        "needs --workers 1); for finding where the time goes, not for production",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -105,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
 def default_workers() -> int:
     """One worker per CPU this process may run on (at most ``MAX_WORKERS``)."""
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+def _profiled(opts: RunOptions, path: str) -> None:
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        trio.run(serve, opts)
+    finally:
+        profile.disable()
+        profile.dump_stats(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,12 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             offload=args.offload,
             workers=default_workers() if args.workers is None else args.workers,
         )
+        if args.profile and opts.workers != 1:
+            raise ConfigError("--profile: needs --workers 1 (one process to profile)")
         if os.geteuid() != 0:
             print("tunrelay run: needs root (CAP_NET_ADMIN) to create the TUN", file=sys.stderr)
             return 2
         if opts.workers > 1:
             return trio.run(supervise, opts, args.log_level)
-        trio.run(serve, opts)
+        if args.profile:
+            _profiled(opts, args.profile)
+        else:
+            trio.run(serve, opts)
     except ConfigError as exc:
         print(f"tunrelay run: {exc}", file=sys.stderr)
         return 2

@@ -62,7 +62,10 @@ log = logging.getLogger(__name__)
 class RelayStack(DatagramStack, Protocol):
     """The part of ``stack.Stack`` the relay uses (with ``DatagramStack``'s)."""
 
-    def receive(self, packet: bytes, now: float, *, csum_ok: bool = ...) -> None: ...
+    def receive(
+        self, packet: bytes, now: float, *, csum_ok: bool = ..., batch: bool = ...
+    ) -> None: ...
+    def end_batch(self, now: float) -> None: ...
     def next_event(self) -> Event | None: ...
     def packets_to_send(self, now: float) -> list[bytes]: ...
     def get_timer(self) -> float | None: ...
@@ -261,16 +264,20 @@ class Relay:
                 packets = source.drain(max_batch)
                 for packet in packets:
                     try:
-                        receive(packet, now)
+                        receive(packet, now, batch=True)
                     except Exception:
                         self._count_receive_error()
             else:
                 packets, trusted = drain_csum(max_batch)
                 for packet, ok in zip(packets, trusted, strict=True):
                     try:
-                        receive(packet, now, csum_ok=ok)
+                        receive(packet, now, csum_ok=ok, batch=True)
                     except Exception:
                         self._count_receive_error()
+            try:
+                stack.end_batch(now)  # the pure ACKs merged per flow (Stack.receive)
+            except Exception:
+                self._count_receive_error()
             stats.packets_in += len(packets)
             stack.handle_timer(now)
             self._dispatch()

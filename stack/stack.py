@@ -32,7 +32,7 @@ from stack.events import (
     Unreachable,
 )
 from stack.fragments import FragmentStats, Reassembler
-from stack.seq import seq_add
+from stack.seq import seq_add, seq_ge, seq_le, seq_lt
 from stack.tcp.buffers import MemoryBudget
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.core import MAX_WINDOW, ConnectionCore
@@ -117,6 +117,7 @@ class StackStats:
     syn_dropped: int = 0  # a SYN over the pending or flow limit
     connections_opened: int = 0
     connections_closed: int = 0
+    acks_merged: int = 0  # pure ACKs folded into a later one of the same batch
     datagram: DatagramStats = field(default_factory=DatagramStats)  # UDP and ICMP
     reassembly: FragmentStats = field(default_factory=FragmentStats)
 
@@ -133,6 +134,19 @@ class _Entry:
         self.syn_packet = syn_packet  # kept for an ICMP reject, until decided
 
 
+class _HeldAck:
+    """The last pure ACK of a run being merged (``Stack.receive(batch=True)``)."""
+
+    __slots__ = ("ack", "count", "options", "seq", "window")
+
+    def __init__(self, seq: int, ack: int, window: int, options: TcpOptions) -> None:
+        self.seq = seq
+        self.ack = ack
+        self.window = window
+        self.options = options
+        self.count = 1
+
+
 class Stack:
     """A userspace TCP endpoint for every address. See the module docstring."""
 
@@ -146,6 +160,7 @@ class Stack:
         self._readable: list[ConnectionCore] = []
         self._touched: dict[TcpConnection, None] = {}  # ordered set
         self._raw_out: list[bytes] = []  # packets that belong to no connection
+        self._held: dict[TcpConnection, _HeldAck] = {}  # pure ACKs merged in this batch
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = 0  # heap tie-breaker
         self._filed: dict[TcpConnection, float] = {}  # deadline each connection is filed under
@@ -166,7 +181,9 @@ class Stack:
 
     # ------------------------------------------------------------------ input
 
-    def receive(self, packet: bytes, now: float, *, csum_ok: bool = False) -> None:
+    def receive(
+        self, packet: bytes, now: float, *, csum_ok: bool = False, batch: bool = False
+    ) -> None:
         """Take one raw IP packet from the client side. Never raises for bad input.
 
         A packet that completes a fragmented datagram is followed by the whole
@@ -176,6 +193,13 @@ class Stack:
         knows it is good or only partial (TUN offloads: virtio NEEDS_CSUM or
         DATA_VALID). Such a packet may be a GRO super-segment: one TCP segment
         with up to ~64 KiB of payload, taken like any other segment.
+
+        ``batch``: the packet is one of a batch read at ``now`` that the caller
+        ends with ``end_batch(now)``. A run of plain cumulative pure ACKs for one
+        connection in the batch is then merged: only the last is processed, as
+        standing for the run (``TcpConnection.merges_ack`` says which qualify).
+        A bulk download's client sends one ACK per two segments, and the ACK
+        path is most of what the Stack spends per packet on that direction.
         """
         self.stats.packets_in += 1
         try:
@@ -213,8 +237,58 @@ class Stack:
                 return
             self._no_connection(packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len)
             return
-        payload = packet[off + tcp.header_len : ip.end]
-        conn.on_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, tcp.options, now)
+        start = off + tcp.header_len
+        held = self._held
+        if batch and tcp.flags == ACK and start == ip.end:
+            run = held.get(conn)
+            if run is None:
+                if conn.merges_ack(tcp.seq, tcp.ack, tcp.options):
+                    held[conn] = _HeldAck(tcp.seq, tcp.ack, tcp.window, tcp.options)
+                    return
+            elif self._extends(run, conn, tcp):
+                run.ack, run.window, run.options = tcp.ack, tcp.window, tcp.options
+                run.count += 1
+                self.stats.acks_merged += 1
+                return
+        if held:
+            run = held.pop(conn, None)
+            if run is not None:
+                # What came before goes first. A plain ACK leaves ESTABLISHED or
+                # CLOSE-WAIT as it was, so the connection is still the one to ask.
+                self._release(conn, run, now)
+        conn.on_segment(
+            tcp.seq, tcp.ack, tcp.flags, tcp.window, packet[start : ip.end], tcp.options, now
+        )
+        self._after_segment(conn, now)
+
+    @staticmethod
+    def _extends(run: _HeldAck, conn: TcpConnection, tcp: TcpHeader) -> bool:
+        """Whether pure ACK ``tcp`` continues the held run: same sequence number,
+        a higher ACK still within what was sent, no SACK blocks, and timestamps
+        that do not go backwards (PAWS is checked on the one processed)."""
+        if tcp.seq != run.seq or not seq_lt(run.ack, tcp.ack) or not seq_le(tcp.ack, conn.snd_max):
+            return False
+        options = tcp.options
+        if options.sack_blocks:
+            return False
+        new, old = options.timestamps, run.options.timestamps
+        if new is None or old is None:
+            return new is old
+        return seq_ge(new[0], old[0])
+
+    def _release(self, conn: TcpConnection, run: _HeldAck, now: float) -> None:
+        conn.on_segment(run.seq, run.ack, ACK, run.window, b"", run.options, now, run.count)
+        self._after_segment(conn, now)
+
+    def end_batch(self, now: float) -> None:
+        """Process the ACKs held by ``receive(batch=True)``. ``handle_timer`` and
+        ``packets_to_send`` call it first, so a caller cannot leave one behind."""
+        held = self._held
+        while held:
+            conn, run = held.popitem()
+            self._release(conn, run, now)
+
+    def _after_segment(self, conn: TcpConnection, now: float) -> None:
         self._touched[conn] = None
         state = conn.state
         if state is State.CLOSED:
@@ -434,6 +508,8 @@ class Stack:
 
     def packets_to_send(self, now: float) -> list[bytes]:
         """Raw IP packets to write toward the clients."""
+        if self._held:
+            self.end_batch(now)
         out = self._raw_out
         self._raw_out = []
         touched = self._touched
@@ -596,6 +672,8 @@ class Stack:
 
     def handle_timer(self, now: float) -> None:
         """Run every connection timer that is due; a no-op when none is."""
+        if self._held:
+            self.end_batch(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, _, conn = heapq.heappop(timers)

@@ -665,10 +665,12 @@ async def test_malformed_packets_are_counted_and_dropped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     class FragileStack(Stack):
-        def receive(self, packet: bytes, now: float) -> None:
+        def receive(
+            self, packet: bytes, now: float, *, csum_ok: bool = False, batch: bool = False
+        ) -> None:
             if packet == b"crash":
                 raise RuntimeError("a stack bug")
-            super().receive(packet, now)
+            super().receive(packet, now, csum_ok=csum_ok, batch=batch)
 
     async with harness(stack=FragileStack()) as h:
         good = Client(h)

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from relay.cli import _parser, default_workers
+from relay.cli import _parser, default_workers, main
 from relay.service import MAX_WORKERS, ConfigError, validate
 
 NETS = ["198.18.1.0/24", "fd00:1::/64"]
@@ -36,3 +36,9 @@ def test_cli_flags() -> None:
     )
     assert (args.offload, args.workers) == (True, 4)
     assert 1 <= default_workers() <= MAX_WORKERS
+
+
+def test_profile_needs_one_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--tun", "tr0", "--client-net", NETS[0], "--workers", "2", "--profile", "/x"]
+    assert main(argv) == 2
+    assert "--profile: needs --workers 1" in capsys.readouterr().err

@@ -275,6 +275,28 @@ def test_receive_buffer_grows_when_the_window_is_filled_each_rtt() -> None:
     assert windows == sorted(windows)
 
 
+def test_receive_buffer_grows_when_one_super_segment_fills_the_window() -> None:
+    # With TUN offloads a GRO super-segment can fill the whole 64 KiB window, and
+    # the auto-tuning check runs as it arrives, before the relay consumes it.
+    # Fixed: judging the application by what it held at that moment (all of the
+    # buffer) kept the window at 64 KiB for good: one super-segment per round
+    # trip, ~1 Gbit/s uploads. The application's progress per RTT is what counts.
+    c = established(options=ALL_OPTIONS, rtt=0.001)
+    windows = []
+    t = 0.0
+    for r in range(12):
+        t += 0.0006
+        room = (c.rcv_adv - c.rcv_nxt) & M
+        send(c, data(c.rcv_nxt - IRS - 1, bytes(room), ts=PEER_TS + r), t)
+        for ev in drain(c):
+            if isinstance(ev, DataReceived):
+                c.consumed(len(ev.data))
+        acks = recv(c, t)
+        windows.append((edge(acks[-1], c.rcv_wscale) - c.rcv_nxt) & M)
+    assert windows[0] == 65536
+    assert windows[-1] >= 1 << 20, windows
+
+
 def test_receive_buffer_growth_stops_at_the_cap() -> None:
     c = established(options=ALL_OPTIONS, rtt=0.1, config=TcpConfig(rcv_buf=200_000))
     windows = _fill_rounds(c, 10, 0.1)

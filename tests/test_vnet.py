@@ -287,9 +287,11 @@ class _RecordingStack(Stack):
         super().__init__()
         self.marks: list[bool] = []
 
-    def receive(self, packet: bytes, now: float, *, csum_ok: bool = False) -> None:
+    def receive(
+        self, packet: bytes, now: float, *, csum_ok: bool = False, batch: bool = False
+    ) -> None:
         self.marks.append(csum_ok)
-        super().receive(packet, now, csum_ok=csum_ok)
+        super().receive(packet, now, csum_ok=csum_ok, batch=batch)
 
 
 async def test_relay_passes_checksum_marks_to_the_stack(autojump_clock: object) -> None:

@@ -5,11 +5,14 @@ Theory of operation: a connection's receive and send buffers start small
 their caps (``rcv_buf``/``snd_buf``), as Linux's receive-buffer auto-tuning
 (dynamic right sizing) and send-buffer expansion do:
 
-* receive: once per RTT the connection reports how far ``rcv_nxt`` moved. If
-  the peer filled at least half the buffer within that RTT while the
-  application kept up (it holds at most half the buffer unconsumed), the
-  window, not the path or the application, is the bottleneck: the buffer
-  doubles (or grows to twice what arrived), like slow start does for cwnd.
+* receive: once per RTT the connection reports how far the application's
+  read point (``rcv_nxt`` minus what it holds unconsumed; Linux's
+  ``copied_seq`` in ``tcp_rcv_space_adjust``) moved. If the application
+  disposed of at least half the buffer within that RTT, the peer filled it and
+  the application kept up: the window, not the path or the application, is
+  the bottleneck, and the buffer doubles (or grows to twice what was
+  consumed), like slow start does for cwnd. An application that lags moves
+  its read point slowly and gets no growth.
 * send: when the application offers more than fits and the buffer is smaller
   than twice what the network could carry per RTT (min(cwnd, peer window)),
   the buffer grows to that.
@@ -27,7 +30,7 @@ moved left (RFC 7323 2.4, RFC 9293 3.8.6.2.2), see ``ConnectionCore._advertise``
 from __future__ import annotations
 
 from stack.config import TcpConfig
-from stack.seq import seq_sub
+from stack.seq import seq_add, seq_sub
 
 MAX_WINDOW = 0xFFFF  # the 16-bit window field
 MAX_WSCALE = 14  # RFC 7323 2.3
@@ -99,7 +102,7 @@ class Buffers:
         self._snd_floor = min(self.snd, 4 * mss)
         self._reserved = 0  # bytes of the budget this connection holds
         self.tick_at = float("inf")  # next receive auto-tuning check (once per RTT)
-        self._mark_seq = 0  # rcv_nxt at the last check
+        self._mark_seq = 0  # the application's read point at the last check
         self._mark_time = 0.0  # and when it was
 
     def open(self, max_window: int) -> None:
@@ -144,9 +147,10 @@ class Buffers:
         """
         rtt = max(rtt, MIN_TICK)
         self.tick_at = now + rtt
-        received = seq_sub(rcv_nxt, self._mark_seq)
+        read_point = seq_add(rcv_nxt, -unconsumed)
+        consumed = seq_sub(read_point, self._mark_seq)
         fresh = now - self._mark_time <= 2 * rtt  # else the flow idled: not one RTT's worth
-        self._mark_seq, self._mark_time = rcv_nxt, now
+        self._mark_seq, self._mark_time = read_point, now
         rcv = self.rcv
         if self._budget.over:
             new = max(self.rcv_floor, rcv // 2)
@@ -154,9 +158,9 @@ class Buffers:
                 self._resize_rcv(new)
                 return True
             return False
-        if not fresh or rcv >= self.rcv_cap or 2 * received < rcv or 2 * unconsumed > rcv:
+        if not fresh or rcv >= self.rcv_cap or 2 * consumed < rcv:
             return False
-        want = min(self.rcv_cap, max(2 * rcv, 2 * received)) - rcv
+        want = min(self.rcv_cap, max(2 * rcv, 2 * consumed)) - rcv
         grant = self._budget.reserve(want)
         if grant <= 0:
             return False

@@ -26,7 +26,7 @@ class CongestionControl:
         self.cwnd = 1 << 30  # congestion window, bytes
         self.ssthresh = 1 << 30  # slow-start threshold, bytes
 
-    def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
+    def on_ack(self, acked: int, flight: int, now: float, srtt: float, acks: int = 1) -> None:
         """``acked`` new bytes were acknowledged outside loss recovery.
 
         Args:
@@ -36,6 +36,8 @@ class CongestionControl:
                 sender is using its window (RFC 7661).
             now: the current time.
             srtt: the smoothed RTT (0.0 before any sample).
+            acks: how many ACKs brought them (the Stack merges a run of pure
+                ACKs from one input batch); slow start's per-ACK limit scales.
         """
 
     def on_loss(self, flight: int, now: float) -> None:
@@ -63,11 +65,11 @@ class NewReno(CongestionControl):
         self.cwnd = 10 * mss  # RFC 6928 initial window
         self._acked = 0  # bytes acknowledged toward the next congestion-avoidance step
 
-    def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
+    def on_ack(self, acked: int, flight: int, now: float, srtt: float, acks: int = 1) -> None:
         if self.cwnd < self.ssthresh:
             if 2 * flight <= self.cwnd:
                 return  # RFC 7661: not using half the window (Linux's slow-start test)
-            self.cwnd += min(acked, 2 * self.mss)  # RFC 5681 3.1 (2), RFC 3465 L = 2*SMSS
+            self.cwnd += min(acked, 2 * self.mss * acks)  # RFC 5681 3.1 (2), RFC 3465 L=2*SMSS
             return
         if flight + self.mss < self.cwnd:
             return  # RFC 7661: do not grow a window the sender is not using

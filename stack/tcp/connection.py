@@ -230,8 +230,12 @@ class TcpConnection(TcpRecovery):
         payload: bytes,
         options: TcpOptions,
         now: float,
+        acks: int = 1,
     ) -> None:
-        """``receive_segment`` with the fields passed separately (the Stack's fast path)."""
+        """``receive_segment`` with the fields passed separately (the Stack's fast path).
+
+        ``acks`` > 1: this pure ACK ends a merged run of that many (``merges_ack``).
+        """
         state = self.state
         if state is State.CLOSED:
             return
@@ -305,7 +309,7 @@ class TcpConnection(TcpRecovery):
             return
         # seg_len, not len(payload): RFC 5681 2 (duplicate ACK) requires SYN and FIN
         # off as well as no data; a bare FIN used to count as a duplicate.
-        if not self._on_ack(ack, seq, window, seg_len, options, now):
+        if not self._on_ack(ack, seq, window, seg_len, options, now, acks):
             return
         # Sixth and seventh: the text and the FIN.
         if payload and self.state in RECEIVING:

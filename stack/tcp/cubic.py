@@ -83,14 +83,14 @@ class Cubic(CongestionControl):
         self._timed_out = False
         self._frac = 0.0
 
-    def on_ack(self, acked: int, flight: int, now: float, srtt: float) -> None:
+    def on_ack(self, acked: int, flight: int, now: float, srtt: float, acks: int = 1) -> None:
         mss = self.mss
         if self.cwnd < self.ssthresh:
             if 2 * flight <= self.cwnd:
                 return  # RFC 7661: not using half the window (Linux's slow-start test)
             # RFC 5681 3.1 slow start, with RFC 3465's L = 2*SMSS so that delayed
             # ACKs (each covering two segments) still double cwnd per RTT.
-            self.cwnd += min(acked, 2 * mss)
+            self.cwnd += min(acked, 2 * mss * acks)
             return
         if flight + mss < self.cwnd:
             return  # RFC 9438 4.2 / RFC 7661: no growth while application-limited

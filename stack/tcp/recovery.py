@@ -42,10 +42,40 @@ class TcpRecovery(TcpSender):
         self._arm_idle(now)
         self.buf.start_ticks(self.rcv_nxt, now, self._rtt.srtt or self.config.rto_initial)
 
+    def merges_ack(self, seq: int, ack: int, options: TcpOptions) -> bool:
+        """Whether a pure ACK (no data, SYN, FIN or RST) may be merged with the
+        pure ACKs that follow it in the same input batch, only the last of the
+        run being processed. Only a plain cumulative ACK may be: in sequence,
+        advancing snd_una within what was sent, without SACK blocks, outside loss
+        recovery and with no Eifel check pending (the first advancing ACK decides
+        that), so nothing the skipped ACKs carry (dupacks, SACK, the first ACK
+        after a retransmission) is lost. Linux leaves pure ACKs out of GRO for
+        those reasons; here the run is merged only once it is known to be plain.
+        """
+        una = self.snd_una
+        return (self.state is State.ESTABLISHED or self.state is State.CLOSE_WAIT) and (
+            seq == self.rcv_nxt
+            and not self.in_recovery
+            and self._undo_tsval is None
+            and not options.sack_blocks
+            and seq_lt(una, ack)
+            and seq_le(ack, self.snd_max)
+        )
+
     def _on_ack(
-        self, ack: int, seq: int, window: int, seg_len: int, options: TcpOptions, now: float
+        self,
+        ack: int,
+        seq: int,
+        window: int,
+        seg_len: int,
+        options: TcpOptions,
+        now: float,
+        acks: int = 1,
     ) -> bool:
-        """RFC 9293 3.10.7.4 fifth step. Returns False when the segment is to be dropped."""
+        """RFC 9293 3.10.7.4 fifth step. Returns False when the segment is to be dropped.
+
+        ``acks``: how many ACKs this one stands for (a merged run, see ``merges_ack``).
+        """
         if self.state is State.SYN_RECEIVED:
             if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
                 self._ctl.append(self._segment(ack, 0, RST, 0))
@@ -66,7 +96,7 @@ class TcpRecovery(TcpSender):
         una = self.snd_una
         advanced = seq_gt(ack, una)
         if advanced:
-            self._on_new_ack(ack, options, now)
+            self._on_new_ack(ack, options, now, acks)
         blocks = options.sack_blocks if self.sack_ok else ()
         if blocks:
             first = blocks[0]
@@ -99,7 +129,7 @@ class TcpRecovery(TcpSender):
         self._probes = 0
         return self.state is not State.CLOSED
 
-    def _on_new_ack(self, ack: int, options: TcpOptions, now: float) -> None:
+    def _on_new_ack(self, ack: int, options: TcpOptions, now: float, acks: int = 1) -> None:
         una = self.snd_una
         flight = seq_sub(self.snd_max, una)
         acked = seq_sub(ack, una)
@@ -158,7 +188,7 @@ class TcpRecovery(TcpSender):
                 self._inflate -= acked - (self.snd_mss if acked >= self.snd_mss else 0)
         else:
             used = max(flight, self._flight_hw, self._flight_hw_prev)
-            self.cc.on_ack(acked, used, now, self._rtt.srtt or 0.0)
+            self.cc.on_ack(acked, used, now, self._rtt.srtt or 0.0, acks)
         if seq_ge(ack, self._flight_hw_end):  # a window has gone by: start another
             self._flight_hw_prev = self._flight_hw
             self._flight_hw = seq_sub(self.snd_max, ack)
