@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -301,6 +302,38 @@ def run_in(topo: Topology, ns: str, argv: Sequence[str], timeout: float = 5.0) -
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{argv[0]}: {exc!r}"
     return (done.stdout + done.stderr).strip()
+
+
+# The client kernel's view of a transfer's loss recovery (``/proc/net/netstat`` and
+# ``/proc/net/snmp`` are per network namespace).
+SENDER_COUNTERS = (
+    "RetransSegs",
+    "TCPTimeouts",
+    "TCPLossProbes",
+    "TCPSackRecovery",
+    "TCPLostRetransmit",
+    "TCPSpuriousRTOs",
+    "TCPDSACKRecv",
+    "TCPSACKReorder",
+)
+
+
+def tcp_counters(topo: Topology, ns: str) -> dict[str, int]:
+    """The kernel's TCP counters in namespace ``ns`` (Tcp: and TcpExt: rows)."""
+    text = run_in(topo, ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"])
+    found: dict[str, int] = {}
+    lines = text.splitlines()
+    for head, values in itertools.pairwise(lines):
+        names, nums = head.split(), values.split()
+        if names[0] in ("Tcp:", "TcpExt:") and nums[0] == names[0] and len(names) == len(nums):
+            found.update((k, int(v)) for k, v in zip(names[1:], nums[1:], strict=True))
+    return found
+
+
+def counters_delta(before: dict[str, int], after: dict[str, int]) -> str:
+    """``SENDER_COUNTERS`` that moved, as ``name=+n``."""
+    moved = [(k, after.get(k, 0) - before.get(k, 0)) for k in SENDER_COUNTERS]
+    return " ".join(f"{k}=+{n}" for k, n in moved if n) or "no retransmissions"
 
 
 def diagnose(topo: Topology, client_port: int, upstream_port: int | None = None) -> str:
