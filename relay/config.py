@@ -26,7 +26,7 @@ class RelayConfig:
       (``None`` leaves the kernel's autotuning, capped by ``tcp_rmem`` and
       ``tcp_wmem``).
 
-    A flow starts with about 64 KiB in the relay and the stack's initial
+    A flow starts with at most ``recv_size`` in the relay and the stack's initial
     buffers (64 KiB receive, 256 KiB send); buffers grow only while the flow
     moves data faster than they allow, up to the caps, and all of them are
     charged to the Stack's ``TcpConfig.memory_budget``.
@@ -34,7 +34,11 @@ class RelayConfig:
 
     connect_timeout: float = 10.0  # upstream connect; on expiry the SYN is dropped silently
     max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
-    recv_size: int = 65536  # upper bound of one upstream recv (server -> client)
+    # Upper bound of one upstream recv (server -> client). 256 KiB lets one loop
+    # iteration write four 64 KiB GSO super-segments: measured with bench_netns
+    # (offload, 1 stream down): 64 KiB 1.9, 128 KiB ~2.9, 256 KiB 4.3-5.0,
+    # 512 KiB 2-4.4, 1 MiB 2.6-3.6 Gbit/s.
+    recv_size: int = 256 * 1024
     max_c2s_queue: int = 64 << 20  # hard cap of queued client -> server bytes per flow
     upstream_sndbuf: int | None = None  # SO_SNDBUF of upstream sockets; None = kernel default
     upstream_rcvbuf: int | None = None  # SO_RCVBUF of upstream sockets; None = kernel default

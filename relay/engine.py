@@ -6,12 +6,19 @@ dispatches every event, and writes whatever the stack wants sent. There is no
 trio checkpoint or channel hop per packet. Then it sleeps until the earliest
 of: the source is readable, the stack's next deadline, or a *kick*.
 
-A kick comes from a flow task that called ``stack.send/consumed/close/abort``
+A kick comes from a flow task that called ``stack.consumed/close/abort``
 (or ``accept``/``reject``): the stack now has packets to flush. The kick is a
 flag plus ``cancel()`` of the cancel scope the loop sleeps in: one wakeup
 owned by the engine, no channel and no extra task, and any number of kicks
 between two iterations coalesce into one flush. When the source stays busy
 (a full batch) the loop yields once per iteration so flow tasks get to run.
+
+Two shortcuts save a scheduler pass each on the request/response path: the
+server's bytes, once handed to ``stack.send``, are written by the flow task
+itself (``flush``: packets out now, and the loop's wake-up moved earlier if
+the stack armed an earlier timer), and the client's bytes go straight to the
+upstream socket from the ``DataReceived`` handler when nothing is queued
+before them and no analyzer may change them (``TcpFlow.on_data``).
 
 Events become sync calls on the flow's ``TcpFlow`` (UDP and echo events go to
 ``relay.datagrams.DatagramRelay``); everything that waits
@@ -185,6 +192,7 @@ class Relay:
             connector=connector if connector is not None else make_connector(config),
             isn=isn if isn is not None else IsnGenerator(),
             kick=self.kick,
+            flush=self.flush,
             stats=self.stats,
         )
         self._flows: dict[FlowId, TcpFlow] = {}
@@ -245,6 +253,20 @@ class Relay:
         finally:
             self._nursery = self._datagrams.nursery = None
             self._wait_scope = None
+
+    def flush(self) -> None:
+        """Write what the stack has for the clients now (from a flow task that
+        just called ``stack.send``) rather than wake the packet loop for it."""
+        stack = self._stack
+        out = stack.packets_to_send(trio.current_time())
+        if out:
+            self.stats.packets_out += len(out)
+            self._source.write_all(out)
+        scope = self._wait_scope
+        if scope is not None:  # the loop sleeps until the deadline it saw then
+            deadline = stack.get_timer()
+            if deadline is not None and deadline < scope.deadline:
+                scope.deadline = deadline
 
     def kick(self) -> None:
         """Wake the packet loop to flush the stack's output; cheap, coalescing."""

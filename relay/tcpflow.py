@@ -30,6 +30,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,7 @@ class FlowEnv:
     connector: Connector
     isn: Callable[[FlowId], int]
     kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
+    flush: Callable[[], None]  # write the stack's packets now (after stack.send)
     stats: RelayStats
 
 
@@ -167,9 +169,28 @@ class TcpFlow:
             log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
             self._abort(EndReason.LIMIT)
             return
-        self._c2s_held += n
+        if not self._c2s_held and self._pumps is not None and not self.hooks.has_data_hooks:
+            sent = self._send_now(data)
+            if sent:
+                self._env.stack.consumed(self.flow, sent)  # flushed by the packet loop
+                if sent == n:
+                    return
+                data = data[sent:]
+        self._c2s_held += len(data)
         self._c2s.append(data)
         self._c2s_lot.unpark_all()
+
+    def _send_now(self, data: bytes) -> int:
+        """Write to the upstream socket without waiting (nothing is queued before
+        ``data``); how much the kernel took. Errors are left to the c2s pump,
+        which meets them again on its own send."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        try:
+            return os.write(sock.fileno(), data)
+        except OSError:
+            return 0
 
     def on_peer_finished(self) -> None:
         self._peer_fin = True
@@ -322,7 +343,7 @@ class TcpFlow:
         sock = self._sock
         assert sock is not None
         env = self._env
-        stack, kick, flow, lot = env.stack, env.kick, self.flow, self._s2c_lot
+        stack, flush, flow, lot = env.stack, env.flush, self.flow, self._s2c_lot
         recv_size = env.config.recv_size
         while not self._connected:
             await lot.park()
@@ -341,7 +362,7 @@ class TcpFlow:
                 if not pending:  # upstream EOF: FIN to the client once the send buffer drains
                     if self._closed is None:
                         stack.close(flow)
-                        kick()
+                        flush()
                     return
                 self.bytes_s2c += len(pending)
                 env.stats.bytes_s2c += len(pending)
@@ -353,7 +374,7 @@ class TcpFlow:
             # The space only grew while we waited (nobody else sends on this flow).
             n = stack.send(flow, pending)
             pending = pending[n:]
-            kick()
+            flush()
 
     async def _finish(self) -> None:
         if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:
