@@ -75,6 +75,7 @@ class Client:
         self.icmp: list[tuple[int, int]] = []  # (type, code)
         self.synack: Seg | None = None
         self.fin = self.rst = False
+        self.lose_data = 0  # data segments from the relay to lose (not seen, not ACKed)
         h.clients[(version, port)] = self
 
     def inject(self, flags: int, payload: bytes = b"", options: bytes = b"") -> None:
@@ -116,6 +117,9 @@ class Client:
         self.inject(ACK)  # window update
 
     def on_segment(self, seg: Seg) -> None:
+        if seg.payload and self.lose_data:
+            self.lose_data -= 1
+            return
         self.segments.append(seg)
         if seg.flags & RST:
             self.rst = True
@@ -399,6 +403,25 @@ async def test_data_both_ways_byte_exact_and_seen_by_analyzers(
         )  # fmt: skip
         stats = h.relay.stats
         assert (stats.bytes_c2s, stats.bytes_s2c) == (len(up), len(down))
+
+
+async def test_a_lost_response_is_retransmitted_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The flow task writes the server's bytes itself (Relay.flush) while the packet
+    # loop sleeps; the retransmission timer that send armed must still wake the loop.
+    async with harness() as h:
+        c = Client(h)
+        await c.connect()
+        server = await h.connector.server(c.flow)
+        await until(lambda: h.relay.stats.flows_accepted == 1)
+        await trio.sleep(5.0)  # the loop goes to sleep with no timer due soon
+        c.lose_data = 1
+        t0 = trio.current_time()
+        await send_all(server, b"response")
+        await until(lambda: c.received == b"response", timeout=5.0)
+        rto = h.stack.config.tcp.rto_initial
+        assert trio.current_time() - t0 <= rto + 0.01  # the first RTO, not a later timer
 
 
 async def test_slow_server_closes_the_client_window(autojump_clock: trio.testing.MockClock) -> None:
