@@ -26,7 +26,6 @@ packet loop flushes them.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
@@ -142,24 +141,28 @@ class TcpFlow:
         self._scope = trio.CancelScope()  # the whole flow; Closed cancels it
         self._pumps: trio.Nursery | None = None
         self._sock: trio.socket.SocketType | None = None
-        self._c2s: collections.deque[bytes] = collections.deque()
+        # Client bytes waiting for the upstream socket, written by _pump_c2s, a task
+        # that runs only while there are some (idle flows cost memory per task).
+        self._c2s: list[bytes] = []
         self._c2s_held = 0  # bytes received from the client, not yet written upstream
-        self._c2s_lot = trio.lowlevel.ParkingLot()
-        self._s2c_lot = trio.lowlevel.ParkingLot()
+        self._c2s_pumping = False
+        self._c2s_done = False  # the client's FIN went upstream
+        # The flow task parks here for: connected, send space, c2s done, Closed.
+        # One lot for all (never more than one waiter): memory per idle flow.
+        self._wake = trio.lowlevel.ParkingLot()
         self._accepted = False
         self._connected = False
         self._peer_fin = False
         # Set by Closed. From then on the FlowId may name a *new* connection in the
         # stack (a SYN reusing the 4-tuple), so this flow never calls the stack again.
         self._closed: CloseReason | None = None
-        self._closed_event = trio.Event()
         self._hint: EndReason | None = None  # set when the relay itself ends the flow
 
     # --- events from the packet loop (sync: state + wakeups only) --------------
 
     def on_connected(self) -> None:
         self._connected = True
-        self._s2c_lot.unpark_all()
+        self._wake.unpark_all()
 
     def on_data(self, data: bytes) -> None:
         n = len(data)
@@ -178,7 +181,12 @@ class TcpFlow:
                 data = data[sent:]
         self._c2s_held += len(data)
         self._c2s.append(data)
-        self._c2s_lot.unpark_all()
+        self._start_c2s()
+
+    def _start_c2s(self) -> None:
+        if not self._c2s_pumping and self._pumps is not None:
+            self._c2s_pumping = True
+            self._pumps.start_soon(self._pump_c2s)
 
     def _send_now(self, data: bytes) -> int:
         """Write to the upstream socket without waiting (nothing is queued before
@@ -194,10 +202,11 @@ class TcpFlow:
 
     def on_peer_finished(self) -> None:
         self._peer_fin = True
-        self._c2s_lot.unpark_all()
+        if not self._c2s_pumping:
+            self._finish_c2s()
 
     def on_send_space(self) -> None:
-        self._s2c_lot.unpark_all()
+        self._wake.unpark_all()
 
     def on_reset(self) -> None:
         # The client's RST: drop everything; _finish closes upstream with SO_LINGER 0.
@@ -205,7 +214,7 @@ class TcpFlow:
 
     def on_closed(self, reason: CloseReason) -> None:
         self._closed = reason
-        self._closed_event.set()
+        self._wake.unpark_all()
         if reason is CloseReason.FINISHED and self._pumps is not None:
             # Both FINs were exchanged with the client, but queued bytes may still be
             # on their way upstream: let the pumps finish, within a bound.
@@ -271,14 +280,20 @@ class TcpFlow:
         env.stats.flows_accepted += 1
         async with trio.open_nursery() as pumps:
             self._pumps = pumps
-            pumps.start_soon(self._pump_c2s)
-            pumps.start_soon(self._pump_s2c)
+            if self._c2s:  # (the analyzers' or a full socket's; started in on_data)
+                self._start_c2s()
+            # server -> client in this task, inside the nursery, so cancelling the
+            # pumps stops it too; one task per idle flow (10,000 idle flows).
+            await self._pump_s2c()
+            while not self._c2s_done:
+                await self._wake.park()
         self._pumps = None
         if self._hint is None:
             # Both directions finished cleanly: FINs went both ways upstream.
             self._done_at = trio.current_time()
             self._close_socket(abortive=False)
-        await self._closed_event.wait()
+        while self._closed is None:
+            await self._wake.park()
 
     def _reject(self, how: Reject, unreachable: Unreachable, end: EndReason) -> None:
         self._hint = end
@@ -303,25 +318,13 @@ class TcpFlow:
         self._abort(EndReason.RST if reset else EndReason.ERROR)
 
     async def _pump_c2s(self) -> None:
+        """Write the queued client bytes upstream, in order, then return (on_data
+        starts it again); the FIN follows if the client's came meanwhile."""
         sock = self._sock
         assert sock is not None
-        stack, kick, flow, queue, lot = (
-            self._env.stack,
-            self._env.kick,
-            self.flow,
-            self._c2s,
-            self._c2s_lot,
-        )
-        while True:
-            while not queue and not self._peer_fin:
-                await lot.park()
-            if not queue:  # the client finished and everything is written
-                try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError as exc:
-                    self._upstream_failed(exc)
-                return
-            data = queue.popleft() if len(queue) == 1 else b"".join(queue)
+        stack, kick, flow, queue = self._env.stack, self._env.kick, self.flow, self._c2s
+        while queue:
+            data = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
             if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, data):
                 self._abort(EndReason.ABORTED)
@@ -338,27 +341,58 @@ class TcpFlow:
                 if self._closed is None:
                     stack.consumed(flow, n)  # reopens the client's window by n
                     kick()
+        self._c2s_pumping = False
+        if self._peer_fin:
+            self._finish_c2s()
+
+    def _finish_c2s(self) -> None:
+        """Everything the client sent is upstream: pass its FIN on (SHUT_WR)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._upstream_failed(exc)
+                return
+        self._c2s_done = True
+        self._wake.unpark_all()
 
     async def _pump_s2c(self) -> None:
         sock = self._sock
         assert sock is not None
         env = self._env
-        stack, flush, flow, lot = env.stack, env.flush, self.flow, self._s2c_lot
+        stack, flush, flow, lot = env.stack, env.flush, self.flow, self._wake
         recv_size = env.config.recv_size
+        fd = sock.fileno()
         while not self._connected:
             await lot.park()
-        pending = b""  # read but not yet taken by the stack
+        pending: bytes | None = b""  # read but not yet taken by the stack
         while self._closed is None:
             space = stack.send_space(flow)
             if space <= 0:
                 await lot.park()  # a 0 from send_space() arms the SendSpace event
                 continue
             if not pending:
+                # sock.recv, unrolled: an idle flow waits here, and trio's socket
+                # wrappers add frames (memory) to every waiting flow; the reads
+                # and the checkpoint are the same. The wait is outside the except
+                # clause, which would keep the exception and its traceback alive.
                 try:
-                    pending = await sock.recv(min(space, recv_size))
-                except (OSError, trio.ClosedResourceError) as exc:
+                    pending = os.read(fd, min(space, recv_size))
+                except BlockingIOError:
+                    pending = None
+                except OSError as exc:
                     self._upstream_failed(exc)
                     return
+                if pending is None:
+                    pending = b""
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError as exc:
+                        self._upstream_failed(exc)
+                        return
+                    continue
+                await trio.lowlevel.checkpoint()
                 if not pending:  # upstream EOF: FIN to the client once the send buffer drains
                     if self._closed is None:
                         stack.close(flow)

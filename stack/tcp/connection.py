@@ -46,6 +46,8 @@ __all__ = ["State", "TcpConnection"]
 class TcpConnection(TcpRecovery):
     """A TCP endpoint for one 4-tuple. See the module docstring."""
 
+    __slots__ = ()
+
     # ------------------------------------------------------------------ opening
 
     def listen(self, syn: TcpSegment) -> None:

@@ -37,6 +37,8 @@ from stack.wire.tcp import RST, TcpOptions
 class TcpRecovery(TcpSender):
     """ACK processing and loss recovery."""
 
+    __slots__ = ()
+
     def _on_established(self, now: float) -> None:
         self._emit(Connected(self._flow()))
         self._arm_idle(now)

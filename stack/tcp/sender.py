@@ -45,6 +45,8 @@ TLP_MIN = 0.01  # RFC 8985 7.2 leaves a floor to implementations; Linux uses 10 
 class TcpSender(ConnectionCore):
     """The timer and output half of a connection."""
 
+    __slots__ = ()
+
     def handle_timer(self, now: float) -> None:
         """Act on every deadline that has passed; a no-op when none has."""
         if self.ack_deadline is not None and now >= self.ack_deadline:
