@@ -130,6 +130,30 @@ def make_connector(config: RelayConfig) -> Connector:
 class TcpFlow:
     """The relay side of one TCP flow. Created on ``ConnectionRequest``."""
 
+    __slots__ = (
+        "_accepted",
+        "_c2s",
+        "_c2s_done",
+        "_c2s_held",
+        "_c2s_pumping",
+        "_closed",
+        "_connected",
+        "_done_at",
+        "_doomed",
+        "_env",
+        "_hint",
+        "_nursery",
+        "_peer_fin",
+        "_relaying",
+        "_sock",
+        "_t0",
+        "_wake",
+        "bytes_c2s",
+        "bytes_s2c",
+        "flow",
+        "hooks",
+    )
+
     def __init__(self, env: FlowEnv, flow: FlowId) -> None:
         self.flow = flow
         self.hooks = env.chain.open(FlowInfo.from_flow(flow))
@@ -138,8 +162,13 @@ class TcpFlow:
         self._env = env
         self._t0 = trio.current_time()
         self._done_at: float | None = None  # both directions finished cleanly
-        self._scope = trio.CancelScope()  # the whole flow; Closed cancels it
-        self._pumps: trio.Nursery | None = None
+        # The flow task's nursery: its cancel scope is the whole flow's (Closed
+        # cancels it), and the c2s writer runs in it. None until the task runs;
+        # a cancel that comes before sets _doomed. (One scope per flow, not two:
+        # memory per idle flow.)
+        self._nursery: trio.Nursery | None = None
+        self._doomed = False
+        self._relaying = False  # between accept and both directions done
         self._sock: trio.socket.SocketType | None = None
         # Client bytes waiting for the upstream socket, written by _pump_c2s, a task
         # that runs only while there are some (idle flows cost memory per task).
@@ -172,7 +201,7 @@ class TcpFlow:
             log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
             self._abort(EndReason.LIMIT)
             return
-        if not self._c2s_held and self._pumps is not None and not self.hooks.has_data_hooks:
+        if not self._c2s_held and self._relaying and not self.hooks.has_data_hooks:
             sent = self._send_now(data)
             if sent:
                 self._env.stack.consumed(self.flow, sent)  # flushed by the packet loop
@@ -184,9 +213,9 @@ class TcpFlow:
         self._start_c2s()
 
     def _start_c2s(self) -> None:
-        if not self._c2s_pumping and self._pumps is not None:
+        if not self._c2s_pumping and self._relaying and self._nursery is not None:
             self._c2s_pumping = True
-            self._pumps.start_soon(self._pump_c2s)
+            self._nursery.start_soon(self._pump_c2s)
 
     def _send_now(self, data: bytes) -> int:
         """Write to the upstream socket without waiting (nothing is queued before
@@ -210,18 +239,25 @@ class TcpFlow:
 
     def on_reset(self) -> None:
         # The client's RST: drop everything; _finish closes upstream with SO_LINGER 0.
-        self._scope.cancel()
+        self._cancel()
 
     def on_closed(self, reason: CloseReason) -> None:
         self._closed = reason
         self._wake.unpark_all()
-        if reason is CloseReason.FINISHED and self._pumps is not None:
+        if reason is CloseReason.FINISHED and self._relaying and self._nursery is not None:
             # Both FINs were exchanged with the client, but queued bytes may still be
             # on their way upstream: let the pumps finish, within a bound.
+            scope = self._nursery.cancel_scope
             deadline = trio.current_time() + self._env.config.close_drain_timeout
-            self._scope.deadline = min(self._scope.deadline, deadline)
+            scope.deadline = min(scope.deadline, deadline)
         else:
-            self._scope.cancel()
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        else:
+            self._doomed = True
 
     # --- the flow task --------------------------------------------------------
 
@@ -231,7 +267,10 @@ class TcpFlow:
         stats = self._env.stats
         stats.flows_active += 1
         try:
-            with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._doomed:
+                    nursery.cancel_scope.cancel()
                 await self._serve()
         except Exception:
             # A bug, not traffic: contain it to this flow.
@@ -278,16 +317,16 @@ class TcpFlow:
         self._accepted = True
         env.kick()
         env.stats.flows_accepted += 1
-        async with trio.open_nursery() as pumps:
-            self._pumps = pumps
+        self._relaying = True
+        try:
             if self._c2s:  # (the analyzers' or a full socket's; started in on_data)
                 self._start_c2s()
-            # server -> client in this task, inside the nursery, so cancelling the
-            # pumps stops it too; one task per idle flow (10,000 idle flows).
+            # server -> client in this task itself: one task per idle flow.
             await self._pump_s2c()
             while not self._c2s_done:
                 await self._wake.park()
-        self._pumps = None
+        finally:
+            self._relaying = False
         if self._hint is None:
             # Both directions finished cleanly: FINs went both ways upstream.
             self._done_at = trio.current_time()
@@ -308,8 +347,7 @@ class TcpFlow:
         if self._closed is None:
             self._env.stack.abort(self.flow)
             self._env.kick()
-        if self._pumps is not None:
-            self._pumps.cancel_scope.cancel()
+        self._cancel()
 
     def _upstream_failed(self, exc: BaseException) -> None:
         self._env.stats.upstream_errors += 1

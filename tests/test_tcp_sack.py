@@ -105,6 +105,24 @@ def test_one_duplicate_ack_per_segment_within_one_batch() -> None:
     assert len(recv(c, 0.2)) == 2
 
 
+def test_quick_acks_after_a_hole_then_delayed_acks_again() -> None:
+    # Linux's quick-ACK mode: after a sign of loss every in-order segment is ACKed
+    # at once (16 of them), so a sender with a small window is not left waiting
+    # for its loss probe; then one ACK per two segments, or the delayed-ACK timer.
+    c = established(options=SACK_ONLY)
+    send(c, peer_data(10, 10), 0.1)  # out of order: a hole at 0
+    recv(c, 0.1)
+    send(c, peer_data(0, 10), 0.2)  # fills it
+    assert len(recv(c, 0.2)) == 1
+    for k in range(15):  # one segment at a time, each ACKed at once (16 with the fill)
+        send(c, peer_data(20 + 10 * k, 10), 0.3 + k / 100)
+        (a,) = recv(c, 0.3 + k / 100)
+        assert a.ack == IRS + 1 + 30 + 10 * k
+    send(c, peer_data(170, 10), 0.5)  # the next: delayed again
+    assert recv(c, 0.5) == []
+    assert c.ack_deadline == 0.5 + c.config.delayed_ack
+
+
 def test_blocks_four_without_timestamps() -> None:
     c = established(options=SACK_ONLY)
     for i, off in enumerate((100, 200, 300, 400, 500)):
@@ -127,6 +145,23 @@ def test_a_duplicate_of_held_data_is_reported_first() -> None:
     send(c, peer_data(400, 10), 0.3)  # the D-SACK block is reported once
     (nxt,) = recv(c, 0.3)
     assert nxt.options.sack_blocks == blocks((400, 410), (100, 110), (300, 310), (200, 210))
+
+
+def test_a_d_sack_goes_on_one_segment_when_data_follows() -> None:
+    # Our data goes out in batches that share one header (TSO); a D-SACK in it
+    # would reach the peer once per wire segment (RFC 2883 4: once).
+    c = established(options=SACK_ONLY)
+    send(c, peer_data(0, 10), 0.1)
+    send(c, peer_data(10, 10), 0.1)
+    recv(c, 0.1)
+    c.send(bytes(50))  # five segments of ours are due, in one batch
+    send(c, peer_data(0, 10), 0.2)  # a duplicate of the peer's
+    segs = recv(c, 0.2)
+    with_dsack = [s for s in segs if s.options.sack_blocks == blocks((0, 10))]
+    assert len(with_dsack) == 1 and not with_dsack[0].payload
+    data = [s for s in segs if s.payload]
+    assert sum(len(s.payload) for s in data) == 50
+    assert all(s.options.sack_blocks == () for s in data)
 
 
 def test_d_sack_for_a_segment_below_the_cumulative_ack() -> None:

@@ -114,6 +114,7 @@ class ConnectionCore:
         "_ooo_fin",
         "_persist_backoff",
         "_probes",
+        "_quickacks",
         "_readable",
         "_retries",
         "_rounded",
@@ -264,6 +265,7 @@ class ConnectionCore:
         self._syn_due = False  # (re)send our SYN or SYN-ACK
         self._ack_now = False  # an ACK is owed immediately
         self._unacked_segments = 0  # in-order segments received since our last ACK
+        self._quickacks = 0  # in-order segments still to ACK at once (after a loss sign)
         self._rtx_due = False  # fast retransmit: resend the segment at snd_una
         self.ack_deadline: float | None = None  # delayed ACK
         self.rto_deadline: float | None = None  # retransmission

@@ -206,6 +206,17 @@ class TcpSender(ConnectionCore):
             self._syn_due = False
             self._send_syn(out, now)
             return out
+        if self._dsack is not None and state is not State.SYN_RECEIVED:
+            # RFC 2883 4: a duplicate is reported once. The segments built below
+            # share one set of options (a TSO batch shares one header), so the
+            # D-SACK goes first, on its own ACK. Fixed: every segment of a batch
+            # repeated it, and a Linux sender counts each one (its undo, RACK's
+            # reordering window).
+            dsack = self._options(now)  # takes _dsack
+            out.append(
+                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", dsack)
+            )
+            self._ack_sent()
         opts = self._tx_opts = (
             NO_OPTIONS if self.ts is None and not self.sack_ok else (self._options(now))
         )
