@@ -262,6 +262,13 @@ async def harness(
         nursery.cancel_scope.cancel()
 
 
+async def connected(h: Harness) -> tuple[Client, trio.socket.SocketType]:
+    """A client on port 40000 with its connection established, and the server's end."""
+    c = Client(h)
+    await c.connect()
+    return c, await h.connector.server(c.flow)
+
+
 def pattern(n: int, seed: int) -> bytes:
     return bytes((i * 7 + seed + i // 251) & 0xFF for i in range(n))
 
@@ -411,9 +418,7 @@ async def test_a_lost_response_is_retransmitted_on_time(
     # The flow task writes the server's bytes itself (Relay.flush) while the packet
     # loop sleeps; the retransmission timer that send armed must still wake the loop.
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         await until(lambda: h.relay.stats.flows_accepted == 1)
         await trio.sleep(5.0)  # the loop goes to sleep with no timer due soon
         c.lose_data = 1
@@ -426,9 +431,7 @@ async def test_a_lost_response_is_retransmitted_on_time(
 
 async def test_slow_server_closes_the_client_window(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         data = pattern(2_000_000, 3)
         async with trio.open_nursery() as n:
@@ -442,9 +445,7 @@ async def test_slow_server_closes_the_client_window(autojump_clock: trio.testing
 
 async def test_slow_client_stops_upstream_reads(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         c.window = 0
         c.inject(ACK)
         data = pattern(3_000_000, 4)
@@ -466,9 +467,7 @@ async def test_exactly_full_send_buffer_still_resumes(
     # send_space() of 0 must still arm a SendSpace event, or the flow would hang.
     stack = Stack(StackConfig(tcp=TcpConfig(snd_buf=1000)))
     async with harness(stack=stack) as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         data = pattern(6000, 6)
         await send_all(server, data[:1000])
         await until(lambda: len(c.received) == 1000)
@@ -508,9 +507,7 @@ async def test_many_flows_each_get_a_log_line(autojump_clock: trio.testing.MockC
 
 async def test_half_close_client_first(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         await c.send(b"request")
         c.finish()
         assert await recv_to_eof(server) == b"request"  # data, then EOF: shutdown(SHUT_WR)
@@ -527,9 +524,7 @@ async def test_half_close_client_first(autojump_clock: trio.testing.MockClock) -
 
 async def test_half_close_server_first(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         await send_all(server, b"banner")
         server.shutdown(socket.SHUT_WR)
         await until(lambda: c.fin)
@@ -547,9 +542,7 @@ async def test_orderly_close_still_delivers_queued_bytes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         h.connector.relay_ends[c.flow].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         data = pattern(60_000, 7)
         await c.send(data)
@@ -565,9 +558,7 @@ async def test_orderly_close_still_delivers_queued_bytes(
 
 async def test_orderly_close_drain_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
     async with harness(RelayConfig(close_drain_timeout=5.0)) as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         h.connector.relay_ends[c.flow].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         await c.send(pattern(60_000, 8))
         c.finish()
@@ -595,9 +586,7 @@ async def test_upstream_reset_is_an_rst_to_the_client(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         await c.send(b"never read")
         await until(lambda: h.tap.streams[(40000, C2S)] == b"never read")
         await trio.sleep(1)
@@ -653,9 +642,7 @@ async def test_raising_analyzer_is_detached_and_the_flow_goes_on(
 
     flaky = Flaky()
     async with harness(analyzers=[flaky]) as h:
-        c = Client(h)
-        await c.connect()
-        server = await h.connector.server(c.flow)
+        c, server = await connected(h)
         await c.send(b"first")
         assert await recv_exactly(server, 5) == b"first"
         await c.send(b"second")
