@@ -222,12 +222,26 @@ async def test_200_concurrent_connections_1mib_each_way(
                 scope.cancel()
                 return
 
+    slow: list[str] = []
+
+    async def deadline_dump() -> None:
+        # Some connection still moves, too slowly to finish (the watchdog sees no
+        # stall): capture the state of the first unfinished one before the limit.
+        await trio.sleep(CONCURRENT_LIMIT - 2.0)
+        stuck = [c for c in conns if not c.finished()]
+        if stuck:
+            port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
+            where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
+            state = await trio.to_thread.run_sync(relay.state_dump, port)
+            slow.append(f"{where}\n{state}")
+
     cpu0, relay_cpu0 = os.times(), relay.cpu_seconds()
     t0 = time.perf_counter()
     t_connected = math.nan
     with trio.move_on_after(CONCURRENT_LIMIT) as timer:
         async with trio.open_nursery() as outer:
             outer.start_soon(watchdog, outer.cancel_scope)
+            outer.start_soon(deadline_dump)
             async with trio.open_nursery() as servers:
                 servers.start_soon(accept_loop, servers)
                 async with trio.open_nursery() as clients:
@@ -257,6 +271,7 @@ async def test_200_concurrent_connections_1mib_each_way(
         pytest.fail(
             f"not done after {CONCURRENT_LIMIT} s: {summary}\n{len(stuck)} unfinished, e.g.\n"
             + "\n".join(c.progress() for c in stuck[:10])
+            + (f"\nthe first, 2 s before the limit:\n{slow[0]}" if slow else "")
             + f"\n{relay.describe()}"
         )
     bad = []
