@@ -257,16 +257,18 @@ class Relay:
     def flush(self) -> None:
         """Write what the stack has for the clients now (from a flow task that
         just called ``stack.send``) rather than wake the packet loop for it."""
-        stack = self._stack
-        out = stack.packets_to_send(trio.current_time())
+        self._write_out(trio.current_time())
+        scope = self._wait_scope
+        if scope is not None:  # the loop sleeps until the deadline it saw then
+            deadline = self._stack.get_timer()
+            if deadline is not None and deadline < scope.deadline:
+                scope.deadline = deadline
+
+    def _write_out(self, now: float) -> None:
+        out = self._stack.packets_to_send(now)
         if out:
             self.stats.packets_out += len(out)
             self._source.write_all(out)
-        scope = self._wait_scope
-        if scope is not None:  # the loop sleeps until the deadline it saw then
-            deadline = stack.get_timer()
-            if deadline is not None and deadline < scope.deadline:
-                scope.deadline = deadline
 
     def kick(self) -> None:
         """Wake the packet loop to flush the stack's output; cheap, coalescing."""
@@ -303,10 +305,7 @@ class Relay:
             stats.packets_in += len(packets)
             stack.handle_timer(now)
             self._dispatch()
-            out = stack.packets_to_send(now)
-            if out:
-                stats.packets_out += len(out)
-                source.write_all(out)
+            self._write_out(now)
             stats.iterations += 1
             if len(packets) >= max_batch or self._kicked:
                 await trio.lowlevel.checkpoint()  # busy: let flow tasks run, then go on

@@ -404,7 +404,7 @@ class TcpFlow:
         fd = sock.fileno()
         while not self._connected:
             await lot.park()
-        pending: bytes | None = b""  # read but not yet taken by the stack
+        pending = b""  # read but not yet taken by the stack
         while self._closed is None:
             space = stack.send_space(flow)
             if space <= 0:
@@ -415,15 +415,15 @@ class TcpFlow:
                 # wrappers add frames (memory) to every waiting flow; the reads
                 # and the checkpoint are the same. The wait is outside the except
                 # clause, which would keep the exception and its traceback alive.
+                blocked = False
                 try:
                     pending = os.read(fd, min(space, recv_size))
                 except BlockingIOError:
-                    pending = None
+                    blocked = True
                 except OSError as exc:
                     self._upstream_failed(exc)
                     return
-                if pending is None:
-                    pending = b""
+                if blocked:
                     try:
                         await trio.lowlevel.wait_readable(fd)
                     except trio.ClosedResourceError as exc:

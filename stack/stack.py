@@ -245,7 +245,7 @@ class Stack:
                 if conn.merges_ack(tcp.seq, tcp.ack, tcp.options):
                     held[conn] = _HeldAck(tcp.seq, tcp.ack, tcp.window, tcp.options)
                     return
-            elif self._extends(run, conn, tcp):
+            elif self._extends(run, conn, tcp.seq, tcp.ack, tcp.options):
                 run.ack, run.window, run.options = tcp.ack, tcp.window, tcp.options
                 run.count += 1
                 self.stats.acks_merged += 1
@@ -262,16 +262,17 @@ class Stack:
         self._after_segment(conn, now)
 
     @staticmethod
-    def _extends(run: _HeldAck, conn: TcpConnection, tcp: TcpHeader) -> bool:
-        """Whether pure ACK ``tcp`` continues the held run: same sequence number,
-        a higher ACK still within what was sent, no SACK blocks, and timestamps
-        that do not go backwards (PAWS is checked on the one processed)."""
-        if tcp.seq != run.seq or not seq_lt(run.ack, tcp.ack) or not seq_le(tcp.ack, conn.snd_max):
+    def _extends(run: _HeldAck, conn: TcpConnection, seq: int, ack: int, o: TcpOptions) -> bool:
+        """Whether a pure ACK continues the held run: same sequence number, a
+        higher ACK still within what was sent, no SACK blocks, and timestamps that
+        do not go backwards (PAWS is checked on the one processed). Only what
+        varies per ACK: the connection's state, which ``merges_ack`` checked for
+        the run's first, cannot change before the run is released."""
+        if seq != run.seq or not seq_lt(run.ack, ack) or not seq_le(ack, conn.snd_max):
             return False
-        options = tcp.options
-        if options.sack_blocks:
+        if o.sack_blocks:
             return False
-        new, old = options.timestamps, run.options.timestamps
+        new, old = o.timestamps, run.options.timestamps
         if new is None or old is None:
             return new is old
         return seq_ge(new[0], old[0])

@@ -487,9 +487,7 @@ class TcpConnection(TcpRecovery):
 
     def _send_ack_now(self, now: float) -> None:
         opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
-        ack = self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
-        self._ctl.append(ack)
-        self._ack_sent()
+        self._ctl.append(self._pure_ack(opts))
 
     def _deliver(self, data: bytes) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))

@@ -462,6 +462,12 @@ class ConnectionCore:
                 self.rcv_adv = seq_add(self.rcv_nxt, field << shift)
         return field
 
+    def _pure_ack(self, opts: TcpOptions) -> TcpSegment:
+        """An ACK without data, counted as the ACK owed (``_ack_sent``)."""
+        seg = self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
+        self._ack_sent()
+        return seg
+
     def _ack_sent(self) -> None:
         self._ack_now = False
         self.ack_deadline = None

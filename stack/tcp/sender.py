@@ -212,11 +212,7 @@ class TcpSender(ConnectionCore):
             # D-SACK goes first, on its own ACK. Fixed: every segment of a batch
             # repeated it, and a Linux sender counts each one (its undo, RACK's
             # reordering window).
-            dsack = self._options(now)  # takes _dsack
-            out.append(
-                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", dsack)
-            )
-            self._ack_sent()
+            out.append(self._pure_ack(self._options(now)))  # _options takes _dsack
         opts = self._tx_opts = (
             NO_OPTIONS if self.ts is None and not self.sack_ok else (self._options(now))
         )
@@ -226,10 +222,7 @@ class TcpSender(ConnectionCore):
         if state is State.SYN_RECEIVED and self._ack_now:
             # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
             # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
-            out.append(
-                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
-            )
-            self._ack_sent()
+            out.append(self._pure_ack(opts))
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
         if self._tlp_due:
@@ -247,10 +240,7 @@ class TcpSender(ConnectionCore):
             self._flight_hw = flight
         self._arm_probe(flight, now)
         if self._ack_now:
-            out.append(
-                self._segment(self._ack_seq(), self.rcv_nxt, ACK, self._advertise(), b"", opts)
-            )
-            self._ack_sent()
+            out.append(self._pure_ack(opts))
         return out
 
     def _dup_thresh(self) -> int:
