@@ -16,7 +16,13 @@ stream with offloads on (GSO super-segments, as the relay writes them) and a
 synthetic Linux-like client ACKs every second full segment with timestamps,
 so the cost measured is mostly the ACK path. Only the Stack's calls are timed.
 
-Run: ``python benchmarks/bench_stack.py [--segments N] [--options|--download] [--profile]``
+With ``--pingpong`` it measures what a request/response exchange costs the
+Stack: a 64-byte request in (with timestamps, ACKing the last response), its
+event, ``consumed``, a 64-byte response out, and the timer calls the relay's
+packet loop makes around them.
+
+Run: ``python benchmarks/bench_stack.py [--segments N] [--profile]``
+and one of ``--options``, ``--download``, ``--pingpong``, or none.
 """
 
 from __future__ import annotations
@@ -164,6 +170,50 @@ def run_download(n: int, batch: bool = True) -> tuple[float, int, int]:
     return inside, queued, acks
 
 
+def run_pingpong(n: int) -> float:
+    """``n`` request/response exchanges of 64 bytes each way, as the relay makes
+    them: the request in as a batch of one, its event, ``consumed``, the response
+    ``send``, the packets out, and the timer calls of one loop pass. Returns the
+    seconds spent inside the Stack."""
+    stack = Stack(StackConfig(tcp=TcpConfig(), offload=True))
+    flow, cseq, _, _ = _handshake(stack, True)
+    payload = bytes(64)
+    now = 0.0
+    tsval = 3
+    echo = 0
+    acked = 0  # the client's rcv_nxt, ACKed by its next request
+    inside = 0.0
+    clock = time.perf_counter
+    for _ in range(n):
+        now += 0.0002
+        tsval += 1
+        opts = encode_options(timestamps=(tsval, echo))
+        request = build_tcp_packet(
+            CLIENT, SERVER, 40000, 80, cseq, acked, ACK | PSH, 65535, opts, payload
+        )
+        cseq += len(payload)
+        t0 = clock()
+        stack.receive(request, now, batch=True)
+        stack.end_batch(now)
+        stack.handle_timer(now)
+        while (ev := stack.next_event()) is not None:
+            if isinstance(ev, DataReceived):
+                stack.consumed(flow, len(ev.data))
+        stack.packets_to_send(now)  # nothing: the ACK waits for the response
+        stack.get_timer()
+        stack.send(flow, payload)
+        packets = stack.packets_to_send(now)
+        stack.get_timer()
+        inside += clock() - t0
+        (response,) = packets
+        ip = parse_ip(response)
+        tcp = parse_tcp(response, ip.offset, ip.end)
+        acked = (tcp.seq + ip.end - ip.offset - tcp.header_len) & 0xFFFFFFFF
+        if tcp.options.timestamps is not None:
+            echo = tcp.options.timestamps[0]
+    return inside
+
+
 def run_checksum_floor(n: int) -> float:
     packets = _packets(n, 1, 1)
     t0 = time.perf_counter()
@@ -183,6 +233,9 @@ def main() -> None:
     parser.add_argument(
         "--download", action="store_true", help="the Stack sends; the client's ACKs come in"
     )
+    parser.add_argument(
+        "--pingpong", action="store_true", help="64-byte request/response exchanges"
+    )
     args = parser.parse_args()
     n = args.segments
     if args.profile:
@@ -190,6 +243,8 @@ def main() -> None:
         prof.enable()
         if args.download:
             run_download(n)
+        elif args.pingpong:
+            run_pingpong(n)
         else:
             run_stack(n, args.options)
         prof.disable()
@@ -197,6 +252,9 @@ def main() -> None:
         return
     if args.download:
         report_download(n, args.repeat)
+        return
+    if args.pingpong:
+        report_pingpong(n, args.repeat)
         return
     rates = []
     ack_count = 0
@@ -227,6 +285,18 @@ def report_download(n: int, repeat: int) -> None:
             f"({sent * 8 / inside / 1e9:.2f} Gbit/s sent); "
             f"ratio to checksum-only {rate / floor:.2f}"
         )
+
+
+def report_pingpong(n: int, repeat: int) -> None:
+    floor = n / min(run_checksum_floor(n) for _ in range(repeat))
+    inside = sorted(run_pingpong(n) for _ in range(repeat))[repeat // 2]
+    rate = n / inside
+    print(f"ping-pong: {n:,} exchanges of 64 bytes each way, one loop pass each")
+    print(f"checksum only:  {floor:12,.0f} packets/s  (baseline)")
+    print(
+        f"exchanges:      {rate:12,.0f} /s, {inside / n * 1e6:5.2f} us each inside the Stack; "
+        f"ratio to checksum-only {rate / floor:.2f}"
+    )
 
 
 if __name__ == "__main__":

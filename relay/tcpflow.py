@@ -405,6 +405,7 @@ class TcpFlow:
         while not self._connected:
             await lot.park()
         pending = b""  # read but not yet taken by the stack
+        waited = False  # since the last read: that wait was this read's checkpoint
         while self._closed is None:
             space = stack.send_space(flow)
             if space <= 0:
@@ -412,9 +413,11 @@ class TcpFlow:
                 continue
             if not pending:
                 # sock.recv, unrolled: an idle flow waits here, and trio's socket
-                # wrappers add frames (memory) to every waiting flow; the reads
-                # and the checkpoint are the same. The wait is outside the except
-                # clause, which would keep the exception and its traceback alive.
+                # wrappers add frames (memory) to every waiting flow. The reads
+                # and the checkpoints are theirs: a read that had to wait has had
+                # its checkpoint (one scheduler pass less per response). The wait
+                # is outside the except clause, which would keep the exception and
+                # its traceback alive.
                 blocked = False
                 try:
                     pending = os.read(fd, min(space, recv_size))
@@ -429,8 +432,11 @@ class TcpFlow:
                     except trio.ClosedResourceError as exc:
                         self._upstream_failed(exc)
                         return
+                    waited = True
                     continue
-                await trio.lowlevel.checkpoint()
+                if not waited:  # a busy upstream: let the other tasks run
+                    await trio.lowlevel.checkpoint()
+                waited = False
                 if not pending:  # upstream EOF: FIN to the client once the send buffer drains
                     if self._closed is None:
                         stack.close(flow)
