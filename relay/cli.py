@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import trio
 
 from relay.service import MAX_WORKERS, ConfigError, RunOptions, serve, validate
+from relay.tun import DEFAULT_TXQUEUELEN
 from relay.workers import supervise
 
 
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         "--flow-log", metavar="PATH|-", help="append one JSON object per finished flow"
     )
     run.add_argument("--mtu", type=int, default=1500, help="TUN MTU (default 1500)")
-    run.add_argument("--txqueuelen", type=int, default=4000, help="TUN queue length")
+    run.add_argument(
+        "--txqueuelen", type=int, default=DEFAULT_TXQUEUELEN, help="TUN queue length, per queue"
+    )
     run.add_argument("--table", type=int, default=5197, help="routing table for the TUN route")
     run.add_argument("--priority", type=int, default=5197, help="policy rule priority")
     run.add_argument(

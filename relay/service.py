@@ -28,7 +28,7 @@ from relay.echo import enable_ping_sockets
 from relay.engine import Relay
 from relay.flowlog import FlowLog
 from relay.netconfig import NetConfig, route_client_nets_into_tun
-from relay.tun import OFFLOADS, TunDevice
+from relay.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
 log = logging.getLogger("tunrelay")
@@ -50,7 +50,7 @@ class RunOptions:
     analyzers: tuple[str, ...] = ()
     flow_log: str | None = None
     mtu: int = 1500
-    txqueuelen: int = 4000
+    txqueuelen: int = DEFAULT_TXQUEUELEN
     table: int = 5197
     priority: int = 5197
     stats_interval: float = 0.0
@@ -67,7 +67,7 @@ def validate(
     analyzers: Sequence[str] = (),
     flow_log: str | None = None,
     mtu: int = 1500,
-    txqueuelen: int = 4000,
+    txqueuelen: int = DEFAULT_TXQUEUELEN,
     table: int = 5197,
     priority: int = 5197,
     stats_interval: float = 0.0,
