@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,9 +28,13 @@ from relay.config import RelayConfig
 from relay.echo import enable_ping_sockets
 from relay.engine import Relay
 from relay.flowlog import FlowLog
-from relay.netconfig import NetConfig, route_client_nets_into_tun
 from relay.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
+
+if TYPE_CHECKING:
+    # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
+    # (relay.workers) never touches netlink; only the process that sets up does.
+    from relay.netconfig import NetConfig
 
 log = logging.getLogger("tunrelay")
 
@@ -208,9 +213,10 @@ def load_analyzers(opts: RunOptions, worker: int = 0) -> tuple[list[object], Flo
     return analyzers, flow_log
 
 
-def open_queue(opts: RunOptions, *, multi_queue: bool = False) -> TunDevice:
+def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = False) -> TunDevice:
     """Open (create, or attach one more queue to) the TUN device ``opts`` describes,
     with its offloads (a setting of the device: every queue gets super-segments).
+    ``attach``: the device exists and its link is set up (a worker's queue).
 
     Raises:
         OSError: the device cannot be opened or configured.
@@ -221,6 +227,7 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False) -> TunDevice:
         txqueuelen=opts.txqueuelen,
         vnet_hdr=opts.offload,
         multi_queue=multi_queue,
+        configure_link=not attach,
     )
     if opts.offload:
         try:
@@ -233,6 +240,8 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False) -> TunDevice:
 
 def route_into(net: NetConfig, tun: TunDevice, opts: RunOptions) -> None:
     """Route the client networks into ``tun`` and allow ICMP sockets (undone by ``net``)."""
+    from relay.netconfig import route_client_nets_into_tun
+
     route_client_nets_into_tun(
         net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
     )
@@ -243,6 +252,8 @@ async def serve(
     opts: RunOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down (one process)."""
+    from relay.netconfig import NetConfig
+
     analyzers, flow_log = load_analyzers(opts)
     try:
         with NetConfig() as net, open_queue(opts) as tun:

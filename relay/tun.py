@@ -122,13 +122,15 @@ class TunDevice:
         txqueuelen: int = DEFAULT_TXQUEUELEN,
         vnet_hdr: bool = False,
         multi_queue: bool = False,
+        configure_link: bool = True,
     ) -> TunDevice:
         """Create (or, with `multi_queue`, attach one more queue to) a TUN device.
 
         The device lives in the current thread's network namespace; run this
         inside `relay.netns.entered()` to put it elsewhere. The link is set up
         with the given MTU and txqueuelen (the default 500 drops packets when
-        the reader is briefly descheduled).
+        the reader is briefly descheduled), unless `configure_link` is False:
+        a queue attached to a device already set up (no netlink, no pyroute2).
 
         Raises:
             ValueError: `name` is empty or too long.
@@ -154,7 +156,8 @@ class TunDevice:
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
             tun = cls(dev, dev.name, vnet_hdr=vnet_hdr)
-            tun._configure_link(mtu=mtu, txqueuelen=txqueuelen)
+            if configure_link:
+                tun._configure_link(mtu=mtu, txqueuelen=txqueuelen)
         except BaseException:
             dev.close()
             raise

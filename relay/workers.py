@@ -41,7 +41,6 @@ from multiprocessing.process import BaseProcess
 
 import trio
 
-from relay.netconfig import NetConfig
 from relay.service import (
     ConfigError,
     RunOptions,
@@ -89,6 +88,8 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
             raise ConfigError(
                 f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}"
             ) from None
+    from relay.netconfig import NetConfig  # here: the workers import this module
+
     ctx = multiprocessing.get_context("spawn")
     # Signals are ours from here on: none may kill the supervisor half set up.
     with (
@@ -249,7 +250,7 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
 async def _worker(opts: RunOptions, index: int, ready: Connection) -> None:
     analyzers, flow_log = load_analyzers(opts, index)
     try:
-        with open_queue(opts, multi_queue=True) as tun:
+        with open_queue(opts, multi_queue=True, attach=True) as tun:
 
             def on_ready() -> None:
                 log.info(
