@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -26,6 +28,17 @@ def test_options_survive_pickling_for_spawned_workers() -> None:
     # multiprocessing's 'spawn' pickles the options into each worker.
     opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=2, flow_log="/x")
     assert pickle.loads(pickle.dumps(opts)) == opts
+
+
+def test_a_worker_process_does_not_import_pyroute2() -> None:
+    # A spawned worker imports relay.workers (its entry point) and the CLI module
+    # (multiprocessing re-imports the parent's main module), and attaches its
+    # queue without netlink: pyroute2 would add about 22 MB to every worker.
+    code = "import sys, relay.cli, relay.workers; print('pyroute2' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 def test_cli_flags() -> None:
