@@ -95,6 +95,9 @@ def _encode(o: TcpOptions, flags: int) -> bytes:
     return encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
 
 
+# The connection timer heap is rebuilt once stale entries are over half of it.
+_COMPACT_AT = 64
+
 _ICMP_CODES = {
     Unreachable.NET: (NET_UNREACH, ICMP6_NO_ROUTE),
     Unreachable.HOST: (HOST_UNREACH, ICMP6_ADDR_UNREACH),
@@ -649,7 +652,28 @@ class Stack:
             return
         self._filed[conn] = deadline
         self._timer_seq += 1
-        heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
+        timers = self._timers
+        heapq.heappush(timers, (deadline, self._timer_seq, conn))
+        if len(timers) > _COMPACT_AT and len(timers) > 2 * len(self._filed):
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Rebuild the heap from the live deadlines, dropping the stale entries
+        (amortized O(1) per filing). In place: ``handle_timer`` may hold the list.
+
+        Fixed: a stale entry left the heap only on reaching its top, so a
+        long-lived connection that went idle after each exchange left one
+        keepalive deadline (2 h ahead) per exchange behind it: 7,200 entries
+        for an hour of one request a second.
+        """
+        seq = self._timer_seq
+        entries = []
+        for conn, deadline in self._filed.items():
+            seq += 1
+            entries.append((deadline, seq, conn))
+        self._timer_seq = seq
+        self._timers[:] = entries
+        heapq.heapify(self._timers)
 
     def get_timer(self) -> float | None:
         """The earliest deadline over all connections, datagram flows and reassembly."""

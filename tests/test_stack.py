@@ -310,3 +310,41 @@ def test_many_flows_are_demultiplexed_by_4_tuple() -> None:
         stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, payload, sport=port), 0.0)
     data = {e.flow.client_port: e.data for e in events(stack) if isinstance(e, DataReceived)}
     assert data == {port: str(port).encode() for port in flows}
+
+
+def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
+    # One request a second, answered and ACKed, keepalive on (as the service runs):
+    # after every exchange the connection's deadline jumps 2 h ahead (keepalive)
+    # and back. The heap once kept every such 2 h entry until it came due.
+    stack = Stack(StackConfig(tcp=TcpConfig(keepalive=True)))
+    flow = established(stack)
+    events(stack)
+    cseq, sseq = CLIENT_ISN + 1, SERVER_ISN + 1
+    now = 0.0
+    for _ in range(2000):
+        now += 1.0
+        stack.receive(seg(cseq, sseq, ACK | PSH, b"q" * 64), now)
+        cseq += 64
+        for ev in events(stack):
+            if isinstance(ev, DataReceived):
+                stack.consumed(flow, len(ev.data))
+        stack.send(flow, b"r" * 64)
+        (response,) = out(stack, now)
+        assert (response.tcp.seq, response.payload) == (sseq, b"r" * 64)
+        sseq += 64
+        now += 0.001
+        stack.receive(seg(cseq, sseq), now)
+        assert out(stack, now) == []
+        stack.get_timer()
+    assert len(stack._timers) <= 64  # the heap itself: what used to grow, 1 per exchange
+    # The timers still run: the keepalive probe (SEG.SEQ = SND.NXT - 1) 2 h after
+    # the last exchange. (Its timer may wake earlier, find recent traffic, re-arm.)
+    for _ in range(3):
+        deadline = stack.get_timer()
+        assert deadline is not None
+        stack.handle_timer(deadline)
+        if sent := out(stack, deadline):
+            break
+    (probe,) = sent
+    assert deadline == pytest.approx(now + 7200.0)
+    assert (probe.tcp.seq, probe.tcp.flags, probe.payload) == (sseq - 1, ACK, b"")
