@@ -13,6 +13,7 @@ opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.tun``).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import ipaddress
 import logging
@@ -288,6 +289,10 @@ async def relay_queue(
     """
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
+    # What exists now (modules, classes, analyzers) lives as long as the process:
+    # keep it out of every full collection, whose pause grows with the objects
+    # it scans (about 25,000 at start, 9.5 ms here; 10,000 flows add 260 ms).
+    gc.freeze()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
