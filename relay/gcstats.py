@@ -3,9 +3,10 @@
 The packet loop stops for as long as a collection runs, and a full one
 (generation 2) scans every tracked object: about 55 per relayed TCP flow,
 roughly 260 ms at 10,000 flows on the project machine. CPython starts one
-each time the objects that survived into the oldest generation grew by a
-quarter, so with flows coming and going it recurs every few thousand new
-flows. These counters make that visible in the exit and stats lines.
+when the objects that survived into the oldest generation grew by a quarter
+and enough younger collections went by (``relay.service.relay_queue`` sets
+that to 1,000 of generation 1, from 10). These counters make the pauses
+visible in the exit and stats lines.
 """
 
 from __future__ import annotations
