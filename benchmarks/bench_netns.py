@@ -21,8 +21,9 @@ Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
-relay's CPU% during the single-stream upload and download, and its RSS
-before and with N idle connections open. Every measurement is repeated
+relay's CPU% during the single-stream upload and download, its RSS
+before and with N idle connections open, and (from its exit lines) how many
+full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
 with the ratios d/b, d/a, c/b, c/a, e/b and c/e. See
@@ -106,6 +107,9 @@ MEASURES: list[Measure] = [
     Measure("rss_base", "relay RSS before idle, MiB", _one),
     Measure("rss_idle", "relay RSS + {idle} idle conns, MiB", _one),
     Measure("rss_per_conn", "relay RSS per idle conn, KiB", _one),
+    # From the relay's exit lines (relay.gcstats), over all of a round's measures.
+    Measure("gc_full", "relay full GCs per round", _int),
+    Measure("gc_pause_max", "relay longest full GC, ms", _one),
 ]
 
 Sample: TypeAlias = dict[str, float]
@@ -559,9 +563,19 @@ class Lab:
             self.report.note(self.where, f"tunrelay log: {ln[:300]}")
         if len(bad) > 5:
             self.report.note(self.where, f"tunrelay log: … {len(bad) - 5} more such lines")
+        full, longest, seen = 0, 0.0, False
         for ln in text.splitlines():
             if "stopped: stack" in ln:
                 self.report.relay_lines.append(f"[{self.where}] {ln.split(': ', 1)[-1]}")
+                count = re.search(r"\bfull_collections=(\d+)", ln)
+                pause = re.search(r"\bfull_pause_max_ms=([\d.]+)", ln)
+                if count and pause:  # one line per worker
+                    seen = True
+                    full += int(count[1])
+                    longest = max(longest, float(pause[1]))
+        if seen:
+            self.report.add(self.cfg, "gc_full", full)
+            self.report.add(self.cfg, "gc_pause_max", longest)
 
 
 def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) -> None:
