@@ -54,7 +54,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeAlias
 
-from relay import netns
 from relay.lab import REPO_ROOT, Topology
 
 HERE = Path(__file__).resolve().parent
@@ -378,12 +377,7 @@ class Lab:
         if self.cfg not in USES_RELAY:
             return None
         try:
-            ipr = netns.ipr(self.topo.gw)
-            try:
-                (link,) = ipr.link("get", ifname=TUN)
-                return int(link.get_attr("IFLA_STATS64")["tx_dropped"])
-            finally:
-                ipr.close()
+            return self.topo.tx_dropped("gw", TUN)
         except Exception:  # the device is gone with the relay; not worth failing for
             return None
 

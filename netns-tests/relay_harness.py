@@ -330,16 +330,6 @@ def tcp_counters(topo: Topology, ns: str) -> dict[str, int]:
     return found
 
 
-def tun_tx_dropped(topo: Topology) -> int:
-    """Packets the kernel dropped toward the relay because its TUN queue was full."""
-    ipr = netns.ipr(topo.gw)
-    try:
-        (link,) = ipr.link("get", ifname=TUN)
-        return int(link.get_attr("IFLA_STATS64")["tx_dropped"])
-    finally:
-        ipr.close()
-
-
 def counters_delta(before: dict[str, int], after: dict[str, int]) -> str:
     """``SENDER_COUNTERS`` that moved, as ``name=+n``."""
     moved = [(k, after.get(k, 0) - before.get(k, 0)) for k in SENDER_COUNTERS]

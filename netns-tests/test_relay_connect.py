@@ -22,6 +22,7 @@ import pytest
 import trio
 from relay_harness import (  # noqa: F401 - the fixtures
     MIB,
+    TUN,
     RelayProcess,
     addrs,
     diagnose,
@@ -30,7 +31,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     pattern_chunks,
     relay_fixture,
     start_relay_fixture,
-    tun_tx_dropped,
 )
 
 from relay.lab import Topology
@@ -264,7 +264,7 @@ async def test_200_concurrent_connections_1mib_each_way(
         f"{moved() / 2 / seconds / 1e6:.1f} MB/s both directions together; CPU seconds: relay "
         f"{relay_cpu:.2f}, test process {test_cpu:.2f}"
     )
-    summary += f"; TUN queue drops {tun_tx_dropped(topology)}"
+    summary += f"; TUN queue drops {topology.tx_dropped('gw', TUN)}"
     print(f"\n[concurrency] {summary}")
     if stall:
         pytest.fail(f"stalled: {summary}\n{stall[0]}\n{relay.describe()}")

@@ -172,6 +172,16 @@ class Topology:
         self.defer(sock.close)
         return sock
 
+    def tx_dropped(self, ns: str, ifname: str) -> int:
+        """``tx_dropped`` of link `ifname` in namespace `ns`: for a TUN device, the
+        packets the kernel dropped because its reader's queue was full."""
+        ipr = netns.ipr(self.ns(ns))
+        try:
+            (link,) = ipr.link("get", ifname=ifname)
+            return int(link.get_attr("IFLA_STATS64")["tx_dropped"])
+        finally:
+            ipr.close()
+
     def netconfig(self, ns: str) -> NetConfig:
         """A NetConfig for namespace `ns`, closed (undone) at tear-down."""
         cfg = NetConfig(self.ns(ns))

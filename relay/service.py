@@ -218,7 +218,8 @@ def load_analyzers(opts: RunOptions, worker: int = 0) -> tuple[list[object], Flo
 def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = False) -> TunDevice:
     """Open (create, or attach one more queue to) the TUN device ``opts`` describes,
     with its offloads (a setting of the device: every queue gets super-segments).
-    ``attach``: the device exists and its link is set up (a worker's queue).
+    ``attach``: one more queue of a multi-queue device that exists and whose
+    link is set up (a worker's queue).
 
     Raises:
         OSError: the device cannot be opened or configured.
@@ -228,7 +229,7 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
         mtu=opts.mtu,
         txqueuelen=opts.txqueuelen,
         vnet_hdr=opts.offload,
-        multi_queue=multi_queue,
+        multi_queue=multi_queue or attach,
         configure_link=not attach,
     )
     if opts.offload:

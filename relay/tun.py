@@ -72,10 +72,10 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 # The ring of packets waiting for each queue's reader (tun_net_xmit drops beyond
 # it). 200 Linux clients opening at once and sending 1 MiB each overflowed 4,000:
-# about 16% of their packets were dropped, enough for BBR's policer detection
-# (bbr_lt_bw_sampling, a loss rate over 20%) to pace some of them at a few
-# kbit/s for 48 round trips; with 16,384, 0 to 5,000 drops, and the whole run
-# in 7 to 14 s instead of 14 to 30 s. Kernel memory, taken only while full.
+# about 16% of their packets were dropped, and a BBR client then paced at
+# 55 kbit/s for ~20 s (as BBR v1's policer detection, bbr_lt_bw_sampling, would:
+# inferred, not traced). With 16,384: 0 to 5,000 drops, and the whole run in 7
+# to 14 s instead of 14 to 30 s. Kernel memory, taken only while full.
 DEFAULT_TXQUEUELEN = 16384
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01

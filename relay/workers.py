@@ -250,7 +250,7 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
 async def _worker(opts: RunOptions, index: int, ready: Connection) -> None:
     analyzers, flow_log = load_analyzers(opts, index)
     try:
-        with open_queue(opts, multi_queue=True, attach=True) as tun:
+        with open_queue(opts, attach=True) as tun:
 
             def on_ready() -> None:
                 log.info(
