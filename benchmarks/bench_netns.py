@@ -61,6 +61,7 @@ LOADGEN = HERE / "loadgen.py"
 FORWARDER = HERE / "forwarder.py"
 IPERF_PORT = 5201
 ECHO_PORT = 7007
+LATENCY_WARMUP = 100  # round trips loadgen's latency makes before it measures
 TUN = "trb0"
 
 CONFIGS: dict[str, str] = {
@@ -101,6 +102,7 @@ MEASURES: list[Measure] = [
     Measure("cps", "connections/s", _int),
     Measure("rtt_p50", "req/resp median, µs", _int),
     Measure("rtt_p99", "req/resp p99, µs", _int),
+    Measure("cpu_rt", "relay CPU per req/resp, µs", _int),
     Measure("cpu_up", "relay CPU % (1 up)", _int),
     Measure("cpu_down", "relay CPU % (1 down)", _int),
     Measure("rss_base", "relay RSS before idle, MiB", _one),
@@ -463,8 +465,10 @@ class Lab:
             "--port", str(ECHO_PORT), "--count", str(p.latency_count), "--size", "64",
             "--timeout", "30",
         ]  # fmt: skip
+        c0 = None if self.proc is None else cpu_seconds(self.proc.pid)
         proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = finish(proc, 40, "latency")
+        c1 = None if self.proc is None else cpu_seconds(self.proc.pid)
         try:
             result = json.loads(out)
         except json.JSONDecodeError:
@@ -473,7 +477,14 @@ class Lab:
             raise MeasureError(f"latency: only {result.get('count', 0)} round trips in 30 s")
         self.report.add(self.cfg, "rtt_p50", float(result["p50_us"]))
         self.report.add(self.cfg, "rtt_p99", float(result["p99_us"]))
-        return f"median {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs"
+        summary = f"median {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs"
+        if c0 is not None and c1 is not None:
+            # CPU time per exchange (warm-up included): the process's own cost,
+            # which the wall-clock latency shows only through this machine's noise.
+            per_rt = 1e6 * (c1 - c0) / (p.latency_count + LATENCY_WARMUP)
+            self.report.add(self.cfg, "cpu_rt", per_rt)
+            summary += f", process CPU {per_rt:.0f} µs per round trip"
+        return summary
 
     def idle(self) -> str:
         p = self.params

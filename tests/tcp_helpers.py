@@ -384,10 +384,11 @@ class ConnectionPair:
         isn_a: int,
         isn_b: int,
         on_event: Callable[[str, Event], None] | None = None,
+        factory: Callable[..., TcpConnection] = TcpConnection,
     ) -> None:
         self.link = link
-        self.a = TcpConnection(local_port=RPORT, remote_port=LPORT, config=config_a)
-        self.b = TcpConnection(local_port=LPORT, remote_port=RPORT, config=config_b)
+        self.a = factory(local_port=RPORT, remote_port=LPORT, config=config_a)
+        self.b = factory(local_port=LPORT, remote_port=RPORT, config=config_b)
         self._isn_b = isn_b
         self.on_event = on_event
         self.now = 0.0

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -281,6 +282,7 @@ def _run(
     isn_b: int,
     script_a: tuple[int, list[tuple[float, int]], float, float],
     script_b: tuple[int, list[tuple[float, int]], float, float],
+    factory: Callable[..., TcpConnection] = TcpConnection,
 ) -> ConnectionPair:
     note(f"cfg_a={cfg_a!r}\ncfg_b={cfg_b!r}")
     rng = random.Random(seed)
@@ -295,6 +297,7 @@ def _run(
         isn_a=isn_a,
         isn_b=isn_b,
         on_event=lambda side, ev: apps[side].on_event(ev, pair.now),
+        factory=factory,
     )
     conns = {"a": pair.a, "b": pair.b}
 

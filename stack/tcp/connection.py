@@ -38,7 +38,7 @@ from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
-from stack.wire.tcp import ACK, FIN, NO_OPTIONS, RST, SYN, TcpOptions
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 
 __all__ = ["State", "TcpConnection"]
 
@@ -253,6 +253,13 @@ class TcpConnection(TcpRecovery):
         if state is State.SYN_SENT:
             self._on_segment_syn_sent(seq, ack, flags, window, options, now)
             return
+        if (
+            (state is State.ESTABLISHED or state is State.CLOSE_WAIT)
+            and seq == self.rcv_nxt
+            and flags & ~PSH == ACK
+            and self._predicted(seq, ack, window, payload, options, now, acks)
+        ):
+            return
         self._last_rcv = now  # the peer is alive (keepalive, idle timeout)
         if self.snd_wscale and not flags & SYN:
             window <<= self.snd_wscale  # RFC 7323 2.3: SND.WND = SEG.WND << Snd.Wind.Shift
@@ -329,6 +336,64 @@ class TcpConnection(TcpRecovery):
         # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. Fixed:
         # an ACK for every acceptable ACK made two TIME-WAIT ends (simultaneous
         # close) ping-pong ACKs until the timer ran out.
+
+    def _predicted(
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        payload: bytes,
+        options: TcpOptions,
+        now: float,
+        acks: int,
+    ) -> bool:
+        """Header prediction (Jacobson's, as in BSD's tcp_input and Linux's
+        tcp_rcv_established): the common segment -- the next one expected, ACK
+        with or without PSH, no SACK blocks, a TSval not older than TS.Recent, and
+        either a new ACK alone (ESTABLISHED or CLOSE-WAIT) or data in ESTABLISHED
+        that fits the window with no hole to fill and a current ACK -- takes the
+        steps the full path would take for it and skips the tests whose outcome
+        is known. The caller checked the state (one of the two), the sequence
+        number and the flags.
+
+        Returns:
+            False, having changed nothing, when the segment needs the full path.
+        """
+        ts = self.ts
+        stamp = options.timestamps
+        if (ts is not None and (stamp is None or seq_lt(stamp[0], ts.recent))) or (
+            options.sack_blocks
+        ):
+            return False  # PAWS may apply, or the SACK scoreboard has work
+        una = self.snd_una
+        if payload:
+            # Acceptable and untrimmed (RFC 9293 3.10.7.4): it starts at rcv_nxt and
+            # ends within the window; an ACK below snd_una is left to the full path.
+            if (
+                self.state is not State.ESTABLISHED  # CLOSE-WAIT: data after the FIN
+                or len(payload) > seq_sub(self.rcv_adv, seq)
+                or self._ooo_fin is not None
+                or self._ooo
+                or seq_lt(ack, una)
+            ):
+                return False
+        elif not seq_gt(ack, una):
+            return False  # a pure ACK that is no news may be a duplicate (RFC 5681 2)
+        if seq_gt(ack, self.snd_max):
+            return False
+        self._last_rcv = now
+        if self.snd_wscale:
+            window <<= self.snd_wscale  # RFC 7323 2.3
+        if ts is not None and stamp is not None and stamp[0] != ts.recent:
+            ts.update(stamp[0], seq, self.last_ack_sent, now)  # RFC 7323 5.3 R3, 4.3
+        if ack != una:
+            self._on_new_ack(ack, options, now, acks)
+        self._update_window(seq, ack, window)
+        self._probes = 0
+        if payload:
+            self._deliver(payload)
+            self._delivered(now)
+        return True
 
     def _acceptable(self, seq: int, seg_len: int, rcv_wnd: int, rst: int) -> bool:
         # RFC 9293 3.10.7.4, the four cases of the acceptability test.
@@ -450,6 +515,10 @@ class TcpConnection(TcpRecovery):
             self._quickacks = QUICKACKS
         if self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt:
             self._on_fin(self._ooo_fin, now)
+        self._delivered(now)
+
+    def _delivered(self, now: float) -> None:
+        """In-order bytes were delivered: receive-buffer tuning and the ACK policy."""
         if now >= self.buf.tick_at and self.buf.rcv_tick(
             self.rcv_nxt, self._unconsumed, now, self._rtt.srtt or self.config.rto_initial
         ):

@@ -119,7 +119,12 @@ class TcpRecovery(TcpSender):
             # With SACK agreed, a duplicate without blocks (a peer or middlebox
             # that drops them) still counts, rather than leave recovery to the RTO.
             self._on_duplicate_ack(now)
-        # Window update (RFC 9293 3.10.7.4, with SND.WL1/WL2 ordering).
+        self._update_window(seq, ack, window)
+        self._probes = 0
+        return self.state is not State.CLOSED
+
+    def _update_window(self, seq: int, ack: int, window: int) -> None:
+        """The window update (RFC 9293 3.10.7.4, with SND.WL1/WL2 ordering)."""
         if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
             self.snd_wnd = window
             self.snd_wl1, self.snd_wl2 = seq, ack
@@ -128,8 +133,6 @@ class TcpRecovery(TcpSender):
             if window > 0:
                 self.persist_deadline = None
                 self._persist_backoff = 0
-        self._probes = 0
-        return self.state is not State.CLOSED
 
     def _on_new_ack(self, ack: int, options: TcpOptions, now: float, acks: int = 1) -> None:
         una = self.snd_una

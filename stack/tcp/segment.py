@@ -9,8 +9,15 @@ from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 _FLAG_NAMES = ((SYN, "S"), (FIN, "F"), (RST, "R"), (PSH, "P"), (ACK, "."))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TcpSegment:
+    """One segment; never changed once built (``dataclasses.replace`` makes another).
+
+    Not ``frozen``: a frozen dataclass sets each field through
+    ``object.__setattr__``, which made building one 4x slower (960 ns against
+    230), and the connection builds one per segment it sends.
+    """
+
     src_port: int
     dst_port: int
     seq: int

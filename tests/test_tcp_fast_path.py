@@ -1,0 +1,220 @@
+"""Header prediction (``TcpConnection._predicted``) changes nothing but speed.
+
+Each side of the lossy-link property runs (``test_tcp_property``) is a twin:
+the real connection and one whose fast path is switched off get every call,
+and after each call their answers and their whole state -- every slot,
+recursively (buffers, RTT estimator, congestion controller, SACK scoreboard,
+reassembly queue, queued events and segments) -- must be equal. The link and
+the applications see the real one's answers; the two never diverge, so the
+shortcut took exactly the steps the full path would have.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+import test_tcp_property
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_tcp_property import (
+    MAX_EXAMPLES,
+    _run,
+    app_scripts,
+    configs,
+    full_configs,
+    isns,
+    percent,
+)
+
+from stack.config import TcpConfig
+from stack.tcp.connection import TcpConnection
+from stack.wire.tcp import TcpOptions
+
+_SKIP = {"config", "_readable"}  # shared, or back-references to the connection
+
+
+class _FullPathOnly(TcpConnection):
+    """A connection that never takes the fast path."""
+
+    __slots__ = ()
+
+    def _predicted(
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        payload: bytes,
+        options: TcpOptions,
+        now: float,
+        acks: int,
+    ) -> bool:
+        return False
+
+
+class _Counted(TcpConnection):
+    __slots__ = ("predicted",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.predicted = 0
+
+    def _predicted(
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        payload: bytes,
+        options: TcpOptions,
+        now: float,
+        acks: int,
+    ) -> bool:
+        taken = super()._predicted(seq, ack, window, payload, options, now, acks)
+        self.predicted += taken
+        return taken
+
+
+def snapshot(obj: object) -> object:
+    """Everything an object holds, as comparable values (slots and dicts, recursively)."""
+    if obj is None or isinstance(obj, int | float | str | bytes | enum.Enum):
+        return obj
+    if isinstance(obj, bytearray):
+        return bytes(obj)
+    if isinstance(obj, tuple | list | deque):
+        return [type(obj).__name__, *map(snapshot, obj)]
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    names: list[str] = []
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names.extend([slots] if isinstance(slots, str) else slots)
+    state = {n: snapshot(getattr(obj, n, "<unset>")) for n in names if n not in _SKIP}
+    if hasattr(obj, "__dict__"):
+        state.update({k: snapshot(v) for k, v in vars(obj).items() if k not in _SKIP})
+    return (type(obj).__name__, state)
+
+
+class Twin:
+    """Drives a fast-path connection and a full-path one in lockstep."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.fast = _Counted(**kwargs)
+        self.full = _FullPathOnly(**kwargs)
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        fast, full = getattr(self.fast, name), getattr(self.full, name)
+        if not callable(fast):
+            assert snapshot(fast) == snapshot(full), name
+            return fast
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            a, b = fast(*args, **kwargs), full(*args, **kwargs)
+            self.calls += 1
+            assert snapshot(a) == snapshot(b), f"{name}{args}: {a!r} != {b!r}"
+            state_fast, state_full = snapshot(self.fast)[1], snapshot(self.full)[1]  # type: ignore[index]
+            state_fast.pop("predicted")
+            diff = {k for k in state_full if state_fast[k] != state_full[k]}
+            assert not diff, f"after {name}{args}: {sorted(diff)} differ"
+            return a
+
+        return call
+
+
+def _twins(
+    seed: int,
+    loss: float,
+    dup: float,
+    reorder: float,
+    cfg_a: TcpConfig,
+    cfg_b: TcpConfig,
+    isn_a: int,
+    isn_b: int,
+    script_a: tuple[int, list[tuple[float, int]], float, float],
+    script_b: tuple[int, list[tuple[float, int]], float, float],
+) -> None:
+    factory = cast(Callable[..., TcpConnection], Twin)
+    _run(seed, loss, dup, reorder, cfg_a, cfg_b, isn_a, isn_b, script_a, script_b, factory)
+
+
+common = {
+    "seed": st.integers(0, 2**32 - 1),
+    "loss": percent(20),
+    "dup": percent(10),
+    "reorder": percent(20),
+    "isn_a": isns,
+    "isn_b": isns,
+}
+
+
+@settings(
+    max_examples=max(MAX_EXAMPLES // 25, 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(cfg_a=configs, cfg_b=configs, script_a=app_scripts(), script_b=app_scripts(), **common)
+def test_the_fast_path_leaves_the_same_state_as_the_full_path(**kw: Any) -> None:
+    _twins(**kw)
+
+
+@settings(
+    max_examples=max(MAX_EXAMPLES // 50, 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    cfg_a=full_configs,
+    cfg_b=full_configs,
+    script_a=app_scripts(big=True),
+    script_b=app_scripts(big=True),
+    **common,
+)
+def test_the_fast_path_with_sack_timestamps_and_window_scaling(**kw: Any) -> None:
+    _twins(**kw)
+
+
+@pytest.fixture
+def no_notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_tcp_property, "note", lambda _text: None)  # outside @given
+
+
+@pytest.mark.usefixtures("no_notes")
+def test_the_fast_path_takes_most_segments_of_a_plain_exchange() -> None:
+    # Not vacuous: both directions at once, no loss, closed well after the data.
+    cfg = TcpConfig()
+    a, b = ((200_000, [(0.0, 100_000), (0.5, 100_000)], 2.0, 0.0) for _ in "ab")  # App pops
+    factory = cast(Callable[..., TcpConnection], Twin)
+    pair = _run(7, 0.0, 0.0, 0.0, cfg, cfg, 1, 2, a, b, factory)
+    for twin in cast(list[Twin], [pair.a, pair.b]):
+        assert twin.fast.predicted >= 200_000 // cfg.mss, twin.fast.predicted
+
+
+@pytest.mark.usefixtures("no_notes")
+def test_a_fast_path_that_skipped_a_step_is_caught() -> None:
+    # The check itself: a shortcut that forgets one update (here, the window)
+    # must make the twins diverge.
+    class Broken(_Counted):
+        __slots__ = ()
+
+        def _update_window(self, seq: int, ack: int, window: int) -> None:
+            if self.predicted:
+                return  # once the fast path has been taken, forget window updates
+            super()._update_window(seq, ack, window)
+
+    class BrokenTwin(Twin):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.fast = Broken(**kwargs)
+
+    cfg = TcpConfig()
+    a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
+    factory = cast(Callable[..., TcpConnection], BrokenTwin)
+    try:
+        _run(1, 0.0, 0.0, 0.0, cfg, cfg, 1, 2, a, b, factory)
+    except AssertionError as exc:
+        assert "snd_wl1" in str(exc) or "snd_wnd" in str(exc), exc
+    else:
+        raise AssertionError("the twins did not diverge")
