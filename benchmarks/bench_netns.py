@@ -18,6 +18,10 @@ Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
        over the supervisor and its workers)
     e  tunrelay with offloads and ``--workers 1``: c/e on 4 streams is what the
        workers add (the issue's target: >= 1.6 on 2 cores)
+    f  the latency floor (benchmarks/tun_floor.py): e's TUN device and trio tasks
+       with no TCP stack, which can hold one clean request/response connection,
+       so only the latency measure runs on it. e/f is what tunrelay adds to the
+       path itself; f/b is what no Python relay on a TUN device escapes
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -26,7 +30,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b and c/e. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f and f/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -59,6 +63,7 @@ from relay.lab import REPO_ROOT, Topology
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
 FORWARDER = HERE / "forwarder.py"
+FLOOR = HERE / "tun_floor.py"
 IPERF_PORT = 5201
 ECHO_PORT = 7007
 LATENCY_WARMUP = 100  # round trips loadgen's latency makes before it measures
@@ -70,10 +75,13 @@ CONFIGS: dict[str, str] = {
     "c": "tunrelay --offload",
     "d": "tunrelay",
     "e": "tunrelay --offload --workers 1",
+    "f": "TUN latency floor (no TCP stack)",
 }
 USES_RELAY = {"c", "d", "e"}  # tunrelay itself
+USES_TUN = USES_RELAY | {"f"}
 OFFLOADED = {"c", "e"}
-HAS_PROCESS = {"b", "c", "d", "e"}  # a userspace process whose CPU and RSS we measure
+HAS_PROCESS = {"b", "c", "d", "e", "f"}  # a userspace process whose CPU we measure
+LATENCY_ONLY = {"f"}
 
 
 @dataclass(frozen=True)
@@ -340,6 +348,12 @@ class Lab:
             line = read_line(self.proc, 20, "forwarder")
             if line != "ready":
                 raise MeasureError(f"forwarder said {line!r}")
+        elif self.cfg == "f":
+            argv = [sys.executable, str(FLOOR), "--tun", TUN, "--client-net", topo.client_net_v4]
+            self.proc = topo.spawn("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            line = read_line(self.proc, 20, "the TUN floor")
+            if not line.startswith("relaying TCP"):
+                raise MeasureError(f"the TUN floor said {line!r}")
         else:
             argv = [
                 sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
@@ -376,7 +390,7 @@ class Lab:
 
     def tun_dropped(self) -> int | None:
         """Packets the kernel dropped because the relay's TUN queue was full."""
-        if self.cfg not in USES_RELAY:
+        if self.cfg not in USES_TUN:
             return None
         try:
             return self.topo.tx_dropped("gw", TUN)
@@ -601,9 +615,11 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
             ("connrate", lab.connrate),
             ("latency", lab.latency),
         ]
-        if cfg in HAS_PROCESS:
+        if cfg in HAS_PROCESS and cfg not in LATENCY_ONLY:
             steps.append(("idle", lab.idle))
         steps = [(name, step) for name, step in steps if name in params.measures]
+        if cfg in LATENCY_ONLY:
+            steps = [(name, step) for name, step in steps if name == "latency"]
         for name, step in steps:
             try:
                 lab.alive()
@@ -640,9 +656,10 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     cols = list(CONFIGS)
     pairs = [("d", "b"), ("d", "a")]
     if params.offload_flag:
-        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e")]
+        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f")]
+    pairs.append(("f", "b"))
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
-    short = {"c": "tunrelay offload", "e": "offload, 1 worker"}
+    short = {"c": "tunrelay offload", "e": "offload, 1 worker", "f": "TUN floor"}
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
     rows: list[list[str]] = []
@@ -701,7 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d,e", help="configurations, e.g. a,b,d")
+    parser.add_argument("--only", default="a,b,c,d,e,f", help="configurations, e.g. a,b,d")
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")
