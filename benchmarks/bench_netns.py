@@ -113,6 +113,9 @@ MEASURES: list[Measure] = [
     Measure("cpu_rt", "relay CPU per req/resp, µs", _int),
     Measure("cpu_up", "relay CPU % (1 up)", _int),
     Measure("cpu_down", "relay CPU % (1 down)", _int),
+    Measure("cpu_up4", "relay CPU % (4 up)", _int),
+    Measure("iperf_up4", "iperf3 CPU % (4 up)", _int),
+    Measure("idle_up4", "machine idle % (4 up)", _int),
     Measure("rss_base", "relay RSS before idle, MiB", _one),
     Measure("rss_idle", "relay RSS + {idle} idle conns, MiB", _one),
     Measure("rss_per_conn", "relay RSS per idle conn, KiB", _one),
@@ -200,6 +203,13 @@ def cpu_seconds(pid: int) -> float:
             fields = _stat_fields(p)
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpus() -> float:
+    """Seconds all CPUs have spent idle since boot (``/proc/stat``: idle + iowait)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()  # "cpu  user nice system idle iowait ..."
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> float:
@@ -418,14 +428,27 @@ class Lab:
             argv += {"up": [], "down": ["-R"], "up4": ["-P", "4"]}[mode]
             client = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             cpu: float | None = None
-            if self.proc is not None and mode in ("up", "down"):
-                # Steady state only: skip connection set-up and the final exchange.
-                time.sleep(0.5)
-                c0, t0 = cpu_seconds(self.proc.pid), time.monotonic()
-                time.sleep(max(0.2, p.seconds - 0.75))
-                if client.poll() is None:
-                    c1, t1 = cpu_seconds(self.proc.pid), time.monotonic()
-                    cpu = 100.0 * (c1 - c0) / (t1 - t0)
+            load: tuple[float, float] | None = None  # iperf3's CPU %, the machine's idle %
+            # Steady state only: skip connection set-up and the final exchange.
+            time.sleep(0.5)
+            relay = self.proc.pid if self.proc is not None else None
+            r0 = cpu_seconds(relay) if relay is not None else 0.0
+            i0, m0, t0 = (
+                cpu_seconds(server.pid) + cpu_seconds(client.pid),
+                idle_cpus(),
+                time.monotonic(),
+            )
+            time.sleep(max(0.2, p.seconds - 0.75))
+            if client.poll() is None:
+                r1 = cpu_seconds(relay) if relay is not None else 0.0
+                i1, m1, t1 = (
+                    cpu_seconds(server.pid) + cpu_seconds(client.pid),
+                    idle_cpus(),
+                    time.monotonic(),
+                )
+                if relay is not None:
+                    cpu = 100.0 * (r1 - r0) / (t1 - t0)
+                load = (100.0 * (i1 - i0) / (t1 - t0), 100.0 * (m1 - m0) / (t1 - t0))
             out, err = finish(client, p.seconds + 20, f"iperf3 {mode}")
             try:
                 result = json.loads(out)
@@ -441,6 +464,12 @@ class Lab:
             if cpu is not None:
                 self.report.add(self.cfg, f"cpu_{mode}", cpu)
                 summary += f", process CPU {cpu:.0f}%"
+            if load is not None:
+                # What else ran: with 2 cores, 200 % minus the relay's share is all a
+                # second worker could ever get (the c/e target needs 160 % or more).
+                self.report.add(self.cfg, f"iperf_{mode}", load[0])
+                self.report.add(self.cfg, f"idle_{mode}", load[1])
+                summary += f", iperf3 CPU {load[0]:.0f}%, machine idle {load[1]:.0f}%"
             retransmits = result["end"].get("sum_sent", {}).get("retransmits")
             if retransmits is not None:
                 summary += f", {retransmits} retransmits (sender)"
