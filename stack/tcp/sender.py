@@ -21,8 +21,6 @@ the peer was heard since).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from stack.events import CloseReason
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
 from stack.tcp.core import LINGERING, MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
@@ -361,7 +359,7 @@ class TcpSender(ConnectionCore):
         # could run past snd_max and the peer's window; the peer then acknowledged
         # bytes we had never counted as sent, and we dropped all its later segments.
         n = min(self._seg_mss, seq_sub(data_end if seq_lt(data_end, end) else end, start))
-        data = bytes(self._sndbuf[off : off + n]) if n > 0 else b""
+        data = bytes(memoryview(self._sndbuf)[off : off + n]) if n > 0 else b""
         flags = ACK
         if fin_sent and seq_add(start, len(data)) == data_end and seq_gt(end, data_end):
             flags |= FIN
@@ -478,12 +476,14 @@ class TcpSender(ConnectionCore):
                     flags |= PSH
                     if fin_pending:
                         flags |= FIN
-                payload = bytes(buf[off : off + n])
-                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload, opts)
-                if n > mss:
-                    # Several wire segments in one: the Stack cuts it to ``mss`` or
-                    # hands it to the kernel as one GSO write (TcpConfig.tso_segments).
-                    seg = replace(seg, gso=mss)
+                # One copy (a slice of the bytearray, then bytes of it, was two).
+                payload = bytes(memoryview(buf)[off : off + n])
+                # n > mss: several wire segments in one. The Stack cuts it to ``mss``
+                # or hands it to the kernel as one GSO write (TcpConfig.tso_segments).
+                seg = TcpSegment(
+                    self.local_port, self.remote_port, nxt, self.rcv_nxt, flags,
+                    self._advertise(), payload, opts, mss if n > mss else 0,
+                )  # fmt: skip
                 length = n + (1 if flags & FIN else 0)
                 self._sent(nxt, length, now)
                 out.append(seg)
