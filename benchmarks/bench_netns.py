@@ -108,6 +108,7 @@ MEASURES: list[Measure] = [
     Measure("down", "1 stream down, Gbit/s", _g),
     Measure("up4", "4 streams up, Gbit/s", _g),
     Measure("cps", "connections/s", _int),
+    Measure("cpu_conn", "relay CPU per connection, µs", _int),
     Measure("rtt_p50", "req/resp median, µs", _int),
     Measure("rtt_p99", "req/resp p99, µs", _int),
     Measure("cpu_rt", "relay CPU per req/resp, µs", _int),
@@ -486,8 +487,10 @@ class Lab:
             "--port", str(ECHO_PORT), "--seconds", f"{p.seconds:g}",
             "--concurrency", str(p.concurrency), "--size", "64",
         ]  # fmt: skip
+        c0 = None if self.proc is None else cpu_seconds(self.proc.pid)
         proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = finish(proc, p.seconds + 20, "connrate")
+        c1 = None if self.proc is None else cpu_seconds(self.proc.pid)
         try:
             result = json.loads(out)
         except json.JSONDecodeError:
@@ -499,7 +502,13 @@ class Lab:
                 f"connrate: {result['completed']} completed, {result['errors']} failed "
                 f"({result['error_kinds']}); a stall = no response within 3 s",
             )
-        return f"{result['per_second']:,.0f}/s, {result['errors']} failed"
+        summary = f"{result['per_second']:,.0f}/s, {result['errors']} failed"
+        if c0 is not None and c1 is not None and result["completed"]:
+            # As for latency: the process's own cost, less noisy than the rate.
+            per_conn = 1e6 * (c1 - c0) / result["completed"]
+            self.report.add(self.cfg, "cpu_conn", per_conn)
+            summary += f", process CPU {per_conn:.0f} µs per connection"
+        return summary
 
     def latency(self) -> str:
         p = self.params

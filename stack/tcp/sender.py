@@ -204,27 +204,7 @@ class TcpSender(ConnectionCore):
             self._syn_due = False
             self._send_syn(out, now)
             return out
-        if (
-            (state is State.ESTABLISHED or state is State.CLOSE_WAIT)
-            and not self._ack_now
-            and not self._tlp_due
-            and not self._rtx_due
-            and not self.in_recovery
-            and not self._fin_queued
-            and self._dsack is None
-            and self.snd_nxt == seq_add(self._sb_seq, len(self._sndbuf))
-            and not self._ooo
-        ):
-            # Nothing is owed and nothing waits to be sent: the relay's pass after a
-            # request, before its response. What the full path below would still do
-            # then is this much (its options go unused; no SACK blocks, so the
-            # segment size is the whole MSS).
-            self._seg_mss = self.snd_mss
-            self._sws_override = False
-            flight = seq_sub(self.snd_max, self.snd_una)
-            if flight > self._flight_hw:
-                self._flight_hw = flight
-            self._arm_probe(flight, now)
+        if (state is State.ESTABLISHED or state is State.CLOSE_WAIT) and self._quiet(now):
             return out
         if self._dsack is not None and state is not State.SYN_RECEIVED:
             # RFC 2883 4: a duplicate is reported once. The segments built below
@@ -262,6 +242,31 @@ class TcpSender(ConnectionCore):
         if self._ack_now:
             out.append(self._pure_ack(opts))
         return out
+
+    def _quiet(self, now: float) -> bool:
+        """Whether nothing is owed and nothing waits to be sent (in ESTABLISHED or
+        CLOSE-WAIT): the relay's pass after a request, before its response. Then
+        this does what the full path of ``segments_to_send`` would still do -- its
+        options would go unused, and with no SACK blocks the segment size is the
+        whole MSS -- and the caller returns."""
+        if (
+            self._ack_now
+            or self._tlp_due
+            or self._rtx_due
+            or self.in_recovery
+            or self._fin_queued
+            or self._dsack is not None
+            or self.snd_nxt != seq_add(self._sb_seq, len(self._sndbuf))
+            or self._ooo
+        ):
+            return False
+        self._seg_mss = self.snd_mss
+        self._sws_override = False
+        flight = seq_sub(self.snd_max, self.snd_una)
+        if flight > self._flight_hw:
+            self._flight_hw = flight
+        self._arm_probe(flight, now)
+        return True
 
     def _dup_thresh(self) -> int:
         """DupThresh in use: raised by observed reordering (recovery.py), but never
