@@ -21,7 +21,9 @@ Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
     f  the latency floor (benchmarks/tun_floor.py): e's TUN device and trio tasks
        with no TCP stack, which can hold one clean request/response connection,
        so only the latency measure runs on it. e/f is what tunrelay adds to the
-       path itself; f/b is what no Python relay on a TUN device escapes
+       path itself; f/b is what no trio-based relay on a TUN device escapes
+    g  f without trio (``tun_floor.py --epoll``): one thread blocking in
+       epoll_wait on the queue and the upstream sockets; f/g is trio's share
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -30,7 +32,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f and f/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -76,12 +78,13 @@ CONFIGS: dict[str, str] = {
     "d": "tunrelay",
     "e": "tunrelay --offload --workers 1",
     "f": "TUN latency floor (no TCP stack)",
+    "g": "TUN latency floor without trio",
 }
 USES_RELAY = {"c", "d", "e"}  # tunrelay itself
-USES_TUN = USES_RELAY | {"f"}
+LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
+USES_TUN = USES_RELAY | LATENCY_ONLY
 OFFLOADED = {"c", "e"}
-HAS_PROCESS = {"b", "c", "d", "e", "f"}  # a userspace process whose CPU we measure
-LATENCY_ONLY = {"f"}
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g"}  # a userspace process whose CPU we measure
 
 
 @dataclass(frozen=True)
@@ -359,8 +362,9 @@ class Lab:
             line = read_line(self.proc, 20, "forwarder")
             if line != "ready":
                 raise MeasureError(f"forwarder said {line!r}")
-        elif self.cfg == "f":
+        elif self.cfg in LATENCY_ONLY:
             argv = [sys.executable, str(FLOOR), "--tun", TUN, "--client-net", topo.client_net_v4]
+            argv += ["--epoll"] if self.cfg == "g" else []
             self.proc = topo.spawn("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             line = read_line(self.proc, 20, "the TUN floor")
             if not line.startswith("relaying TCP"):
@@ -695,9 +699,14 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     pairs = [("d", "b"), ("d", "a")]
     if params.offload_flag:
         pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f")]
-    pairs.append(("f", "b"))
+    pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
-    short = {"c": "tunrelay offload", "e": "offload, 1 worker", "f": "TUN floor"}
+    short = {
+        "c": "tunrelay offload",
+        "e": "offload, 1 worker",
+        "f": "TUN floor",
+        "g": "floor, no trio",
+    }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
     rows: list[list[str]] = []
@@ -756,7 +765,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d,e,f", help="configurations, e.g. a,b,d")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g", help="configurations, e.g. a,b,d")
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")

@@ -13,7 +13,9 @@ That is enough for one clean request/response connection and nothing else,
 so the benchmark runs only its latency measure on it. What it shows is how
 much of tunrelay's latency is the TUN path, trio and the interpreter, which
 no TCP implementation in Python can remove, and how much is tunrelay's own
-(the stack, the relay's dispatch).
+(the stack, the relay's dispatch). ``--epoll`` (configuration g) does the
+same without trio, in one thread blocking in ``epoll_wait``: the difference
+is what trio's scheduler costs.
 
 Run by bench_netns.py inside its gateway namespace:
 ``python benchmarks/tun_floor.py --tun trb0 --client-net 198.18.1.0/24``.
@@ -25,9 +27,11 @@ import argparse
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import sys
+import time
 
 import trio
 
@@ -162,16 +166,93 @@ class Floor:
             self.end(key, flow)
 
 
+class EpollFloor(Floor):
+    """The same without trio: one thread blocking in ``epoll_wait`` on the TUN
+    queue and every upstream socket (``--epoll``: what trio's scheduler costs)."""
+
+    def __init__(self, tun: TunDevice) -> None:
+        super().__init__(tun)
+        self.ep = select.epoll()
+        self.by_fd: dict[int, tuple[tuple[bytes, int, bytes, int], Flow]] = {}
+
+    def loop(self, seconds: float) -> None:
+        tun_fd = self.tun.fileno()
+        self.ep.register(tun_fd, select.EPOLLIN)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for fd, _ in self.ep.poll(1.0):
+                if fd == tun_fd:
+                    packets, _ = self.tun.drain_csum(64)
+                    for packet in packets:
+                        self.on_packet_sync(packet)
+                elif fd in self.by_fd:
+                    self.on_upstream(fd)
+
+    def on_packet_sync(self, p: bytes) -> None:
+        if len(p) < 40 or p[0] != 0x45:
+            return
+        total, _ttl, proto, src, dst, sport, dport, seq, _ack, off_flags = _IP_TCP.unpack_from(p)
+        flags = off_flags & 0x3F
+        key = (src, sport, dst, dport)
+        flow = self.flows.get(key)
+        if flags & SYN and flow is None and proto == 6:
+            flow = self.flows[key] = Flow(src, sport, dst, dport, seq)
+            sock = socket.create_connection((socket.inet_ntoa(dst), dport), timeout=5)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            flow.sock = sock
+            self.by_fd[sock.fileno()] = (key, flow)
+            self.ep.register(sock.fileno(), select.EPOLLIN)
+            self.send(flow, SYN | ACK, options=_SYNACK_OPTIONS)
+            return
+        if flow is None or flow.sock is None or proto != 6 or flags & SYN:
+            return
+        if flags & RST:
+            self.end(key, flow)
+            return
+        payload = p[20 + ((off_flags >> 12) << 2) : total]
+        if payload:
+            flow.rcv_nxt = (seq + len(payload)) & 0xFFFFFFFF
+            os.write(flow.sock.fileno(), payload)
+        if flags & FIN:
+            flow.rcv_nxt = (seq + len(payload) + 1) & 0xFFFFFFFF
+            self.send(flow, FIN | ACK)
+            self.end(key, flow)
+
+    def on_upstream(self, fd: int) -> None:
+        key, flow = self.by_fd[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.send(flow, ACK | PSH, data)
+        else:
+            self.send(flow, FIN | ACK)
+            self.end(key, flow)
+
+    def end(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        if flow.sock is not None:
+            self.by_fd.pop(flow.sock.fileno(), None)
+        super().end(key, flow)
+
+
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tun", required=True)
     parser.add_argument("--client-net", action="append", required=True)
+    parser.add_argument("--epoll", action="store_true", help="no trio: a plain epoll loop")
     args = parser.parse_args(argv)
     opts = validate(tun=args.tun, client_nets=args.client_net, offload=True, workers=1)
     with NetConfig() as net, open_queue(opts) as tun:
         route_into(net, tun, opts)
         print("relaying TCP (the floor: no TCP stack)", flush=True)
-        with trio.move_on_after(600):  # bench_netns stops it long before this
+        if args.epoll:
+            EpollFloor(tun).loop(600)  # bench_netns stops it long before this
+            return 0
+        with trio.move_on_after(600):
             await Floor(tun).run()
     return 0
 
