@@ -72,6 +72,7 @@ class Floor:
     def __init__(self, tun: TunDevice) -> None:
         self.tun = tun
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
+        self.nursery: trio.Nursery | None = None
 
     def send(self, flow: Flow, flags: int, payload: bytes = b"", options: bytes = b"") -> None:
         if payload:
@@ -92,14 +93,19 @@ class Floor:
 
     async def run(self) -> None:
         tun = self.tun
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as self.nursery:
             while True:
                 await tun.wait_readable()
                 packets, _ = tun.drain_csum(64)
                 for packet in packets:
-                    self.on_packet(packet, nursery)
+                    self.on_packet(packet)
 
-    def on_packet(self, p: bytes, nursery: trio.Nursery) -> None:
+    def open(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """A new flow: connect upstream, then answer the SYN (in the flow's task)."""
+        assert self.nursery is not None
+        self.nursery.start_soon(self.serve, key, flow)
+
+    def on_packet(self, p: bytes) -> None:
         if len(p) < 40 or p[0] != 0x45:
             return  # IPv4 without options only: the latency client's traffic
         total, _ttl, proto, src, dst, sport, dport, seq, _ack, off_flags = _IP_TCP.unpack_from(p)
@@ -111,7 +117,7 @@ class Floor:
         if flags & SYN:
             if flow is None:
                 flow = self.flows[key] = Flow(src, sport, dst, dport, seq)
-                nursery.start_soon(self.serve, key, flow)
+                self.open(key, flow)
             return
         if flow is None or flow.sock is None:
             return
@@ -184,40 +190,20 @@ class EpollFloor(Floor):
                 if fd == tun_fd:
                     packets, _ = self.tun.drain_csum(64)
                     for packet in packets:
-                        self.on_packet_sync(packet)
+                        self.on_packet(packet)
                 elif fd in self.by_fd:
                     self.on_upstream(fd)
 
-    def on_packet_sync(self, p: bytes) -> None:
-        if len(p) < 40 or p[0] != 0x45:
-            return
-        total, _ttl, proto, src, dst, sport, dport, seq, _ack, off_flags = _IP_TCP.unpack_from(p)
-        flags = off_flags & 0x3F
-        key = (src, sport, dst, dport)
-        flow = self.flows.get(key)
-        if flags & SYN and flow is None and proto == 6:
-            flow = self.flows[key] = Flow(src, sport, dst, dport, seq)
-            sock = socket.create_connection((socket.inet_ntoa(dst), dport), timeout=5)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            flow.sock = sock
-            self.by_fd[sock.fileno()] = (key, flow)
-            self.ep.register(sock.fileno(), select.EPOLLIN)
-            self.send(flow, SYN | ACK, options=_SYNACK_OPTIONS)
-            return
-        if flow is None or flow.sock is None or proto != 6 or flags & SYN:
-            return
-        if flags & RST:
-            self.end(key, flow)
-            return
-        payload = p[20 + ((off_flags >> 12) << 2) : total]
-        if payload:
-            flow.rcv_nxt = (seq + len(payload)) & 0xFFFFFFFF
-            os.write(flow.sock.fileno(), payload)
-        if flags & FIN:
-            flow.rcv_nxt = (seq + len(payload) + 1) & 0xFFFFFFFF
-            self.send(flow, FIN | ACK)
-            self.end(key, flow)
+    def open(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """A new flow: connect upstream (blocking: the floor serves one), answer the SYN."""
+        dst = socket.inet_ntoa(flow.server)
+        sock = socket.create_connection((dst, flow.sport), timeout=5)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flow.sock = sock
+        self.by_fd[sock.fileno()] = (key, flow)
+        self.ep.register(sock.fileno(), select.EPOLLIN)
+        self.send(flow, SYN | ACK, options=_SYNACK_OPTIONS)
 
     def on_upstream(self, fd: int) -> None:
         key, flow = self.by_fd[fd]
