@@ -412,6 +412,10 @@ class Lab:
         except Exception:  # the device is gone with the relay; not worth failing for
             return None
 
+    def proc_cpu(self) -> float | None:
+        """CPU seconds of the relay (or forwarder, or floor) and its workers so far."""
+        return None if self.proc is None else cpu_seconds(self.proc.pid)
+
     def alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise MeasureError(f"the {CONFIGS[self.cfg]} process exited ({self.proc.returncode})")
@@ -436,8 +440,7 @@ class Lab:
             load: tuple[float, float] | None = None  # iperf3's CPU %, the machine's idle %
             # Steady state only: skip connection set-up and the final exchange.
             time.sleep(0.5)
-            relay = self.proc.pid if self.proc is not None else None
-            r0 = cpu_seconds(relay) if relay is not None else 0.0
+            r0 = self.proc_cpu()
             i0, m0, t0 = (
                 cpu_seconds(server.pid) + cpu_seconds(client.pid),
                 idle_cpus(),
@@ -445,13 +448,13 @@ class Lab:
             )
             time.sleep(max(0.2, p.seconds - 0.75))
             if client.poll() is None:
-                r1 = cpu_seconds(relay) if relay is not None else 0.0
+                r1 = self.proc_cpu()
                 i1, m1, t1 = (
                     cpu_seconds(server.pid) + cpu_seconds(client.pid),
                     idle_cpus(),
                     time.monotonic(),
                 )
-                if relay is not None:
+                if r0 is not None and r1 is not None:
                     cpu = 100.0 * (r1 - r0) / (t1 - t0)
                 load = (100.0 * (i1 - i0) / (t1 - t0), 100.0 * (m1 - m0) / (t1 - t0))
             out, err = finish(client, p.seconds + 20, f"iperf3 {mode}")
@@ -491,10 +494,10 @@ class Lab:
             "--port", str(ECHO_PORT), "--seconds", f"{p.seconds:g}",
             "--concurrency", str(p.concurrency), "--size", "64",
         ]  # fmt: skip
-        c0 = None if self.proc is None else cpu_seconds(self.proc.pid)
+        c0 = self.proc_cpu()
         proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = finish(proc, p.seconds + 20, "connrate")
-        c1 = None if self.proc is None else cpu_seconds(self.proc.pid)
+        c1 = self.proc_cpu()
         try:
             result = json.loads(out)
         except json.JSONDecodeError:
@@ -521,10 +524,10 @@ class Lab:
             "--port", str(ECHO_PORT), "--count", str(p.latency_count), "--size", "64",
             "--timeout", "30",
         ]  # fmt: skip
-        c0 = None if self.proc is None else cpu_seconds(self.proc.pid)
+        c0 = self.proc_cpu()
         proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = finish(proc, 40, "latency")
-        c1 = None if self.proc is None else cpu_seconds(self.proc.pid)
+        c1 = self.proc_cpu()
         try:
             result = json.loads(out)
         except json.JSONDecodeError:

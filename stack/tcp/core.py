@@ -386,9 +386,10 @@ class ConnectionCore:
         window: int,
         payload: bytes = b"",
         options: TcpOptions = NO_OPTIONS,
+        gso: int = 0,
     ) -> TcpSegment:
         return TcpSegment(
-            self.local_port, self.remote_port, seq, ack, flags, window, payload, options
+            self.local_port, self.remote_port, seq, ack, flags, window, payload, options, gso
         )
 
     def _options(self, now: float) -> TcpOptions:

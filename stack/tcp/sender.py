@@ -235,10 +235,7 @@ class TcpSender(ConnectionCore):
                 self._rtx_due = False
                 self._retransmit(out, self.snd_una, self.snd_max, now, restart=True)
             self._send_data(out, now, self._edge())
-        flight = seq_sub(self.snd_max, self.snd_una)
-        if flight > self._flight_hw:
-            self._flight_hw = flight
-        self._arm_probe(flight, now)
+        self._after_output(now)
         if self._ack_now:
             out.append(self._pure_ack(opts))
         return out
@@ -262,11 +259,16 @@ class TcpSender(ConnectionCore):
             return False
         self._seg_mss = self.snd_mss
         self._sws_override = False
+        self._after_output(now)
+        return True
+
+    def _after_output(self, now: float) -> None:
+        """What every ``segments_to_send`` ends with: the most data in flight this
+        window (RFC 7661), and the tail loss probe re-armed (RFC 8985 7.2)."""
         flight = seq_sub(self.snd_max, self.snd_una)
         if flight > self._flight_hw:
             self._flight_hw = flight
         self._arm_probe(flight, now)
-        return True
 
     def _dup_thresh(self) -> int:
         """DupThresh in use: raised by observed reordering (recovery.py), but never
@@ -485,10 +487,8 @@ class TcpSender(ConnectionCore):
                 payload = bytes(memoryview(buf)[off : off + n])
                 # n > mss: several wire segments in one. The Stack cuts it to ``mss``
                 # or hands it to the kernel as one GSO write (TcpConfig.tso_segments).
-                seg = TcpSegment(
-                    self.local_port, self.remote_port, nxt, self.rcv_nxt, flags,
-                    self._advertise(), payload, opts, mss if n > mss else 0,
-                )  # fmt: skip
+                gso = mss if n > mss else 0
+                seg = self._segment(nxt, self.rcv_nxt, flags, self._advertise(), payload, opts, gso)
                 length = n + (1 if flags & FIN else 0)
                 self._sent(nxt, length, now)
                 out.append(seg)
