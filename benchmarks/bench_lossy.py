@@ -3,7 +3,7 @@
 Run (root): ``sudo .venv/bin/python benchmarks/bench_lossy.py [--repeat N] [--seconds T]
 [--loss P] [--rtt-ms R] [--time-limit S] [--json PATH] [--log-dir DIR]``
 
-Each round builds a fresh ``relay.lab.Topology`` with a ``relay.impair.Wire``
+Each round builds a fresh ``relay.lab.topology.Topology`` with a ``relay.lab.impair.Wire``
 on the client's link: the seeded userspace forwarder drops ``--loss`` (default
 1%) of the frames in *each* direction and delays each direction by half of
 ``--rtt-ms`` (default 20 ms RTT). On that path, one after the other and with
@@ -56,8 +56,8 @@ from bench_netns import (
     wait_for,
 )
 
-from relay.impair import Impairment, Wire, WireStats
-from relay.lab import REPO_ROOT, Topology
+from relay.lab.impair import Impairment, Wire, WireStats
+from relay.lab.topology import REPO_ROOT, Topology
 
 TUN = "trl0"
 CONFIGS = {"a": "kernel forwarding", "d": "tunrelay"}

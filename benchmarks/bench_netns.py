@@ -4,7 +4,7 @@ Run (root): ``sudo .venv/bin/python benchmarks/bench_netns.py [--quick] [--repea
 [--only a,b,d] [--measures up,down] [--seconds T] [--idle N] [--time-limit S]
 [--json PATH] [--log-dir DIR] [--profile DIR]``
 
-Configurations, each measured in a fresh ``relay.lab.Topology`` (client ns
+Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client ns
 198.18.1.2 -> gateway ns -> server ns 198.18.2.2; nothing outside
 198.18.0.0/15 and fd00::/8, no route to any real network):
 
@@ -60,7 +60,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeAlias
 
-from relay.lab import REPO_ROOT, Topology
+from relay.lab.topology import REPO_ROOT, Topology
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -123,7 +123,7 @@ MEASURES: list[Measure] = [
     Measure("rss_base", "relay RSS before idle, MiB", _one),
     Measure("rss_idle", "relay RSS + {idle} idle conns, MiB", _one),
     Measure("rss_per_conn", "relay RSS per idle conn, KiB", _one),
-    # From the relay's exit lines (relay.gcstats), over all of a round's measures.
+    # From the relay's exit lines (relay.service.gcstats), over all of a round's measures.
     Measure("gc_full", "relay full GCs per round", _int),
     Measure("gc_pause_max", "relay longest full GC, ms", _one),
 ]

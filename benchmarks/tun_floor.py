@@ -1,7 +1,7 @@
 """The floor of tunrelay's request/response latency: the same TUN path, no TCP.
 
 ``bench_netns.py`` configuration f. It opens the TUN device exactly as
-``tunrelay run --offload --workers 1`` does (``relay.service.open_queue`` and
+``tunrelay run --offload --workers 1`` does (``relay.service.run.open_queue`` and
 ``route_into``) and runs the same two kinds of trio task -- one packet loop
 draining the TUN queue, one task per flow reading its upstream socket and
 writing the answer to the TUN itself -- with the least Python a relay can do
@@ -35,9 +35,9 @@ import time
 
 import trio
 
-from relay.netconfig import NetConfig
-from relay.service import open_queue, route_into, validate
-from relay.tun import TunDevice
+from relay.datapath.tun import TunDevice
+from relay.host.netconfig import NetConfig
+from relay.service.run import open_queue, route_into, validate
 from stack.wire.tcp import (
     ACK,
     FIN,

@@ -14,7 +14,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from relay.lab import Topology, remove_stale_namespaces  # noqa: E402
+from relay.lab.topology import Topology, remove_stale_namespaces  # noqa: E402
 
 NEEDS_ROOT = "needs root to create network namespaces"
 

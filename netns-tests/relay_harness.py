@@ -5,7 +5,7 @@ relay_fixture, start_relay_fixture  # noqa: F401``); they are then available
 by their fixture names:
 
 ``relay``        a ``RelayProcess`` running with the default test set-up:
-                 ``StreamDigest`` (``relay.analyzers``), ``StateDump`` (no
+                 ``StreamDigest`` (``relay.analysis.digest``), ``StateDump`` (no
                  hooks; SIGUSR1 dumps the stack's state, see ``state_dump``)
                  and the flow log.
 ``start_relay``  a factory for other set-ups (more analyzers, environment,
@@ -62,8 +62,8 @@ from typing import Any
 
 import pytest
 
-from relay import netns
-from relay.lab import Topology
+from relay.host import netns
+from relay.lab.topology import Topology
 
 __all__ = [
     "IO_TIMEOUT",
@@ -93,7 +93,7 @@ MIB = 1 << 20
 STAMP = 4096  # bytes between stamps in the pattern
 CHUNK = 256 * 1024  # send/recv size of the helpers
 # StateDump has no hooks: SIGUSR1 makes it write the stack's state (``state_dump``).
-DEFAULT_ANALYZERS = ("relay.analyzers:StreamDigest", "relay.analyzers.testing:StateDump")
+DEFAULT_ANALYZERS = ("relay.analysis.digest:StreamDigest", "relay.lab.analyzers:StateDump")
 # The relay logs this once it routes client packets into the TUN.
 READY_MARK = "relaying TCP"
 
@@ -296,7 +296,7 @@ class RelayProcess:
 
 def run_in(topo: Topology, ns: str, argv: Sequence[str], timeout: float = 5.0) -> str:
     """Run a tool inside a lab namespace (bounded); its output, or why it failed."""
-    cmd = [sys.executable, "-m", "relay.nsexec", topo.ns(ns), "--", *argv]
+    cmd = [sys.executable, "-m", "relay.lab.nsexec", topo.ns(ns), "--", *argv]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

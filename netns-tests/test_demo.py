@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import netns
-from relay.lab import NAME_PREFIX
+from relay.host import netns
+from relay.lab.topology import NAME_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 60.0
@@ -174,7 +174,7 @@ def test_demo_signal_tears_down(netns_root: None, signum: int, trigger: str) -> 
 def test_demo_needs_root(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from relay.demo import run_demo
+    from relay.lab.demo import run_demo
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert run_demo(bulk_mib=1) == 2

@@ -1,4 +1,4 @@
-"""Tests of the impairment harness itself (`relay.impair`), without the relay.
+"""Tests of the impairment harness itself (`relay.lab.impair`), without the relay.
 
 (a) `Impairment` and `Fates` (no root): specs round-trip, bad values raise,
     fates are a pure function of (seed, direction, frame number), rates are
@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from relay_harness import addrs
 
-from relay import netns
-from relay.impair import DUP, HELD, LOST, Fates, Impairment, Wire, nft_ruleset
-from relay.lab import Topology
+from relay.host import netns
+from relay.lab.impair import DUP, HELD, LOST, Fates, Impairment, Wire, nft_ruleset
+from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 CAPACITY_FLOOR_MBPS = 100.0  # measured ~900; far below means the forwarder is broken

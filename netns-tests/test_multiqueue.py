@@ -55,7 +55,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay.lab import Topology
+from relay.lab.topology import Topology
 
 FLOWS = 64
 AT_ONCE = 16

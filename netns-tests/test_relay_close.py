@@ -32,8 +32,8 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay import netns
-from relay.lab import Topology
+from relay.host import netns
+from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 EXCHANGE_LIMIT = 30.0

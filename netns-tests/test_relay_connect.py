@@ -33,7 +33,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay.lab import Topology
+from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 REFUSE_WITHIN = 1.0

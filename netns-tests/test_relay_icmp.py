@@ -27,9 +27,9 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay import netns
-from relay.echo import PING_GROUP_RANGE, enable_ping_sockets
-from relay.lab import Topology
+from relay.datapath.echo import PING_GROUP_RANGE, enable_ping_sockets
+from relay.host import netns
+from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 UNROUTED = {socket.AF_INET: "198.18.99.1", socket.AF_INET6: "fd00:99::1"}

@@ -44,7 +44,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay.lab import Topology
+from relay.lab.topology import Topology
 
 TOTAL = 64 * MIB
 SOCK_BUF = 256 * 1024
@@ -167,7 +167,7 @@ FAST_FLOWS = 8
 FAST_SIZE = 256 * 1024  # each way
 FAST_LIMIT = 1.5
 SLOW_LIMIT = 30.0
-INJECTED = "relay.analyzers.testing.InjectedFailure"
+INJECTED = "relay.lab.analyzers.InjectedFailure"
 HEADER = struct.Struct("!II")  # flow number, size: the server answers with as many bytes
 
 
@@ -220,7 +220,7 @@ async def test_failing_and_slow_analyzers_affect_only_their_flows(
     # In a thread: the harness polls for readiness with time.sleep.
     relay: RelayProcess = await trio.to_thread.run_sync(
         lambda: start_relay(
-            analyzers=["relay.analyzers.testing:Failing", "relay.analyzers.testing:Slow"],
+            analyzers=["relay.lab.analyzers:Failing", "relay.lab.analyzers:Slow"],
             env={"TUNRELAY_SLOW_PORT": str(slow_port), "TUNRELAY_SLOW_SECONDS": str(SLOW_SECONDS)},
             expected_tracebacks=[INJECTED],
         )

@@ -1,6 +1,6 @@
 """Bulk transfers through `tunrelay run` on an impaired path: byte-exact, and no stalls.
 
-The client's link crosses a wire namespace (`relay.impair.Wire`) whose seeded
+The client's link crosses a wire namespace (`relay.lab.impair.Wire`) whose seeded
 userspace forwarder drops, duplicates, reorders and delays frames in one
 direction at a time (client -> gateway, "c2g", or gateway -> client, "g2c";
 the other direction only gets the delay). On one connection 32 MiB go each
@@ -80,8 +80,8 @@ from relay_harness import (  # noqa: F401 - the fixtures
     tcp_counters,
 )
 
-from relay.impair import Impairment, Wire, WireStats
-from relay.lab import Topology
+from relay.lab.impair import Impairment, Wire, WireStats
+from relay.lab.topology import Topology
 
 SIZE = 32 * MIB
 # Lossy cases at 50 ms RTT in CI: the kernel's CUBIC alone needs 100-300 s for 32 MiB

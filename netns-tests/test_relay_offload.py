@@ -34,7 +34,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     start_relay_fixture,
 )
 
-from relay.lab import Topology
+from relay.lab.topology import Topology
 
 SIZE = 64 * MIB
 TRANSFER_LIMIT = 60.0

@@ -24,10 +24,10 @@ import pytest
 import trio
 import trio.testing
 
-from relay import netns
-from relay.lab import Topology
-from relay.netconfig import NetConfig, route_client_nets_into_tun
-from relay.tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunDevice
+from relay.datapath.tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunDevice
+from relay.host import netns
+from relay.host.netconfig import NetConfig, route_client_nets_into_tun
+from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 TABLE = 5197
@@ -305,7 +305,7 @@ def test_netconfig_undo_tolerates_objects_already_gone(
     route_client_nets_into_tun(cfg, "tun0", [topology.client_net_v4, topology.client_net_v6])
     cfg.add_address("tun0", "198.18.3.1/32")
     tun.close()  # the link, its address, routes and sysctls vanish with it
-    with caplog.at_level(logging.WARNING, logger="relay.netconfig"):
+    with caplog.at_level(logging.WARNING, logger="relay.host.netconfig"):
         cfg.close()
     assert caplog.records == []
     with NetConfig(topology.gw) as check:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from relay.hooks import Direction, FlowInfo
+from relay.analysis.hooks import Direction, FlowInfo
 
 UDP_LOG_ENV = "TUNRELAY_UDP_LOG"
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import trio
 
-from relay.service import MAX_WORKERS, ConfigError, RunOptions, serve, validate
-from relay.tun import DEFAULT_TXQUEUELEN
-from relay.workers import supervise
+from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, serve, validate
+from relay.service.workers import supervise
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "demo":
-        from relay.demo import run_demo
+        from relay.lab.demo import run_demo
 
         return run_demo(bulk_mib=args.bulk_mib)
     try:

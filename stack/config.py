@@ -91,7 +91,7 @@ class StackConfig:
     mtu: int = 1500  # the clients' path MTU: larger UDP replies are fragmented to it
     # TCP out as OffloadPackets (stack.wire.tcp): partial checksums, and runs of
     # full-sized segments as GSO super-segments of up to gso_max payload bytes.
-    # Only for a writer that frames them (relay.tun with virtio-net headers).
+    # Only for a writer that frames them (relay.datapath.tun with virtio-net headers).
     offload: bool = False
     gso_max: int = 63 * 1024
     datagram: DatagramConfig = field(default_factory=DatagramConfig)

@@ -23,12 +23,12 @@ import pytest
 import trio
 import trio.testing
 
-from relay.config import RelayConfig
-from relay.engine import Relay, raise_nofile_limit
-from relay.flowlog import FlowLog
-from relay.hooks import Direction, FlowEnd, FlowInfo, Verdict
-from relay.isn import IsnGenerator
-from relay.packet_source import MemoryPacketSource
+from relay.analysis.flowlog import FlowLog
+from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
+from relay.datapath.config import RelayConfig
+from relay.datapath.engine import Relay, raise_nofile_limit
+from relay.datapath.isn import IsnGenerator
+from relay.datapath.packet_source import MemoryPacketSource
 from stack import FlowId, Stack, StackConfig, State, TcpConfig
 from stack.seq import seq_add, seq_gt, seq_lt, seq_sub
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6

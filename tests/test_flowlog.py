@@ -6,8 +6,8 @@ import io
 import json
 from pathlib import Path
 
-from relay.flowlog import FlowLog
-from relay.hooks import EndReason, FlowEnd, FlowInfo
+from relay.analysis.flowlog import FlowLog
+from relay.analysis.hooks import EndReason, FlowEnd, FlowInfo
 from stack import FlowId
 
 V4 = FlowInfo("CAbCdEfGhIjKlMnOpQ", "tcp", "198.18.0.2", 40000, "198.19.0.80", 443, 1.7e9, 4)

@@ -1,11 +1,11 @@
-"""``relay.gcstats``: collections are counted and timed through ``gc.callbacks``."""
+"""``relay.service.gcstats``: collections are counted and timed through ``gc.callbacks``."""
 
 from __future__ import annotations
 
 import gc
 import itertools
 
-from relay.gcstats import GcWatch
+from relay.service.gcstats import GcWatch
 
 
 class Node:

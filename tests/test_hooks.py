@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.hooks import (
+from relay.analysis.hooks import (
     AnalyzerChain,
     Direction,
     EndReason,
@@ -134,7 +134,7 @@ async def test_raising_analyzer_is_detached_for_that_flow_only(
     bad, good = Raiser("data"), Recorder()
     chain = AnalyzerChain([bad, good], on_error=lambda: errors.append(None))
     hooks = chain.open(info())
-    with caplog.at_level(logging.ERROR, logger="relay.hooks"):
+    with caplog.at_level(logging.ERROR, logger="relay.analysis.hooks"):
         assert await hooks.start() is Verdict.ALLOW
         assert await hooks.data(C2S, b"one")  # bad raises here: detached, flow goes on
         assert await hooks.data(S2C, b"two")

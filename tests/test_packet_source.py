@@ -10,8 +10,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.packet_source import MemoryPacketSource, PacketSource, PacketStats
-from relay.tun import TunDevice
+from relay.datapath.packet_source import MemoryPacketSource, PacketSource, PacketStats
+from relay.datapath.tun import TunDevice
 
 
 def _is_packet_source(source: PacketSource) -> PacketSource:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from relay.cli import _parser, default_workers, main
-from relay.service import MAX_WORKERS, ConfigError, validate
+from relay.service.run import MAX_WORKERS, ConfigError, validate
 
 NETS = ["198.18.1.0/24", "fd00:1::/64"]
 
@@ -31,10 +31,10 @@ def test_options_survive_pickling_for_spawned_workers() -> None:
 
 
 def test_a_worker_process_does_not_import_pyroute2() -> None:
-    # A spawned worker imports relay.workers (its entry point) and the CLI module
+    # A spawned worker imports relay.service.workers (its entry point) and the CLI module
     # (multiprocessing re-imports the parent's main module), and attaches its
     # queue without netlink: pyroute2 would add about 22 MB to every worker.
-    code = "import sys, relay.cli, relay.workers; print('pyroute2' in sys.modules)"
+    code = "import sys, relay.cli, relay.service.workers; print('pyroute2' in sys.modules)"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

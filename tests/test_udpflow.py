@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from relay.config import RelayConfig
-from relay.datagrams import read_socket_errors
-from relay.echo import PingSocketsUnavailable
-from relay.engine import Relay
-from relay.flowlog import FlowLog
-from relay.hooks import Direction, FlowEnd, FlowInfo, Verdict
-from relay.packet_source import MemoryPacketSource
-from relay.udpflow import open_udp_socket
+from relay.analysis.flowlog import FlowLog
+from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
+from relay.datapath.config import RelayConfig
+from relay.datapath.echo import PingSocketsUnavailable
+from relay.datapath.engine import Relay
+from relay.datapath.icmp_errors import read_socket_errors
+from relay.datapath.packet_source import MemoryPacketSource
+from relay.datapath.udpflow import open_udp_socket
 from stack import DatagramConfig, FlowId, Stack, StackConfig
 from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip, parse_udp
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6

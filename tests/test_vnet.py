@@ -1,4 +1,4 @@
-"""virtio-net framing (relay.vnet, TunDevice in vnet mode) and the stack's ``csum_ok``.
+"""virtio-net framing (relay.datapath.vnet, TunDevice in vnet mode) and the stack's ``csum_ok``.
 
 The super-segment headers below were captured from a real TUN (kernel 6.18,
 IFF_VNET_HDR, TUNSETOFFLOAD CSUM|TSO4|TSO6) while a client uploaded through a
@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from relay.config import RelayConfig
-from relay.engine import Relay
-from relay.packet_source import CsumPacketSource, MemoryPacketSource
-from relay.tun import TunDevice
-from relay.vnet import (
+from relay.datapath.config import RelayConfig
+from relay.datapath.engine import Relay
+from relay.datapath.packet_source import CsumPacketSource, MemoryPacketSource
+from relay.datapath.tun import TunDevice
+from relay.datapath.vnet import (
     DATA_VALID,
     GSO_NONE,
     GSO_TCPV4,

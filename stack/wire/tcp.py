@@ -335,7 +335,7 @@ class OffloadPacket(bytes):
     NEEDS_CSUM: the kernel completes it from ``csum_start``); with ``gso_size``
     > 0 it is a super-segment that the kernel cuts into ``gso_size``-byte
     segments (GSO), repeating the headers and keeping PSH and FIN for the last.
-    Only ``Stack`` with ``StackConfig.offload`` makes them, for ``relay.tun``
+    Only ``Stack`` with ``StackConfig.offload`` makes them, for ``relay.datapath.tun``
     with virtio-net headers; to anything else they are ordinary bytes.
     """
 

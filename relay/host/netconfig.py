@@ -26,7 +26,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from relay import netns as _netns
+from relay.host import netns as _netns
 
 __all__ = ["IFA_F_NODAD", "NetConfig", "route_client_nets_into_tun"]
 

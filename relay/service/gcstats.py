@@ -4,7 +4,7 @@ The packet loop stops for as long as a collection runs, and a full one
 (generation 2) scans every tracked object: about 55 per relayed TCP flow,
 roughly 260 ms at 10,000 flows on the project machine. CPython starts one
 when the objects that survived into the oldest generation grew by a quarter
-and enough younger collections went by (``relay.service.relay_queue`` sets
+and enough younger collections went by (``relay.service.run.relay_queue`` sets
 that to 1,000 of generation 1, from 10). These counters make the pauses
 visible in the exit and stats lines.
 """

@@ -7,7 +7,7 @@ device and its routes outlive any one worker. It then starts N workers with
 multiprocessing's 'spawn' context (a fresh interpreter: nothing of this
 process's trio run or open fds leaks into them). Each worker attaches one queue
 of its own (``TunDevice.open(name, multi_queue=True)``) and runs the ordinary
-single-queue relay (``relay.service.relay_queue``) with its own stack, flow
+single-queue relay (``relay.service.run.relay_queue``) with its own stack, flow
 table, upstream sockets and analyzers: shared nothing. Only when every worker
 has reported ready are the client networks routed into the device.
 
@@ -41,7 +41,7 @@ from multiprocessing.process import BaseProcess
 
 import trio
 
-from relay.service import (
+from relay.service.run import (
     ConfigError,
     RunOptions,
     load_analyzers,
@@ -88,7 +88,7 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
             raise ConfigError(
                 f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}"
             ) from None
-    from relay.netconfig import NetConfig  # here: the workers import this module
+    from relay.host.netconfig import NetConfig  # here: the workers import this module
 
     ctx = multiprocessing.get_context("spawn")
     # Signals are ours from here on: none may kill the supervisor half set up.

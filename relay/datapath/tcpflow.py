@@ -1,6 +1,6 @@
 """One relayed TCP flow: the kernel-socket side (connect, two pumps, close).
 
-Theory of operation: the packet loop (``relay.engine``) owns the stack and
+Theory of operation: the packet loop (``relay.datapath.engine``) owns the stack and
 turns its events into calls of the sync ``on_*`` methods here; those only
 update the flow's state and wake its tasks (a ``ParkingLot`` per direction).
 The flow's own task (``run``) does everything that waits:
@@ -33,30 +33,17 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
-from relay.config import RelayConfig
-from relay.hooks import AnalyzerChain, Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.datapath.config import RelayConfig
+from relay.datapath.env import Connector, FlowEnv
 from stack import CloseReason, FlowId, Reject, Unreachable
 
-if TYPE_CHECKING:
-    from relay.engine import RelayStack, RelayStats
-
-__all__ = [
-    "Connector",
-    "FlowEnv",
-    "TcpFlow",
-    "classify_connect_error",
-    "make_connector",
-]
+__all__ = ["TcpFlow", "classify_connect_error", "make_connector"]
 
 log = logging.getLogger(__name__)
-
-Connector = Callable[[FlowId], Awaitable[trio.socket.SocketType]]
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _C2S = Direction.CLIENT_TO_SERVER
@@ -91,20 +78,6 @@ def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason
     Anything unlisted (EADDRNOTAVAIL: out of local ports, ...) is an RST.
     """
     return _CONNECT_ERRORS.get(exc.errno or 0, (Reject.RST, Unreachable.HOST, EndReason.ERROR))
-
-
-@dataclass(slots=True)
-class FlowEnv:
-    """What every flow of one relay shares."""
-
-    stack: RelayStack
-    config: RelayConfig
-    chain: AnalyzerChain
-    connector: Connector
-    isn: Callable[[FlowId], int]
-    kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
-    flush: Callable[[], None]  # write the stack's packets now (after stack.send)
-    stats: RelayStats
 
 
 def make_connector(config: RelayConfig) -> Connector:

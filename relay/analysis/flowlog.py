@@ -3,7 +3,7 @@
 Field names follow Zeek's conn.log where one exists (``ts``, ``uid``,
 ``id.orig_h``, ``id.orig_p``, ``id.resp_h``, ``id.resp_p``, ``proto``,
 ``duration``, ``orig_bytes``, ``resp_bytes``); ``ended`` is ours (the
-``EndReason`` set documented in ``relay.hooks``). ``id.resp_h``/``id.resp_p``
+``EndReason`` set documented in ``relay.analysis.hooks``). ``id.resp_h``/``id.resp_p``
 are the original destination the client addressed.
 
 Each line is written in ``flow_end``, synchronously: a few hundred bytes,
@@ -19,7 +19,7 @@ import json
 import os
 from typing import IO, Any
 
-from relay.hooks import FlowEnd, FlowInfo
+from relay.analysis.hooks import FlowEnd, FlowInfo
 
 __all__ = ["FlowLog", "flow_record"]
 

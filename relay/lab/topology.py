@@ -5,7 +5,7 @@ namespaces and joins them with two veth pairs, each created inside the
 gateway namespace with its peer placed straight into the client or server
 namespace (IFLA_NET_NS_FD on the peer), so nothing is ever created in the
 host's namespace. Everything is done from this thread with setns(2) and
-netlink sockets opened inside each namespace (relay.netns): no helper
+netlink sockets opened inside each namespace (relay.host.netns): no helper
 processes are forked, and set-up plus tear-down take a few tens of ms.
 
     cli ns                     gw ns                          srv ns
@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from relay import netns
-from relay.netconfig import IFA_F_NODAD, NetConfig
+from relay.host import netns
+from relay.host.netconfig import IFA_F_NODAD, NetConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME_PREFIX = "tr-"
@@ -196,7 +196,7 @@ class Topology:
         return cfg
 
     def spawn(self, ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
-        """Start `argv` inside namespace `ns` via `python -m relay.nsexec`.
+        """Start `argv` inside namespace `ns` via `python -m relay.lab.nsexec`.
 
         The process gets its own session (unless `start_new_session=False`),
         and it and its process group are killed and reaped at tear-down.
@@ -208,7 +208,7 @@ class Topology:
         )
         popen_kwargs.setdefault("start_new_session", True)
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        cmd = [sys.executable, "-m", "relay.nsexec", self.ns(ns), "--", *argv]
+        cmd = [sys.executable, "-m", "relay.lab.nsexec", self.ns(ns), "--", *argv]
         proc: subprocess.Popen[Any] = subprocess.Popen(cmd, env=env, **popen_kwargs)
         self._procs.append(proc)
         return proc

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from relay.hooks import Direction, FlowInfo
+from relay.analysis.hooks import Direction, FlowInfo
 
 __all__ = ["Failing", "InjectedFailure", "Slow", "StateDump"]
 
@@ -161,10 +161,10 @@ class StateDump:
             kind = type(obj).__module__ + "." + type(obj).__qualname__
             if kind == "stack.stack.Stack":
                 lines += self._stack(obj, now)
-            elif kind == "relay.engine.Relay":
+            elif kind == "relay.datapath.engine.Relay":
                 lines.append(f"relay: {_fields(obj)}")
                 lines.append(f"relay stats: {_fields(getattr(obj, 'stats', None))}")
-            elif kind == "relay.tcpflow.TcpFlow":
+            elif kind == "relay.datapath.tcpflow.TcpFlow":
                 lines.append(f"flow {getattr(obj, 'flow', None)}: {_fields(obj)}")
         lines.append("=== end ===\n")
         return "\n".join(lines)

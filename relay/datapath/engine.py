@@ -21,7 +21,7 @@ upstream socket from the ``DataReceived`` handler when nothing is queued
 before them and no analyzer may change them (``TcpFlow.on_data``).
 
 Events become sync calls on the flow's ``TcpFlow`` (UDP and echo events go to
-``relay.datagrams.DatagramRelay``); everything that waits
+``relay.datapath.datagrams.DatagramRelay``); everything that waits
 (connect, socket I/O, analyzers) runs in that flow's tasks, in the engine's
 nursery. Malformed packets are the stack's business (it counts and drops
 them); an exception out of ``stack.receive`` is a stack bug, and is counted
@@ -33,19 +33,26 @@ from __future__ import annotations
 import logging
 import resource
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from relay.config import RelayConfig
-from relay.datagrams import DatagramEnv, DatagramRelay, DatagramStack, SocketFactory
-from relay.echo import EchoFlow, open_ping_socket
-from relay.hooks import AnalyzerChain
-from relay.isn import IsnGenerator
-from relay.packet_source import CsumPacketSource, PacketSource
-from relay.tcpflow import Connector, FlowEnv, TcpFlow, make_connector
-from relay.udpflow import UdpFlow, open_udp_socket
+from relay.analysis.hooks import AnalyzerChain
+from relay.datapath.config import RelayConfig
+from relay.datapath.datagrams import DatagramRelay
+from relay.datapath.echo import EchoFlow, open_ping_socket
+from relay.datapath.env import (
+    Connector,
+    DatagramEnv,
+    FlowEnv,
+    RelayStack,
+    RelayStats,
+    SocketFactory,
+)
+from relay.datapath.isn import IsnGenerator
+from relay.datapath.packet_source import CsumPacketSource, PacketSource
+from relay.datapath.tcpflow import TcpFlow, make_connector
+from relay.datapath.udpflow import UdpFlow, open_udp_socket
 from stack import (
     Closed,
     Connected,
@@ -55,65 +62,12 @@ from stack import (
     Event,
     FlowId,
     PeerFinished,
-    Reject,
     SendSpace,
-    Unreachable,
 )
 
-__all__ = ["Connector", "Relay", "RelayStack", "RelayStats", "raise_nofile_limit"]
+__all__ = ["Relay", "raise_nofile_limit"]
 
 log = logging.getLogger(__name__)
-
-
-class RelayStack(DatagramStack, Protocol):
-    """The part of ``stack.Stack`` the relay uses (with ``DatagramStack``'s)."""
-
-    def receive(
-        self, packet: bytes, now: float, *, csum_ok: bool = ..., batch: bool = ...
-    ) -> None: ...
-    def end_batch(self, now: float) -> None: ...
-    def next_event(self) -> Event | None: ...
-    def packets_to_send(self, now: float) -> list[bytes]: ...
-    def get_timer(self) -> float | None: ...
-    def handle_timer(self, now: float) -> None: ...
-    def accept(self, flow: FlowId, *, isn: int) -> None: ...
-    def reject(
-        self, flow: FlowId, how: Reject = ..., *, unreachable: Unreachable = ...
-    ) -> None: ...
-    def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int: ...
-    def send_space(self, flow: FlowId) -> int: ...
-    def consumed(self, flow: FlowId, n: int) -> None: ...
-    def close(self, flow: FlowId) -> None: ...
-    def abort(self, flow: FlowId) -> None: ...
-
-
-@dataclass(slots=True)
-class RelayStats:
-    """Relay counters (the stack and the packet source keep their own)."""
-
-    iterations: int = 0  # packet-loop iterations
-    packets_in: int = 0
-    packets_out: int = 0
-    receive_errors: int = 0  # exceptions out of stack.receive (a stack bug); packet dropped
-    events: int = 0
-    stray_events: int = 0  # events for a flow the relay does not know
-    flows_requested: int = 0
-    flows_active: int = 0  # flow tasks running
-    flows_accepted: int = 0
-    flows_rejected: int = 0  # by an analyzer's verdict
-    connect_failed: int = 0  # refused, unreachable, timed out, other errors
-    flows_ended: int = 0
-    bytes_c2s: int = 0
-    bytes_s2c: int = 0
-    upstream_errors: int = 0  # resets and other socket errors mid-stream
-    analyzer_errors: int = 0
-    flow_errors: int = 0  # unexpected exceptions in a flow task (a bug; flow aborted)
-    # UDP and ICMP echo (relay.udpflow, relay.echo); flows_rejected counts them too.
-    datagram_flows_active: int = 0  # UDP and echo flow tasks running
-    datagrams_c2s: int = 0  # UDP datagrams and echo requests from clients
-    datagrams_s2c: int = 0  # UDP datagrams and echo replies from servers
-    datagram_drops: int = 0  # queue or socket buffer full, or a send error: dropped
-    icmp_relayed: int = 0  # ICMP errors about the relay's sockets relayed to clients
 
 
 def raise_nofile_limit() -> int:
@@ -148,7 +102,7 @@ class Relay:
         source: where client packets come from and go to (TUN device, memory).
         stack: the sans-IO stack; this relay is its only caller.
         config: relay settings.
-        analyzers: objects implementing some of ``relay.hooks.Analyzer``.
+        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``.
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).

@@ -1,11 +1,11 @@
 """The demo analyzer: prints each flow, the first bytes of each direction, and its end.
 
-It is also the smallest useful example of the analyzer API (``relay.hooks``):
+It is also the smallest useful example of the analyzer API (``relay.analysis.hooks``):
 three optional async methods, per-flow state in a dict keyed by the flow's
 uid and removed at ``flow_end``. Load it with::
 
     tunrelay run --tun tunrelay0 --client-net 10.8.0.0/24 \\
-        --analyzer relay.demo_analyzer:DemoAnalyzer
+        --analyzer relay.lab.demo_analyzer:DemoAnalyzer
 
 Output, one line per event (flushed at once, so it interleaves correctly with
 the relay's log)::
@@ -18,7 +18,7 @@ the relay's log)::
 
 from __future__ import annotations
 
-from relay.hooks import Direction, FlowEnd, FlowInfo
+from relay.analysis.hooks import Direction, FlowEnd, FlowInfo
 
 __all__ = ["DemoAnalyzer"]
 

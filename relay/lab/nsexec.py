@@ -1,11 +1,11 @@
 """Run a command inside a named network namespace.
 
-Usage: python -m relay.nsexec NSNAME -- cmd args...
+Usage: python -m relay.lab.nsexec NSNAME -- cmd args...
 
 Like `ip netns exec` without the extra mount namespace: the process joins the
 network namespace and execs `cmd` in place, so the PID the caller holds is the
 command's own PID (a test can signal and wait for it directly). It imports
-only relay.netns (no pyroute2, no trio) to keep start-up around 30 ms.
+only relay.host.netns (no pyroute2, no trio) to keep start-up around 30 ms.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
-from relay import netns
+from relay.host import netns
 
-USAGE = "usage: python -m relay.nsexec NSNAME -- cmd [args...]"
+USAGE = "usage: python -m relay.lab.nsexec NSNAME -- cmd [args...]"
 
 
 def main(argv: list[str] | None = None) -> int:

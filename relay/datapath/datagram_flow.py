@@ -1,10 +1,10 @@
-"""Relayed UDP flows: one connected kernel UDP socket per flow.
+"""The relay side of one datagram flow (UDP or ICMP echo): the shared machinery.
 
 Theory of operation: the stack keeps the flow table (``stack.datagram``: idle
 timeouts, limits) and reports ``DatagramFlowOpened``, ``DatagramReceived``
-and ``DatagramFlowClosed``; ``relay.datagrams.DatagramRelay`` turns them into
-calls on one ``DatagramFlow`` per flow (``UdpFlow`` here, ``EchoFlow`` in
-``relay.echo``).
+and ``DatagramFlowClosed``; ``relay.datapath.datagrams.DatagramRelay`` turns them into
+calls on one ``DatagramFlow`` per flow (``UdpFlow`` in ``relay.datapath.udpflow``, ``EchoFlow`` in
+``relay.datapath.echo``).
 The flow's task asks the analyzers for a verdict and opens its socket;
 datagrams that arrive meanwhile wait in a small bounded queue. Then:
 
@@ -39,19 +39,12 @@ from typing import ClassVar, NoReturn
 
 import trio
 
-from relay.datagrams import (
-    IP_RECVERR,
-    IPV6_RECVERR,
-    LOCAL_ERRORS,
-    SOL_IP,
-    SOL_IPV6,
-    DatagramEnv,
-    read_socket_errors,
-)
-from relay.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.datapath.env import DatagramEnv
+from relay.datapath.icmp_errors import LOCAL_ERRORS, read_socket_errors
 from stack import CloseReason, FlowId, Unreachable
 
-__all__ = ["DatagramFlow", "UdpFlow", "open_udp_socket"]
+__all__ = ["DatagramFlow"]
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +58,6 @@ _FROM_CLOSE = {
     CloseReason.ABORTED: EndReason.ABORTED,
     CloseReason.LIMIT: EndReason.LIMIT,
 }
-
-
-def open_udp_socket(flow: FlowId) -> socket.socket:
-    """The default: a non-blocking UDP socket with IP(V6)_RECVERR, connected to the
-    flow's original destination."""
-    v4 = flow.version == 4
-    family = socket.AF_INET if v4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
-        sock.connect((flow.server_ip, flow.server_port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class DatagramFlow:
@@ -314,21 +292,3 @@ class DatagramFlow:
         end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)
-
-
-class UdpFlow(DatagramFlow):
-    """A UDP flow: datagrams both ways, each shown to the analyzers' ``data``.
-
-    The answer to a REJECT verdict is ICMP port unreachable, as from a closed port.
-    """
-
-    def on_datagram(self, data: bytes) -> None:
-        self.on_item(data, len(data))
-
-    async def deliver(self, data: bytes, now: float) -> bool:
-        self.bytes_s2c += len(data)
-        if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, data):
-            return False
-        if self._closed is None:
-            self._env.stack.send_datagram(self.flow, data, now)
-        return True

@@ -9,7 +9,7 @@ that the kernel refuses for lack of room (EAGAIN, ENOBUFS) is a drop, like a
 full NIC queue: it is counted and the packet loop carries on.
 
 With `vnet_hdr=True` (IFF_VNET_HDR, needed for offloads) every packet on the
-fd is framed by a virtio-net header (relay.vnet). The framing stays in here:
+fd is framed by a virtio-net header (relay.datapath.vnet). The framing stays in here:
 `drain()` returns bare IP packets, `drain_csum()` also says per packet whether
 the kernel vouches for its TCP/UDP checksum, and `write_all()` prepends an
 all-zero header with `os.writev` (no copy of the packet). Without vnet_hdr the
@@ -35,9 +35,8 @@ from collections.abc import Iterable
 import pytun
 import trio
 
-from relay import netns
-from relay.packet_source import PacketStats
-from relay.vnet import (
+from relay.datapath.packet_source import PacketStats
+from relay.datapath.vnet import (
     DATA_VALID,
     GSO_NONE,
     GSO_TCPV4,
@@ -47,6 +46,7 @@ from relay.vnet import (
     VNET_HDR_LEN,
     ZERO_HEADER,
 )
+from relay.host import netns
 from stack.wire.tcp import OffloadPacket
 
 __all__ = [
@@ -127,7 +127,7 @@ class TunDevice:
         """Create (or, with `multi_queue`, attach one more queue to) a TUN device.
 
         The device lives in the current thread's network namespace; run this
-        inside `relay.netns.entered()` to put it elsewhere. The link is set up
+        inside `relay.host.netns.entered()` to put it elsewhere. The link is set up
         with the given MTU and txqueuelen (the default 500 drops packets when
         the reader is briefly descheduled), unless `configure_link` is False:
         a queue attached to a device already set up (no netlink, no pyroute2).
@@ -309,7 +309,7 @@ class TunDevice:
             header = ZERO_HEADER
             if type(packet) is OffloadPacket:
                 # NEEDS_CSUM from csum_start, checksum at +16; a TCP gso_type when
-                # the stack made a super-segment (relay.vnet, LINUX-NOTES).
+                # the stack made a super-segment (relay.datapath.vnet, LINUX-NOTES).
                 gso = packet.gso_size
                 kind = (GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6) if gso else GSO_NONE
                 header = HEADER.pack(NEEDS_CSUM, kind, packet.hdr_len, gso, packet.csum_start, 16)

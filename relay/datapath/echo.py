@@ -39,14 +39,14 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from relay.datagrams import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
-from relay.hooks import EndReason
-from relay.udpflow import DatagramFlow
+from relay.analysis.hooks import EndReason
+from relay.datapath.datagram_flow import DatagramFlow
+from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
 from stack import FlowId, Unreachable
 from stack.wire import ECHO_REPLY, ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST
 
 if TYPE_CHECKING:
-    from relay.netconfig import NetConfig
+    from relay.host.netconfig import NetConfig
 
 __all__ = ["EchoFlow", "PingSocketsUnavailable", "enable_ping_sockets", "open_ping_socket"]
 

@@ -1,6 +1,6 @@
 """``tunrelay demo``: the relay end to end in three throw-away network namespaces.
 
-Theory of operation: ``Topology.build()`` (relay.lab) makes client, gateway
+Theory of operation: ``Topology.build()`` (relay.lab.topology) makes client, gateway
 and server namespaces joined by veths, using only 198.18.0.0/15 and fd00::/8
 and with no route to any real network. ``tunrelay run`` is spawned in the
 gateway with the flow log and ``DemoAnalyzer``; its output (log and analyzer
@@ -39,8 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from relay.demo_analyzer import endpoint
-from relay.lab import Topology, stop_process
+from relay.lab.demo_analyzer import endpoint
+from relay.lab.topology import Topology, stop_process
 
 __all__ = ["run_demo"]
 
@@ -176,7 +176,7 @@ def start_relay(topo: Topology, log_path: Path, flow_log: Path) -> subprocess.Po
     argv = [
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
-        "--flow-log", str(flow_log), "--analyzer", "relay.demo_analyzer:DemoAnalyzer",
+        "--flow-log", str(flow_log), "--analyzer", "relay.lab.demo_analyzer:DemoAnalyzer",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as out:

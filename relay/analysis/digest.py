@@ -15,7 +15,7 @@ A direction with no data has the SHA-256 of the empty string. The hashes are
 of the bytes the analyzers were shown, i.e. what the relay received from each
 side, in order. Hashing costs about 1 ms per MiB, on the flow's own task.
 
-Load it with ``--analyzer relay.analyzers:StreamDigest`` and set the output
+Load it with ``--analyzer relay.analysis.digest:StreamDigest`` and set the output
 path in ``TUNRELAY_DIGEST_LOG`` (the CLI instantiates classes without
 arguments); in code, pass the path or an open text stream.
 """
@@ -27,7 +27,7 @@ import json
 import os
 from typing import IO, Any
 
-from relay.hooks import Direction, FlowEnd, FlowInfo
+from relay.analysis.hooks import Direction, FlowEnd, FlowInfo
 
 __all__ = ["DIGEST_LOG_ENV", "StreamDigest", "digest_record"]
 

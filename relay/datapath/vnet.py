@@ -18,7 +18,7 @@ computed". A ``stack.wire.tcp.OffloadPacket`` (the Stack makes them with
 GSO super-segment also carries the TCP gso_type, ``hdr_len`` and ``gso_size``
 (the segment size the stack cut the run to, within the client's MSS).
 
-``relay.tun.TunDevice`` strips and adds the header in its own hot loop; this
+``relay.datapath.tun.TunDevice`` strips and adds the header in its own hot loop; this
 module is the one definition of the layout, for it, for tests and for tools.
 """
 

@@ -1,7 +1,7 @@
 """Seeded, per-direction path impairment for the lab: loss, duplication, reordering, delay.
 
 Theory of operation: `Wire.insert(topo)` cuts the client's link of a
-`relay.lab.Topology` and puts a fourth namespace, the *wire*, in the middle:
+`relay.lab.topology.Topology` and puts a fourth namespace, the *wire*, in the middle:
 
     cli ns                   wire ns (no addresses, IPv6 off)        gw ns
     cli-gw 198.18.1.2 ---- w-cli  ==[forwarder or nft]==  w-gw ---- gw-cli 198.18.1.1
@@ -17,7 +17,7 @@ baseline and a relay run with the same impairment, one after the other.
 Two engines:
 
 ``forwarder`` (the default; loss, dup, reorder, delay)
-    `python -m relay.impair forward ...` in the wire namespace: one AF_PACKET
+    `python -m relay.lab.impair forward ...` in the wire namespace: one AF_PACKET
     socket per veth, one thread, epoll; frames are read with `recv_into` in
     batches and written out of the other veth. Each direction has its own
     `Fates`, a `random.Random` seeded from (seed, direction), which draws
@@ -86,8 +86,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from relay import netns
-from relay.lab import add_address, stop_process
+from relay.host import netns
+from relay.lab.topology import add_address, stop_process
 
 __all__ = [
     "CLEAN",
@@ -641,7 +641,7 @@ class Wire:
 
     @classmethod
     def insert(cls, topo: Any) -> Wire:
-        """Put a wire namespace on the client's link of `topo` (a `relay.lab.Topology`).
+        """Put a wire namespace on the client's link of `topo` (a `relay.lab.topology.Topology`).
 
         Call it before starting anything in the lab (the relay, servers): the
         client's link is replaced, so a relay started earlier would see its
@@ -740,7 +740,7 @@ class Wire:
         if engine == "forwarder":
             self._stats_path = self._tmp / f"stats{self._runs}.json"
             argv = [
-                sys.executable, "-m", "relay.impair", "forward",
+                sys.executable, "-m", "relay.lab.impair", "forward",
                 "--a", WIRE_A, "--b", WIRE_B, "--c2g", c2g.spec(), "--g2c", g2c.spec(),
                 "--seed", str(seed), "--stats", str(self._stats_path),
                 "--max-seconds", f"{max_seconds:g}", "--max-queue", str(max_queue),
@@ -827,7 +827,7 @@ class Wire:
             ipr.close()
 
     def _nft(self, args: Sequence[str], stdin: str | None = None) -> str:
-        cmd = [sys.executable, "-m", "relay.nsexec", self.ns, "--", "nft", *args]
+        cmd = [sys.executable, "-m", "relay.lab.nsexec", self.ns, "--", "nft", *args]
         done = subprocess.run(
             cmd, input=stdin, capture_output=True, text=True, timeout=20, check=False
         )
@@ -863,8 +863,8 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m relay.impair forward ...`` (run it inside the wire namespace)."""
-    parser = argparse.ArgumentParser(prog="python -m relay.impair")
+    """``python -m relay.lab.impair forward ...`` (run it inside the wire namespace)."""
+    parser = argparse.ArgumentParser(prog="python -m relay.lab.impair")
     sub = parser.add_subparsers(dest="command", required=True)
     fw = sub.add_parser("forward", help="the userspace forwarder between two interfaces")
     fw.add_argument("--a", default=WIRE_A, help="the client-side interface")

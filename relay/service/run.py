@@ -6,9 +6,9 @@ nothing loops), runs the packet loop until SIGINT or SIGTERM, and removes
 everything it installed on every exit path.
 
 With ``--workers 1`` all of that happens in this process (``serve``); with more,
-``relay.workers`` sets the network up here and runs one packet loop per TUN
+``relay.service.workers`` sets the network up here and runs one packet loop per TUN
 queue in worker processes, each doing what ``relay_queue`` does. ``--offload``
-opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.tun``).
+opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.datapath.tun``).
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.config import RelayConfig
-from relay.echo import enable_ping_sockets
-from relay.engine import Relay
-from relay.flowlog import FlowLog
-from relay.gcstats import GcStats, GcWatch
-from relay.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
+from relay.analysis.flowlog import FlowLog
+from relay.datapath.config import RelayConfig
+from relay.datapath.echo import enable_ping_sockets
+from relay.datapath.engine import Relay
+from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
+from relay.service.gcstats import GcStats, GcWatch
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
 if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
-    # (relay.workers) never touches netlink; only the process that sets up does.
-    from relay.netconfig import NetConfig
+    # (relay.service.workers) never touches netlink; only the process that sets up does.
+    from relay.host.netconfig import NetConfig
 
 log = logging.getLogger("tunrelay")
 
@@ -162,7 +162,7 @@ def validate(
             max_flows=max_flows,
             mtu=mtu,
             datagram=_datagram(udp_idle_timeout),
-            offload=offload,  # partial checksums and GSO writes (relay.tun frames them)
+            offload=offload,  # partial checksums and GSO writes (relay.datapath.tun frames them)
         ),
     )
 
@@ -243,7 +243,7 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
 
 def route_into(net: NetConfig, tun: TunDevice, opts: RunOptions) -> None:
     """Route the client networks into ``tun`` and allow ICMP sockets (undone by ``net``)."""
-    from relay.netconfig import route_client_nets_into_tun
+    from relay.host.netconfig import route_client_nets_into_tun
 
     route_client_nets_into_tun(
         net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
@@ -255,7 +255,7 @@ async def serve(
     opts: RunOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down (one process)."""
-    from relay.netconfig import NetConfig
+    from relay.host.netconfig import NetConfig
 
     analyzers, flow_log = load_analyzers(opts)
     try:

@@ -7,7 +7,7 @@ sleeps in `wait_readable()` (under a cancel scope for the next timer). There
 is no task or channel hop per packet; a full queue drops the packet and counts
 it, which is what a NIC or the TUN device's txqueue does too.
 
-`TunDevice` (relay.tun) is the kernel implementation; `MemoryPacketSource` is
+`TunDevice` (relay.datapath.tun) is the kernel implementation; `MemoryPacketSource` is
 for a VPN server that feeds packets from its own loop, and for tests. A source
 that can tell which packets' checksums the kernel already vouches for (a TUN
 with offloads) also implements `CsumPacketSource`, and the packet loop then

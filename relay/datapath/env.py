@@ -1,0 +1,132 @@
+"""What the data path's parts share: the stack they drive, the counters, and the
+environment each flow is given.
+
+These types live here, not in the modules that compose them (the engine, the
+datagram dispatcher), so that a flow module depends only on what it uses.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from relay.analysis.hooks import AnalyzerChain
+from relay.datapath.config import RelayConfig
+from stack import Event, FlowId, Reject, Unreachable
+
+__all__ = [
+    "QUEUE_LIMIT",
+    "Connector",
+    "DatagramEnv",
+    "DatagramStack",
+    "FlowEnv",
+    "RelayStack",
+    "RelayStats",
+    "SocketFactory",
+]
+
+SocketFactory = Callable[[FlowId], socket.socket]
+Connector = Callable[[FlowId], Awaitable[trio.socket.SocketType]]
+
+QUEUE_LIMIT = 256 * 1024  # bytes waiting for a verdict, a socket or the analyzers, per flow
+
+
+class DatagramStack(Protocol):
+    """The part of ``stack.Stack`` the datagram flows use."""
+
+    def send_datagram(self, flow: FlowId, data: bytes, now: float) -> bool: ...
+    def send_echo_reply(self, flow: FlowId, seq: int, data: bytes, now: float) -> bool: ...
+    def datagram_unreachable(
+        self,
+        flow: FlowId,
+        code: Unreachable | int,
+        now: float,
+        *,
+        src: str | None = ...,
+        quote: bytes = ...,
+    ) -> bool: ...
+    def refuse_datagrams(self, flow: FlowId, code: Unreachable | int | None) -> None: ...
+    def end_datagram_flow(self, flow: FlowId) -> None: ...
+
+
+@dataclass(slots=True)
+class DatagramEnv:
+    """What every datagram flow of one relay shares."""
+
+    stack: DatagramStack
+    chain: AnalyzerChain
+    kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
+    stats: RelayStats
+    udp_socket: SocketFactory  # opens the connected upstream socket of a UDP flow
+    echo_socket: SocketFactory  # the same for an echo flow (relay.datapath.echo)
+    flow_end_timeout: float = 5.0
+    queue_limit: int = QUEUE_LIMIT
+
+
+class RelayStack(DatagramStack, Protocol):
+    """The part of ``stack.Stack`` the relay uses (with ``DatagramStack``'s)."""
+
+    def receive(
+        self, packet: bytes, now: float, *, csum_ok: bool = ..., batch: bool = ...
+    ) -> None: ...
+    def end_batch(self, now: float) -> None: ...
+    def next_event(self) -> Event | None: ...
+    def packets_to_send(self, now: float) -> list[bytes]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def accept(self, flow: FlowId, *, isn: int) -> None: ...
+    def reject(
+        self, flow: FlowId, how: Reject = ..., *, unreachable: Unreachable = ...
+    ) -> None: ...
+    def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int: ...
+    def send_space(self, flow: FlowId) -> int: ...
+    def consumed(self, flow: FlowId, n: int) -> None: ...
+    def close(self, flow: FlowId) -> None: ...
+    def abort(self, flow: FlowId) -> None: ...
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Relay counters (the stack and the packet source keep their own)."""
+
+    iterations: int = 0  # packet-loop iterations
+    packets_in: int = 0
+    packets_out: int = 0
+    receive_errors: int = 0  # exceptions out of stack.receive (a stack bug); packet dropped
+    events: int = 0
+    stray_events: int = 0  # events for a flow the relay does not know
+    flows_requested: int = 0
+    flows_active: int = 0  # flow tasks running
+    flows_accepted: int = 0
+    flows_rejected: int = 0  # by an analyzer's verdict
+    connect_failed: int = 0  # refused, unreachable, timed out, other errors
+    flows_ended: int = 0
+    bytes_c2s: int = 0
+    bytes_s2c: int = 0
+    upstream_errors: int = 0  # resets and other socket errors mid-stream
+    analyzer_errors: int = 0
+    flow_errors: int = 0  # unexpected exceptions in a flow task (a bug; flow aborted)
+    # UDP and ICMP echo (udpflow, echo); flows_rejected counts them too.
+    datagram_flows_active: int = 0  # UDP and echo flow tasks running
+    datagrams_c2s: int = 0  # UDP datagrams and echo requests from clients
+    datagrams_s2c: int = 0  # UDP datagrams and echo replies from servers
+    datagram_drops: int = 0  # queue or socket buffer full, or a send error: dropped
+    icmp_relayed: int = 0  # ICMP errors about the relay's sockets relayed to clients
+
+
+@dataclass(slots=True)
+class FlowEnv:
+    """What every flow of one relay shares."""
+
+    stack: RelayStack
+    config: RelayConfig
+    chain: AnalyzerChain
+    connector: Connector
+    isn: Callable[[FlowId], int]
+    kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
+    flush: Callable[[], None]  # write the stack's packets now (after stack.send)
+    stats: RelayStats

@@ -1,0 +1,52 @@
+"""Relayed UDP flows: one connected kernel UDP socket per flow.
+
+``UdpFlow`` is the UDP kind of ``relay.datapath.datagram_flow.DatagramFlow``
+(where the theory of operation is); this module adds its upstream socket and
+how a datagram from the server reaches the client.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from relay.analysis.hooks import Direction
+from relay.datapath.datagram_flow import DatagramFlow
+from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
+from stack import FlowId
+
+__all__ = ["UdpFlow", "open_udp_socket"]
+
+_S2C = Direction.SERVER_TO_CLIENT
+
+
+def open_udp_socket(flow: FlowId) -> socket.socket:
+    """The default: a non-blocking UDP socket with IP(V6)_RECVERR, connected to the
+    flow's original destination."""
+    v4 = flow.version == 4
+    family = socket.AF_INET if v4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
+        sock.connect((flow.server_ip, flow.server_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpFlow(DatagramFlow):
+    """A UDP flow: datagrams both ways, each shown to the analyzers' ``data``.
+
+    The answer to a REJECT verdict is ICMP port unreachable, as from a closed port.
+    """
+
+    def on_datagram(self, data: bytes) -> None:
+        self.on_item(data, len(data))
+
+    async def deliver(self, data: bytes, now: float) -> bool:
+        self.bytes_s2c += len(data)
+        if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, data):
+            return False
+        if self._closed is None:
+            self._env.stack.send_datagram(self.flow, data, now)
+        return True
