@@ -17,7 +17,7 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
        (both with the default ``--workers``, one per CPU: CPU, RSS and fds are summed
        over the supervisor and its workers)
     e  tunrelay with offloads and ``--workers 1``: c/e on 4 streams is what the
-       workers add (the issue's target: >= 1.6 on 2 cores)
+       workers add (ideally about 2 on 2 cores)
     f  the latency floor (benchmarks/tun_floor.py): e's TUN device and trio tasks
        with no TCP stack, which can hold one clean request/response connection,
        so only the latency measure runs on it. e/f is what tunrelay adds to the

@@ -1,6 +1,6 @@
 """The packet loop: one per packet source, driving one sans-IO ``Stack``.
 
-Theory of operation (STYLE.md 3): each iteration drains up to ``max_batch``
+Theory of operation: each iteration drains up to ``max_batch``
 packets, feeds them to the stack with one ``now``, fires the stack's timers,
 dispatches every event, and writes whatever the stack wants sent. There is no
 trio checkpoint or channel hop per packet. Then it sleeps until the earliest
