@@ -36,7 +36,7 @@ class TcpConfig:
     rto_max: float = 60.0  # RFC 6298 (2.5)
     max_retries: int = 8  # retransmissions of one segment before giving up
     syn_retries: int = 5  # SYN or SYN-ACK retransmissions before giving up
-    delayed_ack: float = 0.04  # RFC 9293 3.8.6.3: under 0.5 s; RFC 1122 4.2.3.2 and Linux: 40-200 ms
+    delayed_ack: float = 0.04  # RFC 9293 3.8.6.3: under 0.5 s; Linux uses 40-200 ms
     time_wait: float = 60.0  # as Linux; RFC 9293's 2*MSL is 4 minutes
     fin_wait_2_timeout: float = 60.0  # Linux tcp_fin_timeout
     # Lingering ESTABLISHED / CLOSE-WAIT flows (the other states have their own timers).
