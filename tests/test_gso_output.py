@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import struct
 
+from stack_helpers import C6, CLIENT_ISN, S6, SERVER_ISN, events, out, parse_out, seg
+
 from stack import Stack, StackConfig
 from stack.wire.checksum import checksum
 from stack.wire.tcp import (
@@ -23,7 +25,6 @@ from stack.wire.tcp import (
     build_tcp_packet,
     encode_options,
 )
-from tests.stack_helpers import C6, CLIENT_ISN, S6, SERVER_ISN, events, out, parse_out, seg
 
 LINUX_SYN = encode_options(mss=1460, sack_permitted=True, timestamps=(1000, 0), wscale=7)
 

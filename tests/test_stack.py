@@ -5,6 +5,21 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from stack_helpers import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    established,
+    events,
+    out,
+    request,
+    seg,
+)
 
 from stack import (
     Closed,
@@ -25,21 +40,6 @@ from stack.wire.checksum import pseudo_sum_v6
 from stack.wire.icmp import parse_icmp
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
-from tests.stack_helpers import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    established,
-    events,
-    out,
-    request,
-    seg,
-)
 
 
 @pytest.mark.parametrize(("src", "dst", "version"), [(C4, S4, 4), (C6, S6, 6)])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from stack_helpers import established as stack_established
+from stack_helpers import out
 from tcp_helpers import (
     ACK,
     FLOW,
@@ -32,8 +34,6 @@ from stack import Stack, StackConfig
 from stack.config import TcpConfig
 from stack.events import Closed, CloseReason
 from stack.tcp.connection import State
-from tests.stack_helpers import established as stack_established
-from tests.stack_helpers import out
 
 KA = TcpConfig(
     keepalive=True, keepalive_idle=100.0, keepalive_interval=10.0, keepalive_probes=3,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 from tcp_helpers import (
     ACK,
     ALL_OPTIONS,
@@ -40,7 +41,6 @@ from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import PAWS_IDLE, offset_for
 from stack.wire.tcp import SYN as SYN_FLAG
 from stack.wire.tcp import TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 
 M = 0xFFFFFFFF
 OFF = offset_for(ISS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 from tcp_helpers import (
     ALL_OPTIONS,
     FLOW,
@@ -29,7 +30,6 @@ from stack.tcp.connection import TcpConnection
 from stack.tcp.sack import Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 
 SACK_ONLY = TcpOptions(sack_permitted=True)
 

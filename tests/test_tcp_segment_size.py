@@ -9,12 +9,13 @@ relay once timestamps were negotiated.)
 
 from __future__ import annotations
 
+from stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, parse_out, seg
+
 from stack import Stack
 from stack.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, parse_out, seg
 
 LINUX_SYN = encode_options(mss=1460, sack_permitted=True, timestamps=(1000, 0), wscale=7)
 MTU = 1500

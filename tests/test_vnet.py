@@ -16,6 +16,20 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from stack_helpers import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    established,
+    events,
+    out,
+    seg,
+)
 
 from relay.datapath.config import RelayConfig
 from relay.datapath.engine import Relay
@@ -40,20 +54,6 @@ from stack import DataReceived, Stack
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, RST, offload_packet, parse_tcp
-from tests.stack_helpers import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    established,
-    events,
-    out,
-    seg,
-)
 
 # (virtio-net header + IPv4 + TCP with timestamps) of a 65,222-byte read: 45 x 1448 bytes.
 CAPTURED_V4 = bytes.fromhex(
