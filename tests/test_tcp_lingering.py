@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from stack_helpers import established as stack_established
-from stack_helpers import out
+from packets import open_tcp_flow, sent_tcp
 from tcp_helpers import (
     ACK,
     FLOW,
@@ -156,10 +155,10 @@ def test_fin_wait_2_keeps_its_own_timer() -> None:
 
 def test_stack_forgets_an_idle_flow() -> None:
     stack = Stack(StackConfig(tcp=IDLE))
-    flow = stack_established(stack)
+    flow = open_tcp_flow(stack)
     assert stack.get_timer() == 30.0
     stack.handle_timer(30.0)
-    (rst,) = out(stack, 30.0)
+    (rst,) = sent_tcp(stack, 30.0)
     assert rst.tcp.flags == RST | ACK
     assert stack.state_of(flow) is None
     ev = stack.next_event()

@@ -9,7 +9,7 @@ relay once timestamps were negotiated.)
 
 from __future__ import annotations
 
-from stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, parse_out, seg
+from packets import CLIENT_ISN, SERVER_ISN, parse_tcp_packet, sent_tcp, stack_events, tcp_packet
 
 from stack import Stack
 from stack.config import TcpConfig
@@ -22,16 +22,16 @@ MTU = 1500
 
 
 def handshake(stack: Stack, syn_options: bytes) -> object:
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=syn_options), 0.0)
-    (ev,) = events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=syn_options), 0.0)
+    (ev,) = stack_events(stack)
     flow = ev.flow  # type: ignore[attr-defined]
     stack.accept(flow, isn=SERVER_ISN)
-    (synack,) = out(stack)
+    (synack,) = sent_tcp(stack)
     assert synack.tcp.flags == SYN | ACK
     ts = synack.tcp.options.timestamps
     ack_opts = b"" if ts is None else encode_options(timestamps=(1001, ts[0]))
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ack_opts, window=2000), 0.0)
-    events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, options=ack_opts, window=2000), 0.0)
+    stack_events(stack)
     return flow
 
 
@@ -61,7 +61,7 @@ def test_data_carrying_sack_blocks_still_fits() -> None:
     flow = handshake(stack, LINUX_SYN)
     for k in (1, 3, 5):  # three islands beyond a hole at the start
         stack.receive(
-            seg(CLIENT_ISN + 1 + 100 * k, SERVER_ISN + 1, payload=bytes(100),
+            tcp_packet(CLIENT_ISN + 1 + 100 * k, SERVER_ISN + 1, payload=bytes(100),
                 options=encode_options(timestamps=(1002, 0))),
             0.0,
         )  # fmt: skip
@@ -82,4 +82,4 @@ def test_a_tiny_mss_is_raised_to_the_floor() -> None:
 
 
 def out_payloads(packets: list[bytes]) -> list[bytes]:
-    return [parse_out(p).payload for p in packets if parse_out(p).tcp.flags & ACK]
+    return [parse_tcp_packet(p).payload for p in packets if parse_tcp_packet(p).tcp.flags & ACK]

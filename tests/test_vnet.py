@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from stack_helpers import (
+from packets import (
     C4,
     C6,
     CLIENT_ISN,
@@ -25,10 +25,10 @@ from stack_helpers import (
     S6,
     SERVER_ISN,
     SPORT,
-    established,
-    events,
-    out,
-    seg,
+    open_tcp_flow,
+    sent_tcp,
+    stack_events,
+    tcp_packet,
 )
 
 from relay.datapath.config import RelayConfig
@@ -139,7 +139,7 @@ def _as_flow(captured: bytes, length: int, src: bytes, dst: bytes) -> bytes:
     sequence and acknowledgment numbers (the partial checksum covers none of them)."""
     packet = bytearray(strip(super_segment(captured, length))[0])
     ip = parse_ip(packet)
-    assert (ip.src, ip.dst) == (src, dst)  # the lab's addresses, as in stack_helpers
+    assert (ip.src, ip.dst) == (src, dst)  # the test flow's addresses (packets.C4, ...)
     struct.pack_into("!HHII", packet, ip.offset, CPORT, SPORT, CLIENT_ISN + 1, SERVER_ISN + 1)
     return bytes(packet)
 
@@ -156,16 +156,16 @@ def test_stack_takes_a_super_segment_as_one_segment(
     ip = parse_ip(packet)
     payload = packet[ip.offset + 32 :]
     stack = Stack()
-    flow = established(stack, src=src, dst=dst)
+    flow = open_tcp_flow(stack, src=src, dst=dst)
 
     stack.receive(packet, 0.1)  # verified: the partial checksum is wrong
-    assert stack.stats.checksum_errors == 1 and events(stack) == []
+    assert stack.stats.checksum_errors == 1 and stack_events(stack) == []
 
     stack.receive(packet, 0.2, csum_ok=True)
-    (ev,) = events(stack)
+    (ev,) = stack_events(stack)
     assert isinstance(ev, DataReceived) and ev.flow == flow and ev.data == payload
     stack.consumed(flow, len(payload))
-    acks = out(stack, 0.3)
+    acks = sent_tcp(stack, 0.3)
     assert acks and acks[-1].tcp.flags == ACK
     assert acks[-1].tcp.ack == (CLIENT_ISN + 1 + len(payload)) & 0xFFFFFFFF
 
@@ -302,7 +302,7 @@ async def test_relay_passes_checksum_marks_to_the_stack(autojump_clock: object) 
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         for port in range(3):
-            source.inject(seg(1, 0, RST, sport=CPORT + port))  # RSTs for no connection
+            source.inject(tcp_packet(1, 0, RST, sport=CPORT + port))  # RSTs for no connection
         await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     assert stack.marks == [True, False, True]
