@@ -127,16 +127,20 @@ def open_tcp_flow(
     syn_options: bytes | None = None,
     window: int = 65535,
     client_tsval: int = 1001,
+    timestamps: bool | None = None,
 ) -> FlowId:
     """A flow through the whole handshake at time 0: ESTABLISHED, nothing left to send
     and no event pending. The stack accepts with ``SERVER_ISN``; the client's ACK
     advertises ``window`` and, if the SYN-ACK carries timestamps, echoes its TSval
-    with ``client_tsval`` as its own."""
+    with ``client_tsval`` as its own. ``timestamps``, if given, is whether the SYN-ACK
+    must carry them."""
     flow = request_tcp_flow(stack, src=src, dst=dst, mss=mss, syn_options=syn_options)
     stack.accept(flow, isn=SERVER_ISN)
     (synack,) = sent_tcp(stack)
     assert synack.tcp.flags == SYN | ACK
     ts = synack.tcp.options.timestamps
+    if timestamps is not None:
+        assert (ts is not None) is timestamps, synack
     options = b"" if ts is None else encode_options(timestamps=(client_tsval, ts[0]))
     ack = tcp_packet(
         CLIENT_ISN + 1, SERVER_ISN + 1, src=src, dst=dst, window=window, options=options

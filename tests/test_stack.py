@@ -15,6 +15,7 @@ from packets import (
     SERVER_ISN,
     SPORT,
     open_tcp_flow,
+    parse_icmp_packet,
     request_tcp_flow,
     sent_tcp,
     stack_events,
@@ -36,9 +37,6 @@ from stack import (
     TcpConfig,
     Unreachable,
 )
-from stack.wire.checksum import pseudo_sum_v6
-from stack.wire.icmp import parse_icmp
-from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
 
 
@@ -129,10 +127,8 @@ def test_reject_with_icmp_unreachable(
     flow = request_tcp_flow(stack, src=src, dst=dst)
     stack.reject(flow, Reject.ICMP, unreachable=why)
     (packet,) = stack.packets_to_send(0.0)
-    ip = parse_ip(packet)
+    ip, icmp = parse_icmp_packet(packet)
     assert (ip.src, ip.dst) == (dst, src)
-    pseudo = None if ip.version == 4 else pseudo_sum_v6(ip.src, ip.dst, 58, ip.end - ip.offset)
-    icmp = parse_icmp(packet, ip.offset, ip.end, pseudo)
     assert (icmp.type, icmp.code) == (icmp_type, code)
     # The quote is the client's SYN: its addresses and then its ports.
     quoted = packet[ip.offset + 8 : ip.end]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+from packets import pseudo_header_sum
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
@@ -29,7 +30,6 @@ from relay.datapath.packet_source import MemoryPacketSource
 from relay.datapath.udpflow import open_udp_socket
 from stack import DatagramConfig, FlowId, Stack, StackConfig
 from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip, parse_udp
-from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 
 CLIENT = {4: "198.18.1.2", 6: "fd00:1::2"}
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
@@ -105,8 +105,7 @@ class Client:
         while True:
             for packet in await self.source.receive_batch():
                 ip = parse_ip(packet)
-                sums = pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6
-                ps = sums(ip.src, ip.dst, ip.proto, ip.end - ip.offset)
+                ps = pseudo_header_sum(ip)
                 src = str(ipaddress.ip_address(ip.src))
                 if ip.proto == 17 and ip.fragment is None:
                     h = parse_udp(packet, ip.offset, ip.end, ps, ipv6=ip.version == 6)

@@ -26,6 +26,7 @@ from packets import (
     SERVER_ISN,
     SPORT,
     open_tcp_flow,
+    pseudo_header_sum,
     sent_tcp,
     stack_events,
     tcp_packet,
@@ -51,7 +52,6 @@ from relay.datapath.vnet import (
     strip,
 )
 from stack import DataReceived, Stack
-from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, RST, offload_packet, parse_tcp
 
@@ -125,9 +125,7 @@ def test_captured_super_segment_parses_with_real_lengths(
     assert hdr.hdr_len == ip.offset + tcp.header_len
     assert ip.end - hdr.hdr_len == payload
     # The checksum field is the folded pseudo-header sum, not a checksum: verifying fails.
-    pseudo = (pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6)(
-        ip.src, ip.dst, 6, ip.end - ip.offset
-    )
+    pseudo = pseudo_header_sum(ip, 6)
     field = struct.unpack_from("!H", packet, ip.offset + hdr.csum_offset)[0]
     assert field == pseudo % 0xFFFF
     with pytest.raises(ValueError, match="checksum"):
