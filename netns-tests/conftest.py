@@ -1,10 +1,18 @@
-"""Fixtures for tests that need real network namespaces (root only)."""
+"""Fixtures for tests that need real network namespaces (root only).
+
+``topology``     a fresh client -> gateway -> server lab (``relay.lab.topology``);
+``start_relay``  a factory that runs ``tunrelay run`` in the lab's gateway and
+                 checks it, and the gateway, at tear-down (``relay_harness``);
+``relay``        ``start_relay()`` with the default test set-up.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,6 +22,16 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from relay_harness import (  # noqa: E402
+    DEFAULT_ANALYZERS,
+    READY_MARK,
+    READY_TIMEOUT,
+    TUN,
+    RelayProcess,
+    gateway_snapshot,
+)
+
+from relay.host import netns  # noqa: E402
 from relay.lab.topology import Topology, remove_stale_namespaces  # noqa: E402
 
 NEEDS_ROOT = "needs root to create network namespaces"
@@ -36,3 +54,90 @@ def topology(netns_root: None) -> Iterator[Topology]:
         yield topo
     finally:
         topo.close()
+
+
+@pytest.fixture(name="start_relay")
+def start_relay_fixture(
+    topology: Topology, tmp_path: Path
+) -> Iterator[Callable[..., RelayProcess]]:
+    """Factory: ``start_relay(analyzers=..., env=..., args=..., expected_tracebacks=...)``.
+
+    ``analyzers`` are ``module:attr`` specs loaded after the default
+    ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
+    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise).
+    """
+    relays: list[RelayProcess] = []
+
+    def start(
+        analyzers: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        expected_tracebacks: Sequence[str] = (),
+    ) -> RelayProcess:
+        n = len(relays)
+        log_path = tmp_path / f"relay{n}.log"
+        flow_log = tmp_path / f"flows{n}.jsonl"
+        digest_log = tmp_path / f"digests{n}.jsonl"
+        state_file = tmp_path / f"state{n}.txt"
+        argv = [
+            sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
+            "--tun", TUN,
+            "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
+            "--flow-log", str(flow_log),
+        ]  # fmt: skip
+        for spec in (*DEFAULT_ANALYZERS, *analyzers):
+            argv += ["--analyzer", spec]
+        argv += list(args)
+        if "--workers" not in args:
+            # One process by default: the tests look at its RSS, fds, CPU and exit line.
+            argv += ["--workers", "1"]
+        full_env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TUNRELAY_DIGEST_LOG=str(digest_log),
+            TUNRELAY_STATE_DUMP=str(state_file),
+            **(env or {}),
+        )
+        before = gateway_snapshot(topology)
+        t0 = time.monotonic()
+        with open(log_path, "wb") as out:
+            proc = topology.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        relay = RelayProcess(
+            topology, proc, log_path, flow_log, digest_log, state_file, t0,
+            expected_tracebacks=tuple(expected_tracebacks), gateway_before=before,
+        )  # fmt: skip
+        relays.append(relay)
+        deadline = t0 + READY_TIMEOUT
+        while READY_MARK not in relay.log_text():
+            assert relay.alive(), f"the relay exited while starting: {relay.describe()}"
+            assert time.monotonic() < deadline, (
+                f"the relay was not ready after {READY_TIMEOUT} s: {relay.describe()}"
+            )
+            time.sleep(0.02)
+        relay._ready_seconds = time.monotonic() - t0
+        return relay
+
+    yield start
+
+    failures = []
+    for relay in relays:
+        # A relay the test stopped itself was checked then.
+        checks = [] if relay.stopped else [relay.check_running, relay.stop]
+        for check in checks:
+            try:
+                check()
+            except AssertionError as exc:
+                failures.append(str(exc))
+    # Tear the lab down now (``topology``'s own close is then a no-op) to check it.
+    topology.close()
+    left = [name for name in (topology.cli, topology.gw, topology.srv) if netns.exists(name)]
+    if left:
+        failures.append(f"namespaces left behind: {left}")
+    if failures:
+        pytest.fail("relay tear-down checks failed:\n" + "\n\n".join(failures), pytrace=False)
+
+
+@pytest.fixture(name="relay")
+def relay_fixture(start_relay: Callable[..., RelayProcess]) -> RelayProcess:
+    """`tunrelay run` in the gateway with StreamDigest and the flow log, ready."""
+    return start_relay()

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     IO_TIMEOUT,
     STOP_TIMEOUT,
     Received,
@@ -52,7 +52,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     relay_installed,
     run_parallel,
     send_pattern,
-    start_relay_fixture,
 )
 
 from relay.lab.topology import Topology

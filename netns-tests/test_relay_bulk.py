@@ -17,7 +17,7 @@ import socket
 import time
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     IO_TIMEOUT,
     MIB,
     Received,
@@ -27,10 +27,8 @@ from relay_harness import (  # noqa: F401 - the fixtures
     expected_digest,
     listener,
     recv_stream,
-    relay_fixture,
     run_parallel,
     send_pattern,
-    start_relay_fixture,
 )
 
 from relay.lab.topology import Topology

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     MIB,
     TUN,
     Received,
@@ -25,11 +25,9 @@ from relay_harness import (  # noqa: F401 - the fixtures
     expected_digest,
     listener,
     recv_stream,
-    relay_fixture,
     relay_installed,
     run_parallel,
     send_pattern,
-    start_relay_fixture,
 )
 
 from relay.host import netns

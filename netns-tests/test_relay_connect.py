@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     MIB,
     TUN,
     RelayProcess,
@@ -29,8 +29,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     expected_digest,
     listener,
     pattern_chunks,
-    relay_fixture,
-    start_relay_fixture,
 )
 
 from relay.lab.topology import Topology

@@ -20,11 +20,9 @@ import sys
 from collections.abc import Sequence
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     RelayProcess,
     addrs,
-    relay_fixture,
-    start_relay_fixture,
 )
 
 from relay.datapath.echo import PING_GROUP_RANGE, enable_ping_sockets

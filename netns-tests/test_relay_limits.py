@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     MIB,
     RelayProcess,
     addrs,
@@ -39,9 +39,7 @@ from relay_harness import (  # noqa: F401 - the fixtures
     listener,
     pattern_chunks,
     recv_stream,
-    relay_fixture,
     run_parallel,
-    start_relay_fixture,
 )
 
 from relay.lab.topology import Topology

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     MIB,
     Received,
     RelayProcess,
@@ -76,7 +76,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     recv_stream,
     run_threads,
     send_pattern,
-    start_relay_fixture,
     tcp_counters,
 )
 

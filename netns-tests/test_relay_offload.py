@@ -19,7 +19,7 @@ import socket
 import time
 
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     IO_TIMEOUT,
     MIB,
     Received,
@@ -31,7 +31,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     recv_stream,
     run_parallel,
     send_pattern,
-    start_relay_fixture,
 )
 
 from relay.lab.topology import Topology

@@ -28,11 +28,9 @@ from pathlib import Path
 import dns.message
 import dns.query
 import pytest
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     RelayProcess,
     addrs,
-    relay_fixture,
-    start_relay_fixture,
 )
 
 from relay.host import netns

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from stack_helpers import CLIENT_ISN, SERVER_ISN, Out, events, out, seg
+from packets import CLIENT_ISN, SERVER_ISN, ParsedTcp, sent_tcp, stack_events, tcp_packet
 
 from stack import ConnectionRequest, DataReceived, FlowId, Stack, StackConfig, TcpConfig
 from stack.wire.tcp import ACK, PSH, SYN, encode_options
@@ -19,19 +19,19 @@ MSS = 1000
 DATA = bytes(range(256)) * 160  # 41 segments: more than cwnd allows
 
 
-def opened(*, sack: bool = False, ts: bool = False) -> tuple[Stack, FlowId, list[Out]]:
+def opened(*, sack: bool = False, ts: bool = False) -> tuple[Stack, FlowId, list[ParsedTcp]]:
     """A stack with one established flow that has sent DATA as far as cwnd allows."""
     stack = Stack(StackConfig(tcp=TcpConfig(tail_loss_probe=False)))
     syn_opts = encode_options(mss=MSS, sack_permitted=sack, timestamps=(100, 0) if ts else None)
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=syn_opts), 0.0)
-    (ev,) = events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=syn_opts), 0.0)
+    (ev,) = stack_events(stack)
     assert isinstance(ev, ConnectionRequest)
     stack.accept(ev.flow, isn=SERVER_ISN)
-    out(stack)
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=stamp(101, ts)), 0.0)
-    events(stack)
+    sent_tcp(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, options=stamp(101, ts)), 0.0)
+    stack_events(stack)
     stack.send(ev.flow, DATA)
-    sent = out(stack, 0.01)
+    sent = sent_tcp(stack, 0.01)
     assert len(sent) >= 8 and all(len(p.payload) > 0 for p in sent)
     return stack, ev.flow, sent
 
@@ -48,8 +48,8 @@ def acked(n: int) -> int:
 class Twins(NamedTuple):
     one: Stack  # fed packet by packet
     batched: Stack  # fed one batch
-    out_a: list[Out]
-    out_b: list[Out]
+    out_a: list[ParsedTcp]
+    out_b: list[ParsedTcp]
     events: list[object]  # the same for both
 
 
@@ -64,16 +64,16 @@ def twins(packets: list[bytes], **opened_args: bool) -> Twins:
     for p in packets:
         batched.receive(p, now, batch=True)
     batched.end_batch(now)
-    out_a, out_b = out(one, now), out(batched, now)
-    found = events(one)
-    assert events(batched) == found
+    out_a, out_b = sent_tcp(one, now), sent_tcp(batched, now)
+    found = stack_events(one)
+    assert stack_events(batched) == found
     return Twins(one, batched, out_a, out_b, found)
 
 
 def test_a_run_of_cumulative_acks_counts_as_its_last() -> None:
     # A delayed-ACK client: one ACK per two segments. In slow start each covers
     # 2 SMSS, so the merged ACK must grow cwnd as much as the five did.
-    packets = [seg(CLIENT_ISN + 1, acked(k * 2 * MSS)) for k in range(1, 6)]
+    packets = [tcp_packet(CLIENT_ISN + 1, acked(k * 2 * MSS)) for k in range(1, 6)]
     r = twins(packets)
     assert r.batched.stats.acks_merged == 4 and r.one.stats.acks_merged == 0
     assert r.out_b == r.out_a
@@ -82,7 +82,7 @@ def test_a_run_of_cumulative_acks_counts_as_its_last() -> None:
 
 def test_duplicate_acks_are_not_merged_and_still_trigger_fast_retransmit() -> None:
     first = acked(MSS)
-    packets = [seg(CLIENT_ISN + 1, first)] + [seg(CLIENT_ISN + 1, first)] * 3
+    packets = [tcp_packet(CLIENT_ISN + 1, first)] + [tcp_packet(CLIENT_ISN + 1, first)] * 3
     r = twins(packets)
     assert r.batched.stats.acks_merged == 0
     assert r.out_b == r.out_a
@@ -94,10 +94,10 @@ def test_acks_with_sack_blocks_are_not_merged() -> None:
         return encode_options(sack_blocks=[(acked(left), acked(right))])
 
     packets = [
-        seg(CLIENT_ISN + 1, acked(MSS)),
-        seg(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 3 * MSS)),
-        seg(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 4 * MSS)),
-        seg(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 5 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 3 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 4 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(MSS), options=sack(2 * MSS, 5 * MSS)),
     ]
     r = twins(packets, sack=True)
     assert r.batched.stats.acks_merged == 0
@@ -108,11 +108,11 @@ def test_acks_with_sack_blocks_are_not_merged() -> None:
 def test_data_between_acks_keeps_the_order() -> None:
     payload = b"upload"
     packets = [
-        seg(CLIENT_ISN + 1, acked(2 * MSS)),
-        seg(CLIENT_ISN + 1, acked(4 * MSS)),
-        seg(CLIENT_ISN + 1, acked(4 * MSS), ACK | PSH, payload),
-        seg(CLIENT_ISN + 1 + len(payload), acked(6 * MSS)),
-        seg(CLIENT_ISN + 1 + len(payload), acked(8 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(2 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(4 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(4 * MSS), ACK | PSH, payload),
+        tcp_packet(CLIENT_ISN + 1 + len(payload), acked(6 * MSS)),
+        tcp_packet(CLIENT_ISN + 1 + len(payload), acked(8 * MSS)),
     ]
     r = twins(packets)
     assert r.batched.stats.acks_merged == 2  # 2 into 4 before the data, 6 into 8 after
@@ -122,10 +122,10 @@ def test_data_between_acks_keeps_the_order() -> None:
 
 def test_timestamps_that_go_backwards_end_the_run() -> None:
     packets = [
-        seg(CLIENT_ISN + 1, acked(2 * MSS), options=stamp(200, True)),
-        seg(CLIENT_ISN + 1, acked(4 * MSS), options=stamp(199, True)),  # reordered
-        seg(CLIENT_ISN + 1, acked(6 * MSS), options=stamp(201, True)),
-        seg(CLIENT_ISN + 1, acked(8 * MSS), options=stamp(202, True)),
+        tcp_packet(CLIENT_ISN + 1, acked(2 * MSS), options=stamp(200, True)),
+        tcp_packet(CLIENT_ISN + 1, acked(4 * MSS), options=stamp(199, True)),  # reordered
+        tcp_packet(CLIENT_ISN + 1, acked(6 * MSS), options=stamp(201, True)),
+        tcp_packet(CLIENT_ISN + 1, acked(8 * MSS), options=stamp(202, True)),
     ]
     r = twins(packets, ts=True)
     assert r.batched.stats.acks_merged == 1  # only 6 into 8
@@ -135,17 +135,17 @@ def test_timestamps_that_go_backwards_end_the_run() -> None:
 def test_held_acks_are_released_by_packets_to_send_without_end_batch() -> None:
     stack, _, _ = opened()
     for k in (2, 4):
-        stack.receive(seg(CLIENT_ISN + 1, acked(k * MSS)), 0.05, batch=True)
-    resent = out(stack, 0.05)  # no end_batch(): packets_to_send does it
+        stack.receive(tcp_packet(CLIENT_ISN + 1, acked(k * MSS)), 0.05, batch=True)
+    resent = sent_tcp(stack, 0.05)  # no end_batch(): packets_to_send does it
     assert stack.stats.acks_merged == 1
     assert len(resent) == 8 and resent[0].tcp.seq == acked(10 * MSS)
 
 
 def test_an_ack_beyond_what_was_sent_is_not_merged_into_a_run() -> None:
     packets = [
-        seg(CLIENT_ISN + 1, acked(2 * MSS)),
-        seg(CLIENT_ISN + 1, acked(len(DATA) + 5)),  # never sent: dropped, answered by an ACK
-        seg(CLIENT_ISN + 1, acked(4 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(2 * MSS)),
+        tcp_packet(CLIENT_ISN + 1, acked(len(DATA) + 5)),  # never sent: dropped, answered by an ACK
+        tcp_packet(CLIENT_ISN + 1, acked(4 * MSS)),
     ]
     r = twins(packets)
     assert r.batched.stats.acks_merged == 0
@@ -156,8 +156,8 @@ def test_an_ack_beyond_what_was_sent_is_not_merged_into_a_run() -> None:
 
 def test_merged_acks_deliver_nothing_twice() -> None:
     # The client's data, then its ACK-only run: the upload arrives once.
-    packets = [seg(CLIENT_ISN + 1, acked(MSS), ACK | PSH, b"x" * 10)] + [
-        seg(CLIENT_ISN + 11, acked(k * MSS)) for k in (2, 3, 4)
+    packets = [tcp_packet(CLIENT_ISN + 1, acked(MSS), ACK | PSH, b"x" * 10)] + [
+        tcp_packet(CLIENT_ISN + 11, acked(k * MSS)) for k in (2, 3, 4)
     ]
     result = twins(packets)
     assert result.batched.stats.acks_merged == 2

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from packets import parse_tcp_packet
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
@@ -31,9 +32,8 @@ from relay.datapath.isn import IsnGenerator
 from relay.datapath.packet_source import MemoryPacketSource
 from stack import FlowId, Stack, StackConfig, State, TcpConfig
 from stack.seq import seq_add, seq_gt, seq_lt, seq_sub
-from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import parse_ip
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_packet, encode_options, parse_tcp
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_packet, encode_options
 
 CLIENT_IP = {4: "198.18.0.2", 6: "fd00::2"}
 SERVER_IP = {4: "198.19.0.80", 6: "fd00:1::80"}
@@ -219,10 +219,7 @@ class Harness:
             for packet in await self.source.receive_batch():
                 ip = parse_ip(packet)
                 if ip.proto == 6:
-                    sums = pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6
-                    length = ip.end - ip.offset
-                    tcp = parse_tcp(packet, ip.offset, ip.end, sums(ip.src, ip.dst, 6, length))
-                    payload = packet[ip.offset + tcp.header_len : ip.end]
+                    _, _, tcp, payload = parse_tcp_packet(packet)
                     seg = Seg(tcp.flags, tcp.seq, tcp.ack, tcp.window, payload, tcp.options.mss)
                     self.clients[(ip.version, tcp.dst_port)].on_segment(seg)
                 else:

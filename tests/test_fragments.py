@@ -7,11 +7,19 @@ format would have to be made twice.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import struct
 
 import pytest
+from packets import (
+    ADDR_TEXT,
+    ADDRS,
+    V4_V6,
+    echo_request_packet,
+    parse_icmp_packet,
+    stack_events,
+    udp_packet,
+)
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet import fragment as scapy_fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
@@ -25,22 +33,14 @@ from stack import (
     StackConfig,
 )
 from stack.fragments import Reassembler, fragment
-from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip
+from stack.wire import parse_ip
 from stack.wire.icmp import ICMP6_TIME_EXCEEDED, TIME_EXCEEDED
 
-C4 = ipaddress.ip_address("198.18.1.2").packed
-S4 = ipaddress.ip_address("198.18.2.2").packed
-C6 = ipaddress.ip_address("fd00:1::2").packed
-S6 = ipaddress.ip_address("fd00:2::2").packed
-ADDRS = {4: (C4, S4), 6: (C6, S6)}
-V4_V6 = pytest.mark.parametrize("version", [4, 6])
 _U16 = struct.Struct("!H")
 
 
 def datagram(version: int, size: int = 4000, seed: int = 1) -> bytes:
-    c, s = ADDRS[version]
-    payload = random.Random(seed).randbytes(size)
-    return build_udp_packet(c, s, 40000, 5000, payload)
+    return udp_packet(version, random.Random(seed).randbytes(size))
 
 
 def frags(packet: bytes, mtu: int = 1500, ident: int = 7) -> list[bytes]:
@@ -128,7 +128,7 @@ def test_reassembles_in_any_order(version: int, order: str) -> None:
 
 @V4_V6
 def test_reassembles_scapy_fragments(version: int) -> None:
-    c, s = ("198.18.1.2", "198.18.2.2") if version == 4 else ("fd00:1::2", "fd00:2::2")
+    c, s = ADDR_TEXT[version]
     payload = bytes(range(256)) * 16
     if version == 4:
         pkt = IP(src=c, dst=s, id=99) / UDP(sport=1, dport=2) / Raw(payload)
@@ -295,20 +295,13 @@ def test_ipv6_nested_fragment_header_is_dropped() -> None:
 # --- through the Stack ------------------------------------------------------------------
 
 
-def events(stack: Stack) -> list[object]:
-    found = []
-    while (ev := stack.next_event()) is not None:
-        found.append(ev)
-    return found
-
-
 @V4_V6
 def test_stack_delivers_a_reassembled_udp_datagram(version: int) -> None:
     stack = Stack()
     original = datagram(version, 4000)
     for p in reversed(frags(original)):
         stack.receive(p, 0.0)
-    evs = events(stack)
+    evs = stack_events(stack)
     data = [e for e in evs if isinstance(e, DatagramReceived)]
     assert len(data) == 1
     assert data[0].data == original[(28 if version == 4 else 48) :]
@@ -318,12 +311,11 @@ def test_stack_delivers_a_reassembled_udp_datagram(version: int) -> None:
 
 @V4_V6
 def test_stack_delivers_a_reassembled_echo_request(version: int) -> None:
-    c, s = ADDRS[version]
     payload = bytes(range(256)) * 12
     stack = Stack()
-    for p in frags(build_echo(c, s, ident=9, seq=3, payload=payload, reply=False)):
+    for p in frags(echo_request_packet(version, ident=9, seq=3, payload=payload)):
         stack.receive(p, 0.0)
-    (echo,) = [e for e in events(stack) if isinstance(e, EchoRequest)]
+    (echo,) = [e for e in stack_events(stack) if isinstance(e, EchoRequest)]
     assert (echo.flow.client_port, echo.seq, echo.data) == (9, 3, payload)
 
 
@@ -338,20 +330,12 @@ def test_stack_sends_time_exceeded_at_the_reassembly_timeout(version: int) -> No
     assert deadline == 1.0 + (30.0 if version == 4 else 60.0)
     stack.handle_timer(deadline)
     (err,) = stack.packets_to_send(deadline)
-    ip = parse_ip(err)
+    ip, icmp = parse_icmp_packet(err)
     assert (ip.src, ip.dst) == (s, c)
-    icmp = parse_icmp(err, ip.offset, ip.end, None if version == 4 else _pseudo6(ip))
     assert icmp.type == (TIME_EXCEEDED if version == 4 else ICMP6_TIME_EXCEEDED)
     assert icmp.code == 1  # fragment reassembly time exceeded
     assert err[ip.offset + 8 : ip.offset + 28] == pieces[0][:20]  # quotes the first fragment
     assert stack.get_timer() is None
-
-
-def _pseudo6(ip: object) -> int:
-    from stack.wire import pseudo_sum_v6
-
-    assert hasattr(ip, "src")
-    return pseudo_sum_v6(ip.src, ip.dst, 58, ip.end - ip.offset)  # type: ignore[attr-defined]
 
 
 def test_stack_config_bounds_reassembly() -> None:

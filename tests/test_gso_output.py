@@ -12,43 +12,32 @@ from __future__ import annotations
 
 import struct
 
-from stack import Stack, StackConfig
+from packets import (
+    C4,
+    C6,
+    S4,
+    S6,
+    SERVER_ISN,
+    open_tcp_flow,
+    parse_tcp_packet,
+)
+
+from stack import FlowId, Stack, StackConfig
 from stack.wire.checksum import checksum
 from stack.wire.tcp import (
     ACK,
     FIN,
     PSH,
-    SYN,
     OffloadPacket,
     build_tcp_packet,
     encode_options,
 )
-from tests.stack_helpers import C6, CLIENT_ISN, S6, SERVER_ISN, events, out, parse_out, seg
-
-LINUX_SYN = encode_options(mss=1460, sack_permitted=True, timestamps=(1000, 0), wscale=7)
 
 
-def connect(stack: Stack, *, src: bytes | None = None, dst: bytes | None = None) -> object:
-    kw = {} if src is None else {"src": src, "dst": dst}
-    syn_opts = (
-        LINUX_SYN
-        if src is None
-        else encode_options(mss=1440, sack_permitted=True, timestamps=(1000, 0), wscale=7)
-    )
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=syn_opts, **kw), 0.0)  # type: ignore[arg-type]
-    (ev,) = events(stack)
-    flow = ev.flow  # type: ignore[attr-defined]
-    stack.accept(flow, isn=SERVER_ISN)
-    (synack,) = out(stack)
-    ts = synack.tcp.options.timestamps
-    assert ts is not None
-    ack_opts = encode_options(timestamps=(1001, ts[0]))
-    stack.receive(
-        seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ack_opts, window=4000, **kw),  # type: ignore[arg-type]
-        0.0,
-    )
-    events(stack)
-    return flow
+def connect(stack: Stack, *, src: bytes = C4, dst: bytes = S4, mss: int = 1460) -> FlowId:
+    """An established flow that negotiated what Linux offers; the client's window is 4000."""
+    syn = encode_options(mss=mss, sack_permitted=True, timestamps=(1000, 0), wscale=7)
+    return open_tcp_flow(stack, src=src, dst=dst, syn_options=syn, window=4000, timestamps=True)
 
 
 def finish_checksum(p: bytes, csum_start: int) -> bytes:
@@ -81,17 +70,17 @@ def gso_segment(p: OffloadPacket) -> list[bytes]:
 def test_a_window_of_full_segments_goes_as_one_super_segment() -> None:
     stack = Stack(StackConfig(offload=True))
     flow = connect(stack)
-    stack.send(flow, bytes(range(256)) * 400)  # type: ignore[arg-type]
+    stack.send(flow, bytes(range(256)) * 400)
     (p,) = stack.packets_to_send(0.0)  # the initial window, 10 segments, in one write
     assert isinstance(p, OffloadPacket)
     assert p.gso_size == 1448 and p.csum_start == 20 and p.hdr_len == 20 + 20 + 12
-    pieces = [parse_out(x) for x in gso_segment(p)]  # checksums verified
+    pieces = [parse_tcp_packet(x) for x in gso_segment(p)]  # checksums verified
     assert [len(x.payload) for x in pieces] == [1448] * 10
     assert b"".join(x.payload for x in pieces) == (bytes(range(256)) * 400)[:14480]
     assert [x.tcp.seq for x in pieces] == [SERVER_ISN + 1 + 1448 * k for k in range(10)]
     assert all(len(x) <= 1500 for x in gso_segment(p))
     # The partial checksum is right for the super-segment as a whole too.
-    assert parse_out(finish_checksum(p, p.csum_start)).payload == b"".join(
+    assert parse_tcp_packet(finish_checksum(p, p.csum_start)).payload == b"".join(
         x.payload for x in pieces
     )
 
@@ -99,10 +88,10 @@ def test_a_window_of_full_segments_goes_as_one_super_segment() -> None:
 def test_the_last_short_segment_ends_the_run_and_keeps_psh() -> None:
     stack = Stack(StackConfig(offload=True))
     flow = connect(stack)
-    stack.send(flow, bytes(3 * 1448 + 100))  # type: ignore[arg-type]
+    stack.send(flow, bytes(3 * 1448 + 100))
     (p,) = stack.packets_to_send(0.0)
     assert isinstance(p, OffloadPacket) and p.gso_size == 1448
-    pieces = [parse_out(x) for x in gso_segment(p)]
+    pieces = [parse_tcp_packet(x) for x in gso_segment(p)]
     assert [len(x.payload) for x in pieces] == [1448, 1448, 1448, 100]
     assert [x.tcp.flags for x in pieces] == [ACK, ACK, ACK, ACK | PSH]
 
@@ -110,35 +99,35 @@ def test_the_last_short_segment_ends_the_run_and_keeps_psh() -> None:
 def test_a_single_segment_and_pure_acks() -> None:
     stack = Stack(StackConfig(offload=True))
     flow = connect(stack)
-    stack.send(flow, b"hello")  # type: ignore[arg-type]
+    stack.send(flow, b"hello")
     (p,) = stack.packets_to_send(0.0)
     assert isinstance(p, OffloadPacket) and p.gso_size == 0  # NEEDS_CSUM only
-    assert parse_out(finish_checksum(p, p.csum_start)).payload == b"hello"
+    assert parse_tcp_packet(finish_checksum(p, p.csum_start)).payload == b"hello"
     # Segments without payload keep full checksums: plain bytes.
-    stack.close(flow)  # type: ignore[arg-type]
+    stack.close(flow)
     (fin,) = stack.packets_to_send(0.1)
-    assert type(fin) is bytes and parse_out(fin).tcp.flags & FIN
+    assert type(fin) is bytes and parse_tcp_packet(fin).tcp.flags & FIN
 
 
 def test_ipv6_super_segments_use_the_smaller_mss() -> None:
     stack = Stack(StackConfig(offload=True))
-    flow = connect(stack, src=C6, dst=S6)
-    stack.send(flow, bytes(20_000))  # type: ignore[arg-type]
+    flow = connect(stack, src=C6, dst=S6, mss=1440)
+    stack.send(flow, bytes(20_000))
     (p,) = stack.packets_to_send(0.0)
     assert isinstance(p, OffloadPacket)
     assert p.gso_size == 1428 and p.csum_start == 40  # 1440 - 12 of TSopt, <= 1440
     pieces = gso_segment(p)
     assert all(len(x) <= 1500 for x in pieces)
-    assert sum(len(parse_out(x).payload) for x in pieces) == 10 * 1428
+    assert sum(len(parse_tcp_packet(x).payload) for x in pieces) == 10 * 1428
 
 
 def test_without_offload_nothing_changes() -> None:
     stack = Stack()
     flow = connect(stack)
-    stack.send(flow, bytes(20_000))  # type: ignore[arg-type]
+    stack.send(flow, bytes(20_000))
     packets = stack.packets_to_send(0.0)
     assert len(packets) == 10 and all(type(p) is bytes for p in packets)
-    assert [len(parse_out(p).payload) for p in packets] == [1448] * 10
+    assert [len(parse_tcp_packet(p).payload) for p in packets] == [1448] * 10
 
 
 def test_tso_segments_change_nothing_on_the_wire() -> None:
@@ -151,7 +140,7 @@ def test_tso_segments_change_nothing_on_the_wire() -> None:
     got = []
     for stack in (plain, tso):
         flow = connect(stack)
-        stack.send(flow, data)  # type: ignore[arg-type]
+        stack.send(flow, data)
         got.append(stack.packets_to_send(0.0))
     assert len(got[0]) == 10 and got[0] == got[1]
 
@@ -161,8 +150,8 @@ def test_tso_segments_with_offload_make_one_gso_write() -> None:
 
     stack = Stack(StackConfig(tcp=TcpConfig(tso_segments=44), offload=True))
     flow = connect(stack)
-    stack.send(flow, bytes(range(256)) * 100)  # type: ignore[arg-type]
+    stack.send(flow, bytes(range(256)) * 100)
     (p,) = stack.packets_to_send(0.0)
     assert isinstance(p, OffloadPacket) and p.gso_size == 1448
-    pieces = [parse_out(x) for x in gso_segment(p)]
+    pieces = [parse_tcp_packet(x) for x in gso_segment(p)]
     assert b"".join(x.payload for x in pieces) == (bytes(range(256)) * 100)[:14480]

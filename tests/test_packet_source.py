@@ -136,7 +136,11 @@ async def test_packets_written_before_close_can_still_be_received() -> None:
 async def test_packet_loop_shape_echoes_with_timer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """The STYLE.md packet loop runs unchanged on a MemoryPacketSource."""
+    """The minimal shape of the relay's packet loop runs on a MemoryPacketSource:
+    drain a batch, receive it (the relay: ``stack.receive``; here: reverse each
+    packet), ``handle_timer`` once the deadline has passed, dispatch the events
+    (none here), write what is to be sent, then sleep until a packet arrives or
+    the deadline comes."""
     src = MemoryPacketSource()
     timer_fired: list[float] = []
 

@@ -5,6 +5,22 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from packets import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    open_tcp_flow,
+    parse_icmp_packet,
+    request_tcp_flow,
+    sent_tcp,
+    stack_events,
+    tcp_packet,
+)
 
 from stack import (
     Closed,
@@ -21,33 +37,15 @@ from stack import (
     TcpConfig,
     Unreachable,
 )
-from stack.wire.checksum import pseudo_sum_v6
-from stack.wire.icmp import parse_icmp
-from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
-from tests.stack_helpers import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    established,
-    events,
-    out,
-    request,
-    seg,
-)
 
 
 @pytest.mark.parametrize(("src", "dst", "version"), [(C4, S4, 4), (C6, S6, 6)])
 def test_syn_to_any_address_is_a_connection_request(src: bytes, dst: bytes, version: int) -> None:
     stack = Stack()
     opts = encode_options(mss=1400, sack_permitted=True)
-    stack.receive(seg(CLIENT_ISN, 0, SYN, src=src, dst=dst, options=opts), 0.0)
-    (ev,) = events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, src=src, dst=dst, options=opts), 0.0)
+    (ev,) = stack_events(stack)
     assert isinstance(ev, ConnectionRequest)
     assert ev.flow == FlowId(
         version,
@@ -58,15 +56,15 @@ def test_syn_to_any_address_is_a_connection_request(src: bytes, dst: bytes, vers
     )
     assert ev.options.mss == 1400
     assert ev.options.sack_permitted
-    assert out(stack) == []  # nothing until the caller decides
+    assert sent_tcp(stack) == []  # nothing until the caller decides
 
 
 def test_syn_retransmitted_while_undecided_is_absorbed() -> None:
     stack = Stack()
-    flow = request(stack)
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 1.0)
-    assert events(stack) == []
-    assert out(stack, 1.0) == []
+    flow = request_tcp_flow(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 1.0)
+    assert stack_events(stack) == []
+    assert sent_tcp(stack, 1.0) == []
     assert stack.state_of(flow) is State.LISTEN
 
 
@@ -75,39 +73,39 @@ def test_accept_sends_syn_ack_from_the_original_destination(
     src: bytes, dst: bytes, mss: int
 ) -> None:
     stack = Stack()
-    flow = request(stack, src=src, dst=dst)
+    flow = request_tcp_flow(stack, src=src, dst=dst)
     stack.accept(flow, isn=SERVER_ISN)
-    (p,) = out(stack)
+    (p,) = sent_tcp(stack)
     assert (p.src, p.dst) == (dst, src)
     assert (p.tcp.src_port, p.tcp.dst_port) == (SPORT, CPORT)
     assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (SERVER_ISN, CLIENT_ISN + 1, SYN | ACK)
     assert p.tcp.options.mss == mss
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, src=src, dst=dst), 0.01)
-    assert events(stack) == [Connected(flow)]
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, src=src, dst=dst), 0.01)
+    assert stack_events(stack) == [Connected(flow)]
     assert stack.state_of(flow) is State.ESTABLISHED
 
 
 def test_syn_ack_is_retransmitted_on_timeout() -> None:
     stack = Stack()
-    flow = request(stack)
+    flow = request_tcp_flow(stack)
     stack.accept(flow, isn=SERVER_ISN)
-    assert len(out(stack)) == 1
+    assert len(sent_tcp(stack)) == 1
     assert stack.get_timer() == pytest.approx(1.0)  # RFC 6298 2.1 initial RTO
     stack.handle_timer(0.5)
-    assert out(stack, 0.5) == []
+    assert sent_tcp(stack, 0.5) == []
     stack.handle_timer(1.0)
-    (p,) = out(stack, 1.0)
+    (p,) = sent_tcp(stack, 1.0)
     assert p.tcp.flags == SYN | ACK and p.tcp.seq == SERVER_ISN
     assert stack.get_timer() == pytest.approx(3.0)  # backed off to 2 s
 
 
 def test_reject_with_rst() -> None:
     stack = Stack()
-    flow = request(stack)
+    flow = request_tcp_flow(stack)
     stack.reject(flow, Reject.RST)
-    (p,) = out(stack)
+    (p,) = sent_tcp(stack)
     assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (0, CLIENT_ISN + 1, RST | ACK)
-    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+    assert stack_events(stack) == [Closed(flow, CloseReason.REJECTED)]
     assert len(stack) == 0
 
 
@@ -126,13 +124,11 @@ def test_reject_with_icmp_unreachable(
     src: bytes, dst: bytes, why: Unreachable, icmp_type: int, code: int
 ) -> None:
     stack = Stack()
-    flow = request(stack, src=src, dst=dst)
+    flow = request_tcp_flow(stack, src=src, dst=dst)
     stack.reject(flow, Reject.ICMP, unreachable=why)
     (packet,) = stack.packets_to_send(0.0)
-    ip = parse_ip(packet)
+    ip, icmp = parse_icmp_packet(packet)
     assert (ip.src, ip.dst) == (dst, src)
-    pseudo = None if ip.version == 4 else pseudo_sum_v6(ip.src, ip.dst, 58, ip.end - ip.offset)
-    icmp = parse_icmp(packet, ip.offset, ip.end, pseudo)
     assert (icmp.type, icmp.code) == (icmp_type, code)
     # The quote is the client's SYN: its addresses and then its ports.
     quoted = packet[ip.offset + 8 : ip.end]
@@ -140,81 +136,81 @@ def test_reject_with_icmp_unreachable(
     assert quoted[0] >> 4 == (4 if len(src) == 4 else 6)
     assert src in quoted[:hlen] and dst in quoted[:hlen]
     assert quoted[hlen : hlen + 4] == CPORT.to_bytes(2, "big") + SPORT.to_bytes(2, "big")
-    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+    assert stack_events(stack) == [Closed(flow, CloseReason.REJECTED)]
 
 
 def test_reject_silently_sends_nothing() -> None:
     stack = Stack()
-    flow = request(stack)
+    flow = request_tcp_flow(stack)
     stack.reject(flow, Reject.SILENT)
     assert stack.packets_to_send(0.0) == []
-    assert events(stack) == [Closed(flow, CloseReason.REJECTED)]
+    assert stack_events(stack) == [Closed(flow, CloseReason.REJECTED)]
 
 
 def test_segment_for_no_connection_is_answered_with_rst() -> None:
     stack = Stack()
-    stack.receive(seg(7, 1234, ACK, b"data"), 0.0)
-    (p,) = out(stack)
+    stack.receive(tcp_packet(7, 1234, ACK, b"data"), 0.0)
+    (p,) = sent_tcp(stack)
     assert (p.tcp.seq, p.tcp.flags) == (1234, RST)  # RFC 9293 3.10.7.1, ACK set
-    stack.receive(seg(7, 0, FIN), 0.0)
-    (p,) = out(stack)
+    stack.receive(tcp_packet(7, 0, FIN), 0.0)
+    (p,) = sent_tcp(stack)
     assert (p.tcp.seq, p.tcp.ack, p.tcp.flags) == (0, 8, RST | ACK)  # no ACK: ack = seq + len
-    stack.receive(seg(7, 0, RST), 0.0)
-    assert out(stack) == []  # never answer an RST
+    stack.receive(tcp_packet(7, 0, RST), 0.0)
+    assert sent_tcp(stack) == []  # never answer an RST
     assert stack.stats.rst_sent == 2
-    assert events(stack) == []
+    assert stack_events(stack) == []
 
 
 def test_data_both_ways_and_orderly_close() -> None:
     stack = Stack()
-    flow = established(stack)
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"hello"), 0.1)
-    assert events(stack) == [DataReceived(flow, b"hello")]
+    flow = open_tcp_flow(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"hello"), 0.1)
+    assert stack_events(stack) == [DataReceived(flow, b"hello")]
     stack.consumed(flow, 5)
     assert stack.send(flow, b"world") == 5
-    (p,) = out(stack, 0.1)
+    (p,) = sent_tcp(stack, 0.1)
     assert (p.tcp.seq, p.tcp.ack, p.payload) == (SERVER_ISN + 1, CLIENT_ISN + 6, b"world")
-    stack.receive(seg(CLIENT_ISN + 6, SERVER_ISN + 6, ACK | FIN), 0.2)
-    assert events(stack) == [PeerFinished(flow)]
-    (p,) = out(stack, 0.2)
+    stack.receive(tcp_packet(CLIENT_ISN + 6, SERVER_ISN + 6, ACK | FIN), 0.2)
+    assert stack_events(stack) == [PeerFinished(flow)]
+    (p,) = sent_tcp(stack, 0.2)
     assert p.tcp.ack == CLIENT_ISN + 7
     stack.close(flow)
-    (p,) = out(stack, 0.2)
+    (p,) = sent_tcp(stack, 0.2)
     assert p.tcp.flags & FIN and p.tcp.seq == SERVER_ISN + 6
-    stack.receive(seg(CLIENT_ISN + 7, SERVER_ISN + 7, ACK), 0.3)
-    assert events(stack) == [Closed(flow, CloseReason.FINISHED)]
+    stack.receive(tcp_packet(CLIENT_ISN + 7, SERVER_ISN + 7, ACK), 0.3)
+    assert stack_events(stack) == [Closed(flow, CloseReason.FINISHED)]
     assert len(stack) == 0
     assert stack.get_timer() is None
 
 
 def test_abort_sends_rst_and_forgets_the_flow() -> None:
     stack = Stack()
-    flow = established(stack)
+    flow = open_tcp_flow(stack)
     stack.abort(flow)
-    (p,) = out(stack)
+    (p,) = sent_tcp(stack)
     assert p.tcp.flags == RST | ACK and p.tcp.seq == SERVER_ISN + 1
-    assert events(stack) == [Closed(flow, CloseReason.ABORTED)]
+    assert stack_events(stack) == [Closed(flow, CloseReason.ABORTED)]
     assert len(stack) == 0
     assert stack.send(flow, b"late") == 0  # calls on a gone flow are ignored
 
 
 def test_client_rst_resets_the_flow() -> None:
     stack = Stack()
-    flow = established(stack)
-    stack.receive(seg(CLIENT_ISN + 1, 0, RST), 0.1)
-    evs = events(stack)
+    flow = open_tcp_flow(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, 0, RST), 0.1)
+    evs = stack_events(stack)
     assert [type(e).__name__ for e in evs] == ["ConnectionReset", "Closed"]
     assert evs[-1] == Closed(flow, CloseReason.RESET)
     assert len(stack) == 0
 
 
 def _server_closes_first(stack: Stack) -> FlowId:
-    flow = established(stack)
+    flow = open_tcp_flow(stack)
     stack.close(flow)  # server closes first: the stack ends in TIME-WAIT
-    (fin,) = out(stack)
+    (fin,) = sent_tcp(stack)
     assert fin.tcp.flags & FIN
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 0.1)
-    (ack,) = out(stack, 0.1)  # the ACK of the client's FIN is still sent
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 0.1)
+    (ack,) = sent_tcp(stack, 0.1)  # the ACK of the client's FIN is still sent
     assert (ack.tcp.seq, ack.tcp.ack, ack.tcp.flags) == (SERVER_ISN + 2, CLIENT_ISN + 2, ACK)
     return flow
 
@@ -223,31 +219,31 @@ def test_time_wait_reports_closed_at_once_and_keeps_the_4_tuple() -> None:
     stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
     flow = _server_closes_first(stack)
     # The relay is done with the flow now, not 30 s later.
-    assert events(stack)[-1] == Closed(flow, CloseReason.FINISHED)
+    assert stack_events(stack)[-1] == Closed(flow, CloseReason.FINISHED)
     assert stack.state_of(flow) is None and len(stack) == 0
     # A repeated FIN (our ACK was lost) is acknowledged again, not reset.
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 5.0)
-    (ack,) = out(stack, 5.0)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN), 5.0)
+    (ack,) = sent_tcp(stack, 5.0)
     assert (ack.tcp.seq, ack.tcp.ack, ack.tcp.flags) == (SERVER_ISN + 2, CLIENT_ISN + 2, ACK)
     # Other segments for the 4-tuple are dropped, RSTs ignored (RFC 1337).
-    stack.receive(seg(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 6.0)
-    stack.receive(seg(CLIENT_ISN + 2, 0, RST), 6.0)
-    assert out(stack, 6.0) == [] and events(stack) == []
+    stack.receive(tcp_packet(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 6.0)
+    stack.receive(tcp_packet(CLIENT_ISN + 2, 0, RST), 6.0)
+    assert sent_tcp(stack, 6.0) == [] and stack_events(stack) == []
     # After TIME-WAIT (restarted at 5.0) the 4-tuple is unknown: answered with RST.
     stack.handle_timer(35.1)
-    stack.receive(seg(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 35.1)
-    (rst,) = out(stack, 35.1)
+    stack.receive(tcp_packet(CLIENT_ISN + 2, SERVER_ISN + 2, ACK), 35.1)
+    (rst,) = sent_tcp(stack, 35.1)
     assert rst.tcp.flags == RST
 
 
 def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
     stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
     flow = _server_closes_first(stack)
-    events(stack)
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 0.2)
-    assert events(stack) == []  # an old SYN is not a new connection
-    stack.receive(seg(CLIENT_ISN + 100_000, 0, SYN, options=encode_options(mss=1460)), 0.3)
-    (ev,) = events(stack)
+    stack_events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 0.2)
+    assert stack_events(stack) == []  # an old SYN is not a new connection
+    stack.receive(tcp_packet(CLIENT_ISN + 100_000, 0, SYN, options=encode_options(mss=1460)), 0.3)
+    (ev,) = stack_events(stack)
     assert isinstance(ev, ConnectionRequest) and ev.flow == flow
     assert stack.state_of(flow) is State.LISTEN
 
@@ -255,35 +251,35 @@ def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
 def test_time_wait_table_is_bounded() -> None:
     stack = Stack(StackConfig(max_time_wait=3))
     for port in range(5000, 5010):
-        stack.receive(seg(CLIENT_ISN, 0, SYN, sport=port), 0.0)
-        (ev,) = [e for e in events(stack) if isinstance(e, ConnectionRequest)]
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+        (ev,) = [e for e in stack_events(stack) if isinstance(e, ConnectionRequest)]
         stack.accept(ev.flow, isn=SERVER_ISN)
-        out(stack)  # the SYN-ACK
-        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, sport=port), 0.0)
+        sent_tcp(stack)  # the SYN-ACK
+        stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, sport=port), 0.0)
         stack.close(ev.flow)
-        out(stack)  # the FIN
-        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN, sport=port), 0.0)
+        sent_tcp(stack)  # the FIN
+        stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN, sport=port), 0.0)
     assert len(stack._time_wait) == 3  # white-box: the oldest entries were evicted
 
 
 def test_pending_and_flow_limits_drop_syns() -> None:
     stack = Stack(StackConfig(max_pending=3, max_flows=5))
     for port in range(1000, 1010):
-        stack.receive(seg(1, 0, SYN, sport=port), 0.0)
-    reqs = [e for e in events(stack) if isinstance(e, ConnectionRequest)]
+        stack.receive(tcp_packet(1, 0, SYN, sport=port), 0.0)
+    reqs = [e for e in stack_events(stack) if isinstance(e, ConnectionRequest)]
     assert len(reqs) == 3
     assert stack.stats.syn_dropped == 7
     for r in reqs:
         stack.accept(r.flow, isn=1)
     for port in range(2000, 2010):
-        stack.receive(seg(1, 0, SYN, sport=port), 0.0)
-    assert len([e for e in events(stack) if isinstance(e, ConnectionRequest)]) == 2
+        stack.receive(tcp_packet(1, 0, SYN, sport=port), 0.0)
+    assert len([e for e in stack_events(stack) if isinstance(e, ConnectionRequest)]) == 2
     assert len(stack) == 5
 
 
 def test_malformed_packets_are_counted_and_dropped() -> None:
     stack = Stack()
-    good = seg(1, 0, SYN)
+    good = tcp_packet(1, 0, SYN)
     bad_sum = bytearray(good)
     bad_sum[-1] ^= 0xFF  # flips a byte the TCP checksum covers
     stack.receive(bytes(bad_sum), 0.0)
@@ -292,23 +288,25 @@ def test_malformed_packets_are_counted_and_dropped() -> None:
     stack.receive(b"\x45" + bytes(50), 0.0)
     assert stack.stats.checksum_errors == 1
     assert stack.stats.parse_errors == 3
-    assert events(stack) == [] and out(stack) == []
+    assert stack_events(stack) == [] and sent_tcp(stack) == []
 
 
 def test_many_flows_are_demultiplexed_by_4_tuple() -> None:
     stack = Stack()
     flows = {}
     for port in range(3000, 3020):
-        stack.receive(seg(CLIENT_ISN, 0, SYN, sport=port), 0.0)
-    for ev in events(stack):
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+    for ev in stack_events(stack):
         assert isinstance(ev, ConnectionRequest)
         stack.accept(ev.flow, isn=SERVER_ISN)
         flows[ev.flow.client_port] = ev.flow
-    out(stack)
+    sent_tcp(stack)
     for port in flows:
         payload = str(port).encode()
-        stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, payload, sport=port), 0.0)
-    data = {e.flow.client_port: e.data for e in events(stack) if isinstance(e, DataReceived)}
+        stack.receive(
+            tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, payload, sport=port), 0.0
+        )
+    data = {e.flow.client_port: e.data for e in stack_events(stack) if isinstance(e, DataReceived)}
     assert data == {port: str(port).encode() for port in flows}
 
 
@@ -317,24 +315,24 @@ def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
     # after every exchange the connection's deadline jumps 2 h ahead (keepalive)
     # and back. The heap once kept every such 2 h entry until it came due.
     stack = Stack(StackConfig(tcp=TcpConfig(keepalive=True)))
-    flow = established(stack)
-    events(stack)
+    flow = open_tcp_flow(stack)
+    stack_events(stack)
     cseq, sseq = CLIENT_ISN + 1, SERVER_ISN + 1
     now = 0.0
     for _ in range(2000):
         now += 1.0
-        stack.receive(seg(cseq, sseq, ACK | PSH, b"q" * 64), now)
+        stack.receive(tcp_packet(cseq, sseq, ACK | PSH, b"q" * 64), now)
         cseq += 64
-        for ev in events(stack):
+        for ev in stack_events(stack):
             if isinstance(ev, DataReceived):
                 stack.consumed(flow, len(ev.data))
         stack.send(flow, b"r" * 64)
-        (response,) = out(stack, now)
+        (response,) = sent_tcp(stack, now)
         assert (response.tcp.seq, response.payload) == (sseq, b"r" * 64)
         sseq += 64
         now += 0.001
-        stack.receive(seg(cseq, sseq), now)
-        assert out(stack, now) == []
+        stack.receive(tcp_packet(cseq, sseq), now)
+        assert sent_tcp(stack, now) == []
         stack.get_timer()
     assert len(stack._timers) <= 64  # the heap itself: what used to grow, 1 per exchange
     # The timers still run: the keepalive probe (SEG.SEQ = SND.NXT - 1) 2 h after
@@ -343,7 +341,7 @@ def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
         deadline = stack.get_timer()
         assert deadline is not None
         stack.handle_timer(deadline)
-        if sent := out(stack, deadline):
+        if sent := sent_tcp(stack, deadline):
             break
     (probe,) = sent
     assert deadline == pytest.approx(now + 7200.0)

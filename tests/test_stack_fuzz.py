@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packets import C4, C6, CLIENT_ISN, S4, S6, SERVER_ISN, open_tcp_flow, tcp_packet
 
 from stack import Stack, StackConfig, TcpConfig
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
-from tests.stack_helpers import C4, C6, CLIENT_ISN, S4, S6, SERVER_ISN, established, seg
 
 LIMITS = StackConfig(
     tcp=TcpConfig(rcv_buf=4096, ooo_limit=2048, snd_buf=4096), max_flows=8, max_pending=4
 )
 
 _valid = st.builds(
-    seg,
+    tcp_packet,
     seq=st.sampled_from([CLIENT_ISN, CLIENT_ISN + 1, CLIENT_ISN + 3000, 0, 0xFFFFFFFF])
     | st.integers(0, 2**32 - 1),
     ack=st.sampled_from([SERVER_ISN + 1, 0]) | st.integers(0, 2**32 - 1),
@@ -28,7 +28,7 @@ _valid = st.builds(
     options=st.sampled_from([b"", encode_options(mss=1), encode_options(mss=1460, wscale=14)]),
 )
 _valid6 = st.builds(
-    seg,
+    tcp_packet,
     seq=st.integers(0, 2**32 - 1),
     flags=st.sampled_from([SYN, ACK, ACK | FIN, RST]),
     payload=st.binary(max_size=100),
@@ -71,7 +71,7 @@ def _check_bounds(stack: Stack) -> None:
 @given(packets=_packets, accept=st.booleans())
 def test_hostile_packets_never_raise_and_stay_bounded(packets: list[bytes], accept: bool) -> None:
     stack = Stack(LIMITS)
-    established(stack)
+    open_tcp_flow(stack)
     now = 0.0
     for p in packets:
         now += 0.05

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tests.tcp_helpers import IRS, ISS, TEMPLATE, drain, established, recv, send
+from tcp_helpers import IRS, ISS, TEMPLATE, drain, established, recv, send
 
 
 def test_pure_ack_at_the_window_edge_acknowledges_our_data() -> None:

@@ -21,15 +21,14 @@ from typing import Any, cast
 import pytest
 import test_tcp_property
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from test_tcp_property import (
     MAX_EXAMPLES,
+    PropertyRun,
     _run,
     app_scripts,
     configs,
     full_configs,
-    isns,
-    percent,
+    property_runs,
 )
 
 from stack.config import TcpConfig
@@ -125,24 +124,14 @@ class Twin:
         return call
 
 
-common = {
-    "seed": st.integers(0, 2**32 - 1),
-    "loss": percent(20),
-    "dup": percent(10),
-    "reorder": percent(20),
-    "isn_a": isns,
-    "isn_b": isns,
-}
-
-
 @settings(
     max_examples=max(MAX_EXAMPLES // 25, 1),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(cfg_a=configs, cfg_b=configs, script_a=app_scripts(), script_b=app_scripts(), **common)
-def test_the_fast_path_leaves_the_same_state_as_the_full_path(**kw: Any) -> None:
-    _run(**kw, factory=Twin)
+@given(run=property_runs(configs, app_scripts()))
+def test_the_fast_path_leaves_the_same_state_as_the_full_path(run: PropertyRun) -> None:
+    _run(run, factory=Twin)
 
 
 @settings(
@@ -150,15 +139,9 @@ def test_the_fast_path_leaves_the_same_state_as_the_full_path(**kw: Any) -> None
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(
-    cfg_a=full_configs,
-    cfg_b=full_configs,
-    script_a=app_scripts(big=True),
-    script_b=app_scripts(big=True),
-    **common,
-)
-def test_the_fast_path_with_sack_timestamps_and_window_scaling(**kw: Any) -> None:
-    _run(**kw, factory=Twin)
+@given(run=property_runs(full_configs, app_scripts(big=True)))
+def test_the_fast_path_with_sack_timestamps_and_window_scaling(run: PropertyRun) -> None:
+    _run(run, factory=Twin)
 
 
 @pytest.fixture
@@ -172,7 +155,9 @@ def test_the_fast_path_takes_most_segments_of_a_plain_exchange() -> None:
     cfg = TcpConfig()
     a, b = ((200_000, [(0.0, 100_000), (0.5, 100_000)], 2.0, 0.0) for _ in "ab")  # App pops
     factory = cast(Callable[..., TcpConnection], Twin)
-    pair = _run(7, 0.0, 0.0, 0.0, cfg, cfg, 1, 2, a, b, factory)
+    run = PropertyRun(seed=7, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
+                      isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
+    pair = _run(run, factory)
     twins = cast(list[Twin], [pair.a, pair.b])
     for twin in twins:
         assert twin.fast.predicted >= 200_000 // cfg.mss, twin.fast.predicted
@@ -200,7 +185,9 @@ def test_a_fast_path_that_skipped_a_step_is_caught() -> None:
     a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
     factory = cast(Callable[..., TcpConnection], BrokenTwin)
     try:
-        _run(1, 0.0, 0.0, 0.0, cfg, cfg, 1, 2, a, b, factory)
+        run = PropertyRun(seed=1, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
+                          isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
+        _run(run, factory)
     except AssertionError as exc:
         assert "snd_wl1" in str(exc) or "snd_wnd" in str(exc), exc
     else:

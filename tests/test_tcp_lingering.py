@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from packets import open_tcp_flow, sent_tcp
 from tcp_helpers import (
     ACK,
     FLOW,
@@ -32,8 +33,6 @@ from stack import Stack, StackConfig
 from stack.config import TcpConfig
 from stack.events import Closed, CloseReason
 from stack.tcp.connection import State
-from tests.stack_helpers import established as stack_established
-from tests.stack_helpers import out
 
 KA = TcpConfig(
     keepalive=True, keepalive_idle=100.0, keepalive_interval=10.0, keepalive_probes=3,
@@ -156,10 +155,10 @@ def test_fin_wait_2_keeps_its_own_timer() -> None:
 
 def test_stack_forgets_an_idle_flow() -> None:
     stack = Stack(StackConfig(tcp=IDLE))
-    flow = stack_established(stack)
+    flow = open_tcp_flow(stack)
     assert stack.get_timer() == 30.0
     stack.handle_timer(30.0)
-    (rst,) = out(stack, 30.0)
+    (rst,) = sent_tcp(stack, 30.0)
     assert rst.tcp.flags == RST | ACK
     assert stack.state_of(flow) is None
     ev = stack.next_event()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from packets import CLIENT_ISN, SERVER_ISN, sent_tcp, stack_events, tcp_packet
 from tcp_helpers import (
     ACK,
     ALL_OPTIONS,
@@ -40,7 +41,6 @@ from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import PAWS_IDLE, offset_for
 from stack.wire.tcp import SYN as SYN_FLAG
 from stack.wire.tcp import TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 
 M = 0xFFFFFFFF
 OFF = offset_for(ISS)
@@ -345,15 +345,15 @@ def test_send_buffer_grows_for_a_caller_that_offers_only_the_free_space() -> Non
     # finds the buffer overfull; a full buffer seen through Stack.send_space grows it.
     stack = Stack(StackConfig(tcp=TcpConfig(snd_buf_initial=20_000, snd_buf=100_000)))
     syn = encode_options(mss=1460, sack_permitted=True, timestamps=(7, 0), wscale=7)
-    stack.receive(seg(CLIENT_ISN, 0, SYN_FLAG, options=syn), 0.0)
-    (req,) = events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN_FLAG, options=syn), 0.0)
+    (req,) = stack_events(stack)
     flow = req.flow  # type: ignore[attr-defined]
     stack.accept(flow, isn=SERVER_ISN)
-    (synack,) = out(stack)
+    (synack,) = sent_tcp(stack)
     assert synack.tcp.options.timestamps is not None
     ts = encode_options(timestamps=(8, synack.tcp.options.timestamps[0]))
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ts, window=4000), 0.0)
-    events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, options=ts, window=4000), 0.0)
+    stack_events(stack)
     assert stack.send_space(flow) == 20_000
     assert stack.send(flow, bytes(20_000)) == 20_000
     assert stack.send_space(flow) == 28_960 - 20_000  # 2 * min(cwnd, peer window)
@@ -417,11 +417,11 @@ def test_stack_connections_share_one_budget() -> None:
     stack = Stack(StackConfig(tcp=TcpConfig(memory_budget=100_000)))
     windows = []
     for port in (40000, 40001):
-        stack.receive(seg(CLIENT_ISN, 0, SYN_FLAG, sport=port,
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN_FLAG, sport=port,
                           options=encode_options(mss=1460, wscale=7)), 0.0)  # fmt: skip
-        (req,) = events(stack)
+        (req,) = stack_events(stack)
         stack.accept(req.flow, isn=SERVER_ISN)  # type: ignore[attr-defined]
-        (p,) = out(stack)
+        (p,) = sent_tcp(stack)
         windows.append(p.tcp.window)
     # 100000 bytes for 64 KiB + 256 KiB wanted: the first flow's buffers get the
     # floors (4 MSS each) plus half the rest each; the second gets just the floors.

@@ -136,10 +136,12 @@ isns = st.one_of(
 )
 
 
+# One side's application: (bytes to write, [(time, bytes)] writes, close time, consume delay).
+Script = tuple[int, list[tuple[float, int]], float, float]
+
+
 @st.composite
-def app_scripts(
-    draw: st.DrawFn, big: bool = False
-) -> tuple[int, list[tuple[float, int]], float, float]:
+def app_scripts(draw: st.DrawFn, big: bool = False) -> Script:
     # Magnitudes first: left alone, hypothesis favours tiny transfers. ``big`` adds
     # transfers of several windows, where auto-tuning and SACK recovery matter.
     sizes = [0, 10, 1000, 5000, 20000] + ([200_000] if big else [])
@@ -158,6 +160,43 @@ def percent(top: int) -> st.SearchStrategy[float]:
 
 
 mostly = st.sampled_from([True, True, True, False])
+
+
+@dataclass(frozen=True)
+class PropertyRun:
+    """One run of the property: the link's seed and impairments, then each end's
+    configuration, initial sequence number and application script."""
+
+    seed: int
+    loss: float
+    dup: float
+    reorder: float
+    cfg_a: TcpConfig
+    cfg_b: TcpConfig
+    isn_a: int
+    isn_b: int
+    script_a: Script
+    script_b: Script
+
+
+def property_runs(
+    cfgs: st.SearchStrategy[TcpConfig], scripts: st.SearchStrategy[Script]
+) -> st.SearchStrategy[PropertyRun]:
+    """Runs over a link with up to 20 % loss, 10 % duplication and 20 % reordering."""
+    return st.builds(
+        PropertyRun,
+        seed=st.integers(0, 2**32 - 1),
+        loss=percent(20),
+        dup=percent(10),
+        reorder=percent(20),
+        cfg_a=cfgs,
+        cfg_b=cfgs,
+        isn_a=isns,
+        isn_b=isns,
+        script_a=scripts,
+        script_b=scripts,
+    )
+
 
 configs = st.builds(
     TcpConfig,
@@ -192,46 +231,24 @@ _STORM_CFG = TcpConfig(
 )  # fmt: skip
 
 
-@example(
+@example(run=PropertyRun(
     seed=278952284, loss=0.02, dup=0.0, reorder=0.0, cfg_a=_STORM_CFG, cfg_b=_STORM_CFG,
     isn_a=0, isn_b=0, script_a=(1000, [(1.0, 1000)], 1.0, 0.0),
     script_b=(1000, [(1.0, 1000)], 1.0, 0.0),
-)  # fmt: skip
+))  # fmt: skip
 # Found by a harsher search (dup 30 %, reorder 50 %): a fast retransmission took a
 # full MSS from the buffer, beyond snd_max and the peer's (smaller) window.
-@example(
+@example(run=PropertyRun(
     seed=225644, loss=0.15, dup=0.18, reorder=0.31,
     cfg_a=replace(_STORM_CFG, mss=1460), cfg_b=replace(_STORM_CFG, snd_buf=8192),
     isn_a=0, isn_b=0, script_a=(20000, [(0.0, 20000)], 0.0, 0.0),
     script_b=(20437, [(0.0, 20437)], 0.0, 0.0),
-)  # fmt: skip
+))  # fmt: skip
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    loss=percent(20),
-    dup=percent(10),
-    reorder=percent(20),
-    cfg_a=configs,
-    cfg_b=configs,
-    isn_a=isns,
-    isn_b=isns,
-    script_a=app_scripts(),
-    script_b=app_scripts(),
-)
-def test_reliable_delivery_over_a_lossy_link(
-    seed: int,
-    loss: float,
-    dup: float,
-    reorder: float,
-    cfg_a: TcpConfig,
-    cfg_b: TcpConfig,
-    isn_a: int,
-    isn_b: int,
-    script_a: tuple[int, list[tuple[float, int]], float, float],
-    script_b: tuple[int, list[tuple[float, int]], float, float],
-) -> None:
-    pair = _run(seed, loss, dup, reorder, cfg_a, cfg_b, isn_a, isn_b, script_a, script_b)
-    for conn, mine, theirs in ((pair.a, cfg_a, cfg_b), (pair.b, cfg_b, cfg_a)):
+@given(run=property_runs(configs, app_scripts()))
+def test_reliable_delivery_over_a_lossy_link(run: PropertyRun) -> None:
+    pair = _run(run)
+    for conn, mine, theirs in ((pair.a, run.cfg_a, run.cfg_b), (pair.b, run.cfg_b, run.cfg_a)):
         assert conn.sack_ok == (mine.sack and theirs.sack)
         assert (conn.ts is not None) == (mine.timestamps and theirs.timestamps)
 
@@ -241,61 +258,28 @@ def test_reliable_delivery_over_a_lossy_link(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    loss=percent(20),
-    dup=percent(10),
-    reorder=percent(20),
-    cfg_a=full_configs,
-    cfg_b=full_configs,
-    isn_a=isns,
-    isn_b=isns,
-    script_a=app_scripts(big=True),
-    script_b=app_scripts(big=True),
-)
-def test_reliable_delivery_with_sack_timestamps_and_window_scaling(
-    seed: int,
-    loss: float,
-    dup: float,
-    reorder: float,
-    cfg_a: TcpConfig,
-    cfg_b: TcpConfig,
-    isn_a: int,
-    isn_b: int,
-    script_a: tuple[int, list[tuple[float, int]], float, float],
-    script_b: tuple[int, list[tuple[float, int]], float, float],
-) -> None:
-    pair = _run(seed, loss, dup, reorder, cfg_a, cfg_b, isn_a, isn_b, script_a, script_b)
+@given(run=property_runs(full_configs, app_scripts(big=True)))
+def test_reliable_delivery_with_sack_timestamps_and_window_scaling(run: PropertyRun) -> None:
+    pair = _run(run)
     for conn in (pair.a, pair.b):
         assert conn.sack_ok and conn.ts is not None
         assert (conn.snd_wscale, conn.rcv_wscale) == (5, 5)  # 1 MiB: 65535 << 5
 
 
-def _run(
-    seed: int,
-    loss: float,
-    dup: float,
-    reorder: float,
-    cfg_a: TcpConfig,
-    cfg_b: TcpConfig,
-    isn_a: int,
-    isn_b: int,
-    script_a: tuple[int, list[tuple[float, int]], float, float],
-    script_b: tuple[int, list[tuple[float, int]], float, float],
-    factory: Callable[..., TcpConnection] = TcpConnection,
-) -> ConnectionPair:
-    note(f"cfg_a={cfg_a!r}\ncfg_b={cfg_b!r}")
-    rng = random.Random(seed)
+def _run(run: PropertyRun, factory: Callable[..., TcpConnection] = TcpConnection) -> ConnectionPair:
+    cfg_a = run.cfg_a
+    note(f"cfg_a={cfg_a!r}\ncfg_b={run.cfg_b!r}")
+    rng = random.Random(run.seed)
     apps = {}
-    for name, (size, writes, close_at, consume) in (("a", script_a), ("b", script_b)):
+    for name, (size, writes, close_at, consume) in (("a", run.script_a), ("b", run.script_b)):
         apps[name] = App(rng.randbytes(size), writes, close_at, consume)
-    link = LossyLink(random.Random(rng.random()), DELAY, loss, dup, reorder)
+    link = LossyLink(random.Random(rng.random()), DELAY, run.loss, run.dup, run.reorder)
     pair = ConnectionPair(
         link,
         cfg_a,
-        cfg_b,
-        isn_a=isn_a,
-        isn_b=isn_b,
+        run.cfg_b,
+        isn_a=run.isn_a,
+        isn_b=run.isn_b,
         on_event=lambda side, ev: apps[side].on_event(ev, pair.now),
         factory=factory,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from packets import CLIENT_ISN, SERVER_ISN, sent_tcp, stack_events, tcp_packet
 from tcp_helpers import (
     ALL_OPTIONS,
     FLOW,
@@ -29,7 +30,6 @@ from stack.tcp.connection import TcpConnection
 from stack.tcp.sack import Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, seg
 
 SACK_ONLY = TcpOptions(sack_permitted=True)
 
@@ -200,19 +200,19 @@ def test_blocks_choice_directly() -> None:
 def test_stack_encodes_sack_blocks_and_timestamps_in_one_option_block() -> None:
     stack = Stack()
     syn_opts = encode_options(mss=1460, sack_permitted=True, timestamps=(7, 0), wscale=7)
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=syn_opts), 0.0)
-    (req,) = events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=syn_opts), 0.0)
+    (req,) = stack_events(stack)
     stack.accept(req.flow, isn=SERVER_ISN)  # type: ignore[attr-defined]
-    (synack,) = out(stack)
+    (synack,) = sent_tcp(stack)
     assert synack.tcp.options.sack_permitted and synack.tcp.options.wscale == 7
     assert synack.tcp.options.timestamps is not None
     ts = encode_options(timestamps=(8, synack.tcp.options.timestamps[0]))
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ts), 0.01)
-    events(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, options=ts), 0.01)
+    stack_events(stack)
     for i, off in enumerate((1000, 2000, 3000, 4000)):
-        stack.receive(seg(CLIENT_ISN + 1 + off, SERVER_ISN + 1, ACK, b"x" * 100, options=ts),
+        stack.receive(tcp_packet(CLIENT_ISN + 1 + off, SERVER_ISN + 1, ACK, b"x" * 100, options=ts),
                       0.02 + i / 100)  # fmt: skip
-    dups = out(stack, 0.06)
+    dups = sent_tcp(stack, 0.06)
     assert len(dups) == 4  # one duplicate ACK each (RFC 5681 4.2); the last has all
     opts = dups[-1].tcp.options
     assert opts.timestamps is not None and opts.timestamps[1] == 8  # echoes the client

@@ -9,35 +9,27 @@ relay once timestamps were negotiated.)
 
 from __future__ import annotations
 
-from stack import Stack
+from packets import CLIENT_ISN, SERVER_ISN, open_tcp_flow, parse_tcp_packet, tcp_packet
+
+from stack import FlowId, Stack
 from stack.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
-from tests.stack_helpers import CLIENT_ISN, SERVER_ISN, events, out, parse_out, seg
 
 LINUX_SYN = encode_options(mss=1460, sack_permitted=True, timestamps=(1000, 0), wscale=7)
 MTU = 1500
 
 
-def handshake(stack: Stack, syn_options: bytes) -> object:
-    stack.receive(seg(CLIENT_ISN, 0, SYN, options=syn_options), 0.0)
-    (ev,) = events(stack)
-    flow = ev.flow  # type: ignore[attr-defined]
-    stack.accept(flow, isn=SERVER_ISN)
-    (synack,) = out(stack)
-    assert synack.tcp.flags == SYN | ACK
-    ts = synack.tcp.options.timestamps
-    ack_opts = b"" if ts is None else encode_options(timestamps=(1001, ts[0]))
-    stack.receive(seg(CLIENT_ISN + 1, SERVER_ISN + 1, options=ack_opts, window=2000), 0.0)
-    events(stack)
-    return flow
+def handshake(stack: Stack, syn_options: bytes) -> FlowId:
+    """An established flow; the client's window is 2000."""
+    return open_tcp_flow(stack, syn_options=syn_options, window=2000)
 
 
 def test_full_segments_with_timestamps_fit_the_mtu() -> None:
     stack = Stack()
     flow = handshake(stack, LINUX_SYN)
-    stack.send(flow, bytes(100_000))  # type: ignore[arg-type]
+    stack.send(flow, bytes(100_000))
     packets = stack.packets_to_send(0.0)
     assert len(packets) >= 10  # the initial window
     assert max(len(p) for p in packets) == MTU  # full-sized, and not a byte over
@@ -47,7 +39,7 @@ def test_full_segments_with_timestamps_fit_the_mtu() -> None:
 def test_without_timestamps_a_segment_carries_the_whole_mss() -> None:
     stack = Stack()
     flow = handshake(stack, encode_options(mss=1460, sack_permitted=True, wscale=7))
-    stack.send(flow, bytes(100_000))  # type: ignore[arg-type]
+    stack.send(flow, bytes(100_000))
     packets = stack.packets_to_send(0.0)
     assert max(len(p) for p in packets) == MTU
     assert len(out_payloads(packets)[0]) == 1460
@@ -60,12 +52,12 @@ def test_data_carrying_sack_blocks_still_fits() -> None:
     flow = handshake(stack, LINUX_SYN)
     for k in (1, 3, 5):  # three islands beyond a hole at the start
         stack.receive(
-            seg(CLIENT_ISN + 1 + 100 * k, SERVER_ISN + 1, payload=bytes(100),
+            tcp_packet(CLIENT_ISN + 1 + 100 * k, SERVER_ISN + 1, payload=bytes(100),
                 options=encode_options(timestamps=(1002, 0))),
             0.0,
         )  # fmt: skip
     stack.packets_to_send(0.0)  # the duplicate ACKs
-    stack.send(flow, bytes(100_000))  # type: ignore[arg-type]
+    stack.send(flow, bytes(100_000))
     packets = stack.packets_to_send(0.0)
     assert packets and max(len(p) for p in packets) == MTU
     # 1460 - 12 (TSopt) - 28 (NOP,NOP + three 8-byte blocks) = 1420.
@@ -81,4 +73,4 @@ def test_a_tiny_mss_is_raised_to_the_floor() -> None:
 
 
 def out_payloads(packets: list[bytes]) -> list[bytes]:
-    return [parse_out(p).payload for p in packets if parse_out(p).tcp.flags & ACK]
+    return [parse_tcp_packet(p).payload for p in packets if parse_tcp_packet(p).tcp.flags & ACK]

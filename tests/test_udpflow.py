@@ -1,7 +1,8 @@
-"""UDP and echo relaying end to end, without root: raw packets in through a
-``MemoryPacketSource``, the real ``Stack``, and real UDP sockets on loopback
-upstream (echo upstream is faked with a datagram socketpair, since ICMP
-sockets need ``ping_group_range``). Real time, with short idle timeouts.
+"""UDP and echo relaying end to end: raw packets in through a ``MemoryPacketSource``,
+the real ``Stack``, and real UDP sockets upstream, to servers on the ``lo`` of a
+private network namespace (the ``private_netns`` fixture; root), never on the
+host's own network. Echo upstream is faked with a datagram socketpair, since ICMP
+sockets need ``ping_group_range``. Real time, with short idle timeouts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import errno
 import io
 import ipaddress
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+from packets import pseudo_header_sum
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
@@ -29,27 +32,17 @@ from relay.datapath.packet_source import MemoryPacketSource
 from relay.datapath.udpflow import open_udp_socket
 from stack import DatagramConfig, FlowId, Stack, StackConfig
 from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip, parse_udp
-from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 
 CLIENT = {4: "198.18.1.2", 6: "fd00:1::2"}
-LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 IDLE = 0.3
-
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
+HAS_IPV6 = os.path.exists("/proc/sys/net/ipv6")  # the kernel has IPv6 (not disabled at boot)
 
 
 V4_V6 = pytest.mark.parametrize(
     "version",
-    [4, pytest.param(6, marks=pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1"))],
+    [4, pytest.param(6, marks=pytest.mark.skipif(not HAS_IPV6, reason="the kernel has no IPv6"))],
 )
 
 
@@ -105,8 +98,7 @@ class Client:
         while True:
             for packet in await self.source.receive_batch():
                 ip = parse_ip(packet)
-                sums = pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6
-                ps = sums(ip.src, ip.dst, ip.proto, ip.end - ip.offset)
+                ps = pseudo_header_sum(ip)
                 src = str(ipaddress.ip_address(ip.src))
                 if ip.proto == 17 and ip.fragment is None:
                     h = parse_udp(packet, ip.offset, ip.end, ps, ipv6=ip.version == 6)
@@ -161,21 +153,24 @@ async def echo_server(sock: trio.socket.SocketType, seen: list[bytes]) -> None:
 
 
 @V4_V6
-async def test_udp_round_trip_with_analyzers_and_flow_log(version: int) -> None:
+async def test_udp_round_trip_with_analyzers_and_flow_log(
+    version: int, private_netns: dict[int, str]
+) -> None:
+    server_ip = private_netns[version]
     tap = DataTap()
     server = udp_server(version)
-    await server.bind((LOOPBACK[version], 0))
+    await server.bind((server_ip, 0))
     port = server.getsockname()[1]
     seen: list[bytes] = []
     async with running([tap], version=version) as (client, relay, stack, log):
         async with trio.open_nursery() as n:
             n.start_soon(echo_server, server, seen)
             for i in range(5):
-                client.send(LOOPBACK[version], 40000, port, b"query %d" % i)
+                client.send(server_ip, 40000, port, b"query %d" % i)
             await until(lambda: len(client.udp) == 5)
             n.cancel_scope.cancel()
         assert seen == [b"query %d" % i for i in range(5)]
-        assert client.udp == [(LOOPBACK[version], port, 40000, b"QUERY %d" % i) for i in range(5)]
+        assert client.udp == [(server_ip, port, 40000, b"QUERY %d" % i) for i in range(5)]
         assert relay.active_datagram_flows == 1
         await until(lambda: 40000 in tap.ends)  # idles out
         assert relay.active_datagram_flows == 0 and stack.datagram_flows == 0
@@ -193,16 +188,19 @@ async def test_udp_round_trip_with_analyzers_and_flow_log(version: int) -> None:
     )
 
 
-async def test_udp_without_data_hooks_sends_straight_from_the_packet_loop() -> None:
+async def test_udp_without_data_hooks_sends_straight_from_the_packet_loop(
+    private_netns: dict[int, str],
+) -> None:
+    server_ip = private_netns[4]
     server = udp_server(4)
-    await server.bind(("127.0.0.1", 0))
+    await server.bind((server_ip, 0))
     port = server.getsockname()[1]
     seen: list[bytes] = []
     async with running() as (client, relay, _, _), trio.open_nursery() as n:
         n.start_soon(echo_server, server, seen)
         payloads = [bytes([i % 256]) * (1 + i * 7 % 1400) for i in range(500)]
         for i, p in enumerate(payloads):
-            client.send("127.0.0.1", 40001, port, p)
+            client.send(server_ip, 40001, port, p)
             if i % 32 == 31:
                 await until(lambda i=i: len(client.udp) > i - 16)  # a window of 32
         await until(lambda: len(client.udp) == 500)
@@ -214,16 +212,19 @@ async def test_udp_without_data_hooks_sends_straight_from_the_packet_loop() -> N
 
 
 @V4_V6
-async def test_closed_port_is_reported_as_icmp_port_unreachable(version: int) -> None:
+async def test_closed_port_is_reported_as_icmp_port_unreachable(
+    version: int, private_netns: dict[int, str]
+) -> None:
+    server_ip = private_netns[version]
     holder = socket.socket(FAMILY[version], socket.SOCK_DGRAM)
-    holder.bind((LOOPBACK[version], 0))
+    holder.bind((server_ip, 0))
     port = holder.getsockname()[1]
     holder.close()  # now closed: the kernel answers with ICMP port unreachable
     tap = Tap()
     async with running([tap], version=version) as (client, relay, _, _):
-        client.send(LOOPBACK[version], 40002, port, b"anyone?")
+        client.send(server_ip, 40002, port, b"anyone?")
         await until(lambda: client.icmp)
-        client.send(LOOPBACK[version], 40002, port, b"again?")
+        client.send(server_ip, 40002, port, b"again?")
         await until(lambda: len(client.icmp) == 2)
     for kind, code, _, quote in client.icmp:
         assert (kind, code) == ((3, 3) if version == 4 else (1, 4))
@@ -233,7 +234,10 @@ async def test_closed_port_is_reported_as_icmp_port_unreachable(version: int) ->
     assert relay.stats.icmp_relayed == 2
 
 
-async def test_reject_verdict_answers_port_unreachable_and_opens_no_socket() -> None:
+async def test_reject_verdict_answers_port_unreachable_and_opens_no_socket(
+    private_netns: dict[int, str],
+) -> None:
+    server_ip = private_netns[4]
     opened: list[FlowId] = []
 
     def factory(flow: FlowId) -> socket.socket:
@@ -242,9 +246,9 @@ async def test_reject_verdict_answers_port_unreachable_and_opens_no_socket() -> 
 
     tap = Tap(reject_ports={53})
     async with running([tap], udp_socket=factory) as (client, relay, _, _):
-        client.send("127.0.0.1", 40003, 53, b"query")
+        client.send(server_ip, 40003, 53, b"query")
         await until(lambda: client.icmp)
-        client.send("127.0.0.1", 40003, 53, b"query again")
+        client.send(server_ip, 40003, 53, b"query again")
         await until(lambda: len(client.icmp) == 2)
         assert len(tap.starts) == 1  # asked once per flow, not per datagram
         assert [(t, c) for t, c, _, _ in client.icmp] == [(3, 3), (3, 3)]
@@ -267,7 +271,8 @@ async def test_no_route_answers_net_unreachable() -> None:
     assert str(tap.ends[40004][1].how) == "unreachable"
 
 
-async def test_datagrams_wait_for_a_slow_verdict() -> None:
+async def test_datagrams_wait_for_a_slow_verdict(private_netns: dict[int, str]) -> None:
+    server_ip = private_netns[4]
     gate = trio.Event()
 
     class SlowStart:
@@ -275,13 +280,13 @@ async def test_datagrams_wait_for_a_slow_verdict() -> None:
             await gate.wait()
 
     server = udp_server(4)
-    await server.bind(("127.0.0.1", 0))
+    await server.bind((server_ip, 0))
     port = server.getsockname()[1]
     seen: list[bytes] = []
     async with running([SlowStart()]) as (client, _, _, _), trio.open_nursery() as n:
         n.start_soon(echo_server, server, seen)
         for i in range(10):
-            client.send("127.0.0.1", 40005, port, b"%d" % i)
+            client.send(server_ip, 40005, port, b"%d" % i)
         await trio.sleep(0.05)
         assert seen == []
         gate.set()
@@ -290,7 +295,8 @@ async def test_datagrams_wait_for_a_slow_verdict() -> None:
     assert seen == [b"%d" % i for i in range(10)]
 
 
-async def test_idle_flows_close_their_sockets() -> None:
+async def test_idle_flows_close_their_sockets(private_netns: dict[int, str]) -> None:
+    server_ip = private_netns[4]
     sockets: list[socket.socket] = []
 
     def factory(flow: FlowId) -> socket.socket:
@@ -299,12 +305,12 @@ async def test_idle_flows_close_their_sockets() -> None:
         return sock
 
     server = udp_server(4)
-    await server.bind(("127.0.0.1", 0))
+    await server.bind((server_ip, 0))
     port = server.getsockname()[1]
     tap = Tap()
     async with running([tap], udp_socket=factory) as (client, relay, stack, _):
         for i in range(200):
-            client.send("127.0.0.1", 20000 + i, port, b"hi")
+            client.send(server_ip, 20000 + i, port, b"hi")
         await until(lambda: len(sockets) == 200)
         assert relay.active_datagram_flows == 200
         await until(lambda: len(tap.ends) == 200)
@@ -314,24 +320,26 @@ async def test_idle_flows_close_their_sockets() -> None:
     assert {str(end.how) for _, end in tap.ends.values()} == {"idle"}
 
 
-async def test_shutdown_ends_flows_with_shutdown() -> None:
+async def test_shutdown_ends_flows_with_shutdown(private_netns: dict[int, str]) -> None:
+    server_ip = private_netns[4]
     server = udp_server(4)
-    await server.bind(("127.0.0.1", 0))
+    await server.bind((server_ip, 0))
     port = server.getsockname()[1]
     tap = Tap()
     cfg = DatagramConfig(udp_idle_timeout=60.0)
     async with running([tap], datagram=cfg) as (client, relay, _, _):
-        client.send("127.0.0.1", 40006, port, b"hi")
+        client.send(server_ip, 40006, port, b"hi")
         await until(lambda: relay.stats.datagram_flows_active == 1)
     assert str(tap.ends[40006][1].how) == "shutdown"
 
 
-def test_read_socket_errors_reports_port_unreachable() -> None:
+def test_read_socket_errors_reports_port_unreachable(private_netns: dict[int, str]) -> None:
+    server_ip = private_netns[4]
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    holder.bind(("127.0.0.1", 0))
+    holder.bind((server_ip, 0))
     port = holder.getsockname()[1]
     holder.close()
-    sock = open_udp_socket(FlowId(4, "198.18.1.2", 1, "127.0.0.1", port, "udp"))
+    sock = open_udp_socket(FlowId(4, "198.18.1.2", 1, server_ip, port, "udp"))
     with sock:
         sock.send(b"payload")
         with pytest.raises(ConnectionRefusedError):

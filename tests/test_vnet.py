@@ -16,6 +16,21 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from packets import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    open_tcp_flow,
+    pseudo_header_sum,
+    sent_tcp,
+    stack_events,
+    tcp_packet,
+)
 
 from relay.datapath.config import RelayConfig
 from relay.datapath.engine import Relay
@@ -37,23 +52,8 @@ from relay.datapath.vnet import (
     strip,
 )
 from stack import DataReceived, Stack
-from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, RST, offload_packet, parse_tcp
-from tests.stack_helpers import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    established,
-    events,
-    out,
-    seg,
-)
 
 # (virtio-net header + IPv4 + TCP with timestamps) of a 65,222-byte read: 45 x 1448 bytes.
 CAPTURED_V4 = bytes.fromhex(
@@ -125,9 +125,7 @@ def test_captured_super_segment_parses_with_real_lengths(
     assert hdr.hdr_len == ip.offset + tcp.header_len
     assert ip.end - hdr.hdr_len == payload
     # The checksum field is the folded pseudo-header sum, not a checksum: verifying fails.
-    pseudo = (pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6)(
-        ip.src, ip.dst, 6, ip.end - ip.offset
-    )
+    pseudo = pseudo_header_sum(ip, 6)
     field = struct.unpack_from("!H", packet, ip.offset + hdr.csum_offset)[0]
     assert field == pseudo % 0xFFFF
     with pytest.raises(ValueError, match="checksum"):
@@ -139,7 +137,7 @@ def _as_flow(captured: bytes, length: int, src: bytes, dst: bytes) -> bytes:
     sequence and acknowledgment numbers (the partial checksum covers none of them)."""
     packet = bytearray(strip(super_segment(captured, length))[0])
     ip = parse_ip(packet)
-    assert (ip.src, ip.dst) == (src, dst)  # the lab's addresses, as in stack_helpers
+    assert (ip.src, ip.dst) == (src, dst)  # the test flow's addresses (packets.C4, ...)
     struct.pack_into("!HHII", packet, ip.offset, CPORT, SPORT, CLIENT_ISN + 1, SERVER_ISN + 1)
     return bytes(packet)
 
@@ -156,16 +154,16 @@ def test_stack_takes_a_super_segment_as_one_segment(
     ip = parse_ip(packet)
     payload = packet[ip.offset + 32 :]
     stack = Stack()
-    flow = established(stack, src=src, dst=dst)
+    flow = open_tcp_flow(stack, src=src, dst=dst)
 
     stack.receive(packet, 0.1)  # verified: the partial checksum is wrong
-    assert stack.stats.checksum_errors == 1 and events(stack) == []
+    assert stack.stats.checksum_errors == 1 and stack_events(stack) == []
 
     stack.receive(packet, 0.2, csum_ok=True)
-    (ev,) = events(stack)
+    (ev,) = stack_events(stack)
     assert isinstance(ev, DataReceived) and ev.flow == flow and ev.data == payload
     stack.consumed(flow, len(payload))
-    acks = out(stack, 0.3)
+    acks = sent_tcp(stack, 0.3)
     assert acks and acks[-1].tcp.flags == ACK
     assert acks[-1].tcp.ack == (CLIENT_ISN + 1 + len(payload)) & 0xFFFFFFFF
 
@@ -302,7 +300,7 @@ async def test_relay_passes_checksum_marks_to_the_stack(autojump_clock: object) 
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         for port in range(3):
-            source.inject(seg(1, 0, RST, sport=CPORT + port))  # RSTs for no connection
+            source.inject(tcp_packet(1, 0, RST, sport=CPORT + port))  # RSTs for no connection
         await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     assert stack.marks == [True, False, True]

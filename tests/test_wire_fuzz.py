@@ -8,6 +8,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packets import pseudo_header_sum
 from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
@@ -33,8 +34,6 @@ from stack.wire import (
     parse_ip,
     parse_tcp,
     parse_udp,
-    pseudo_sum_v4,
-    pseudo_sum_v6,
 )
 
 SRC4 = ipaddress.IPv4Address("198.18.0.1").packed
@@ -94,9 +93,7 @@ def parse_all(buf: bytes | bytearray) -> None:
     assert ip.version == 6 or ip.offset <= 60
     if ip.fragment is not None and ip.fragment.offset:
         return
-    ps = (pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6)(
-        ip.src, ip.dst, ip.proto, ip.end - ip.offset
-    )
+    ps = pseudo_header_sum(ip)
     if ip.proto == 6:
         tcp = parse_tcp(buf, ip.offset, ip.end)  # reach the options even if the checksum fails
         assert 20 <= tcp.header_len <= min(60, ip.end - ip.offset)

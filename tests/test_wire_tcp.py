@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packets import pseudo_header_sum
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
@@ -45,14 +46,9 @@ SRC6, DST6 = ipaddress.IPv6Address(A6).packed, ipaddress.IPv6Address(B6).packed
 TS = (0x01020304, 0xA0B0C0D0)
 
 
-def pseudo(ip: IpHeader) -> int:
-    ps = pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6
-    return ps(ip.src, ip.dst, ip.proto, ip.end - ip.offset)
-
-
 def parse(raw: bytes | bytearray | memoryview) -> tuple[IpHeader, TcpHeader]:
     ip = parse_ip(raw)
-    return ip, parse_tcp(raw, ip.offset, ip.end, pseudo(ip))
+    return ip, parse_tcp(raw, ip.offset, ip.end, pseudo_header_sum(ip))
 
 
 def tcp_raw(
@@ -171,7 +167,7 @@ def test_bad_option_lengths(opt: bytes) -> None:
     raw = tcp_raw(opt)
     ip = parse_ip(raw)
     with pytest.raises(BadHeaderError):
-        parse_tcp(raw, ip.offset, ip.end, pseudo(ip))
+        parse_tcp(raw, ip.offset, ip.end, pseudo_header_sum(ip))
     with pytest.raises(BadHeaderError):
         parse_tcp(raw, ip.offset, ip.end)
 
@@ -236,7 +232,7 @@ def test_bad_checksum(v6: bool) -> None:
         bad = bytearray(raw)
         bad[i] ^= 0x04
         with pytest.raises(ChecksumError):
-            parse_tcp(bad, ip.offset, ip.end, pseudo(ip))
+            parse_tcp(bad, ip.offset, ip.end, pseudo_header_sum(ip))
     raw[-1] ^= 0x01
     assert parse_tcp(raw, ip.offset, ip.end).options.timestamps == TS  # not verified
     wrong_pseudo = pseudo_sum_v4(SRC4, SRC4, PROTO_TCP, ip.end - ip.offset)

@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packets import pseudo_header_sum
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw
@@ -29,7 +30,6 @@ from stack.wire import (
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_UDP,
-    IpHeader,
     build_echo,
     build_icmp_unreachable,
     build_udp_packet,
@@ -37,19 +37,12 @@ from stack.wire import (
     parse_icmp,
     parse_ip,
     parse_udp,
-    pseudo_sum_v4,
-    pseudo_sum_v6,
 )
 
 A4, B4 = "198.18.0.1", "198.19.1.2"
 A6, B6 = "fd00::1", "fd12:3456::2"
 SRC4, DST4 = ipaddress.IPv4Address(A4).packed, ipaddress.IPv4Address(B4).packed
 SRC6, DST6 = ipaddress.IPv6Address(A6).packed, ipaddress.IPv6Address(B6).packed
-
-
-def pseudo(ip: IpHeader) -> int:
-    ps = pseudo_sum_v4 if ip.version == 4 else pseudo_sum_v6
-    return ps(ip.src, ip.dst, ip.proto, ip.end - ip.offset)
 
 
 # UDP
@@ -62,7 +55,7 @@ def test_parse_udp_from_scapy(v6: bool, payload: bytes) -> None:
     raw = bytes(l3 / UDP(sport=5353, dport=53) / Raw(payload))
     ip = parse_ip(raw)
     assert ip.proto == PROTO_UDP
-    udp = parse_udp(raw, ip.offset, ip.end, pseudo(ip), ipv6=v6)
+    udp = parse_udp(raw, ip.offset, ip.end, pseudo_header_sum(ip), ipv6=v6)
     assert (udp.src_port, udp.dst_port, udp.length) == (5353, 53, 8 + len(payload))
     assert udp.checksum == (IPv6(raw) if v6 else IP(raw))[UDP].chksum
     assert raw[ip.offset + 8 : ip.offset + udp.length] == payload
@@ -71,11 +64,11 @@ def test_parse_udp_from_scapy(v6: bool, payload: bytes) -> None:
 def test_udp_zero_checksum() -> None:
     raw = bytes(IP(src=A4, dst=B4) / UDP(chksum=0) / Raw(b"abc"))
     ip = parse_ip(raw)
-    assert parse_udp(raw, ip.offset, ip.end, pseudo(ip)).checksum == 0  # RFC 768: none
+    assert parse_udp(raw, ip.offset, ip.end, pseudo_header_sum(ip)).checksum == 0  # RFC 768: none
     raw6 = bytes(IPv6(src=A6, dst=B6) / UDP(chksum=0) / Raw(b"abc"))
     ip6 = parse_ip(raw6)
     with pytest.raises(ChecksumError):  # RFC 8200 8.1
-        parse_udp(raw6, ip6.offset, ip6.end, pseudo(ip6), ipv6=True)
+        parse_udp(raw6, ip6.offset, ip6.end, pseudo_header_sum(ip6), ipv6=True)
     with pytest.raises(ChecksumError):
         parse_udp(raw6, ip6.offset, ip6.end, None, ipv6=True)
 
@@ -91,7 +84,7 @@ def test_udp_bad_checksum(v6: bool) -> None:
         if i in (ip.offset + 4, ip.offset + 5):  # the length field
             continue
         with pytest.raises(ChecksumError):
-            parse_udp(bad, ip.offset, ip.end, pseudo(ip), ipv6=v6)
+            parse_udp(bad, ip.offset, ip.end, pseudo_header_sum(ip), ipv6=v6)
         parse_udp(bad, ip.offset, ip.end)  # not verified
 
 
@@ -120,7 +113,7 @@ def test_udp_length_shorter_than_ip_payload(v6: bool) -> None:
         raw[10:12] = b"\x00\x00"
         raw[10:12] = struct.pack("!H", checksum(raw[:20]))
     ip = parse_ip(raw)
-    udp = parse_udp(raw, ip.offset, ip.end, pseudo(ip), ipv6=v6)
+    udp = parse_udp(raw, ip.offset, ip.end, pseudo_header_sum(ip), ipv6=v6)
     assert udp.length == 11
     assert raw[ip.offset + 8 : ip.offset + udp.length] == b"odd"
 
@@ -157,7 +150,9 @@ def test_build_udp_against_scapy(
     )
     assert (udp.underlayer.hlim if v6 else udp.underlayer.ttl) == ttl
     ip = parse_ip(raw)
-    assert parse_udp(raw, ip.offset, ip.end, pseudo(ip), ipv6=v6).length == 8 + len(payload)
+    assert parse_udp(raw, ip.offset, ip.end, pseudo_header_sum(ip), ipv6=v6).length == 8 + len(
+        payload
+    )
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -172,7 +167,7 @@ def test_build_udp_sends_zero_checksum_as_ffff(v6: bool) -> None:
     assert struct.unpack_from("!H", raw, start + 6)[0] == 0xFFFF
     scapy_udp_check(raw, v6)
     ip = parse_ip(raw)
-    parse_udp(raw, ip.offset, ip.end, pseudo(ip), ipv6=v6)
+    parse_udp(raw, ip.offset, ip.end, pseudo_header_sum(ip), ipv6=v6)
 
 
 def test_build_udp_errors() -> None:
@@ -200,7 +195,7 @@ def test_parse_icmp_v6_echo_needs_pseudo_header() -> None:
     raw = bytes(IPv6(src=A6, dst=B6) / ICMPv6EchoRequest(id=3, seq=4, data=b"abc"))
     ip = parse_ip(raw)
     assert ip.proto == PROTO_ICMPV6
-    h = parse_icmp(raw, ip.offset, ip.end, pseudo(ip))
+    h = parse_icmp(raw, ip.offset, ip.end, pseudo_header_sum(ip))
     assert (h.type, h.code, h.rest) == (ICMP6_ECHO_REQUEST, 0, (3 << 16) | 4)
     with pytest.raises(ChecksumError):  # forgetting the pseudo-header fails closed
         parse_icmp(raw, ip.offset, ip.end)
@@ -214,7 +209,7 @@ def test_parse_icmp_errors(v6: bool) -> None:
     else:
         raw = bytes(IP(src=A4, dst=B4) / ICMP(type=0) / Raw(b"abcde"))
     ip = parse_ip(raw)
-    ps = pseudo(ip) if v6 else None
+    ps = pseudo_header_sum(ip) if v6 else None
     for end in range(ip.offset, ip.offset + 8):
         with pytest.raises(TruncatedError):
             parse_icmp(raw, ip.offset, end, ps)
@@ -255,7 +250,7 @@ def test_build_echo_against_scapy(v6: bool, reply: bool, payload: bytes) -> None
     again = IPv6(bytes(pkt)) if v6 else IP(bytes(pkt))
     assert bytes(again) == raw
     ip = parse_ip(raw)
-    parse_icmp(raw, ip.offset, ip.end, pseudo(ip) if v6 else None)
+    parse_icmp(raw, ip.offset, ip.end, pseudo_header_sum(ip) if v6 else None)
     assert ours
 
 
@@ -313,7 +308,7 @@ def test_unreachable_v6(payload_len: int) -> None:
     del icmp.cksum
     assert IPv6(bytes(pkt))[ICMPv6DestUnreach].cksum == ours
     ip = parse_ip(raw)
-    assert parse_icmp(raw, ip.offset, ip.end, pseudo(ip)).code == ICMP6_PORT_UNREACH
+    assert parse_icmp(raw, ip.offset, ip.end, pseudo_header_sum(ip)).code == ICMP6_PORT_UNREACH
 
 
 def test_unreachable_bad_original() -> None:
