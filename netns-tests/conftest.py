@@ -22,6 +22,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from relay.host import netns  # noqa: E402
+from relay.lab.topology import Topology, remove_stale_namespaces  # noqa: E402
+
 from relay_harness import (  # noqa: E402
     DEFAULT_ANALYZERS,
     READY_MARK,
@@ -30,9 +33,6 @@ from relay_harness import (  # noqa: E402
     RelayProcess,
     gateway_snapshot,
 )
-
-from relay.host import netns  # noqa: E402
-from relay.lab.topology import Topology, remove_stale_namespaces  # noqa: E402
 
 NEEDS_ROOT = "needs root to create network namespaces"
 

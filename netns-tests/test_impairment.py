@@ -31,11 +31,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from relay_harness import addrs
 
 from relay.host import netns
 from relay.lab.impair import DUP, HELD, LOST, Fates, Impairment, Wire, nft_ruleset
 from relay.lab.topology import Topology
+
+from relay_harness import addrs
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 CAPACITY_FLOOR_MBPS = 100.0  # measured ~900; far below means the forwarder is broken

@@ -38,6 +38,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from relay.lab.topology import Topology
+
 from relay_harness import (
     IO_TIMEOUT,
     STOP_TIMEOUT,
@@ -53,8 +56,6 @@ from relay_harness import (
     run_parallel,
     send_pattern,
 )
-
-from relay.lab.topology import Topology
 
 FLOWS = 64
 AT_ONCE = 16

@@ -16,6 +16,10 @@ import threading
 import time
 
 import pytest
+
+from relay.host import netns
+from relay.lab.topology import Topology
+
 from relay_harness import (
     MIB,
     TUN,
@@ -29,9 +33,6 @@ from relay_harness import (
     run_parallel,
     send_pattern,
 )
-
-from relay.host import netns
-from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 EXCHANGE_LIMIT = 30.0

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+
+from relay.lab.topology import Topology
+
 from relay_harness import (
     MIB,
     TUN,
@@ -30,8 +33,6 @@ from relay_harness import (
     listener,
     pattern_chunks,
 )
-
-from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 REFUSE_WITHIN = 1.0

@@ -20,14 +20,15 @@ import sys
 from collections.abc import Sequence
 
 import pytest
-from relay_harness import (
-    RelayProcess,
-    addrs,
-)
 
 from relay.datapath.echo import PING_GROUP_RANGE, enable_ping_sockets
 from relay.host import netns
 from relay.lab.topology import Topology
+
+from relay_harness import (
+    RelayProcess,
+    addrs,
+)
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 UNROUTED = {socket.AF_INET: "198.18.99.1", socket.AF_INET6: "fd00:99::1"}

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+
+from relay.lab.topology import Topology
+
 from relay_harness import (
     MIB,
     RelayProcess,
@@ -41,8 +44,6 @@ from relay_harness import (
     recv_stream,
     run_parallel,
 )
-
-from relay.lab.topology import Topology
 
 TOTAL = 64 * MIB
 SOCK_BUF = 256 * 1024

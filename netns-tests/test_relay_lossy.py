@@ -63,6 +63,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+from relay.lab.impair import Impairment, Wire, WireStats
+from relay.lab.topology import Topology
+
 from relay_harness import (
     MIB,
     Received,
@@ -78,9 +82,6 @@ from relay_harness import (
     send_pattern,
     tcp_counters,
 )
-
-from relay.lab.impair import Impairment, Wire, WireStats
-from relay.lab.topology import Topology
 
 SIZE = 32 * MIB
 # Lossy cases at 50 ms RTT in CI: the kernel's CUBIC alone needs 100-300 s for 32 MiB

@@ -19,6 +19,9 @@ import socket
 import time
 
 import pytest
+
+from relay.lab.topology import Topology
+
 from relay_harness import (
     IO_TIMEOUT,
     MIB,
@@ -32,8 +35,6 @@ from relay_harness import (
     run_parallel,
     send_pattern,
 )
-
-from relay.lab.topology import Topology
 
 SIZE = 64 * MIB
 TRANSFER_LIMIT = 60.0

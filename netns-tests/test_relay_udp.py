@@ -28,13 +28,14 @@ from pathlib import Path
 import dns.message
 import dns.query
 import pytest
+
+from relay.host import netns
+from relay.lab.topology import Topology
+
 from relay_harness import (
     RelayProcess,
     addrs,
 )
-
-from relay.host import netns
-from relay.lab.topology import Topology
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 HERE = Path(__file__).resolve().parent

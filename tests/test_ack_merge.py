@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from packets import CLIENT_ISN, SERVER_ISN, ParsedTcp, sent_tcp, stack_events, tcp_packet
-
 from stack import ConnectionRequest, DataReceived, FlowId, Stack, StackConfig, TcpConfig
 from stack.wire.tcp import ACK, PSH, SYN, encode_options
+
+from packets import CLIENT_ISN, SERVER_ISN, ParsedTcp, sent_tcp, stack_events, tcp_packet
 
 MSS = 1000
 DATA = bytes(range(256)) * 160  # 41 segments: more than cwnd allows

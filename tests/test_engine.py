@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
-from packets import parse_tcp_packet
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
@@ -34,6 +33,8 @@ from stack import FlowId, Stack, StackConfig, State, TcpConfig
 from stack.seq import seq_add, seq_gt, seq_lt, seq_sub
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp_packet, encode_options
+
+from packets import parse_tcp_packet
 
 CLIENT_IP = {4: "198.18.0.2", 6: "fd00::2"}
 SERVER_IP = {4: "198.19.0.80", 6: "fd00:1::80"}

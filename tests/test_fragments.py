@@ -11,15 +11,6 @@ import random
 import struct
 
 import pytest
-from packets import (
-    ADDR_TEXT,
-    ADDRS,
-    V4_V6,
-    echo_request_packet,
-    parse_icmp_packet,
-    stack_events,
-    udp_packet,
-)
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet import fragment as scapy_fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
@@ -35,6 +26,16 @@ from stack import (
 from stack.fragments import Reassembler, fragment
 from stack.wire import parse_ip
 from stack.wire.icmp import ICMP6_TIME_EXCEEDED, TIME_EXCEEDED
+
+from packets import (
+    ADDR_TEXT,
+    ADDRS,
+    V4_V6,
+    echo_request_packet,
+    parse_icmp_packet,
+    stack_events,
+    udp_packet,
+)
 
 _U16 = struct.Struct("!H")
 

@@ -12,16 +12,6 @@ from __future__ import annotations
 
 import struct
 
-from packets import (
-    C4,
-    C6,
-    S4,
-    S6,
-    SERVER_ISN,
-    open_tcp_flow,
-    parse_tcp_packet,
-)
-
 from stack import FlowId, Stack, StackConfig
 from stack.wire.checksum import checksum
 from stack.wire.tcp import (
@@ -31,6 +21,16 @@ from stack.wire.tcp import (
     OffloadPacket,
     build_tcp_packet,
     encode_options,
+)
+
+from packets import (
+    C4,
+    C6,
+    S4,
+    S6,
+    SERVER_ISN,
+    open_tcp_flow,
+    parse_tcp_packet,
 )
 
 

@@ -5,22 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from packets import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    open_tcp_flow,
-    parse_icmp_packet,
-    request_tcp_flow,
-    sent_tcp,
-    stack_events,
-    tcp_packet,
-)
 
 from stack import (
     Closed,
@@ -38,6 +22,23 @@ from stack import (
     Unreachable,
 )
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
+
+from packets import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    open_tcp_flow,
+    parse_icmp_packet,
+    request_tcp_flow,
+    sent_tcp,
+    stack_events,
+    tcp_packet,
+)
 
 
 @pytest.mark.parametrize(("src", "dst", "version"), [(C4, S4, 4), (C6, S6, 6)])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packets import C4, C6, CLIENT_ISN, S4, S6, SERVER_ISN, open_tcp_flow, tcp_packet
 
 from stack import Stack, StackConfig, TcpConfig
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, encode_options
+
+from packets import C4, C6, CLIENT_ISN, S4, S6, SERVER_ISN, open_tcp_flow, tcp_packet
 
 LIMITS = StackConfig(
     tcp=TcpConfig(rcv_buf=4096, ooo_limit=2048, snd_buf=4096), max_flows=8, max_pending=4

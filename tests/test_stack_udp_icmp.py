@@ -4,17 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 
-from packets import (
-    ADDR_TEXT,
-    ADDRS,
-    S4,
-    V4_V6,
-    echo_request_packet,
-    parse_icmp_packet,
-    pseudo_header_sum,
-    stack_events,
-    udp_packet,
-)
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -48,6 +37,18 @@ from stack.wire import (
     ipv4_header,
     parse_ip,
     parse_udp,
+)
+
+from packets import (
+    ADDR_TEXT,
+    ADDRS,
+    S4,
+    V4_V6,
+    echo_request_packet,
+    parse_icmp_packet,
+    pseudo_header_sum,
+    stack_events,
+    udp_packet,
 )
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from tcp_helpers import ISS, TEMPLATE, established, recv, send
 
 from stack.config import TcpConfig
 from stack.tcp.congestion import NewReno
 from stack.tcp.connection import TcpConnection
 from stack.tcp.cubic import ALPHA, BETA, C, Cubic, cbrt
 from stack.tcp.segment import TcpSegment
+
+from tcp_helpers import ISS, TEMPLATE, established, recv, send
 
 MSS = 1000
 

@@ -19,8 +19,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
-import test_tcp_property
 from hypothesis import HealthCheck, given, settings
+
+from stack.config import TcpConfig
+from stack.tcp.connection import TcpConnection
+
+import test_tcp_property
 from test_tcp_property import (
     MAX_EXAMPLES,
     PropertyRun,
@@ -30,9 +34,6 @@ from test_tcp_property import (
     full_configs,
     property_runs,
 )
-
-from stack.config import TcpConfig
-from stack.tcp.connection import TcpConnection
 
 _SKIP = {
     "config",  # shared

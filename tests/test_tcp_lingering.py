@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from stack import Stack, StackConfig
+from stack.config import TcpConfig
+from stack.events import Closed, CloseReason
+from stack.tcp.connection import State
+
 from packets import open_tcp_flow, sent_tcp
 from tcp_helpers import (
     ACK,
@@ -28,11 +33,6 @@ from tcp_helpers import (
     recv_nothing,
     send,
 )
-
-from stack import Stack, StackConfig
-from stack.config import TcpConfig
-from stack.events import Closed, CloseReason
-from stack.tcp.connection import State
 
 KA = TcpConfig(
     keepalive=True, keepalive_idle=100.0, keepalive_interval=10.0, keepalive_probes=3,

@@ -10,6 +10,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
+from stack import Stack, StackConfig
+from stack.config import TcpConfig
+from stack.events import Closed, CloseReason, ConnectionReset, DataReceived
+from stack.tcp.buffers import MemoryBudget, wscale_for
+from stack.tcp.connection import State, TcpConnection
+from stack.tcp.segment import TcpSegment
+from stack.tcp.timestamps import PAWS_IDLE, offset_for
+from stack.wire.tcp import SYN as SYN_FLAG
+from stack.wire.tcp import TcpOptions, encode_options
+
 from packets import CLIENT_ISN, SERVER_ISN, sent_tcp, stack_events, tcp_packet
 from tcp_helpers import (
     ACK,
@@ -31,16 +42,6 @@ from tcp_helpers import (
     recv_nothing,
     send,
 )
-
-from stack import Stack, StackConfig
-from stack.config import TcpConfig
-from stack.events import Closed, CloseReason, ConnectionReset, DataReceived
-from stack.tcp.buffers import MemoryBudget, wscale_for
-from stack.tcp.connection import State, TcpConnection
-from stack.tcp.segment import TcpSegment
-from stack.tcp.timestamps import PAWS_IDLE, offset_for
-from stack.wire.tcp import SYN as SYN_FLAG
-from stack.wire.tcp import TcpOptions, encode_options
 
 M = 0xFFFFFFFF
 OFF = offset_for(ISS)

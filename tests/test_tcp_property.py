@@ -50,11 +50,12 @@ from dataclasses import dataclass, field, replace
 import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
-from tcp_helpers import ConnectionPair, LossyLink
 
 from stack.config import TcpConfig
 from stack.events import Closed, CloseReason, ConnectionReset, DataReceived, Event, PeerFinished
 from stack.tcp.connection import State, TcpConnection
+
+from tcp_helpers import ConnectionPair, LossyLink
 
 # A longer search: TCP_PROPERTY_EXAMPLES=5000 pytest tests/test_tcp_property.py
 MAX_EXAMPLES = int(os.environ.get("TCP_PROPERTY_EXAMPLES", "500"))

@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
+from stack.config import TcpConfig
+from stack.errors import LocalProtocolError
+from stack.events import DataReceived, PeerFinished
+from stack.tcp.connection import State
+from stack.tcp.segment import TcpSegment
+
 from tcp_helpers import (
     ACK,
     FIN,
@@ -25,12 +32,6 @@ from tcp_helpers import (
     recv_nothing,
     send,
 )
-
-from stack.config import TcpConfig
-from stack.errors import LocalProtocolError
-from stack.events import DataReceived, PeerFinished
-from stack.tcp.connection import State
-from stack.tcp.segment import TcpSegment
 
 
 def data(seq_off: int, payload: bytes, *, flags: int = ACK, ack: int = ISS + 1) -> TcpSegment:

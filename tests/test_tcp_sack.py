@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from stack import Stack
+from stack.events import DataReceived
+from stack.tcp.connection import TcpConnection
+from stack.tcp.sack import Scoreboard, choose_blocks
+from stack.tcp.segment import TcpSegment
+from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
+
 from packets import CLIENT_ISN, SERVER_ISN, sent_tcp, stack_events, tcp_packet
 from tcp_helpers import (
     ALL_OPTIONS,
@@ -23,13 +30,6 @@ from tcp_helpers import (
     recv,
     send,
 )
-
-from stack import Stack
-from stack.events import DataReceived
-from stack.tcp.connection import TcpConnection
-from stack.tcp.sack import Scoreboard, choose_blocks
-from stack.tcp.segment import TcpSegment
-from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
 
 SACK_ONLY = TcpOptions(sack_permitted=True)
 

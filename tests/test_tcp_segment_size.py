@@ -9,13 +9,13 @@ relay once timestamps were negotiated.)
 
 from __future__ import annotations
 
-from packets import CLIENT_ISN, SERVER_ISN, open_tcp_flow, parse_tcp_packet, tcp_packet
-
 from stack import FlowId, Stack
 from stack.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
+
+from packets import CLIENT_ISN, SERVER_ISN, open_tcp_flow, parse_tcp_packet, tcp_packet
 
 LINUX_SYN = encode_options(mss=1460, sack_permitted=True, timestamps=(1000, 0), wscale=7)
 MTU = 1500

@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
+from stack.config import TcpConfig
+from stack.errors import LocalProtocolError
+from stack.events import Closed, CloseReason, SendSpace
+from stack.tcp.connection import State, TcpConnection
+from stack.tcp.segment import TcpSegment
+
 from tcp_helpers import (
     ACK,
     FIN,
@@ -26,12 +33,6 @@ from tcp_helpers import (
     recv_nothing,
     send,
 )
-
-from stack.config import TcpConfig
-from stack.errors import LocalProtocolError
-from stack.events import Closed, CloseReason, SendSpace
-from stack.tcp.connection import State, TcpConnection
-from stack.tcp.segment import TcpSegment
 
 
 def seg(off: int, payload: bytes, flags: int = ACK) -> TcpSegment:

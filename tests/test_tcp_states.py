@@ -10,6 +10,15 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+
+from stack.config import TcpConfig
+from stack.errors import LocalProtocolError
+from stack.events import Closed, CloseReason, Connected, ConnectionReset, DataReceived, PeerFinished
+from stack.tcp.connection import State, TcpConnection
+from stack.tcp.segment import TcpSegment
+from stack.tcp.timestamps import offset_for
+from stack.wire.tcp import TcpOptions
+
 from tcp_helpers import (
     ACK,
     FIN,
@@ -40,14 +49,6 @@ from tcp_helpers import (
     syn_sent,
     time_wait,
 )
-
-from stack.config import TcpConfig
-from stack.errors import LocalProtocolError
-from stack.events import Closed, CloseReason, Connected, ConnectionReset, DataReceived, PeerFinished
-from stack.tcp.connection import State, TcpConnection
-from stack.tcp.segment import TcpSegment
-from stack.tcp.timestamps import offset_for
-from stack.wire.tcp import TcpOptions
 
 SYN_IN = TcpSegment(RPORT, LPORT, IRS, 0, SYN, PEER_WINDOW, b"", TcpOptions(mss=1460))
 SYN_ACK_OUT = TcpSegment(LPORT, RPORT, ISS, IRS + 1, SYN | ACK, WINDOW, b"", TcpOptions(mss=1460))

@@ -10,6 +10,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+
+from stack.config import TcpConfig
+from stack.events import Closed, CloseReason
+from stack.tcp.connection import State, TcpConnection
+from stack.tcp.rtt import RttEstimator
+from stack.tcp.segment import TcpSegment
+
 from tcp_helpers import (
     ACK,
     FIN,
@@ -37,12 +44,6 @@ from tcp_helpers import (
     syn_sent,
     time_wait,
 )
-
-from stack.config import TcpConfig
-from stack.events import Closed, CloseReason
-from stack.tcp.connection import State, TcpConnection
-from stack.tcp.rtt import RttEstimator
-from stack.tcp.segment import TcpSegment
 
 
 def seg(off: int, payload: bytes, flags: int = PSH | ACK) -> TcpSegment:

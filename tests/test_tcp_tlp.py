@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tcp_helpers import ISS, TEMPLATE, established, recv, send
-
 from stack.config import TcpConfig
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import TcpOptions
+
+from tcp_helpers import ISS, TEMPLATE, established, recv, send
 
 SACK_ONLY = TcpOptions(sack_permitted=True)
 

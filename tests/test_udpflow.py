@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-from packets import pseudo_header_sum
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
@@ -32,6 +31,8 @@ from relay.datapath.packet_source import MemoryPacketSource
 from relay.datapath.udpflow import open_udp_socket
 from stack import DatagramConfig, FlowId, Stack, StackConfig
 from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip, parse_udp
+
+from packets import pseudo_header_sum
 
 CLIENT = {4: "198.18.1.2", 6: "fd00:1::2"}
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}

@@ -16,21 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from packets import (
-    C4,
-    C6,
-    CLIENT_ISN,
-    CPORT,
-    S4,
-    S6,
-    SERVER_ISN,
-    SPORT,
-    open_tcp_flow,
-    pseudo_header_sum,
-    sent_tcp,
-    stack_events,
-    tcp_packet,
-)
 
 from relay.datapath.config import RelayConfig
 from relay.datapath.engine import Relay
@@ -54,6 +39,22 @@ from relay.datapath.vnet import (
 from stack import DataReceived, Stack
 from stack.wire.ip import parse_ip
 from stack.wire.tcp import ACK, RST, offload_packet, parse_tcp
+
+from packets import (
+    C4,
+    C6,
+    CLIENT_ISN,
+    CPORT,
+    S4,
+    S6,
+    SERVER_ISN,
+    SPORT,
+    open_tcp_flow,
+    pseudo_header_sum,
+    sent_tcp,
+    stack_events,
+    tcp_packet,
+)
 
 # (virtio-net header + IPv4 + TCP with timestamps) of a 65,222-byte read: 45 x 1448 bytes.
 CAPTURED_V4 = bytes.fromhex(

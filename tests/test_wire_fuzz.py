@@ -8,7 +8,6 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packets import pseudo_header_sum
 from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
@@ -35,6 +34,8 @@ from stack.wire import (
     parse_tcp,
     parse_udp,
 )
+
+from packets import pseudo_header_sum
 
 SRC4 = ipaddress.IPv4Address("198.18.0.1").packed
 DST4 = ipaddress.IPv4Address("198.19.1.2").packed

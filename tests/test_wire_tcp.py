@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packets import pseudo_header_sum
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
@@ -38,6 +37,8 @@ from stack.wire import (
     pseudo_sum_v4,
     pseudo_sum_v6,
 )
+
+from packets import pseudo_header_sum
 
 A4, B4 = "198.18.0.1", "198.19.1.2"
 A6, B6 = "fd00::1", "fd12:3456::2"

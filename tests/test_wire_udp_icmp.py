@@ -8,7 +8,6 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packets import pseudo_header_sum
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw
@@ -38,6 +37,8 @@ from stack.wire import (
     parse_ip,
     parse_udp,
 )
+
+from packets import pseudo_header_sum
 
 A4, B4 = "198.18.0.1", "198.19.1.2"
 A6, B6 = "fd00::1", "fd12:3456::2"
