@@ -472,7 +472,7 @@ def start_relay_fixture(
             sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
             "--tun", TUN,
             "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
-            "--flow-log", str(flow_log),
+            "--flow-log", str(flow_log), *topology.relay_allow,
         ]  # fmt: skip
         for spec in (*DEFAULT_ANALYZERS, *analyzers):
             argv += ["--analyzer", spec]

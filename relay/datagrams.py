@@ -14,11 +14,12 @@ import errno
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from relay.egress import EgressPolicy
 from relay.hooks import AnalyzerChain
 from stack import (
     DatagramFlowClosed,
@@ -98,6 +99,7 @@ class DatagramEnv:
     stats: RelayStats
     udp_socket: SocketFactory  # opens the connected upstream socket of a UDP flow
     echo_socket: SocketFactory  # the same for an echo flow (relay.echo)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)  # judged before either
     flow_end_timeout: float = 5.0
     queue_limit: int = QUEUE_LIMIT
 

@@ -21,6 +21,9 @@ datagrams that arrive meanwhile wait in a small bounded queue. Then:
   with its code, quoting the datagram (ECONNREFUSED at a connected client
   socket comes from exactly that). Errors raised locally (no route) become
   the ICMP error a router would have sent.
+* denial: a flow the egress policy (``relay.egress``) denies is refused
+  with ICMP administratively prohibited before the analyzers are asked, and
+  never gets a socket.
 * refusal: a REJECT verdict answers the client with ICMP port unreachable
   (the UDP counterpart of TCP's RST from a closed port); a socket that cannot
   be opened (no route) answers with the matching unreachable code. The stack
@@ -48,6 +51,7 @@ from relay.datagrams import (
     DatagramEnv,
     read_socket_errors,
 )
+from relay.egress import Upstream
 from relay.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
 from stack import CloseReason, FlowId, Unreachable
 
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536  # the largest datagram
 RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
+_PLAIN = Upstream()  # no mark, source or device: only IPV6_V6ONLY
 _C2S = Direction.CLIENT_TO_SERVER
 _S2C = Direction.SERVER_TO_CLIENT
 
@@ -67,13 +72,14 @@ _FROM_CLOSE = {
 }
 
 
-def open_udp_socket(flow: FlowId) -> socket.socket:
-    """The default: a non-blocking UDP socket with IP(V6)_RECVERR, connected to the
-    flow's original destination."""
+def open_udp_socket(flow: FlowId, upstream: Upstream = _PLAIN) -> socket.socket:
+    """The default: a non-blocking UDP socket with IP(V6)_RECVERR and ``upstream``'s
+    options (IPV6_V6ONLY always), connected to the flow's original destination."""
     v4 = flow.version == 4
     family = socket.AF_INET if v4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
+        upstream.prepare(sock, family)
         sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
         sock.connect((flow.server_ip, flow.server_port))
     except BaseException:
@@ -107,6 +113,7 @@ class DatagramFlow:
         self._lot = trio.lowlevel.ParkingLot()
         self._closed: CloseReason | None = None  # set by DatagramFlowClosed: never call the stack
         self._hint: EndReason | None = None  # set when the relay decided how the flow ends
+        self._rule: str | None = None  # the egress rule that denied the flow
 
     # --- events from the packet loop (sync) -------------------------------------
 
@@ -170,6 +177,12 @@ class DatagramFlow:
                 await self._finish()
 
     async def _serve(self) -> None:
+        rule = self._env.egress.denied_by(self.flow)
+        if rule is not None:
+            self._env.stats.flows_denied += 1
+            self._rule = rule
+            log.debug("flow %s: denied by %s", self.hooks.info.describe(), rule)
+            await self._refuse(Unreachable.ADMIN, EndReason.DENIED)
         if await self.hooks.start() is Verdict.REJECT:
             self._env.stats.flows_rejected += 1
             await self._refuse(self.reject_code, EndReason.REJECTED)
@@ -311,7 +324,7 @@ class DatagramFlow:
             how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
         else:
             how = EndReason.SHUTDOWN
-        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
+        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule)
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)
 
