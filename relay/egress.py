@@ -253,6 +253,10 @@ def host_routes(ipr: Any) -> HostRoutes:
     return HostRoutes(tuple(sorted(set(local))), tuple(sorted(set(broadcast))))
 
 
+def _loopback(cidr: str) -> bool:
+    return ipaddress.ip_network(cidr, strict=False).is_loopback  # inside 127/8 or ::1
+
+
 # A compiled range: (first, last, prefix length, ports, allow, name).
 _Compiled = tuple[int, int, int, tuple[tuple[int, int], ...], bool, str]
 
@@ -312,10 +316,11 @@ class EgressPolicy:
                     default[net.version].append(_compile(net, (), False, name))
 
         if self.defaults:
-            # On equal ranges the first named wins: 127.0.0.0/8 is "loopback", not "host".
+            # On equal ranges the first named wins (a stable sort below).
             for name, cidrs in DEFAULT_RANGES:
                 deny(cidrs, f"default:{name}")
-            deny(self.host.local, "default:host")
+            # 127.0.0.1 is in the local table too, but named (and opened) as loopback.
+            deny([c for c in self.host.local if not _loopback(c)], "default:host")
             deny(self.host.broadcast, "default:broadcast")
             if not self.client_to_client:
                 deny(self.client_nets, "default:client-net")
