@@ -120,7 +120,7 @@ def validate(
         ("--mtu", mtu, 1280, 65535),
         ("--txqueuelen", txqueuelen, 1, 1 << 20),
         ("--table", table, 1, 0xFFFFFFFF - 1),
-        ("--priority", priority, 3, 32765),
+        ("--priority", priority, 4, 32765),  # and the three rules just before it
         ("--max-flows", max_flows, 1, 1 << 22),
         ("--rcv-buf", rcv_buf, 4096, 1 << 30),
         ("--snd-buf", snd_buf, 4096, 1 << 30),
