@@ -449,11 +449,13 @@ def gateway_leftovers(topo: Topology, before: set[str] | None = None) -> list[st
 def start_relay_fixture(
     topology: Topology, tmp_path: Path
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """Factory: ``start_relay(analyzers=..., env=..., args=..., expected_tracebacks=...)``.
+    """Factory: ``start_relay(analyzers=, env=, args=, rules=, expected_tracebacks=)``.
 
     ``analyzers`` are ``module:attr`` specs loaded after the default
     ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
-    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise).
+    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise);
+    ``rules`` are ``--allow``/``--deny`` options tried before the lab's own ``--allow``
+    of its networks (``Topology.relay_allow``), which would otherwise match first.
     """
     relays: list[RelayProcess] = []
 
@@ -462,6 +464,7 @@ def start_relay_fixture(
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
         expected_tracebacks: Sequence[str] = (),
+        rules: Sequence[str] = (),
     ) -> RelayProcess:
         n = len(relays)
         log_path = tmp_path / f"relay{n}.log"
@@ -472,7 +475,7 @@ def start_relay_fixture(
             sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
             "--tun", TUN,
             "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
-            "--flow-log", str(flow_log), *topology.relay_allow,
+            "--flow-log", str(flow_log), *rules, *topology.relay_allow,
         ]  # fmt: skip
         for spec in (*DEFAULT_ANALYZERS, *analyzers):
             argv += ["--analyzer", spec]
