@@ -80,6 +80,7 @@ def start_relay(topo: Topology, log_path: Path) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+        *topo.relay_allow,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as out:

@@ -373,6 +373,7 @@ class Lab:
             argv = [
                 sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
                 "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+                *topo.relay_allow,
             ]  # fmt: skip
             if self.cfg in OFFLOADED:
                 argv.append("--offload")

@@ -60,11 +60,13 @@ def topology(netns_root: None) -> Iterator[Topology]:
 def start_relay_fixture(
     topology: Topology, tmp_path: Path
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """Factory: ``start_relay(analyzers=..., env=..., args=..., expected_tracebacks=...)``.
+    """Factory: ``start_relay(analyzers=, env=, args=, rules=, expected_tracebacks=)``.
 
     ``analyzers`` are ``module:attr`` specs loaded after the default
     ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
-    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise).
+    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise);
+    ``rules`` are ``--allow``/``--deny`` options tried before the lab's own ``--allow``
+    of its networks (``Topology.relay_allow``), which would otherwise match first.
     """
     relays: list[RelayProcess] = []
 
@@ -73,6 +75,7 @@ def start_relay_fixture(
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
         expected_tracebacks: Sequence[str] = (),
+        rules: Sequence[str] = (),
     ) -> RelayProcess:
         n = len(relays)
         log_path = tmp_path / f"relay{n}.log"
@@ -83,7 +86,7 @@ def start_relay_fixture(
             sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
             "--tun", TUN,
             "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
-            "--flow-log", str(flow_log),
+            "--flow-log", str(flow_log), *rules, *topology.relay_allow,
         ]  # fmt: skip
         for spec in (*DEFAULT_ANALYZERS, *analyzers):
             argv += ["--analyzer", spec]

@@ -32,7 +32,7 @@ from relay.lab.topology import Topology
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 TABLE = 5197
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
-RTN_UNICAST, RTN_THROW = 1, 9
+RTN_UNICAST = 1
 # (family, conf/all/rp_filter in the gateway): 1 is strict mode, which many
 # hosts use; it must not break either direction.
 FAMILY_RP = pytest.mark.parametrize(
@@ -270,7 +270,7 @@ def test_netconfig_close_undoes_everything(topology: Topology) -> None:
         for family in (socket.AF_INET, socket.AF_INET6):
             assert len(rules(observer, family)) == 1
             kinds = sorted(r["type"] for r in table_routes(observer, family))
-            assert kinds == [RTN_UNICAST, RTN_THROW]  # default dev tun0, throw <client net>
+            assert kinds == [RTN_UNICAST]  # default dev tun0
         assert cfg.read_sysctl("net.ipv4.ip_forward") == "1"
         assert cfg.read_sysctl("net.ipv6.conf.all.forwarding") == "1"
         assert cfg.read_sysctl("net/ipv4/conf/tun0/rp_filter") == "0"

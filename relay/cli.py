@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -93,6 +94,47 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes, one TUN queue each (multi-queue TUN; the kernel keeps a flow on "
         "one queue); 1 runs everything in one process (default: the number of usable CPUs)",
     )
+    egress = run.add_argument_group(
+        "egress",
+        "Which destinations clients may reach through the relay, and how its upstream "
+        "sockets look. By default loopback, link-local, multicast, broadcast, private and "
+        "reserved ranges, the relay host's own addresses and the client networks are denied "
+        "(ICMP administratively prohibited). Rules are tried in command-line order, before "
+        "the defaults; the first that matches decides. An --allow opens a default-denied "
+        "address only if its network lies inside the default range that denies it "
+        "(--allow 10.0.0.0/8 opens the 10/8 LAN, not the relay's own 10.x addresses).",
+    )
+    for kind, what in (("allow", "may"), ("deny", "may not")):
+        egress.add_argument(
+            f"--{kind}",
+            action="append",
+            dest="egress_rules",
+            default=[],
+            type=functools.partial(_tagged, kind),
+            metavar="CIDR[:PORTS]",
+            help=f"clients {what} reach CIDR (repeatable; PORTS: 443, 8000-8100 or a comma "
+            f"list of them; IPv6 in brackets to give ports: [fd00::/8]:443)",
+        )
+    egress.add_argument(
+        "--allow-client-to-client",
+        action="store_true",
+        help="let clients reach the client networks (each other)",
+    )
+    egress.add_argument(
+        "--fwmark", metavar="N", help="SO_MARK of every upstream socket (e.g. 0x1 or 1)"
+    )
+    egress.add_argument(
+        "--bind-address",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="source address of upstream sockets (one IPv4 and/or one IPv6)",
+    )
+    egress.add_argument(
+        "--bind-interface",
+        metavar="IFACE",
+        help="send upstream traffic through IFACE only (SO_BINDTODEVICE)",
+    )
     run.add_argument(
         "--profile",
         metavar="PATH",
@@ -109,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--bulk-mib", type=int, default=16, help="size of the bulk transfers")
     return parser
+
+
+def _tagged(kind: str, value: str) -> tuple[str, str]:
+    # --allow and --deny share one list, so their relative order is kept.
+    return kind, value
 
 
 def default_workers() -> int:
@@ -158,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             udp_idle_timeout=args.udp_idle_timeout,
             offload=args.offload,
             workers=default_workers() if args.workers is None else args.workers,
+            egress_rules=args.egress_rules,
+            allow_client_to_client=args.allow_client_to_client,
+            fwmark=args.fwmark,
+            bind_addresses=args.bind_address,
+            bind_interface=args.bind_interface,
         )
         if args.profile and opts.workers != 1:
             raise ConfigError("--profile: needs --workers 1 (one process to profile)")

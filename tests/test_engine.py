@@ -26,6 +26,7 @@ import trio.testing
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
 from relay.datapath.config import RelayConfig
+from relay.datapath.egress import EgressPolicy, parse_rule
 from relay.datapath.engine import Relay, raise_nofile_limit
 from relay.datapath.isn import IsnGenerator
 from relay.datapath.packet_source import MemoryPacketSource
@@ -38,6 +39,7 @@ from packets import parse_tcp_packet
 
 CLIENT_IP = {4: "198.18.0.2", 6: "fd00::2"}
 SERVER_IP = {4: "198.19.0.80", 6: "fd00:1::80"}
+OPEN = EgressPolicy.open()  # the test servers are in reserved and private ranges
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 
 
@@ -246,7 +248,7 @@ async def harness(
     relay = Relay(
         source,
         stack=stack,
-        config=config or RelayConfig(),
+        config=config or RelayConfig(egress=OPEN),
         analyzers=[*analyzers, tap, FlowLog(log)],
         connector=connector,
         isn=isn,
@@ -351,8 +353,50 @@ async def test_unreachable_is_an_icmp_error(
         assert c.icmp == [icmp] and c.segments == []
 
 
+@pytest.mark.parametrize(("version", "icmp", "rule"), [
+    (4, (3, 13), "default:reserved"),  # 198.19.0.80: benchmarking range
+    (6, (1, 1), "default:private"),  # fd00:1::80: unique local
+])  # fmt: skip
+async def test_denied_flow_gets_admin_prohibited_and_no_socket(
+    version: int, icmp: tuple[int, int], rule: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with harness(RelayConfig()) as h:  # the default policy
+        c = Client(h, version=version)
+        c.syn()
+        end = await h.tap.end_of(40000)
+        assert (end.how, end.rule) == ("denied", rule)
+        await until(lambda: c.icmp)
+        assert c.icmp == [icmp] and c.segments == []
+        assert h.connector.calls == [] and 40000 not in h.tap.starts  # nothing asked, opened
+        await until(lambda: h.relay.active_flows == 0)
+        assert h.relay.stats.flows_denied == 1 and h.relay.stats.connect_failed == 0
+        assert "flows_denied=1" in repr(h.relay.stats)
+        (line,) = h.log_lines()
+        assert (line["ended"], line["rule"], line["id.resp_p"]) == ("denied", rule, 443)
+
+
+async def test_allow_opens_a_denied_range(autojump_clock: trio.testing.MockClock) -> None:
+    rules = (parse_rule("198.19.0.0/16:443", allow=True), parse_rule("[fd00:1::/64]", allow=True))
+    async with harness(RelayConfig(egress=EgressPolicy(rules))) as h:
+        for version in (4, 6):
+            c = Client(h, version=version)
+            await c.connect()
+        await until(lambda: len(h.connector.calls) == 2)
+        c = Client(h, port=40001, sport=80)  # not an allowed port
+        c.syn()
+        assert (await h.tap.end_of(40001)).rule == "default:reserved"
+        assert h.relay.stats.flows_denied == 1
+        for version in (4, 6):
+            h.clients[(version, 40000)].reset()  # the relayed flows end, without a rule
+        await until(lambda: len(h.log_lines()) == 3)
+        assert {(r["id.orig_p"], r.get("rule")) for r in h.log_lines()} == {
+            (40000, None),
+            (40001, "default:reserved"),
+        }
+
+
 async def test_connect_timeout_is_silence(autojump_clock: trio.testing.MockClock) -> None:
-    async with harness(RelayConfig(connect_timeout=3.0)) as h:
+    async with harness(RelayConfig(egress=OPEN, connect_timeout=3.0)) as h:
         h.connector.hang.add(443)
         c = Client(h)
         c.syn()
@@ -555,7 +599,7 @@ async def test_orderly_close_still_delivers_queued_bytes(
 
 
 async def test_orderly_close_drain_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
-    async with harness(RelayConfig(close_drain_timeout=5.0)) as h:
+    async with harness(RelayConfig(egress=OPEN, close_drain_timeout=5.0)) as h:
         c, server = await connected(h)
         h.connector.relay_ends[c.flow].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         await c.send(pattern(60_000, 8))
@@ -656,7 +700,7 @@ async def test_fail_closed_aborts_the_flow(autojump_clock: trio.testing.MockCloc
         async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
             raise RuntimeError("analyzer bug")
 
-    async with harness(RelayConfig(fail_closed=True), analyzers=[Broken()]) as h:
+    async with harness(RelayConfig(egress=OPEN, fail_closed=True), analyzers=[Broken()]) as h:
         c = Client(h)
         await c.connect()
         await h.connector.server(c.flow)
@@ -719,7 +763,7 @@ async def test_shutdown_resets_upstream_and_reports_flows(
 
 async def test_source_close_stops_the_relay(autojump_clock: trio.testing.MockClock) -> None:
     source = MemoryPacketSource()
-    relay = Relay(source, stack=Stack(), config=RelayConfig(), connector=FakeConnector())
+    relay = Relay(source, stack=Stack(), config=RelayConfig(egress=OPEN), connector=FakeConnector())
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             await n.start(relay.run)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from relay.cli import _parser, default_workers, main
+from relay.datapath.egress import Upstream
 from relay.service.run import MAX_WORKERS, ConfigError, validate
 
 NETS = ["198.18.1.0/24", "fd00:1::/64"]
@@ -55,3 +56,73 @@ def test_profile_needs_one_worker(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", "--tun", "tr0", "--client-net", NETS[0], "--workers", "2", "--profile", "/x"]
     assert main(argv) == 2
     assert "--profile: needs --workers 1" in capsys.readouterr().err
+
+
+def test_egress_rules_keep_their_command_line_order() -> None:
+    argv = ["run", "--tun", "tr0", "--client-net", NETS[0], "--deny", "198.18.3.0/24"]
+    argv += ["--allow", "198.18.0.0/15", "--allow-client-to-client", "--deny", "[fd00::/8]:443"]
+    args = _parser().parse_args(argv)
+    assert args.egress_rules == [
+        ("deny", "198.18.3.0/24"),
+        ("allow", "198.18.0.0/15"),
+        ("deny", "[fd00::/8]:443"),
+    ]
+    opts = validate(
+        tun="tr0",
+        client_nets=NETS,
+        egress_rules=args.egress_rules,
+        allow_client_to_client=args.allow_client_to_client,
+    )
+    egress = opts.relay.egress
+    assert [r.name for r in egress.rules] == [
+        "deny 198.18.3.0/24",
+        "allow 198.18.0.0/15",
+        "deny [fd00::/8]:443",
+    ]
+    assert egress.client_nets == tuple(NETS) and egress.client_to_client
+    assert pickle.loads(pickle.dumps(opts)) == opts
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"egress_rules": [("allow", "10.0.0.1/8")]}, "--allow: '10.0.0.1/8' is not a network"),
+        ({"egress_rules": [("deny", "[fd00::/8]:http")]}, "--deny: '[fd00::/8]:http': 'http'"),
+        ({"fwmark": "mark"}, "--fwmark: 'mark' is not a number"),
+        ({"fwmark": "0"}, "--fwmark: 0 is outside"),
+        ({"fwmark": 1 << 32}, "--fwmark: 4294967296 is outside"),
+        ({"bind_addresses": ["198.18.2.1", "198.18.2.9"]}, "--bind-address: two IPv4"),
+        ({"bind_addresses": ["host.example"]}, "--bind-address: 'host.example' is not an IP"),
+        ({"bind_addresses": ["::"]}, "--bind-address: :: cannot be a source"),
+        ({"bind_addresses": ["198.18.1.9"]}, "--bind-address: 198.18.1.9 is inside --client-net"),
+        ({"bind_interface": "a-very-long-ifname0"}, "--bind-interface: 'a-very-long-ifname0'"),
+    ],
+)
+def test_bad_egress_options_are_named(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(tun="tr0", client_nets=NETS, **kw)  # type: ignore[arg-type]
+    assert str(info.value).startswith(message), info.value
+
+
+def test_upstream_options() -> None:
+    opts = validate(
+        tun="tr0",
+        client_nets=NETS,
+        fwmark="0x5197",
+        bind_addresses=["198.18.2.1", "fd00:2::1"],
+        bind_interface="eth0",
+    )
+    up = opts.relay.upstream
+    assert (up.fwmark, up.bind_v4, up.bind_v6, up.interface) == (
+        0x5197,
+        "198.18.2.1",
+        "fd00:2::1",
+        "eth0",
+    )
+    assert validate(tun="tr0", client_nets=NETS).relay.upstream == Upstream()
+
+
+def test_a_bad_rule_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--tun", "tr0", "--client-net", NETS[0], "--deny", "[fd00::/8"]
+    assert main(argv) == 2
+    assert "tunrelay run: --deny: '[fd00::/8': no closing ']'" in capsys.readouterr().err

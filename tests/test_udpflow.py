@@ -25,6 +25,7 @@ from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
 from relay.datapath.config import RelayConfig
 from relay.datapath.echo import PingSocketsUnavailable
+from relay.datapath.egress import EgressPolicy
 from relay.datapath.engine import Relay
 from relay.datapath.icmp_errors import read_socket_errors
 from relay.datapath.packet_source import MemoryPacketSource
@@ -35,6 +36,7 @@ from stack.wire import build_echo, build_udp_packet, parse_icmp, parse_ip, parse
 from packets import pseudo_header_sum
 
 CLIENT = {4: "198.18.1.2", 6: "fd00:1::2"}
+OPEN = EgressPolicy.open()  # the test servers use 198.18/fd00 addresses, denied by default
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 IDLE = 0.3
@@ -118,6 +120,7 @@ async def running(
     *,
     version: int = 4,
     datagram: DatagramConfig | None = None,
+    egress: EgressPolicy = OPEN,
     **relay_kw: object,
 ) -> AsyncIterator[tuple[Client, Relay, Stack, io.StringIO]]:
     source = MemoryPacketSource()
@@ -127,8 +130,8 @@ async def running(
     stack = Stack(StackConfig(datagram=cfg))
     log = io.StringIO()
     relay = Relay(
-        source, stack=stack, config=RelayConfig(), analyzers=[*analyzers, FlowLog(log)],
-        **relay_kw,  # type: ignore[arg-type]
+        source, stack=stack, config=RelayConfig(egress=egress),
+        analyzers=[*analyzers, FlowLog(log)], **relay_kw,  # type: ignore[arg-type]
     )  # fmt: skip
     client = Client(source, version)
     async with trio.open_nursery() as nursery:
@@ -427,3 +430,43 @@ async def test_echo_without_icmp_sockets_is_dropped_quietly() -> None:
         await until(lambda: 3 in tap.ends)
     assert client.icmp == []
     assert str(tap.ends[3][1].how) == "error"
+
+
+# --- the egress policy ------------------------------------------------------------------
+
+
+class Forbidden:
+    """A socket factory that must not be called: the policy denies first."""
+
+    def __init__(self) -> None:
+        self.calls: list[FlowId] = []
+
+    def __call__(self, flow: FlowId) -> socket.socket:
+        self.calls.append(flow)
+        raise AssertionError(f"a socket for a denied flow: {flow}")
+
+
+@V4_V6
+async def test_denied_udp_and_echo_get_admin_prohibited_and_no_socket(version: int) -> None:
+    udp, ping, tap = Forbidden(), Forbidden(), Tap()
+    # Only the in-memory stack sees this address: the policy denies it before any socket.
+    loopback = {4: "127.0.0.1", 6: "::1"}[version]
+    admin = (3, 13) if version == 4 else (1, 1)
+    async with running(
+        [tap], version=version, egress=EgressPolicy(), udp_socket=udp, echo_socket=ping
+    ) as (client, relay, stack, log):
+        client.send(loopback, 40010, 53, b"query")
+        client.ping(loopback, ident=0x77, seq=1, payload=b"x")
+        await until(lambda: len(client.icmp) == 2)
+        assert sorted((t, c) for t, c, _, _ in client.icmp) == [admin, admin]
+        client.send(loopback, 40010, 53, b"again")  # answered by the stack itself
+        await until(lambda: len(client.icmp) == 3)
+        assert relay.stats.flows_denied == 2 and relay.stats.datagrams_c2s == 2
+        assert stack.stats.datagram.refused == 1
+        await until(lambda: 40010 in tap.ends and 0x77 in tap.ends)
+    assert udp.calls == ping.calls == [] and tap.starts == []  # not even asked
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert sorted((r["proto"], r["ended"], r["rule"]) for r in lines) == [
+        ("icmp", "denied", "default:loopback"),
+        ("udp", "denied", "default:loopback"),
+    ]

@@ -3,7 +3,8 @@
 Field names follow Zeek's conn.log where one exists (``ts``, ``uid``,
 ``id.orig_h``, ``id.orig_p``, ``id.resp_h``, ``id.resp_p``, ``proto``,
 ``duration``, ``orig_bytes``, ``resp_bytes``); ``ended`` is ours (the
-``EndReason`` set documented in ``relay.analysis.hooks``). ``id.resp_h``/``id.resp_p``
+``EndReason`` set documented in ``relay.analysis.hooks``), and so is ``rule``, the egress
+rule that denied a flow (only on ``"ended": "denied"``). ``id.resp_h``/``id.resp_p``
 are the original destination the client addressed.
 
 Each line is written in ``flow_end``, synchronously: a few hundred bytes,
@@ -39,6 +40,8 @@ def flow_record(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict
         "resp_bytes": end.bytes_s2c,
         "ended": str(end.how),
     }
+    if end.rule is not None:
+        record["rule"] = end.rule
     if worker is not None:
         record["worker"] = worker
     return record

@@ -74,7 +74,8 @@ class EndReason(enum.StrEnum):
     """How a flow ended (``FlowEnd.how``, the flow log's ``ended``).
 
     From the stack's ``CloseReason``: ``fin``, ``rst``, ``timeout``, ``idle``,
-    ``limit``, ``aborted``. From the relay: ``rejected`` (an analyzer's
+    ``limit``, ``aborted``. From the relay: ``denied`` (the egress policy, see
+    ``relay.datapath.egress``; ``FlowEnd.rule`` names the rule), ``rejected`` (an analyzer's
     verdict), ``refused`` (upstream RST: ECONNREFUSED), ``unreachable``
     (EHOSTUNREACH, ENETUNREACH, EACCES, EPERM: relayed as ICMP),
     ``connect_timeout`` (relayed as silence), ``error`` (any other upstream
@@ -89,6 +90,7 @@ class EndReason(enum.StrEnum):
     IDLE = "idle"
     LIMIT = "limit"
     ABORTED = "aborted"
+    DENIED = "denied"
     REJECTED = "rejected"
     REFUSED = "refused"
     UNREACHABLE = "unreachable"
@@ -133,6 +135,7 @@ class FlowEnd:
     bytes_c2s: int  # payload bytes the client sent (and the relay received)
     bytes_s2c: int  # payload bytes the server sent (and the relay received)
     duration: float  # seconds from the client's SYN to the end
+    rule: str | None = None  # how == "denied": the egress rule, e.g. "default:loopback"
 
 
 class Analyzer(Protocol):
@@ -153,7 +156,10 @@ class Analyzer(Protocol):
         ...
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
-        """The flow is over (also for rejected flows). Called shielded, with a time limit."""
+        """The flow is over (also for rejected flows). Called shielded, with a time limit.
+
+        A flow the egress policy denied gets only this call (``end.how`` "denied"):
+        the policy decides before the analyzers are asked."""
         ...
 
 

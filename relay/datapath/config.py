@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from relay.datapath.egress import EgressPolicy, Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,10 @@ class RelayConfig:
     fail_closed: bool = False  # an analyzer that raises aborts its flow instead of being detached
     close_drain_timeout: float = 30.0  # after an orderly close, time to flush queued bytes upstream
     flow_end_timeout: float = 5.0  # analyzers' flow_end calls, shielded from shutdown, are bounded
+    # Which destinations flows may go to; the default denies loopback, private and
+    # other internal ranges (relay.datapath.egress). EgressPolicy.open() denies nearly nothing.
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    upstream: Upstream = field(default_factory=Upstream)  # fwmark, source address, device
 
     def __post_init__(self) -> None:
         if self.connect_timeout <= 0:

@@ -21,6 +21,9 @@ datagrams that arrive meanwhile wait in a small bounded queue. Then:
   with its code, quoting the datagram (ECONNREFUSED at a connected client
   socket comes from exactly that). Errors raised locally (no route) become
   the ICMP error a router would have sent.
+* denial: a flow the egress policy (``relay.datapath.egress``) denies is refused
+  with ICMP administratively prohibited before the analyzers are asked, and
+  never gets a socket.
 * refusal: a REJECT verdict answers the client with ICMP port unreachable
   (the UDP counterpart of TCP's RST from a closed port); a socket that cannot
   be opened (no route) answers with the matching unreachable code. The stack
@@ -85,6 +88,7 @@ class DatagramFlow:
         self._lot = trio.lowlevel.ParkingLot()
         self._closed: CloseReason | None = None  # set by DatagramFlowClosed: never call the stack
         self._hint: EndReason | None = None  # set when the relay decided how the flow ends
+        self._rule: str | None = None  # the egress rule that denied the flow
 
     # --- events from the packet loop (sync) -------------------------------------
 
@@ -148,6 +152,12 @@ class DatagramFlow:
                 await self._finish()
 
     async def _serve(self) -> None:
+        rule = self._env.egress.denied_by(self.flow)
+        if rule is not None:
+            self._env.stats.flows_denied += 1
+            self._rule = rule
+            log.debug("flow %s: denied by %s", self.hooks.info.describe(), rule)
+            await self._refuse(Unreachable.ADMIN, EndReason.DENIED)
         if await self.hooks.start() is Verdict.REJECT:
             self._env.stats.flows_rejected += 1
             await self._refuse(self.reject_code, EndReason.REJECTED)
@@ -289,6 +299,6 @@ class DatagramFlow:
             how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
         else:
             how = EndReason.SHUTDOWN
-        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
+        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule)
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)

@@ -27,8 +27,9 @@ range to the relay's group at start-up, undone on exit with the rest of its
 network set-up. Without it, echo requests are dropped silently (logged once).
 
 Analyzers see echo flows through ``flow_start`` (a REJECT answers with ICMP
-administratively prohibited) and ``flow_end`` (so the flow log has them, with
-``proto`` "icmp" and the echo identifier as the client port), not ``data``.
+administratively prohibited, as does the egress policy's denial) and
+``flow_end`` (so the flow log has them, with ``proto`` "icmp" and the echo
+identifier as the client port), not ``data``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from relay.analysis.hooks import EndReason
 from relay.datapath.datagram_flow import DatagramFlow
+from relay.datapath.egress import Upstream
 from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
 from stack import FlowId, Unreachable
 from stack.wire import ECHO_REPLY, ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST
@@ -55,15 +57,17 @@ log = logging.getLogger(__name__)
 PING_GROUP_RANGE = "net.ipv4.ping_group_range"
 _ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 _U16 = struct.Struct("!H")
+_PLAIN = Upstream()  # no mark, source or device: only IPV6_V6ONLY
 
 
 class PingSocketsUnavailable(PermissionError):
     """The process's group is outside ``net.ipv4.ping_group_range``."""
 
 
-def open_ping_socket(flow: FlowId) -> socket.socket:
-    """The default: a non-blocking ICMP/ICMPv6 datagram socket with IP(V6)_RECVERR,
-    connected to the flow's original destination.
+def open_ping_socket(flow: FlowId, upstream: Upstream = _PLAIN) -> socket.socket:
+    """The default: a non-blocking ICMP/ICMPv6 datagram socket with IP(V6)_RECVERR
+    and ``upstream``'s options (IPV6_V6ONLY always), connected to the flow's
+    original destination.
 
     Raises:
         PingSocketsUnavailable: ICMP sockets are not allowed for this process.
@@ -81,6 +85,7 @@ def open_ping_socket(flow: FlowId) -> socket.socket:
         msg = f"ICMP sockets not allowed: {PING_GROUP_RANGE}"
         raise PingSocketsUnavailable(exc.errno, msg) from exc
     try:
+        upstream.prepare(sock, family)
         sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
         sock.connect((flow.server_ip, 0))
     except BaseException:

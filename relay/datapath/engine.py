@@ -30,6 +30,7 @@ and contained here as well.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 from collections.abc import Callable, Sequence
@@ -106,8 +107,12 @@ class Relay:
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
-        udp_socket: opens the connected upstream socket of a UDP flow.
-        echo_socket: opens the ICMP socket of an echo flow.
+        udp_socket: opens the connected upstream socket of a UDP flow; defaults
+            to ``open_udp_socket`` with ``config.upstream``'s options.
+        echo_socket: opens the ICMP socket of an echo flow; defaults to
+            ``open_ping_socket`` with ``config.upstream``'s options.
+
+    Every flow is judged by ``config.egress`` before any of these is called.
 
     Raises:
         TypeError: an analyzer has a hook that is not an async method.
@@ -122,8 +127,8 @@ class Relay:
         analyzers: Sequence[object] = (),
         connector: Connector | None = None,
         isn: Callable[[FlowId], int] | None = None,
-        udp_socket: SocketFactory = open_udp_socket,
-        echo_socket: SocketFactory = open_ping_socket,
+        udp_socket: SocketFactory | None = None,
+        echo_socket: SocketFactory | None = None,
     ) -> None:
         self.stats = RelayStats()
         self._source = source
@@ -153,6 +158,7 @@ class Relay:
         self._kicked = False
         self._waiting = False  # the packet loop sleeps in _wait_scope
         self._wait_scope: trio.CancelScope | None = None
+        up = config.upstream
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             ConnectionRequest: self._on_request,
             Connected: self._on_connected,
@@ -168,8 +174,9 @@ class Relay:
                 chain=chain,
                 kick=self.kick,
                 stats=self.stats,
-                udp_socket=udp_socket,
-                echo_socket=echo_socket,
+                udp_socket=udp_socket or functools.partial(open_udp_socket, upstream=up),
+                echo_socket=echo_socket or functools.partial(open_ping_socket, upstream=up),
+                egress=config.egress,
                 flow_end_timeout=config.flow_end_timeout,
             ),
             {"udp": UdpFlow, "icmp": EchoFlow},

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
 from relay.datapath.config import RelayConfig
+from relay.datapath.egress import EgressPolicy
 from stack import Event, FlowId, Reject, Unreachable
 
 __all__ = [
@@ -63,6 +64,7 @@ class DatagramEnv:
     stats: RelayStats
     udp_socket: SocketFactory  # opens the connected upstream socket of a UDP flow
     echo_socket: SocketFactory  # the same for an echo flow (relay.datapath.echo)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)  # judged before either
     flow_end_timeout: float = 5.0
     queue_limit: int = QUEUE_LIMIT
 
@@ -103,6 +105,7 @@ class RelayStats:
     flows_active: int = 0  # flow tasks running
     flows_accepted: int = 0
     flows_rejected: int = 0  # by an analyzer's verdict
+    flows_denied: int = 0  # by the egress policy (TCP, UDP and echo): no upstream socket
     connect_failed: int = 0  # refused, unreachable, timed out, other errors
     flows_ended: int = 0
     bytes_c2s: int = 0

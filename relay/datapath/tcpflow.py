@@ -5,9 +5,11 @@ turns its events into calls of the sync ``on_*`` methods here; those only
 update the flow's state and wake its tasks (a ``ParkingLot`` per direction).
 The flow's own task (``run``) does everything that waits:
 
-1. analyzers' ``flow_start`` verdicts, then connect upstream (connect before
-   accept): success -> ``stack.accept``; a connect error -> ``stack.reject``
-   the way the network would have answered (RST, ICMP, silence).
+1. the egress policy (``relay.datapath.egress``: a denied flow gets ICMP
+   administratively prohibited and never an upstream socket), analyzers'
+   ``flow_start`` verdicts, then connect upstream (connect before accept):
+   success -> ``stack.accept``; a connect error -> ``stack.reject`` the way
+   the network would have answered (RST, ICMP, silence).
 2. two pumps. client -> server: queued ``DataReceived`` bytes go through the
    analyzers and ``sock.send``; only then ``stack.consumed(n)``, so a slow
    server or analyzer closes this flow's window. server -> client: ``recv``
@@ -83,6 +85,8 @@ def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason
 def make_connector(config: RelayConfig) -> Connector:
     """The default connector: a kernel TCP socket to the original destination."""
 
+    upstream = config.upstream
+
     async def connect(flow: FlowId) -> trio.socket.SocketType:
         # trio's sock.connect, unrolled: the destination is a numeric address, so
         # its resolver step (a getaddrinfo call) and wrapper layers are per-flow
@@ -91,6 +95,7 @@ def make_connector(config: RelayConfig) -> Connector:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
+            upstream.prepare(sock, family, stream=True)  # IPV6_V6ONLY, mark, source
             # Buffer sizes before connect: the window scale is fixed in the SYN.
             if config.upstream_sndbuf is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.upstream_sndbuf)
@@ -131,6 +136,7 @@ class TcpFlow:
         "_nursery",
         "_peer_fin",
         "_relaying",
+        "_rule",
         "_sock",
         "_t0",
         "_wake",
@@ -172,6 +178,7 @@ class TcpFlow:
         # stack (a SYN reusing the 4-tuple), so this flow never calls the stack again.
         self._closed: CloseReason | None = None
         self._hint: EndReason | None = None  # set when the relay itself ends the flow
+        self._rule: str | None = None  # the egress rule that denied the flow
 
     # --- events from the packet loop (sync: state + wakeups only) --------------
 
@@ -277,6 +284,13 @@ class TcpFlow:
 
     async def _serve(self) -> None:
         env = self._env
+        rule = env.config.egress.denied_by(self.flow)
+        if rule is not None:
+            env.stats.flows_denied += 1
+            self._rule = rule
+            log.debug("flow %s: denied by %s", self.hooks.info.describe(), rule)
+            self._reject(Reject.ICMP, Unreachable.ADMIN, EndReason.DENIED)
+            return
         if await self.hooks.start() is Verdict.REJECT:
             env.stats.flows_rejected += 1
             self._reject(Reject.RST, Unreachable.HOST, EndReason.REJECTED)
@@ -461,7 +475,7 @@ class TcpFlow:
             how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
         else:
             how = EndReason.SHUTDOWN
-        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0)
+        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule)
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)
 

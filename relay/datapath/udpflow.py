@@ -11,21 +11,24 @@ import socket
 
 from relay.analysis.hooks import Direction
 from relay.datapath.datagram_flow import DatagramFlow
+from relay.datapath.egress import Upstream
 from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
 from stack import FlowId
 
 __all__ = ["UdpFlow", "open_udp_socket"]
 
 _S2C = Direction.SERVER_TO_CLIENT
+_PLAIN = Upstream()  # no mark, source or device: only IPV6_V6ONLY
 
 
-def open_udp_socket(flow: FlowId) -> socket.socket:
-    """The default: a non-blocking UDP socket with IP(V6)_RECVERR, connected to the
-    flow's original destination."""
+def open_udp_socket(flow: FlowId, upstream: Upstream = _PLAIN) -> socket.socket:
+    """The default: a non-blocking UDP socket with IP(V6)_RECVERR and ``upstream``'s
+    options (IPV6_V6ONLY always), connected to the flow's original destination."""
     v4 = flow.version == 4
     family = socket.AF_INET if v4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
+        upstream.prepare(sock, family)
         sock.setsockopt(*((SOL_IP, IP_RECVERR) if v4 else (SOL_IPV6, IPV6_RECVERR)), 1)
         sock.connect((flow.server_ip, flow.server_port))
     except BaseException:

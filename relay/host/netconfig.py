@@ -299,13 +299,17 @@ def route_client_nets_into_tun(
     `table`, `default dev <tun>` for each family used, so forwarded client
     packets reach the relay while the relay's own upstream sockets (source =
     this host's upstream address) keep using the main table: no loop.
+    Packets from one client to another go into the TUN as well, so the
+    relay's egress policy decides about them (denied by default).
 
-    `table` also gets `throw <net>` for each client network: traffic *to* the
-    clients falls through to the main table. A VPN server usually has an
-    address inside the client network (10.8.0.1 in 10.8.0.0/24); without the
-    throw, its own packets to clients (replies from its DNS server, ICMP
-    errors) would match `from <net>` and go into the TUN, and with strict
-    rp_filter even the clients' ARP for it would fail.
+    Two more rules per client network, ahead of that one, send to the main
+    table what must not enter the TUN: `from <net> iif <tun>`, the relay's
+    answers to clients (their source is the address the client asked for,
+    another client's included), and `from <net> iif lo`, this host's own
+    packets. A VPN server usually has an address inside the client network
+    (10.8.0.1 in 10.8.0.0/24): its packets to clients (replies from its DNS
+    server, ICMP errors) and reverse-path lookups for them (rp_filter, which
+    looks up with iif lo) must use the main table.
 
     Replies the relay writes into the TUN have source = the original
     destination, so rp_filter is turned off on the TUN (the kernel uses the
@@ -325,8 +329,7 @@ def route_client_nets_into_tun(
     for version in versions:
         cfg.add_route("0.0.0.0/0" if version == 4 else "::/0", ifname=tun_name, table=table)
     for net in nets:
-        cfg.add_route(str(net), table=table, route_type="throw")
-    for net in nets:
+        cfg.add_rule(str(net), 254, priority - 3, iifname=tun_name)
         # Locally generated packets with a source in a client network never go to
         # the TUN: with no route upstream, the kernel picks such a source (the
         # VPN server's own client-side address) and looks the route up again,

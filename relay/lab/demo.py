@@ -177,6 +177,8 @@ def start_relay(topo: Topology, log_path: Path, flow_log: Path) -> subprocess.Po
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
         "--flow-log", str(flow_log), "--analyzer", "relay.lab.demo_analyzer:DemoAnalyzer",
+        # The lab's server networks are in ranges denied by default (reserved, private).
+        "--allow", topo.server_net_v4, "--allow", f"[{topo.server_net_v6}]",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as out:

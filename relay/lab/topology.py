@@ -69,6 +69,10 @@ class Topology:
     client_net_v6 = "fd00:1::/64"
     server_net_v4 = "198.18.2.0/24"
     server_net_v6 = "fd00:2::/64"
+    # `tunrelay run` denies these ranges by default (198.18.0.0/15 is reserved for
+    # benchmarking, fd00::/8 is private); in the lab it opens them, except what the
+    # defaults deny more specifically: the client networks, the gateway's addresses.
+    relay_allow = ("--allow", "198.18.0.0/15", "--allow", "[fd00::/8]")
 
     def __init__(self, base: str) -> None:
         self.base = base

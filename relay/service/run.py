@@ -13,6 +13,7 @@ opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.datapat
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import ipaddress
@@ -28,6 +29,7 @@ import trio
 from relay.analysis.flowlog import FlowLog
 from relay.datapath.config import RelayConfig
 from relay.datapath.echo import enable_ping_sockets
+from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes, parse_rule
 from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
@@ -86,8 +88,17 @@ def validate(
     udp_idle_timeout: float = 60.0,
     offload: bool = False,
     workers: int = 1,
+    egress_rules: Sequence[tuple[str, str]] = (),
+    allow_client_to_client: bool = False,
+    fwmark: str | int | None = None,
+    bind_addresses: Sequence[str] = (),
+    bind_interface: str | None = None,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
+
+    ``egress_rules`` are ("allow" or "deny", ``CIDR[:PORTS]``) in command-line
+    order. The egress policy has no host addresses yet: ``localize`` adds them
+    in the process that sets the network up.
 
     Raises:
         ConfigError: naming the option that is wrong and why.
@@ -109,7 +120,7 @@ def validate(
         ("--mtu", mtu, 1280, 65535),
         ("--txqueuelen", txqueuelen, 1, 1 << 20),
         ("--table", table, 1, 0xFFFFFFFF - 1),
-        ("--priority", priority, 3, 32765),
+        ("--priority", priority, 4, 32765),  # and the three rules just before it
         ("--max-flows", max_flows, 1, 1 << 22),
         ("--rcv-buf", rcv_buf, 4096, 1 << 30),
         ("--snd-buf", snd_buf, 4096, 1 << 30),
@@ -126,6 +137,13 @@ def validate(
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
         raise ConfigError(f"--stats-interval: {stats_interval} must not be negative")
+    rules = []
+    for kind, spec in egress_rules:
+        try:
+            rules.append(parse_rule(spec, allow=kind == "allow"))
+        except RuleError as exc:
+            raise ConfigError(f"--{kind}: {exc}") from None
+    upstream = _upstream(fwmark, bind_addresses, bind_interface, nets)
     # Buffers start small and grow with demand up to these caps; keepalive finds
     # clients that vanished without a FIN or RST (Linux's 2 h / 75 s / 9 probes).
     tcp = TcpConfig(
@@ -156,6 +174,10 @@ def validate(
             connect_timeout=connect_timeout,
             fail_closed=fail_closed,
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
+            egress=EgressPolicy(
+                tuple(rules), client_nets=tuple(nets), client_to_client=allow_client_to_client
+            ),
+            upstream=upstream,
         ),
         stack=StackConfig(
             tcp=tcp,
@@ -165,6 +187,62 @@ def validate(
             offload=offload,  # partial checksums and GSO writes (relay.datapath.tun frames them)
         ),
     )
+
+
+def _upstream(
+    fwmark: str | int | None,
+    bind_addresses: Sequence[str],
+    bind_interface: str | None,
+    client_nets: Sequence[str],
+) -> Upstream:
+    mark = None
+    if fwmark is not None:
+        try:
+            mark = fwmark if isinstance(fwmark, int) else int(fwmark, 0)
+        except ValueError:
+            raise ConfigError(f"--fwmark: {fwmark!r} is not a number") from None
+        if not 1 <= mark <= 0xFFFFFFFF:
+            raise ConfigError(f"--fwmark: {mark} is outside 1..0xffffffff")
+    source: dict[int, str] = {}
+    for text in bind_addresses:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"--bind-address: {text!r} is not an IP address") from None
+        if addr.version in source:
+            raise ConfigError(
+                f"--bind-address: two IPv{addr.version} addresses ({source[addr.version]}, "
+                f"{addr}); give at most one per family"
+            )
+        if addr.is_unspecified or addr.is_multicast:
+            raise ConfigError(f"--bind-address: {addr} cannot be a source address")
+        for net in client_nets:
+            if addr in ipaddress.ip_network(net):
+                # The policy rule would route the relay's own packets into its TUN.
+                raise ConfigError(f"--bind-address: {addr} is inside --client-net {net}")
+        source[addr.version] = str(addr)
+    if bind_interface is not None and (
+        not 0 < len(bind_interface.encode()) < 16 or "/" in bind_interface
+    ):
+        raise ConfigError(f"--bind-interface: {bind_interface!r} is not an interface name")
+    return Upstream(mark, source.get(4), source.get(6), bind_interface)
+
+
+def localize(opts: RunOptions, net: NetConfig) -> RunOptions:
+    """``opts`` for this host: the egress policy also denies every address in the
+    local routing table of ``net``'s namespace, read now (addresses added later are
+    delivered locally, and so reach the relay only IPv4-mapped, which is denied).
+
+    Raises:
+        ConfigError: an upstream socket option (``--fwmark``, ``--bind-address``,
+            ``--bind-interface``) is refused here.
+    """
+    upstream = opts.relay.upstream
+    for option, value, exc in upstream.probe():
+        raise ConfigError(f"{option}: {value}: {exc.strerror or exc}")
+    egress = opts.relay.egress.with_host(host_routes(net.ipr))
+    log.info("egress policy: %s", egress.describe())
+    return dataclasses.replace(opts, relay=dataclasses.replace(opts.relay, egress=egress))
 
 
 def _datagram(udp_idle_timeout: float) -> DatagramConfig:
@@ -260,6 +338,7 @@ async def serve(
     analyzers, flow_log = load_analyzers(opts)
     try:
         with NetConfig() as net, open_queue(opts) as tun:
+            opts = localize(opts, net)
             route_into(net, tun, opts)
 
             def ready() -> None:

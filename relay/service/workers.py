@@ -45,6 +45,7 @@ from relay.service.run import (
     ConfigError,
     RunOptions,
     load_analyzers,
+    localize,
     open_queue,
     relay_queue,
     route_into,
@@ -98,6 +99,7 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
         open_queue(opts, multi_queue=True) as anchor,
     ):
         anchor.detach()
+        opts = localize(opts, net)  # the host's addresses, read here: workers have no netlink
         workers: list[_Worker] = []
         status = 0
         try:
