@@ -1,8 +1,10 @@
-"""The ``tunrelay`` command line: ``run`` (the service) and ``demo`` (the embedded default)."""
+"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run) and
+``demo`` (the embedded default)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -10,9 +12,14 @@ from collections.abc import Sequence
 
 import trio
 
-from relay.service import MAX_WORKERS, ConfigError, RunOptions, serve, validate
+from relay.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
+from relay.runstate import STATE_DIR, StateError, cleanup
+from relay.service import MAX_WORKERS, ConfigError, validate
 from relay.tun import DEFAULT_TXQUEUELEN
 from relay.workers import supervise
+
+log = logging.getLogger("tunrelay")
+NEEDS_CAP = "needs CAP_NET_ADMIN (root, or an ambient capability: see the README's systemd unit)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="relay traffic from client networks through a TUN device (needs root)",
+        help="relay traffic from client networks through a TUN device (needs CAP_NET_ADMIN)",
         description="Create the TUN device, route packets from the client networks into it "
         "with a policy rule, and relay every TCP connection until SIGINT or SIGTERM. "
         "Everything installed is removed on exit.",
@@ -40,6 +47,31 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="CIDR",
         help="network whose packets are relayed (repeat for several; IPv4 and IPv6)",
+    )
+    run.add_argument(
+        "--iif",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="relay only packets arriving on this interface, the VPN's (repeatable; "
+        "recommended: without it, spoofed client addresses from elsewhere are relayed too)",
+    )
+    run.add_argument(
+        "--user",
+        help="user the workers run as, with no capabilities (default: nobody when started "
+        "as root, else the starting user)",
+    )
+    run.add_argument(
+        "--no-fail-closed-routing",
+        dest="fail_closed_routing",
+        action="store_false",
+        help="no prohibit route: if the relay dies, client traffic is forwarded by the kernel "
+        "around it instead of being refused until `tunrelay cleanup` or the next run",
+    )
+    run.add_argument(
+        "--state-dir",
+        default=STATE_DIR,
+        help=f"where the record of what this run changed is kept (default {STATE_DIR})",
     )
     run.add_argument(
         "--analyzer",
@@ -100,6 +132,16 @@ def _parser() -> argparse.ArgumentParser:
         "needs --workers 1); for finding where the time goes, not for production",
     )
 
+    clean = sub.add_parser(
+        "cleanup",
+        help="undo what a dead `tunrelay run` left (rules, routes, sysctls)",
+        description="Undo the changes recorded in the state files of runs that are no longer "
+        "running (SIGKILL, OOM kill, crash), restoring sysctls to their recorded values. "
+        "A running relay is left alone.",
+    )
+    clean.add_argument("--tun", help="only the run on this TUN (default: every dead run)")
+    clean.add_argument("--state-dir", default=STATE_DIR, help=f"default {STATE_DIR}")
+
     demo = sub.add_parser(
         "demo",
         help="self-contained demo in network namespaces (needs root)",
@@ -116,18 +158,6 @@ def default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
-def _profiled(opts: RunOptions, path: str) -> None:
-    import cProfile
-
-    profile = cProfile.Profile()
-    profile.enable()
-    try:
-        trio.run(serve, opts)
-    finally:
-        profile.disable()
-        profile.dump_stats(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tunrelay`` console script."""
     args = _parser().parse_args(argv)
@@ -139,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.demo import run_demo
 
         return run_demo(bulk_mib=args.bulk_mib)
+    if args.command == "cleanup":
+        return _cleanup(args.state_dir, args.tun)
     try:
         opts = validate(
             tun=args.tun,
@@ -158,25 +190,50 @@ def main(argv: Sequence[str] | None = None) -> int:
             udp_idle_timeout=args.udp_idle_timeout,
             offload=args.offload,
             workers=default_workers() if args.workers is None else args.workers,
+            iifs=args.iif,
+            fail_closed_routing=args.fail_closed_routing,
+            state_dir=args.state_dir,
         )
         if args.profile and opts.workers != 1:
             raise ConfigError("--profile: needs --workers 1 (one process to profile)")
-        if os.geteuid() != 0:
-            print("tunrelay run: needs root (CAP_NET_ADMIN) to create the TUN", file=sys.stderr)
+        if not current_caps().has(CAP_NET_ADMIN):
+            print(f"tunrelay run: {NEEDS_CAP}", file=sys.stderr)
             return 2
-        if opts.workers > 1:
-            return trio.run(supervise, opts, args.log_level)
-        if args.profile:
-            _profiled(opts, args.profile)
-        else:
-            trio.run(serve, opts)
-    except ConfigError as exc:
+        try:
+            user = resolve_worker(args.user)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        opts = dataclasses.replace(opts, user=user, profile=args.profile)
+        return trio.run(supervise, opts, args.log_level)
+    except (ConfigError, StateError) as exc:
         print(f"tunrelay run: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"tunrelay run: {exc}", file=sys.stderr)
+    except Exception as exc:  # at start above all: one line, never a traceback
+        log.debug("tunrelay run failed", exc_info=True)
+        print(f"tunrelay run: {_one_line(exc)}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _one_line(exc: Exception) -> str:
+    code = getattr(exc, "code", None)  # pyroute2's NetlinkError: (code, message)
+    if not isinstance(exc, OSError) and isinstance(code, int) and code > 0:
+        return f"netlink: {os.strerror(code)}"
+    return str(exc) or type(exc).__name__
+
+
+def _cleanup(state_dir: str, tun: str | None) -> int:
+    if not current_caps().has(CAP_NET_ADMIN):
+        print(f"tunrelay cleanup: {NEEDS_CAP}", file=sys.stderr)
+        return 2
+    try:
+        status, lines = cleanup(state_dir, tun)
+    except Exception as exc:
+        log.debug("tunrelay cleanup failed", exc_info=True)
+        print(f"tunrelay cleanup: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line, file=sys.stdout if status == 0 else sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ with a policy rule (the relay's own upstream sockets do not match the rule, so
 nothing loops), runs the packet loop until SIGINT or SIGTERM, and removes
 everything it installed on every exit path.
 
-With ``--workers 1`` all of that happens in this process (``serve``); with more,
-``relay.workers`` sets the network up here and runs one packet loop per TUN
-queue in worker processes, each doing what ``relay_queue`` does. ``--offload``
-opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.tun``).
+``relay.workers`` sets the network up in a supervisor process and runs one
+packet loop per TUN queue in unprivileged worker processes (``--workers N``,
+one or more), each doing what ``relay_queue`` does. ``--offload`` opens the
+TUN with virtio-net headers and TSO/checksum offloads (``relay.tun``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from relay.echo import enable_ping_sockets
 from relay.engine import Relay
 from relay.flowlog import FlowLog
 from relay.gcstats import GcStats, GcWatch
+from relay.privileges import Identity
+from relay.runstate import STATE_DIR
 from relay.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
@@ -62,7 +64,14 @@ class RunOptions:
     priority: int = 5197
     stats_interval: float = 0.0
     offload: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
-    workers: int = 1  # worker processes, one TUN queue each; 1: all in this process
+    workers: int = 1  # worker processes, one TUN queue each
+    iifs: tuple[str, ...] = ()  # the policy rule only for packets arriving on these
+    fail_closed_routing: bool = True  # prohibit in the table while the TUN route is gone
+    state_dir: str = STATE_DIR
+    user: Identity | None = None  # the workers' (relay.privileges.resolve_worker)
+    # Capabilities the workers keep (none: e.g. SO_MARK would need CAP_NET_ADMIN).
+    worker_caps: frozenset[int] = frozenset()
+    profile: str | None = None  # cProfile output of worker 0's packet loop
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
 
@@ -86,6 +95,9 @@ def validate(
     udp_idle_timeout: float = 60.0,
     offload: bool = False,
     workers: int = 1,
+    iifs: Sequence[str] = (),
+    fail_closed_routing: bool = True,
+    state_dir: str = STATE_DIR,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -102,6 +114,13 @@ def validate(
             nets.append(str(ipaddress.ip_network(net, strict=True)))
         except ValueError as exc:
             raise ConfigError(f"--client-net: {net!r} is not a network: {exc}") from None
+    for iif in iifs:
+        if not 0 < len(iif.encode()) < 16 or "/" in iif or iif.strip() != iif:
+            raise ConfigError(f"--iif: {iif!r} is not a valid interface name (1-15 bytes)")
+        if iif == tun:
+            raise ConfigError(f"--iif: {iif!r} is the TUN device itself")
+    if not state_dir:
+        raise ConfigError("--state-dir: must not be empty")
     for spec in analyzers:
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise ConfigError(f"--analyzer: {spec!r} is not of the form module:attribute")
@@ -152,6 +171,9 @@ def validate(
         stats_interval=stats_interval,
         offload=offload,
         workers=workers,
+        iifs=tuple(dict.fromkeys(iifs)),
+        fail_closed_routing=fail_closed_routing,
+        state_dir=state_dir,
         relay=RelayConfig(
             connect_timeout=connect_timeout,
             fail_closed=fail_closed,
@@ -197,29 +219,39 @@ def load_analyzer(spec: str) -> object:
     return obj
 
 
-def load_analyzers(opts: RunOptions, worker: int = 0) -> tuple[list[object], FlowLog | None]:
-    """The ``--analyzer`` objects, then the flow log (also returned, to be closed).
+def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
+    """The ``--flow-log``, opened (by a worker before it drops its privileges).
 
     Raises:
-        ConfigError: an analyzer cannot be loaded or the flow log cannot be opened.
+        ConfigError: the flow log cannot be opened.
     """
-    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
     if opts.flow_log is None:
-        return analyzers, None
+        return None
     try:
         target = sys.stdout if opts.flow_log == "-" else opts.flow_log
-        flow_log = FlowLog(target, worker=worker)
+        return FlowLog(target, worker=worker)
     except OSError as exc:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
-    analyzers.append(flow_log)
-    return analyzers, flow_log
 
 
-def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = False) -> TunDevice:
+def load_analyzers(opts: RunOptions, flow_log: FlowLog | None = None) -> list[object]:
+    """The ``--analyzer`` objects, then ``flow_log`` if given.
+
+    Raises:
+        ConfigError: an analyzer cannot be loaded.
+    """
+    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
+    return analyzers if flow_log is None else [*analyzers, flow_log]
+
+
+def open_queue(
+    opts: RunOptions, *, multi_queue: bool = False, attach: bool = False, exclusive: bool = False
+) -> TunDevice:
     """Open (create, or attach one more queue to) the TUN device ``opts`` describes,
     with its offloads (a setting of the device: every queue gets super-segments).
     ``attach``: one more queue of a multi-queue device that exists and whose
-    link is set up (a worker's queue).
+    link is set up (a worker's queue). ``exclusive``: never attach to a device
+    that exists already (another relay's, or anything else of that name).
 
     Raises:
         OSError: the device cannot be opened or configured.
@@ -231,6 +263,7 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
         vnet_hdr=opts.offload,
         multi_queue=multi_queue or attach,
         configure_link=not attach,
+        exclusive=exclusive,
     )
     if opts.offload:
         try:
@@ -241,40 +274,18 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
     return tun
 
 
-def route_into(net: NetConfig, tun: TunDevice, opts: RunOptions) -> None:
-    """Route the client networks into ``tun`` and allow ICMP sockets (undone by ``net``)."""
+def route_into(
+    net: NetConfig, tun: TunDevice, opts: RunOptions, ping_gid: int | None = None
+) -> None:
+    """Route the client networks into ``tun`` and allow ICMP sockets for ``ping_gid``
+    (default: this process's group); all undone by ``net``."""
     from relay.netconfig import route_client_nets_into_tun
 
     route_client_nets_into_tun(
-        net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
-    )
-    enable_ping_sockets(net)  # ICMP echo is relayed through ICMP datagram sockets
-
-
-async def serve(
-    opts: RunOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down (one process)."""
-    from relay.netconfig import NetConfig
-
-    analyzers, flow_log = load_analyzers(opts)
-    try:
-        with NetConfig() as net, open_queue(opts) as tun:
-            route_into(net, tun, opts)
-
-            def ready() -> None:
-                log.info(
-                    "relaying TCP from %s through %s%s",
-                    ", ".join(opts.client_nets),
-                    tun.name,
-                    " with offloads" if opts.offload else "",
-                )
-                task_status.started()
-
-            await relay_queue(opts, tun, analyzers, on_ready=ready)
-    finally:
-        if flow_log is not None:
-            flow_log.close()
+        net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority,
+        iifs=opts.iifs, fail_closed=opts.fail_closed_routing,
+    )  # fmt: skip
+    enable_ping_sockets(net, ping_gid)  # ICMP echo is relayed through ICMP datagram sockets
 
 
 async def relay_queue(
