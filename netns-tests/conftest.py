@@ -14,8 +14,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from relay.lab import Topology, remove_stale_namespaces  # noqa: E402
 from relay_harness import relay_files_fixture  # noqa: E402, F401  (start_relay needs it)
+
+from relay.lab import Topology, remove_stale_namespaces  # noqa: E402
 
 NEEDS_ROOT = "needs root to create network namespaces"
 

@@ -53,8 +53,8 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import pwd
+import random
 import re
 import shutil
 import signal

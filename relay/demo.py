@@ -7,10 +7,11 @@ gateway with the flow log and ``DemoAnalyzer``, only for packets arriving on
 the gateway's client-facing link (``--iif``, as a VPN server would name its
 tunnel), with its workers as ``nobody`` (the interpreter's installation made
 reachable for them, ``relay.reachable``) and its state file in the temp
-directory; its output (log and analyzer lines) goes to a temp file. The servers are threads of this process whose
-sockets were created in the server namespace, and the client sockets are
-created in the client namespace (a socket stays in the namespace it was
-created in), so the demo needs no helper tools. The client drives HTTP over
+directory; its output (log and analyzer lines) goes to a temp file. The
+servers are threads of this process whose sockets were created in the server
+namespace, and the client sockets are created in the client namespace (a
+socket stays in the namespace it was created in), so the demo needs no helper
+tools. The client drives HTTP over
 IPv4 and IPv6, a bulk upload and download with SHA-256 checks, and a connect
 to a closed port; then the relay is stopped and its analyzer lines and flow
 log are printed.

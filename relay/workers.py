@@ -170,9 +170,22 @@ def _replace_user(opts: RunOptions, user: Identity) -> RunOptions:
     return dataclasses.replace(opts, user=user)
 
 
+def _no_resource_tracker() -> None:
+    """'spawn' starts multiprocessing's resource tracker first: a process with this
+    one's privileges at that moment (root), which every worker could write to.
+    Workers create no named resources (semaphores, shared memory), so they get
+    /dev/null in its place and there is no such process."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is None:  # type: ignore[attr-defined]
+        tracker._fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # type: ignore[attr-defined]
+
+
 def _start(
     ctx: multiprocessing.context.SpawnContext, opts: RunOptions, index: int, level: str
 ) -> _Worker:
+    _no_resource_tracker()
     reader, writer = ctx.Pipe(duplex=False)
     process = ctx.Process(
         target=_worker_main,
