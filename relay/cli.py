@@ -201,22 +201,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             user = resolve_worker(args.user)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        except ValueError as bad:
+            raise ConfigError(str(bad)) from None
         opts = dataclasses.replace(opts, user=user, profile=args.profile)
         return trio.run(supervise, opts, args.log_level)
-    except (ConfigError, StateError) as exc:
-        print(f"tunrelay run: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # at start above all: one line, never a traceback
+        leaf = _leaf(exc)
+        if isinstance(leaf, ConfigError | StateError):
+            print(f"tunrelay run: {leaf}", file=sys.stderr)
+            return 2
         log.debug("tunrelay run failed", exc_info=True)
-        print(f"tunrelay run: {_one_line(exc)}", file=sys.stderr)
+        print(f"tunrelay run: {_one_line(leaf)}", file=sys.stderr)
         return 1
 
 
+def _leaf(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-exception groups (trio's nurseries)."""
+    for _ in range(16):
+        if not isinstance(exc, ExceptionGroup) or len(exc.exceptions) != 1:
+            break
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
     code = getattr(exc, "code", None)  # pyroute2's NetlinkError: (code, message)
-    if not isinstance(exc, OSError) and isinstance(code, int) and code > 0:
+    if isinstance(code, int) and code > 0:
         return f"netlink: {os.strerror(code)}"
     return str(exc) or type(exc).__name__
 

@@ -332,7 +332,7 @@ class NetConfig:
             elif kind == "sysctl":
                 full, old, new = _sysctl_path(entry["path"]), entry["old"], entry["new"]
                 now = self.read_sysctl(full)
-                if now != new:
+                if now.split() != new.split():  # the kernel may print tabs for our spaces
                     return f"left as is: {full}={now} (set to {new} and changed since; was {old})"
                 self._write_sysctl(full, old)
                 return f"restored: {full}={old}"
