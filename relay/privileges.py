@@ -178,8 +178,10 @@ def resolve_worker(user: str | None) -> Identity:
             )
         return Identity(me.name, euid, os.getegid())
     target = _lookup(user or "nobody")
-    if target.uid == 0:
-        raise ValueError(f"--user: {target.name!r} is root; the workers must not run as root")
+    if target.uid == 0 or target.gid == 0:
+        raise ValueError(
+            f"--user: {target.name!r} is root or in group root; the workers must not run as root"
+        )
     caps = current_caps()
     missing = [name for cap, name in ((CAP_SETUID, "CAP_SETUID"), (CAP_SETGID, "CAP_SETGID"))
                if not caps.has(cap)]  # fmt: skip

@@ -125,7 +125,7 @@ def test_user_option_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"^--user: cannot switch to 'root' when started as"):
         privileges.resolve_worker("root")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    with pytest.raises(ValueError, match=r"^--user: 'root' is root; the workers must not"):
+    with pytest.raises(ValueError, match=r"^--user: 'root' is root or in group root; the"):
         privileges.resolve_worker("root")
 
 
