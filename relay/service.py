@@ -281,6 +281,9 @@ def route_into(
     (default: this process's group); all undone by ``net``."""
     from relay.netconfig import route_client_nets_into_tun
 
+    for iif in opts.iifs:
+        if not net.ipr.link_lookup(ifname=iif):  # a rule may name a link that comes later
+            log.warning("--iif %s: no such interface (yet); its rule applies once it exists", iif)
     route_client_nets_into_tun(
         net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority,
         iifs=opts.iifs, fail_closed=opts.fail_closed_routing,
