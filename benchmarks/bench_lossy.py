@@ -80,11 +80,15 @@ def start_relay(topo: Topology, log_path: Path) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+        "--iif", topo.gw_cli_if, "--state-dir", str(log_path.parent),
         *topo.relay_allow,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as out:
-        proc = topo.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        proc = topo.spawn(
+            "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+            reachable_by="nobody",  # the workers' user
+        )  # fmt: skip
 
     def ready() -> bool:
         if proc.poll() is not None:

@@ -373,6 +373,7 @@ class Lab:
             argv = [
                 sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
                 "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+                "--iif", topo.gw_cli_if, "--state-dir", str(self.log_path.parent),
                 *topo.relay_allow,
             ]  # fmt: skip
             if self.cfg in OFFLOADED:
@@ -385,8 +386,9 @@ class Lab:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             with open(self.log_path, "wb") as out:
                 self.proc = topo.spawn(
-                    "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT
-                )
+                    "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                    reachable_by="nobody",  # the workers' user
+                )  # fmt: skip
             proc = self.proc
 
             def ready() -> bool:

@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +33,7 @@ from relay_harness import (  # noqa: E402
     READY_MARK,
     READY_TIMEOUT,
     TUN,
+    WORKER_USER,
     RelayProcess,
     gateway_snapshot,
 )
@@ -56,17 +60,35 @@ def topology(netns_root: None) -> Iterator[Topology]:
         topo.close()
 
 
+@pytest.fixture(name="relay_files")
+def relay_files_fixture() -> Iterator[Path]:
+    """A directory the relay's workers (``WORKER_USER``) own: for the files they write."""
+    # Not under tmp_path: pytest's base directory is 0700, closed to the workers.
+    path = Path(tempfile.mkdtemp(prefix="tunrelay-test-"))
+    user = pwd.getpwnam(WORKER_USER)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(name="start_relay")
 def start_relay_fixture(
-    topology: Topology, tmp_path: Path
+    topology: Topology, tmp_path: Path, relay_files: Path
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """Factory: ``start_relay(analyzers=, env=, args=, rules=, expected_tracebacks=)``.
+    """Factory: ``start_relay(analyzers=, env=, args=, rules=, expected_tracebacks=,
+    prefix=, before=, state_dir=)``.
 
     ``analyzers`` are ``module:attr`` specs loaded after the default
     ``StreamDigest``; ``env`` adds environment variables (analyzer settings);
-    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say otherwise);
-    ``rules`` are ``--allow``/``--deny`` options tried before the lab's own ``--allow``
-    of its networks (``Topology.relay_allow``), which would otherwise match first.
+    ``args`` are extra ``tunrelay run`` options (``--workers 1`` unless they say
+    otherwise); ``rules`` are ``--allow``/``--deny`` options tried before the lab's
+    own ``--allow`` of its networks (``Topology.relay_allow``), which would
+    otherwise match first; ``prefix`` is a command that runs the relay
+    (``setpriv ...``); ``before`` is the gateway snapshot to compare with at its
+    stop (default: taken now); ``state_dir`` is its ``--state-dir`` (default:
+    ``tmp_path``).
     """
     relays: list[RelayProcess] = []
 
@@ -76,23 +98,29 @@ def start_relay_fixture(
         args: Sequence[str] = (),
         expected_tracebacks: Sequence[str] = (),
         rules: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        before: set[str] | None = None,
+        state_dir: Path | None = None,
     ) -> RelayProcess:
         n = len(relays)
+        # The supervisor keeps no CAP_DAC_OVERRIDE: as root, a directory root owns.
+        state_dir = state_dir or tmp_path
         log_path = tmp_path / f"relay{n}.log"
-        flow_log = tmp_path / f"flows{n}.jsonl"
-        digest_log = tmp_path / f"digests{n}.jsonl"
-        state_file = tmp_path / f"state{n}.txt"
+        flow_log = relay_files / f"flows{n}.jsonl"
+        digest_log = relay_files / f"digests{n}.jsonl"
+        state_file = relay_files / f"state{n}.txt"
         argv = [
-            sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
+            *prefix, sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
             "--tun", TUN,
             "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
-            "--flow-log", str(flow_log), *rules, *topology.relay_allow,
+            "--flow-log", str(flow_log), "--state-dir", str(state_dir),
+            *rules, *topology.relay_allow,
         ]  # fmt: skip
         for spec in (*DEFAULT_ANALYZERS, *analyzers):
             argv += ["--analyzer", spec]
         argv += list(args)
         if "--workers" not in args:
-            # One process by default: the tests look at its RSS, fds, CPU and exit line.
+            # One worker by default: the tests look at its RSS, fds, CPU and exit line.
             argv += ["--workers", "1"]
         full_env = dict(
             os.environ,
@@ -101,12 +129,17 @@ def start_relay_fixture(
             TUNRELAY_STATE_DUMP=str(state_file),
             **(env or {}),
         )
-        before = gateway_snapshot(topology)
+        if before is None:
+            before = gateway_snapshot(topology)
         t0 = time.monotonic()
         with open(log_path, "wb") as out:
-            proc = topology.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+            proc = topology.spawn(
+                "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                reachable_by=WORKER_USER,
+            )  # fmt: skip
         relay = RelayProcess(
-            topology, proc, log_path, flow_log, digest_log, state_file, t0,
+            topology, proc, log_path, flow_log, digest_log, state_file,
+            state_dir / f"{TUN}.json", t0,
             expected_tracebacks=tuple(expected_tracebacks), gateway_before=before,
         )  # fmt: skip
         relays.append(relay)

@@ -9,21 +9,28 @@ module imports from this module only the helpers it calls:
                  hooks; SIGUSR1 dumps the stack's state, see ``state_dump``)
                  and the flow log.
 ``start_relay``  a factory for other set-ups (more analyzers, environment,
-                 extra ``tunrelay run`` options).
+                 extra ``tunrelay run`` options, a command to start it with).
+``relay_files``  a directory the relay's workers (``nobody``) can write to:
+                 the flow, digest and state-dump logs are there, and so should
+                 any file a test's analyzer writes.
 
 Theory of operation: the relay is spawned with ``Topology.spawn`` (nsexec
-execs, so ``proc.pid`` is the relay's own PID and /proc/PID/status is its
-memory), its output goes to a file, and it is ready when it logs "relaying
-TCP". Every relay the test started is checked at tear-down:
+execs, so ``proc.pid`` is the supervisor's own PID; ``worker_pids()`` are its
+workers, and /proc/PID/status of the one worker is the relay's memory), its
+output goes to a file, and it is ready when it logs "relaying TCP". Its
+workers run as ``nobody``, so the interpreter's installation is made reachable
+for that user in the relay's own mount namespace (``relay.lab.reachable``). Every
+relay the test started is checked at tear-down:
 
 1. it is still running, and its log has no traceback (except the ones a test
    declared expected, e.g. ``InjectedFailure`` from ``Failing``);
 2. SIGTERM makes it exit with status 0 within ``STOP_TIMEOUT``;
 3. the gateway namespace, which still exists, no longer has its TUN device,
    policy rules, routes in its table, or forwarding turned on, and its links,
-   rules and routes are exactly what they were before the relay started; and
-   every flow in the flow log came from the lab's client (a flow from anywhere
-   else means the relay's own upstream packets looped back into its TUN);
+   rules, routes and sysctls are exactly what they were before the relay
+   started; its state file is gone; and every flow in the flow log came from
+   the lab's client (a flow from anywhere else means the relay's own upstream
+   packets looped back into its TUN);
 4. then the fixture closes the topology itself (``topology``'s own close is
    then a no-op) and asserts the three namespaces are gone.
 
@@ -94,6 +101,9 @@ CHUNK = 256 * 1024  # send/recv size of the helpers
 DEFAULT_ANALYZERS = ("relay.analysis.digest:StreamDigest", "relay.lab.analyzers:StateDump")
 # The relay logs this once it routes client packets into the TUN.
 READY_MARK = "relaying TCP"
+WORKER_USER = "nobody"  # the relay's default when started as root
+# Sysctls a relay changes while it runs (and must restore).
+SYSCTLS = ("ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv4/ping_group_range")
 
 
 # --- the relay process ---------------------------------------------------------------
@@ -108,7 +118,8 @@ class RelayProcess:
     log_path: Path
     flow_log: Path
     digest_log: Path
-    state_file: Path
+    state_file: Path  # StateDump's output
+    run_state: Path  # `tunrelay run`'s state file (relay.service.runstate)
     started: float
     expected_tracebacks: tuple[str, ...] = ()
     gateway_before: set[str] | None = None  # gateway_snapshot() before it started
@@ -118,7 +129,19 @@ class RelayProcess:
 
     @property
     def pid(self) -> int:
+        """The supervisor's PID."""
         return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children: its workers."""
+        return children(self.pid)
+
+    @property
+    def worker_pid(self) -> int:
+        """The one worker's PID (``--workers 1``, the default here)."""
+        pids = self.worker_pids()
+        assert len(pids) == 1, f"workers of {self.pid}: {pids}"
+        return pids[0]
 
     # --- looking at it ---
 
@@ -132,18 +155,17 @@ class RelayProcess:
         return self.proc.poll() is None
 
     def rss_kib(self) -> int:
-        """VmRSS of the relay process, KiB."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError(f"no VmRSS for pid {self.pid}")
+        """VmRSS of the relay's one worker (the packet loop), KiB."""
+        return int(proc_status(self.worker_pid)["VmRSS"].split()[0])
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the relay process has used so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the supervisor and its workers have used so far."""
+        total = 0.0
+        for pid in (self.pid, *self.worker_pids()):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def state_dump(self, client_port: int | None = None, timeout: float = 3.0) -> str:
         """The relay's internal state (StateDump, on SIGUSR1): the stack's and relay's
@@ -283,6 +305,7 @@ class RelayProcess:
         assert self.exit_status == 0, f"exit status {self.exit_status}: {self.describe()}"
         leftovers = gateway_leftovers(self.topo, self.gateway_before)
         assert leftovers == [], f"`tunrelay run` left behind in {self.topo.gw}: {leftovers}"
+        assert not self.run_state.exists(), f"state file left: {self.run_state.read_text()}"
         strangers = self.foreign_flows()
         assert not strangers, (
             f"{len(strangers)} flows did not come from the client (a routing loop: the "
@@ -290,6 +313,27 @@ class RelayProcess:
         )
         tracebacks = self.unexpected_tracebacks()
         assert not tracebacks, "traceback in the relay log:\n" + "\n---\n".join(tracebacks)
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (this kernel has no /proc/PID/task/TID/children)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(name))
+    return sorted(found)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (``Uid``, ``CapEff``, ``NoNewPrivs``, ``VmRSS``...)."""
+    with open(f"/proc/{pid}/status") as f:
+        return dict((k, v.strip()) for k, _, v in (line.partition(":") for line in f))
 
 
 def run_in(topo: Topology, ns: str, argv: Sequence[str], timeout: float = 5.0) -> str:
@@ -419,7 +463,7 @@ def gateway_snapshot(topo: Topology) -> set[str]:
     finally:
         ipr.close()
     with netns.entered(topo.gw):
-        for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+        for key in SYSCTLS:
             items.add(f"sysctl {key}={Path('/proc/sys/net', key).read_text().strip()}")
     return items
 

@@ -127,10 +127,10 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
 
 @pytest.fixture
 def dns_relay(
-    topology: Topology, start_relay: Callable[..., RelayProcess], tmp_path: Path
+    topology: Topology, start_relay: Callable[..., RelayProcess], relay_files: Path
 ) -> Iterator[tuple[RelayProcess, Path]]:
     start_dnsmasq(topology)
-    udp_log = tmp_path / "udp.jsonl"
+    udp_log = relay_files / "udp.jsonl"  # written by the workers (nobody)
     relay = start_relay(
         analyzers=["udp_analyzers:DnsRecorder"],
         env={"PYTHONPATH": str(HERE), "TUNRELAY_UDP_LOG": str(udp_log)},
@@ -274,7 +274,7 @@ def test_1000_flows_idle_out_without_leaking_sockets(
     relay = start_relay(args=["--udp-idle-timeout", str(IDLE)])
     port = echo_server(topology, socket.AF_INET)
     server = topology.srv_v4
-    fds_before = fd_count(relay.pid)
+    fds_before = fd_count(relay.worker_pid)
     t0 = time.perf_counter()
     for i in range(FLOWS):
         with netns.entered(topology.cli):
@@ -286,13 +286,14 @@ def test_1000_flows_idle_out_without_leaking_sockets(
             sock.send(b"flow %d" % i)
             assert sock.recv(100) == b"flow %d" % i
     opened = time.perf_counter() - t0
-    peak = fd_count(relay.pid)
+    peak = fd_count(relay.worker_pid)
     print(f"\n[udp flows] {FLOWS} flows opened in {opened:.2f} s; relay fds {fds_before} -> {peak}")
     relay.wait_records(
         "flow", lambda r: r.get("proto") == "udp" and r.get("ended") == "idle", FLOWS, timeout=30
     )
-    wait_for(lambda: fd_count(relay.pid) <= fds_before, 10, "relay fds back to the start")
-    print(f"[udp flows] all idle after {time.perf_counter() - t0:.2f} s; fds {fd_count(relay.pid)}")
+    wait_for(lambda: fd_count(relay.worker_pid) <= fds_before, 10, "relay fds back to the start")
+    fds = fd_count(relay.worker_pid)
+    print(f"[udp flows] all idle after {time.perf_counter() - t0:.2f} s; fds {fds}")
     relay.stop()
     assert stats_of(relay, "flows_opened") == FLOWS
     assert stats_of(relay, "flows_closed") == FLOWS

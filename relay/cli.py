@@ -1,8 +1,10 @@
-"""The ``tunrelay`` command line: ``run`` (the service) and ``demo`` (the embedded default)."""
+"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run) and
+``demo`` (the embedded default)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -12,8 +14,13 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
-from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, serve, validate
+from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
+from relay.service.run import MAX_WORKERS, ConfigError, validate
+from relay.service.runstate import STATE_DIR, StateError, cleanup
 from relay.service.workers import supervise
+
+log = logging.getLogger("tunrelay")
+NEEDS_CAP = "needs CAP_NET_ADMIN (root, or an ambient capability: see the README's systemd unit)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="relay traffic from client networks through a TUN device (needs root)",
+        help="relay traffic from client networks through a TUN device (needs CAP_NET_ADMIN)",
         description="Create the TUN device, route packets from the client networks into it "
         "with a policy rule, and relay every TCP connection until SIGINT or SIGTERM. "
         "Everything installed is removed on exit.",
@@ -41,6 +48,31 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="CIDR",
         help="network whose packets are relayed (repeat for several; IPv4 and IPv6)",
+    )
+    run.add_argument(
+        "--iif",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="relay only packets arriving on this interface, the VPN's (repeatable; "
+        "recommended: without it, spoofed client addresses from elsewhere are relayed too)",
+    )
+    run.add_argument(
+        "--user",
+        help="user the workers run as, with no capabilities (default: nobody when started "
+        "as root, else the starting user)",
+    )
+    run.add_argument(
+        "--no-fail-closed-routing",
+        dest="fail_closed_routing",
+        action="store_false",
+        help="no prohibit route: if the relay dies, client traffic is forwarded by the kernel "
+        "around it instead of being refused until `tunrelay cleanup` or the next run",
+    )
+    run.add_argument(
+        "--state-dir",
+        default=STATE_DIR,
+        help=f"where the record of what this run changed is kept (default {STATE_DIR})",
     )
     run.add_argument(
         "--analyzer",
@@ -142,6 +174,16 @@ def _parser() -> argparse.ArgumentParser:
         "needs --workers 1); for finding where the time goes, not for production",
     )
 
+    clean = sub.add_parser(
+        "cleanup",
+        help="undo what a dead `tunrelay run` left (rules, routes, sysctls)",
+        description="Undo the changes recorded in the state files of runs that are no longer "
+        "running (SIGKILL, OOM kill, crash), restoring sysctls to their recorded values. "
+        "A running relay is left alone.",
+    )
+    clean.add_argument("--tun", help="only the run on this TUN (default: every dead run)")
+    clean.add_argument("--state-dir", default=STATE_DIR, help=f"default {STATE_DIR}")
+
     demo = sub.add_parser(
         "demo",
         help="self-contained demo in network namespaces (needs root)",
@@ -163,18 +205,6 @@ def default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
-def _profiled(opts: RunOptions, path: str) -> None:
-    import cProfile
-
-    profile = cProfile.Profile()
-    profile.enable()
-    try:
-        trio.run(serve, opts)
-    finally:
-        profile.disable()
-        profile.dump_stats(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tunrelay`` console script."""
     args = _parser().parse_args(argv)
@@ -186,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.lab.demo import run_demo
 
         return run_demo(bulk_mib=args.bulk_mib)
+    if args.command == "cleanup":
+        return _cleanup(args.state_dir, args.tun)
     try:
         opts = validate(
             tun=args.tun,
@@ -210,25 +242,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             fwmark=args.fwmark,
             bind_addresses=args.bind_address,
             bind_interface=args.bind_interface,
+            iifs=args.iif,
+            fail_closed_routing=args.fail_closed_routing,
+            state_dir=args.state_dir,
         )
         if args.profile and opts.workers != 1:
             raise ConfigError("--profile: needs --workers 1 (one process to profile)")
-        if os.geteuid() != 0:
-            print("tunrelay run: needs root (CAP_NET_ADMIN) to create the TUN", file=sys.stderr)
+        if not current_caps().has(CAP_NET_ADMIN):
+            print(f"tunrelay run: {NEEDS_CAP}", file=sys.stderr)
             return 2
-        if opts.workers > 1:
-            return trio.run(supervise, opts, args.log_level)
-        if args.profile:
-            _profiled(opts, args.profile)
-        else:
-            trio.run(serve, opts)
-    except ConfigError as exc:
-        print(f"tunrelay run: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"tunrelay run: {exc}", file=sys.stderr)
+        if not all(current_caps().has(cap) for cap in opts.worker_caps):
+            print("tunrelay run: --fwmark: the workers need CAP_NET_RAW to set SO_MARK,"
+                  " and this process does not have it", file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            user = resolve_worker(args.user)
+        except ValueError as bad:
+            raise ConfigError(str(bad)) from None
+        opts = dataclasses.replace(opts, user=user, profile=args.profile)
+        return trio.run(supervise, opts, args.log_level)
+    except Exception as exc:  # at start above all: one line, never a traceback
+        leaf = _leaf(exc)
+        if isinstance(leaf, ConfigError | StateError):
+            print(f"tunrelay run: {leaf}", file=sys.stderr)
+            return 2
+        log.debug("tunrelay run failed", exc_info=True)
+        print(f"tunrelay run: {_one_line(leaf)}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _leaf(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-exception groups (trio's nurseries)."""
+    for _ in range(16):
+        if not isinstance(exc, ExceptionGroup) or len(exc.exceptions) != 1:
+            break
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    code = getattr(exc, "code", None)  # pyroute2's NetlinkError: (code, message)
+    if isinstance(code, int) and code > 0:
+        return f"netlink: {os.strerror(code)}"
+    return str(exc) or type(exc).__name__
+
+
+def _cleanup(state_dir: str, tun: str | None) -> int:
+    if not current_caps().has(CAP_NET_ADMIN):
+        print(f"tunrelay cleanup: {NEEDS_CAP}", file=sys.stderr)
+        return 2
+    try:
+        status, lines = cleanup(state_dir, tun)
+    except Exception as exc:
+        log.debug("tunrelay cleanup failed", exc_info=True)
+        print(f"tunrelay cleanup: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line, file=sys.stdout if status == 0 else sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -94,14 +94,14 @@ def open_ping_socket(flow: FlowId, upstream: Upstream = _PLAIN) -> socket.socket
     return sock
 
 
-def enable_ping_sockets(net: NetConfig) -> bool:
-    """Widen ``net.ipv4.ping_group_range`` in ``net``'s namespace to this process's
-    group, so it may open ICMP sockets; ``net.close()`` restores the old range.
+def enable_ping_sockets(net: NetConfig, gid: int | None = None) -> bool:
+    """Widen ``net.ipv4.ping_group_range`` in ``net``'s namespace to ``gid`` (default:
+    this process's group), so it may open ICMP sockets; ``net.close()`` restores the old range.
 
     Returns:
         False (after logging a warning) when the range could not be read or set.
     """
-    gid = os.getegid()
+    gid = os.getegid() if gid is None else gid
     try:
         lo, hi = (int(x) for x in net.read_sysctl(PING_GROUP_RANGE).split())
         if not lo <= gid <= hi:

@@ -53,6 +53,7 @@ __all__ = [
     "IFF_MULTI_QUEUE",
     "IFF_NO_PI",
     "IFF_TUN",
+    "IFF_TUN_EXCL",
     "IFF_VNET_HDR",
     "OFFLOADS",
     "TUNSETOFFLOAD",
@@ -70,6 +71,7 @@ IFF_TUN = 0x0001
 IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000  # create only: EBUSY if a device of that name exists
 # The ring of packets waiting for each queue's reader (tun_net_xmit drops beyond
 # it). 200 Linux clients opening at once and sending 1 MiB each overflowed 4,000:
 # about 16% of their packets were dropped, and a BBR client then paced at
@@ -94,6 +96,13 @@ _TRUSTED = NEEDS_CSUM | DATA_VALID
 # 64 KiB GSO super-segment plus the virtio-net header.
 READ_SIZE = 65536 + 64
 _DROP_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS})
+_OPEN_ERRORS = {
+    errno.ENOENT: "no /dev/net/tun (is the tun module loaded?)",
+    errno.ENODEV: "no /dev/net/tun (is the tun module loaded?)",
+    errno.EPERM: "not permitted (needs CAP_NET_ADMIN)",
+    errno.EACCES: "/dev/net/tun is not accessible",
+    errno.EBUSY: "a network device of that name exists already",
+}
 
 
 class TunDevice:
@@ -123,6 +132,7 @@ class TunDevice:
         vnet_hdr: bool = False,
         multi_queue: bool = False,
         configure_link: bool = True,
+        exclusive: bool = False,
     ) -> TunDevice:
         """Create (or, with `multi_queue`, attach one more queue to) a TUN device.
 
@@ -131,6 +141,7 @@ class TunDevice:
         with the given MTU and txqueuelen (the default 500 drops packets when
         the reader is briefly descheduled), unless `configure_link` is False:
         a queue attached to a device already set up (no netlink, no pyroute2).
+        `exclusive`: fail with EBUSY rather than attach to an existing device.
 
         Raises:
             ValueError: `name` is empty or too long.
@@ -145,12 +156,15 @@ class TunDevice:
             flags |= IFF_VNET_HDR
         if multi_queue:
             flags |= IFF_MULTI_QUEUE
+        if exclusive:
+            flags |= IFF_TUN_EXCL
         try:
             dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
             # pytun.Error carries (errno, message) from the failed ioctl/open.
             code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else errno.EIO
-            raise OSError(code, f"cannot open TUN {name!r}: {exc}") from exc
+            why = _OPEN_ERRORS.get(code, os.strerror(code))
+            raise OSError(code, f"cannot open TUN {name!r}: {why}") from None
         try:
             fd = dev.fileno()
             os.set_blocking(fd, False)

@@ -7,6 +7,11 @@ object already gone (the TUN device closed, the namespace torn down) is not an
 error: the goal state "not there" is reached. Any other undo failure is logged
 and the rest still run, so one stuck object never leaves the others behind.
 
+A `journal` callback, if given, receives each rule, route and sysctl change as
+a JSON-serializable entry *before* it is made: `tunrelay run` keeps them in
+its state file, and `undo_recorded` undoes one from there after the process
+that made it died (`relay.service.runstate`).
+
 A NetConfig is bound to one network namespace, fixed when it is made: the
 current thread's, or a named one. The netlink socket and the /proc/sys writes
 both use that namespace even if the calling thread is elsewhere later. Use a
@@ -21,25 +26,36 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from relay.host import netns as _netns
 
-__all__ = ["IFA_F_NODAD", "NetConfig", "route_client_nets_into_tun"]
+__all__ = [
+    "FAIL_CLOSED_METRIC",
+    "IFA_F_NODAD",
+    "TUN_ROUTE_METRIC",
+    "NetConfig",
+    "route_client_nets_into_tun",
+]
 
 log = logging.getLogger(__name__)
 
 IFA_F_NODAD = 0x02
 RT_TABLE_MAIN = 254
 _IFF_UP = 0x1
+# In the relay's table: the TUN route first; the fail-closed prohibit only when
+# the TUN route is gone (explicit metrics: IPv6 would give the TUN route 1024).
+TUN_ROUTE_METRIC = 1
+FAIL_CLOSED_METRIC = 4096
 # Errors that mean "already gone" when undoing.
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO})
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Journal = Callable[[dict[str, Any]], None]
 
 
 def _family(net: Network | Interface) -> int:
@@ -64,10 +80,14 @@ class NetConfig:
     Args:
         netns: name of the namespace to configure; None (the default) means
             the current thread's namespace at construction.
+        journal: called with each rule, route and sysctl change before it is
+            made (see `undo_recorded`).
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, journal: Journal | None = None) -> None:
         self.netns = netns
+        self.journal = journal
+        self.undo_failures = 0  # undo actions that failed (logged) in close()
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._closed = False
         if netns is None:
@@ -134,6 +154,7 @@ class NetConfig:
         gateway: str | None = None,
         table: int | None = None,
         route_type: str = "unicast",
+        metric: int | None = None,
     ) -> None:
         """Add a route to `dst_cidr` in `table` (default: main).
 
@@ -144,6 +165,8 @@ class NetConfig:
             table: routing table number.
             route_type: "unicast", or e.g. "throw" (end the lookup in this
                 table and continue with the next rule) or "blackhole".
+            metric: the route's priority (lower first); None: the kernel's
+                default (0 for IPv4, 1024 for IPv6).
         """
         if route_type == "unicast" and ifname is None and gateway is None:
             raise ValueError("a unicast route needs ifname or gateway")
@@ -157,17 +180,21 @@ class NetConfig:
         }
         if ifname is not None:
             spec["oif"] = self.index(ifname)
+        if metric is not None:
+            spec["priority"] = metric
         if gateway is not None:
             if ipaddress.ip_address(gateway).version != net.version:
                 raise ValueError(f"gateway {gateway} is not in the family of {dst_cidr}")
             spec["gateway"] = gateway
-        self.ipr.route("add", **spec)
         via = f" via {gateway}" if gateway else ""
         dev = f" dev {ifname}" if ifname else ""
-        self._push(
-            f"{route_type} route {net}{via}{dev} table {spec['table']}",
-            lambda: self.ipr.route("del", **spec),
-        )
+        what = f"{route_type} route {net}{via}{dev} table {spec['table']}"
+        if metric is not None:
+            what += f" metric {metric}"
+        recorded = {k: v for k, v in spec.items() if k != "oif"}
+        self._record({"kind": "route", "what": what, "spec": recorded, "dev": ifname})
+        self._apply(what, lambda: self.ipr.route("add", **spec))
+        self._push(what, lambda: self.ipr.route("del", **spec))
 
     def add_rule(
         self,
@@ -194,13 +221,15 @@ class NetConfig:
             spec["iifname"] = iifname
         if unreachable:
             spec["action"] = "FR_ACT_UNREACHABLE"
-            what = "unreachable"
+            action = "unreachable"
         else:
             spec["table"] = table
-            what = f"lookup {table}"
-        self.ipr.rule("add", **spec)
+            action = f"lookup {table}"
         iif = f" iif {iifname}" if iifname else ""
-        self._push(f"rule {priority}: from {net}{iif} {what}", lambda: self.ipr.rule("del", **spec))
+        what = f"rule {priority}: from {net}{iif} {action}"
+        self._record({"kind": "rule", "what": what, "spec": spec})
+        self._apply(what, lambda: self.ipr.rule("add", **spec))
+        self._push(what, lambda: self.ipr.rule("del", **spec))
 
     # --- links -----------------------------------------------------------------
 
@@ -258,8 +287,64 @@ class NetConfig:
         new = str(value)
         if old == new:
             return
+        what = f"sysctl {full}={new} (was {old})"
+        self._record({"kind": "sysctl", "what": what, "path": full, "old": old, "new": new})
         self._write_sysctl(full, new)
-        self._push(f"sysctl {full}={new} (was {old})", lambda: self._write_sysctl(full, old))
+        self._push(what, lambda: self._write_sysctl(full, old))
+
+    # --- the journal -----------------------------------------------------------
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal(entry)
+
+    @staticmethod
+    def _apply(what: str, change: Callable[[], object]) -> None:
+        try:
+            change()
+        except NetlinkError as exc:
+            # One line that names the object: EEXIST is usually a leftover of a
+            # run that could not clean up, or another program's identical rule.
+            raise OSError(exc.code, f"cannot add {what}: {os.strerror(exc.code)}") from None
+
+    def undo_recorded(self, entry: dict[str, Any]) -> str:
+        """Undo one journal entry made by a process that is gone; say what happened.
+
+        A rule or route that is gone is fine. A sysctl goes back to its old
+        value only if it still has the value the relay set: one changed since
+        is someone else's and is left alone (and reported).
+
+        Raises:
+            OSError: the undo failed (EPERM, ...).
+        """
+        kind, what = entry.get("kind"), str(entry.get("what"))
+        try:
+            if kind == "rule":
+                self.ipr.rule("del", **entry["spec"])
+            elif kind == "route":
+                spec = dict(entry["spec"])
+                if entry.get("dev"):
+                    found = self.ipr.link_lookup(ifname=entry["dev"])
+                    if not found:
+                        return f"gone: {what}"  # the kernel removed it with its device
+                    spec["oif"] = found[0]
+                self.ipr.route("del", **spec)
+            elif kind == "sysctl":
+                full, old, new = _sysctl_path(entry["path"]), entry["old"], entry["new"]
+                now = self.read_sysctl(full)
+                if now.split() != new.split():  # the kernel may print tabs for our spaces
+                    return f"left as is: {full}={now} (set to {new} and changed since; was {old})"
+                self._write_sysctl(full, old)
+                return f"restored: {full}={old}"
+            else:
+                raise ValueError(f"unknown state entry {entry!r}")
+        except NetlinkError as exc:
+            if exc.code in _GONE:
+                return f"gone: {what}"
+            raise OSError(exc.code, f"cannot undo {what}: {os.strerror(exc.code)}") from None
+        except FileNotFoundError:
+            return f"gone: {what}"
+        return f"removed: {what}"
 
     # --- undo ------------------------------------------------------------------
 
@@ -276,10 +361,12 @@ class NetConfig:
             except NetlinkError as exc:
                 if exc.code not in _GONE:
                     log.warning("could not undo %s: %s", what, exc)
+                    self.undo_failures += 1
             except FileNotFoundError:
                 pass  # a per-interface sysctl of a link that is gone
             except OSError as exc:
                 log.warning("could not undo %s: %s", what, exc)
+                self.undo_failures += 1
         if not self._closed:
             self._closed = True
             self.ipr.close()
@@ -292,6 +379,9 @@ def route_client_nets_into_tun(
     client_nets: list[str],
     table: int = 5197,
     priority: int = 5197,
+    *,
+    iifs: Sequence[str] = (),
+    fail_closed: bool = False,
 ) -> None:
     """Send packets *from* the client networks into the TUN device.
 
@@ -319,6 +409,21 @@ def route_client_nets_into_tun(
     forwarding makes the kernel ignore router advertisements on interfaces
     with accept_ra=1).
 
+    `iifs`: only packets arriving on these interfaces (the VPN's) are sent
+    into the TUN, one rule per interface. Without, a packet with a client
+    source arriving from anywhere (spoofed on the uplink, where rp_filter is
+    loose or off, and always for IPv6, which has no rp_filter) is relayed and
+    the reply goes to the real client.
+
+    `fail_closed`: `table` also gets `prohibit default`, with a larger metric
+    (a lower precedence) than the TUN route. The kernel deletes the TUN route
+    when the device goes (when the last process holding it dies, even by
+    SIGKILL), and the lookup in `table` then ends at the prohibit: client
+    packets are refused with ICMP "administratively prohibited" instead of
+    falling through to the main table and being forwarded around the relay.
+    The relay's answers (`iif <tun>`) and the host's own packets (`iif lo`)
+    are looked up in the main table first, so they are not affected.
+
     All of it is undone by `cfg.close()`.
     """
     if not client_nets:
@@ -327,7 +432,10 @@ def route_client_nets_into_tun(
     versions = sorted({net.version for net in nets})
     cfg.link_up(tun_name)
     for version in versions:
-        cfg.add_route("0.0.0.0/0" if version == 4 else "::/0", ifname=tun_name, table=table)
+        default = "0.0.0.0/0" if version == 4 else "::/0"
+        cfg.add_route(default, ifname=tun_name, table=table, metric=TUN_ROUTE_METRIC)
+        if fail_closed:
+            cfg.add_route(default, table=table, route_type="prohibit", metric=FAIL_CLOSED_METRIC)
     for net in nets:
         cfg.add_rule(str(net), 254, priority - 3, iifname=tun_name)
         # Locally generated packets with a source in a client network never go to
@@ -337,7 +445,9 @@ def route_client_nets_into_tun(
         # back into itself (seen with IPv6). Main table first, else unreachable.
         cfg.add_rule(str(net), 254, priority - 2, iifname="lo")
         cfg.add_rule(str(net), None, priority - 1, iifname="lo", unreachable=True)
-        cfg.add_rule(str(net), table, priority)
+        only: list[str | None] = [*iifs] or [None]
+        for iif in only:
+            cfg.add_rule(str(net), table, priority, iifname=iif)
     if 4 in versions:
         cfg.set_sysctl("net.ipv4.ip_forward", 1)
         cfg.set_sysctl(f"/proc/sys/net/ipv4/conf/{tun_name}/rp_filter", 0)

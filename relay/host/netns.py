@@ -145,9 +145,17 @@ def remove(name: str, *, missing_ok: bool = False) -> None:
 
 @contextlib.contextmanager
 def entered_fd(fd: int, name: str = "") -> Iterator[None]:
-    """Switch the current thread into the namespace open as `fd`, and back."""
+    """Switch the current thread into the namespace open as `fd`, and back.
+
+    Already there: nothing to switch, so no setns(2), which needs CAP_SYS_ADMIN
+    (`tunrelay run` with only CAP_NET_ADMIN configures its own namespace).
+    """
     own = os.open(_THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        here, there = os.fstat(own), os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            yield
+            return
         setns_fd(fd, name)
         try:
             yield

@@ -3,11 +3,15 @@
 Theory of operation: ``Topology.build()`` (relay.lab.topology) makes client, gateway
 and server namespaces joined by veths, using only 198.18.0.0/15 and fd00::/8
 and with no route to any real network. ``tunrelay run`` is spawned in the
-gateway with the flow log and ``DemoAnalyzer``; its output (log and analyzer
-lines) goes to a temp file. The servers are threads of this process whose
-sockets were created in the server namespace, and the client sockets are
-created in the client namespace (a socket stays in the namespace it was
-created in), so the demo needs no helper tools. The client drives HTTP over
+gateway with the flow log and ``DemoAnalyzer``, only for packets arriving on
+the gateway's client-facing link (``--iif``, as a VPN server would name its
+tunnel), with its workers as ``nobody`` (the interpreter's installation made
+reachable for them, ``relay.lab.reachable``) and its state file in the temp
+directory; its output (log and analyzer lines) goes to a temp file. The
+servers are threads of this process whose sockets were created in the server
+namespace, and the client sockets are created in the client namespace (a
+socket stays in the namespace it was created in), so the demo needs no helper
+tools. The client drives HTTP over
 IPv4 and IPv6, a bulk upload and download with SHA-256 checks, and a connect
 to a closed port; then the relay is stopped and its analyzer lines and flow
 log are printed.
@@ -176,13 +180,16 @@ def start_relay(topo: Topology, log_path: Path, flow_log: Path) -> subprocess.Po
     argv = [
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
+        "--iif", topo.gw_cli_if, "--state-dir", str(log_path.parent),
         "--flow-log", str(flow_log), "--analyzer", "relay.lab.demo_analyzer:DemoAnalyzer",
         # The lab's server networks are in ranges denied by default (reserved, private).
         "--allow", topo.server_net_v4, "--allow", f"[{topo.server_net_v6}]",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as out:
-        return topo.spawn("gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return topo.spawn(
+            "gw", argv, stdout=out, stderr=subprocess.STDOUT, env=env, reachable_by="nobody"
+        )
 
 
 def wait_ready(proc: subprocess.Popen[Any], log_path: Path) -> str | None:

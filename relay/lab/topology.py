@@ -204,7 +204,10 @@ class Topology:
 
         The process gets its own session (unless `start_new_session=False`),
         and it and its process group are killed and reaped at tear-down.
+        `reachable_by`: a user that must be able to read this interpreter's
+        installation (a relay whose workers run as that user; relay.lab.reachable).
         """
+        reachable_by = popen_kwargs.pop("reachable_by", None)
         env = dict(popen_kwargs.pop("env", None) or os.environ)
         # relay must be importable by the child even without an installed package.
         env["PYTHONPATH"] = os.pathsep.join(
@@ -212,7 +215,10 @@ class Topology:
         )
         popen_kwargs.setdefault("start_new_session", True)
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        cmd = [sys.executable, "-m", "relay.lab.nsexec", self.ns(ns), "--", *argv]
+        cmd = [sys.executable, "-m", "relay.lab.nsexec", self.ns(ns)]
+        if reachable_by is not None:
+            cmd += ["--reachable-by", str(reachable_by)]
+        cmd += ["--", *argv]
         proc: subprocess.Popen[Any] = subprocess.Popen(cmd, env=env, **popen_kwargs)
         self._procs.append(proc)
         return proc

@@ -5,10 +5,10 @@ with a policy rule (the relay's own upstream sockets do not match the rule, so
 nothing loops), runs the packet loop until SIGINT or SIGTERM, and removes
 everything it installed on every exit path.
 
-With ``--workers 1`` all of that happens in this process (``serve``); with more,
-``relay.service.workers`` sets the network up here and runs one packet loop per TUN
-queue in worker processes, each doing what ``relay_queue`` does. ``--offload``
-opens the TUN with virtio-net headers and TSO/checksum offloads (``relay.datapath.tun``).
+``relay.service.workers`` sets the network up in a supervisor process and runs one
+packet loop per TUN queue in unprivileged worker processes (``--workers N``,
+one or more), each doing what ``relay_queue`` does. ``--offload`` opens the
+TUN with virtio-net headers and TSO/checksum offloads (``relay.datapath.tun``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes
 from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
+from relay.service.privileges import CAP_NET_RAW, Identity
+from relay.service.runstate import STATE_DIR
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 
 if TYPE_CHECKING:
@@ -64,7 +66,14 @@ class RunOptions:
     priority: int = 5197
     stats_interval: float = 0.0
     offload: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
-    workers: int = 1  # worker processes, one TUN queue each; 1: all in this process
+    workers: int = 1  # worker processes, one TUN queue each
+    iifs: tuple[str, ...] = ()  # the policy rule only for packets arriving on these
+    fail_closed_routing: bool = True  # prohibit in the table while the TUN route is gone
+    state_dir: str = STATE_DIR
+    user: Identity | None = None  # the workers' (relay.service.privileges.resolve_worker)
+    # Capabilities the workers keep (none: e.g. SO_MARK would need CAP_NET_ADMIN).
+    worker_caps: frozenset[int] = frozenset()
+    profile: str | None = None  # cProfile output of worker 0's packet loop
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
 
@@ -93,6 +102,9 @@ def validate(
     fwmark: str | int | None = None,
     bind_addresses: Sequence[str] = (),
     bind_interface: str | None = None,
+    iifs: Sequence[str] = (),
+    fail_closed_routing: bool = True,
+    state_dir: str = STATE_DIR,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -113,6 +125,13 @@ def validate(
             nets.append(str(ipaddress.ip_network(net, strict=True)))
         except ValueError as exc:
             raise ConfigError(f"--client-net: {net!r} is not a network: {exc}") from None
+    for iif in iifs:
+        if not 0 < len(iif.encode()) < 16 or "/" in iif or iif.strip() != iif:
+            raise ConfigError(f"--iif: {iif!r} is not a valid interface name (1-15 bytes)")
+        if iif == tun:
+            raise ConfigError(f"--iif: {iif!r} is the TUN device itself")
+    if not state_dir:
+        raise ConfigError("--state-dir: must not be empty")
     for spec in analyzers:
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise ConfigError(f"--analyzer: {spec!r} is not of the form module:attribute")
@@ -170,6 +189,12 @@ def validate(
         stats_interval=stats_interval,
         offload=offload,
         workers=workers,
+        iifs=tuple(dict.fromkeys(iifs)),
+        fail_closed_routing=fail_closed_routing,
+        state_dir=state_dir,
+        # SO_MARK needs CAP_NET_RAW (or CAP_NET_ADMIN, which would let an analyzer
+        # reconfigure the network): the workers keep the lesser one only if asked.
+        worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),
         relay=RelayConfig(
             connect_timeout=connect_timeout,
             fail_closed=fail_closed,
@@ -275,29 +300,39 @@ def load_analyzer(spec: str) -> object:
     return obj
 
 
-def load_analyzers(opts: RunOptions, worker: int = 0) -> tuple[list[object], FlowLog | None]:
-    """The ``--analyzer`` objects, then the flow log (also returned, to be closed).
+def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
+    """The ``--flow-log``, opened (by a worker before it drops its privileges).
 
     Raises:
-        ConfigError: an analyzer cannot be loaded or the flow log cannot be opened.
+        ConfigError: the flow log cannot be opened.
     """
-    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
     if opts.flow_log is None:
-        return analyzers, None
+        return None
     try:
         target = sys.stdout if opts.flow_log == "-" else opts.flow_log
-        flow_log = FlowLog(target, worker=worker)
+        return FlowLog(target, worker=worker)
     except OSError as exc:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
-    analyzers.append(flow_log)
-    return analyzers, flow_log
 
 
-def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = False) -> TunDevice:
+def load_analyzers(opts: RunOptions, flow_log: FlowLog | None = None) -> list[object]:
+    """The ``--analyzer`` objects, then ``flow_log`` if given.
+
+    Raises:
+        ConfigError: an analyzer cannot be loaded.
+    """
+    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
+    return analyzers if flow_log is None else [*analyzers, flow_log]
+
+
+def open_queue(
+    opts: RunOptions, *, multi_queue: bool = False, attach: bool = False, exclusive: bool = False
+) -> TunDevice:
     """Open (create, or attach one more queue to) the TUN device ``opts`` describes,
     with its offloads (a setting of the device: every queue gets super-segments).
     ``attach``: one more queue of a multi-queue device that exists and whose
-    link is set up (a worker's queue).
+    link is set up (a worker's queue). ``exclusive``: never attach to a device
+    that exists already (another relay's, or anything else of that name).
 
     Raises:
         OSError: the device cannot be opened or configured.
@@ -309,6 +344,7 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
         vnet_hdr=opts.offload,
         multi_queue=multi_queue or attach,
         configure_link=not attach,
+        exclusive=exclusive,
     )
     if opts.offload:
         try:
@@ -319,41 +355,21 @@ def open_queue(opts: RunOptions, *, multi_queue: bool = False, attach: bool = Fa
     return tun
 
 
-def route_into(net: NetConfig, tun: TunDevice, opts: RunOptions) -> None:
-    """Route the client networks into ``tun`` and allow ICMP sockets (undone by ``net``)."""
+def route_into(
+    net: NetConfig, tun: TunDevice, opts: RunOptions, ping_gid: int | None = None
+) -> None:
+    """Route the client networks into ``tun`` and allow ICMP sockets for ``ping_gid``
+    (default: this process's group); all undone by ``net``."""
     from relay.host.netconfig import route_client_nets_into_tun
 
+    for iif in opts.iifs:
+        if not net.ipr.link_lookup(ifname=iif):  # a rule may name a link that comes later
+            log.warning("--iif %s: no such interface (yet); its rule applies once it exists", iif)
     route_client_nets_into_tun(
-        net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority
-    )
-    enable_ping_sockets(net)  # ICMP echo is relayed through ICMP datagram sockets
-
-
-async def serve(
-    opts: RunOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Set up, relay until SIGINT/SIGTERM or cancellation, and tear down (one process)."""
-    from relay.host.netconfig import NetConfig
-
-    analyzers, flow_log = load_analyzers(opts)
-    try:
-        with NetConfig() as net, open_queue(opts) as tun:
-            opts = localize(opts, net)
-            route_into(net, tun, opts)
-
-            def ready() -> None:
-                log.info(
-                    "relaying TCP from %s through %s%s",
-                    ", ".join(opts.client_nets),
-                    tun.name,
-                    " with offloads" if opts.offload else "",
-                )
-                task_status.started()
-
-            await relay_queue(opts, tun, analyzers, on_ready=ready)
-    finally:
-        if flow_log is not None:
-            flow_log.close()
+        net, tun.name, list(opts.client_nets), table=opts.table, priority=opts.priority,
+        iifs=opts.iifs, fail_closed=opts.fail_closed_routing,
+    )  # fmt: skip
+    enable_ping_sockets(net, ping_gid)  # ICMP echo is relayed through ICMP datagram sockets
 
 
 async def relay_queue(
