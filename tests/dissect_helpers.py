@@ -232,3 +232,54 @@ def capture_client_bytes(cmd: Sequence[str], response: bytes = b"") -> bytes:
         check=True,
     )
     return bytes.fromhex(result.stdout)
+
+
+# Hand-built TLS messages (RFC 8446 §4.1.2), for published fingerprint vectors.
+
+
+def u16s(values: Sequence[int]) -> bytes:
+    return b"".join(v.to_bytes(2) for v in values)
+
+
+def vec(data: bytes, size: int) -> bytes:
+    return len(data).to_bytes(size) + data
+
+
+def ext(ext_type: int, data: bytes = b"") -> tuple[int, bytes]:
+    return ext_type, data
+
+
+def ext_sni(name: str) -> tuple[int, bytes]:
+    return 0, vec(b"\x00" + vec(name.encode(), 2), 2)
+
+
+def ext_alpn(*names: bytes) -> tuple[int, bytes]:
+    return 16, vec(b"".join(vec(n, 1) for n in names), 2)
+
+
+def ext_u16_list(ext_type: int, values: Sequence[int], length_size: int = 2) -> tuple[int, bytes]:
+    return ext_type, vec(u16s(values), length_size)
+
+
+def client_hello_message(
+    ciphers: Sequence[int],
+    extensions: Sequence[tuple[int, bytes]] | None,
+    *,
+    version: int = 0x0303,
+    session_id: bytes = b"",
+) -> bytes:
+    """A ClientHello handshake message (with its 4-byte header)."""
+    body = (
+        version.to_bytes(2) + bytes(32) + vec(session_id, 1) + vec(u16s(ciphers), 2) + b"\x01\x00"
+    )
+    if extensions is not None:
+        body += vec(b"".join(t.to_bytes(2) + vec(d, 2) for t, d in extensions), 2)
+    return b"\x01" + vec(body, 3)
+
+
+def tls_records(payload: bytes, size: int = 2**14, content_type: int = 22) -> bytes:
+    """``payload`` cut into records of at most ``size`` bytes (RFC 8446 §5.1)."""
+    return b"".join(
+        bytes([content_type, 3, 1]) + vec(payload[i : i + size], 2)
+        for i in range(0, len(payload), size)
+    )
