@@ -63,7 +63,17 @@ def test_detector_keeps_only_a_bounded_copy() -> None:
     assert det.feed(b"\x00\x11" + bytes(5)) is None
     det.feed(b"\x00" * 1_000_000)
     assert det.result is Proto.UNKNOWN
-    assert len(det._buf) == 0
+    assert len(det._earlier) == 0 and det.take_backlog() == b""
+
+
+def test_backlog_is_the_stream_from_its_first_byte() -> None:
+    det = StreamDetector()
+    assert det.feed(b"\x16") is None
+    assert det.feed(b"\x03\x01") is None
+    assert det.feed(CLIENT_HELLO[3:]) is Proto.TLS
+    assert det.take_backlog() == CLIENT_HELLO
+    assert det.take_backlog() == b""
+    assert det.feed(b"more") is Proto.TLS
 
 
 def test_datagram_detection() -> None:

@@ -168,23 +168,39 @@ def detect_datagram(datagram: bytes) -> Proto:
 
 
 class StreamDetector:
-    """Accumulates a copy of the client's first bytes until ``detect_stream`` decides.
+    """Watches the client's first bytes until ``detect_stream`` decides.
+
+    The bytes are forwarded meanwhile; the detector keeps the earlier chunks
+    (fewer than ``STREAM_DETECT_LIMIT`` bytes while undecided) so that the
+    dissector chosen at the deciding chunk can still see the stream from its
+    first byte: ``take_backlog()`` returns them and the deciding chunk.
 
     Attributes:
         result: the decision, ``None`` while undecided.
     """
 
-    __slots__ = ("_buf", "result")
+    __slots__ = ("_backlog", "_earlier", "result")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._earlier = b""
+        self._backlog = b""
         self.result: Proto | None = None
 
     def feed(self, data: bytes) -> Proto | None:
         """More client bytes; returns the decision once there is one."""
         if self.result is None:
-            self._buf += data[: STREAM_DETECT_LIMIT - len(self._buf)]
-            self.result = detect_stream(self._buf)
-            if self.result is not None:
-                self._buf = b""
+            prefix = (self._earlier + data[:STREAM_DETECT_LIMIT])[:STREAM_DETECT_LIMIT]
+            self.result = detect_stream(prefix)
+            if self.result is None:
+                self._earlier += data  # undecided: fewer than the limit in all
+            else:
+                if self.result is not Proto.UNKNOWN:
+                    self._backlog = self._earlier + data
+                self._earlier = b""
         return self.result
+
+    def take_backlog(self) -> bytes:
+        """Once decided: every client byte up to the end of the deciding chunk
+        (for the dissector's first ``feed``); empty after the first call."""
+        backlog, self._backlog = self._backlog, b""
+        return backlog
