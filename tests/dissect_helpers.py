@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
+import re
 import ssl
 import tempfile
 from collections.abc import Callable, Sequence
@@ -20,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from relay.analysis.dissect.ja4 import is_grease
+from relay.analysis.dissect.tls import TlsClientHello
 from relay.analysis.hooks import Direction
 
 C2S = Direction.CLIENT_TO_SERVER
@@ -283,3 +287,46 @@ def tls_records(payload: bytes, size: int = 2**14, content_type: int = 22) -> by
         bytes([content_type, 3, 1]) + vec(payload[i : i + size], 2)
         for i in range(0, len(payload), size)
     )
+
+
+def check_structure(hello: TlsClientHello, transport: str = "t") -> None:
+    """JA4 of a real client, recomputed independently from the parsed fields."""
+    a, b, c = hello.ja4.split("_")
+    assert re.fullmatch(rf"{transport}1[0-3][di]\d{{4}}[0-9a-z]{{2}}", a)
+    ciphers = sorted(x for x in hello.cipher_suites if not is_grease(x))
+    assert int(a[4:6]) == min(len(ciphers), 99)
+    assert int(a[6:8]) == min(len([e for e in hello.extensions if not is_grease(e)]), 99)
+    want_b = hashlib.sha256(",".join(f"{x:04x}" for x in ciphers).encode()).hexdigest()[:12]
+    assert b == want_b
+    exts = sorted(e for e in hello.extensions if not is_grease(e) and e not in (0, 16))
+    text = ",".join(f"{x:04x}" for x in exts)
+    sigs = [s for s in hello.signature_algorithms if not is_grease(s)]
+    if sigs:
+        text += "_" + ",".join(f"{x:04x}" for x in sigs)
+    assert c == hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def quic_handshake(
+    alpn: Sequence[str], version: int, server_name: str = "example.test"
+) -> tuple[list[bytes], list[bytes]]:
+    """The first datagrams of an in-process aioquic client and server."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=list(alpn), server_name=server_name,
+        supported_versions=[version],
+    )  # fmt: skip
+    client = QuicConnection(configuration=config)
+    client.connect(("198.18.0.1", 443), now=0.0)
+    c2s = [d for d, _ in client.datagrams_to_send(now=0.0)]
+    server_config = QuicConfiguration(
+        is_client=False, alpn_protocols=list(alpn[:1]), supported_versions=[version]
+    )
+    server_config.load_cert_chain(*cert_files())
+    dcid = c2s[0][6 : 6 + c2s[0][5]]
+    server = QuicConnection(configuration=server_config, original_destination_connection_id=dcid)
+    for d in c2s:
+        server.receive_datagram(d, ("198.18.0.2", 40000), now=0.0)
+    s2c = [d for d, _ in server.datagrams_to_send(now=0.0)]
+    return c2s, s2c

@@ -4,8 +4,6 @@ the stream, ClientHellos across records, limits, and fuzzing."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import shutil
 import ssl
 
@@ -14,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.analysis.dissect.base import Direction
-from relay.analysis.dissect.ja4 import is_grease
 from relay.analysis.dissect.tls import (
     TlsAlert,
     TlsClientHello,
@@ -28,6 +25,7 @@ from tests.dissect_helpers import (
     S2C,
     bytewise,
     capture_client_bytes,
+    check_structure,
     client_context,
     client_hello_message,
     ext,
@@ -157,23 +155,6 @@ def test_ja3_readme_examples() -> None:
         [0x1A1A, 4865], [ext(0x2A2A), ext_u16_list(10, [0x3A3A, 29]), (11, b"\x01\x00")]
     )
     assert parse_client_hello(greased[4:], ts=0.0).ja3 == "771,4865,10-11,29,0"
-
-
-def check_structure(hello: TlsClientHello, transport: str = "t") -> None:
-    """JA4 of a real client, recomputed independently from the parsed fields."""
-    a, b, c = hello.ja4.split("_")
-    assert re.fullmatch(rf"{transport}1[0-3][di]\d{{4}}[0-9a-z]{{2}}", a)
-    ciphers = sorted(x for x in hello.cipher_suites if not is_grease(x))
-    assert int(a[4:6]) == min(len(ciphers), 99)
-    assert int(a[6:8]) == min(len([e for e in hello.extensions if not is_grease(e)]), 99)
-    want_b = hashlib.sha256(",".join(f"{x:04x}" for x in ciphers).encode()).hexdigest()[:12]
-    assert b == want_b
-    exts = sorted(e for e in hello.extensions if not is_grease(e) and e not in (0, 16))
-    text = ",".join(f"{x:04x}" for x in exts)
-    sigs = [s for s in hello.signature_algorithms if not is_grease(s)]
-    if sigs:
-        text += "_" + ",".join(f"{x:04x}" for x in sigs)
-    assert c == hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
