@@ -167,6 +167,16 @@ def test_refused_connect_goes_on() -> None:
     assert d.active
 
 
+def test_bytes_held_during_a_switch_are_bounded() -> None:
+    d = HttpDissector()
+    d.feed(C2S, b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 1.0)
+    for _ in range(3):
+        d.feed(C2S, bytes(40_000), 1.1)  # the tunnel's bytes, sent before the answer
+    assert len(d._held) == 0 and d.failed is None
+    out = d.feed(S2C, b"HTTP/1.1 200 OK\r\n\r\n", 2.0)
+    assert [type(r) for r in out] == [HttpResponse, HttpTransaction] and d.done
+
+
 def test_websocket_upgrade_goes_quiet() -> None:
     d = HttpDissector()
     d.feed(C2S, b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"

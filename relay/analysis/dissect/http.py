@@ -291,7 +291,10 @@ class HttpDissector(StreamDissector[HttpRecord]):
             return
         if self._switch is not None:
             if len(self._held) + len(data) > MAX_HELD:
-                raise Malformed("client sent too much while a protocol switch was pending")
+                # Too much to hold: stop reading requests, but still read the
+                # answer (a CONNECT's 2xx ends HTTP here anyway).
+                self._switch, self._held, self._requests_over = None, bytearray(), True
+                return
             self._held += data
             return
         side = self._req
