@@ -7,10 +7,12 @@ depend on where its input is cut.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import hashlib
 import re
+import shutil
 import ssl
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,6 +50,7 @@ def cert_files() -> tuple[str, str]:
         .sign(key, hashes.SHA256())
     )
     d = Path(tempfile.mkdtemp(prefix="dissect-cert-"))
+    atexit.register(shutil.rmtree, d, True)
     (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "key.pem").write_bytes(
         key.private_bytes(
