@@ -19,7 +19,7 @@ import pytest
 import pytun
 
 from relay.datapath.tun import TunDevice
-from relay.service.run import privileges, runstate
+from relay.service import privileges, runstate
 from relay.service.runstate import RunState, StateError
 
 
@@ -132,7 +132,7 @@ def test_user_option_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 DROP = """
 import os, socket
-from relay.service.run import privileges
+from relay.service import privileges
 privileges.drop(privileges.resolve_worker("nobody"))
 status = dict(l.split(":", 1) for l in open("/proc/self/status"))
 print(*(status[k].strip() for k in ("Uid", "CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd",
