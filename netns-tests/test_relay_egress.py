@@ -51,19 +51,24 @@ from pathlib import Path
 
 import pytest
 
-from relay.datapath.datagrams import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6, read_socket_errors
 from relay.datapath.echo import open_ping_socket
+from relay.datapath.icmp_errors import (
+    IP_RECVERR,
+    IPV6_RECVERR,
+    SOL_IP,
+    SOL_IPV6,
+    read_socket_errors,
+)
 from relay.host import netns
 from relay.lab.topology import Topology, add_address
 from stack import FlowId
 from stack.wire import build_echo, build_tcp_packet, build_udp_packet
 from stack.wire.tcp import SYN
 
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     RelayProcess,
     gateway_leftovers,
     run_in,
-    start_relay_fixture,
 )
 
 PORT = 7777  # every service: TCP and UDP

@@ -41,7 +41,7 @@ from relay.lab.topology import Topology
 from relay.service.privileges import CAP_KILL, CAP_NET_ADMIN
 from stack.wire.tcp import SYN, build_tcp_packet
 
-from relay_harness import (  # noqa: F401 - the fixtures
+from relay_harness import (
     TUN,
     RelayProcess,
     accept,
@@ -50,8 +50,6 @@ from relay_harness import (  # noqa: F401 - the fixtures
     gateway_snapshot,
     listener,
     proc_status,
-    relay_fixture,
-    start_relay_fixture,
 )
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
