@@ -51,9 +51,12 @@ from stack.tcp.rtt import RttEstimator
 from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import Timestamps
+from stack.wire.positional import positional
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, TcpOptions
 
-_new = tuple.__new__
+_tcp_options = positional(
+    TcpOptions, "mss", "wscale", "sack_permitted", "timestamps", "sack_blocks"
+)
 
 
 class State(enum.Enum):
@@ -414,9 +417,9 @@ class ConnectionCore:
         if ts is None:
             if not blocks:
                 return NO_OPTIONS
-            return _new(TcpOptions, (None, None, False, None, blocks))
+            return _tcp_options((None, None, False, None, blocks))
         stamp = (ts.clock(now), ts.recent)
-        return _new(TcpOptions, (None, None, False, stamp, blocks))
+        return _tcp_options((None, None, False, stamp, blocks))
 
     def _ack_seq(self) -> int:
         """The sequence number for a segment without data: RFC 9293's SND.NXT.
