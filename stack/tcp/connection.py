@@ -38,6 +38,7 @@ from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
+from stack.tcp.transitions import CLOSE_SIDE, Close
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 
 __all__ = ["State", "TcpConnection"]
@@ -55,7 +56,7 @@ class TcpConnection(TcpRecovery):
 
     def listen(self, syn: TcpSegment) -> None:
         """Record a client's SYN; the caller decides later with ``accept`` or ``reject``."""
-        self.state = State.LISTEN
+        self._set_state(State.LISTEN)
         self.irs = syn.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
         self.peer_options = syn.options
@@ -76,7 +77,7 @@ class TcpConnection(TcpRecovery):
         if self.state is not State.LISTEN:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
         self._init_send(isn)
-        self.state = State.SYN_RECEIVED
+        self._set_state(State.SYN_RECEIVED)
         self._syn_due = True
 
     def connect(self, isn: int) -> None:
@@ -90,7 +91,7 @@ class TcpConnection(TcpRecovery):
         if cfg.timestamps:
             self.ts = Timestamps()
         self._init_send(isn)
-        self.state = State.SYN_SENT
+        self._set_state(State.SYN_SENT)
         self._syn_due = True
 
     def reject(self, *, rst: bool) -> None:
@@ -204,17 +205,14 @@ class TcpConnection(TcpRecovery):
         """Half-close: send FIN once the queued data is sent (RFC 9293 3.10.4)."""
         if self._fin_queued:
             return
-        if self.state in (State.LISTEN, State.SYN_SENT):
-            self._close(CloseReason.ABORTED)
-            return
-        if self.state not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT):
+        nxt = CLOSE_SIDE.get((self.state, Close.CALL))
+        if nxt is None:
+            return  # closing already, or closed
+        if nxt is State.CLOSED:
+            self._close(CloseReason.ABORTED)  # before the handshake: nothing to finish
             return
         self._fin_queued = True
-        if self.state is State.ESTABLISHED:
-            self.state = State.FIN_WAIT_1
-        elif self.state is State.CLOSE_WAIT:
-            self.state = State.LAST_ACK
-        # In SYN-RECEIVED the FIN waits for the handshake (see _on_ack).
+        self._set_state(nxt)  # SYN-RECEIVED stays: the FIN waits for the handshake (_on_ack)
 
     def abort(self) -> None:
         """Reset the connection (RFC 9293 3.10.5) and close it."""
@@ -455,10 +453,10 @@ class TcpConnection(TcpRecovery):
         self._ack_now = True
         if flags & ACK:
             self._on_new_ack(ack, options, now)
-            self.state = State.ESTABLISHED
+            self._set_state(State.ESTABLISHED)
             self._on_established(now)
         else:
-            self.state = State.SYN_RECEIVED  # simultaneous open
+            self._set_state(State.SYN_RECEIVED)  # simultaneous open
             self._syn_due = True
 
     def _negotiated(self, options: TcpOptions, now: float) -> None:
@@ -580,14 +578,5 @@ class TcpConnection(TcpRecovery):
         self._ooo_fin = None
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
         self._ack_now = True
-        state = self.state
-        if state is State.ESTABLISHED:
-            self.state = State.CLOSE_WAIT
-        elif state is State.FIN_WAIT_1:
-            # Our FIN is not yet acknowledged (else we would be in FIN-WAIT-2).
-            self.state = State.CLOSING
-        elif state is State.FIN_WAIT_2:
-            self._enter_time_wait(now)
-        else:
-            return
-        self._emit(PeerFinished(self._flow()))
+        if self._close_side(Close.FIN, now):
+            self._emit(PeerFinished(self._flow()))

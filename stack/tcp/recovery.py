@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from copy import copy
 
-from stack.events import CloseReason, Connected, SendSpace
+from stack.events import Connected, SendSpace
 from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
-from stack.tcp.core import State
+from stack.tcp.core import Close, State
 from stack.tcp.sack import DUP_THRESH, MAX_DUPTHRESH
 from stack.tcp.sender import TcpSender
 from stack.wire.tcp import RST, TcpOptions
@@ -82,14 +82,14 @@ class TcpRecovery(TcpSender):
             if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
                 self._ctl.append(self._segment(ack, 0, RST, 0))
                 return False
-            self.state = State.ESTABLISHED
+            self._set_state(State.ESTABLISHED)
             self.snd_wnd = window
             self.max_snd_wnd = max(self.max_snd_wnd, window)
             self.snd_wl1, self.snd_wl2 = seq, ack
             self._on_new_ack(ack, options, now)
             self._on_established(now)
             if self._fin_queued:
-                self.state = State.FIN_WAIT_1
+                self._close_side(Close.CALL, now)  # the close() made in SYN-RECEIVED
             return True
 
         if seq_gt(ack, self.snd_max):
@@ -201,7 +201,7 @@ class TcpRecovery(TcpSender):
         # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
         self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
         if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
-            self._on_fin_acked(now)
+            self._close_side(Close.FIN_ACKED, now)
 
     def _on_sack(self, blocks: tuple[tuple[int, int], ...], now: float) -> None:
         """RFC 6675 5: update the scoreboard; count duplicates; maybe start recovery."""
@@ -317,19 +317,3 @@ class TcpRecovery(TcpSender):
         self._rtx_marks = keep
         if seq_lt(lost_from, self.high_rxt):
             self.high_rxt = lost_from if seq_gt(lost_from, una) else una
-
-    def _on_fin_acked(self, now: float) -> None:
-        if self.state is State.FIN_WAIT_1:
-            self.state = State.FIN_WAIT_2
-            self.linger_deadline = now + self.config.fin_wait_2_timeout
-            self.idle_deadline = None
-        elif self.state is State.CLOSING:
-            self._enter_time_wait(now)
-        elif self.state is State.LAST_ACK:
-            self._close(CloseReason.FINISHED)
-
-    def _enter_time_wait(self, now: float) -> None:
-        self.state = State.TIME_WAIT
-        self.rto_deadline = self.persist_deadline = self.idle_deadline = None
-        self.tlp_deadline = None
-        self.linger_deadline = now + self.config.time_wait
