@@ -294,7 +294,7 @@ class TcpConnection(TcpRecovery):
             if state is State.TIME_WAIT and flags & FIN:
                 # RFC 9293 3.10.7.4 TIME-WAIT: a retransmitted FIN (it lies before
                 # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
-                self.linger_deadline = now + self.config.time_wait
+                self.timers.set_time_wait(now + self.config.time_wait)
             if flags & ACK and rcv_wnd == 0 and seq == self.rcv_nxt:
                 self._on_ack(ack, seq, window, 0, options, now)  # zero window: take ACKs
             return
@@ -327,7 +327,7 @@ class TcpConnection(TcpRecovery):
                 # close() is a half-close: the peer may go on sending. The FIN-WAIT-2
                 # timeout (RFC 9293 3.10.7.4 leaves it to the implementation) counts
                 # idle time, not time since our FIN, or a long upload would be cut.
-                self.linger_deadline = now + self.config.fin_wait_2_timeout
+                self.timers.set_fin_wait_2(now + self.config.fin_wait_2_timeout)
             self._on_data(seq, payload, now)
         if flags & FIN:
             self._on_fin(seq_add(seq, len(payload)), now)
@@ -532,8 +532,8 @@ class TcpConnection(TcpRecovery):
             self._ack_now = True
         elif self._unacked_segments >= 2:
             self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment
-        elif self.ack_deadline is None:
-            self.ack_deadline = now + self.config.delayed_ack
+        elif self.timers.ack is None:
+            self.timers.set_ack(now + self.config.delayed_ack)
 
     def _ack_duplicate(self, now: float, seq: int, length: int) -> None:
         """Owe an immediate ACK for an out-of-order or (partly) duplicate segment.
@@ -573,7 +573,7 @@ class TcpConnection(TcpRecovery):
             else:
                 self._ack_now = True  # a repeated FIN
                 if self.state is State.TIME_WAIT:
-                    self.linger_deadline = now + self.config.time_wait
+                    self.timers.set_time_wait(now + self.config.time_wait)
             return
         self._ooo_fin = None
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)

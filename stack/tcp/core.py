@@ -50,6 +50,7 @@ from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
 from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
+from stack.tcp.timers import Timers
 from stack.tcp.timestamps import Timestamps
 from stack.tcp.transitions import (
     CLOSE_SIDE,
@@ -134,23 +135,19 @@ class ConnectionCore:
         "_undone",
         "_want_send_space",
         "_ws_ok",
-        "ack_deadline",
         "buf",
         "cc",
         "close_reason",
         "config",
         "flow",
         "high_rxt",
-        "idle_deadline",
         "in_recovery",
         "irs",
         "iss",
         "last_ack_sent",
-        "linger_deadline",
         "local_port",
         "max_snd_wnd",
         "peer_options",
-        "persist_deadline",
         "rcv_adv",
         "rcv_mss",
         "rcv_nxt",
@@ -158,7 +155,6 @@ class ConnectionCore:
         "recover",
         "remote_port",
         "rescue_rxt",
-        "rto_deadline",
         "sack_ok",
         "snd_max",
         "snd_mss",
@@ -169,7 +165,7 @@ class ConnectionCore:
         "snd_wnd",
         "snd_wscale",
         "state",
-        "tlp_deadline",
+        "timers",
         "ts",
     )
 
@@ -252,22 +248,17 @@ class ConnectionCore:
         self._flight_hw_prev = 0  # the same for the window before
         self._flight_hw_end = 0  # the window ends when snd_una reaches this
 
-        # Output flags and timers (absolute deadlines, seconds).
+        # Output flags and timers.
+        self.timers = Timers()  # every deadline (timers.py)
         self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
         self._syn_due = False  # (re)send our SYN or SYN-ACK
         self._ack_now = False  # an ACK is owed immediately
         self._unacked_segments = 0  # in-order segments received since our last ACK
         self._quickacks = 0  # in-order segments still to ACK at once (after a loss sign)
         self._rtx_due = False  # fast retransmit: resend the segment at snd_una
-        self.ack_deadline: float | None = None  # delayed ACK
-        self.rto_deadline: float | None = None  # retransmission
-        self.tlp_deadline: float | None = None  # tail loss probe (RFC 8985 7), before the RTO
         self._tlp_due = False  # the probe goes with the next segments_to_send
         self._tlp_armed_at = -1.0  # when the probe timer was last armed
         self._last_progress = 0.0  # when data last went out or was acknowledged
-        self.persist_deadline: float | None = None  # zero-window probe
-        self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
-        self.idle_deadline: float | None = None  # keepalive probe or idle timeout
         self._last_rcv = 0.0  # when the peer last sent anything (keepalive, idle timeout)
         self._ka_probes = 0  # keepalive probes sent since the peer was last heard
         self._ka_sent_at = 0.0  # when the last keepalive probe went
@@ -352,24 +343,29 @@ class ConnectionCore:
             self._close(CloseReason.FINISHED if event is Close.FIN_ACKED else CloseReason.ABORTED)
             return True
         self._set_state(nxt)
+        timers = self.timers
         if nxt is State.TIME_WAIT:
-            # RFC 9293 3.10.7.4: only the 2 MSL timer runs (and an owed ACK); the
-            # keepalive and idle timeout watch live connections only.
-            self.rto_deadline = self.persist_deadline = self.idle_deadline = None
-            self.tlp_deadline = None
-            self.linger_deadline = now + self.config.time_wait
+            # RFC 9293 3.10.7.4: only the 2 MSL timer runs (and an owed ACK): the
+            # FIN exchange is over, and keepalive and idle timeout watch live flows.
+            timers.clear_rto()
+            timers.clear_tlp()
+            timers.clear_persist()
+            timers.clear_keepalive()
+            timers.clear_idle()
+            timers.clear_fin_wait_2()
+            timers.set_time_wait(now + self.config.time_wait)
         elif nxt is State.FIN_WAIT_2:
             # The FIN-WAIT-2 timeout (RFC 9293 3.10.7.4 leaves it to the
             # implementation, Linux's tcp_fin_timeout) replaces the keepalive.
-            self.linger_deadline = now + self.config.fin_wait_2_timeout
-            self.idle_deadline = None
+            timers.set_fin_wait_2(now + self.config.fin_wait_2_timeout)
+            timers.clear_keepalive()
+            timers.clear_idle()
         return True
 
     def _close(self, reason: CloseReason) -> None:
         self._set_state(State.CLOSED)
         self.close_reason = reason
-        self.ack_deadline = self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = self.idle_deadline = self.tlp_deadline = None
+        self.timers.clear_all()
         self._ack_now = self._syn_due = self._rtx_due = False
         self._sndbuf = bytearray()
         self._ooo = Reassembly(0)
@@ -381,18 +377,7 @@ class ConnectionCore:
 
     def get_timer(self) -> float | None:
         """The earliest deadline, or None when no timer runs."""
-        best: float | None = None
-        for d in (
-            self.ack_deadline,
-            self.rto_deadline,
-            self.tlp_deadline,
-            self.persist_deadline,
-            self.linger_deadline,
-            self.idle_deadline,
-        ):
-            if d is not None and (best is None or d < best):
-                best = d
-        return best
+        return self.timers.earliest()
 
     # ----------------------------------------------------------------- output
 
@@ -494,6 +479,7 @@ class ConnectionCore:
 
     def _ack_sent(self) -> None:
         self._ack_now = False
-        self.ack_deadline = None
+        if self.timers.ack is not None:
+            self.timers.clear_ack()
         self._unacked_segments = 0
         self.last_ack_sent = self.rcv_nxt

@@ -41,7 +41,7 @@ class TcpRecovery(TcpSender):
 
     def _on_established(self, now: float) -> None:
         self._emit(Connected(self._flow()))
-        self._arm_idle(now)
+        self._arm_lingering()
         self.buf.start_ticks(self.rcv_nxt, now, self._rtt.srtt or self.config.rto_initial)
 
     def merges_ack(self, seq: int, ack: int, options: TcpOptions) -> bool:
@@ -131,7 +131,8 @@ class TcpRecovery(TcpSender):
             if window > self.max_snd_wnd:
                 self.max_snd_wnd = window
             if window > 0:
-                self.persist_deadline = None
+                if self.timers.persist is not None:
+                    self.timers.clear_persist()
                 self._persist_backoff = 0
 
     def _on_new_ack(self, ack: int, options: TcpOptions, now: float, acks: int = 1) -> None:
@@ -199,7 +200,10 @@ class TcpRecovery(TcpSender):
             self._flight_hw = seq_sub(self.snd_max, ack)
             self._flight_hw_end = self.snd_max
         # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
-        self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
+        if self.snd_una == self.snd_max:
+            self.timers.clear_rto()
+        else:
+            self.timers.set_rto(now + self._rtt.rto)
         if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
             self._close_side(Close.FIN_ACKED, now)
 
