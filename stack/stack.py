@@ -504,9 +504,9 @@ class Stack:
         """Rebuild the heap from the live deadlines, dropping the stale entries
         (amortized O(1) per filing). In place: ``handle_timer`` may hold the list.
 
-        Fixed: a stale entry left the heap only on reaching its top, so a
-        long-lived connection that went idle after each exchange left one
-        keepalive deadline (2 h ahead) per exchange behind it: 7,200 entries
+        Without it a stale entry would leave the heap only on reaching its top,
+        so a long-lived connection that goes idle after each exchange would leave
+        one keepalive deadline (2 h ahead) per exchange behind it: 7,200 entries
         for an hour of one request a second.
         """
         seq = self._timer_seq

@@ -124,8 +124,8 @@ class TcpConnection(TcpRecovery):
 
         RFC 6691: the MSS counts payload after bare 20-byte IP and TCP headers, so
         the 12 bytes of TSopt on every segment come out of it (Linux's mss_cache
-        does the same). Fixed: full segments with timestamps were 12 bytes over
-        the path MTU and never arrived.
+        does the same); otherwise a full segment with timestamps is 12 bytes over
+        the path MTU and never arrives.
         """
         # Linux's tcp_min_snd_mss floor: a tiny MSS would cost a segment per few bytes.
         cfg = self.config
@@ -170,9 +170,9 @@ class TcpConnection(TcpRecovery):
         """The caller found the send buffer full: grow it with demand, as ``send`` does.
 
         A caller that offers only ``send_space`` bytes never overfills the buffer,
-        so this is where auto-tuning happens for it (buffers.py). Fixed: the relay
-        read at most ``send_space`` bytes upstream and the buffer never left its
-        initial size, capping a flow at 256 KiB per RTT.
+        so this is where auto-tuning happens for it (buffers.py). Without it, a
+        relay that reads at most ``send_space`` bytes upstream keeps the buffer at
+        its initial size, which caps a flow at 256 KiB per RTT.
 
         Returns:
             The send space afterwards.
@@ -276,8 +276,8 @@ class TcpConnection(TcpRecovery):
         ):
             # A late original behind its retransmission has an older TSval, so PAWS
             # drops it; it is still a duplicate the sender should hear of (Linux's
-            # tcp_send_dupack). Fixed: without the D-SACK the sender never undid
-            # the reduction for a spurious retransmission.
+            # tcp_send_dupack): the D-SACK is how the sender learns a retransmission
+            # was spurious and undoes its reduction (RFC 2883 4.1, RFC 3708).
             self._ack_duplicate(now, seq, len(payload))
             return
 
@@ -318,7 +318,7 @@ class TcpConnection(TcpRecovery):
         if not flags & ACK:
             return
         # seg_len, not len(payload): RFC 5681 2 (duplicate ACK) requires SYN and FIN
-        # off as well as no data; a bare FIN used to count as a duplicate.
+        # off as well as no data, so a bare FIN is not a duplicate.
         if not self._on_ack(ack, seq, window, seg_len, options, now, acks):
             return
         # Sixth and seventh: the text and the FIN.
@@ -331,8 +331,8 @@ class TcpConnection(TcpRecovery):
             self._on_data(seq, payload, now)
         if flags & FIN:
             self._on_fin(seq_add(seq, len(payload)), now)
-        # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. Fixed:
-        # an ACK for every acceptable ACK made two TIME-WAIT ends (simultaneous
+        # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. An
+        # ACK for every acceptable ACK would make two TIME-WAIT ends (simultaneous
         # close) ping-pong ACKs until the timer ran out.
 
     def _predicted(
@@ -526,8 +526,8 @@ class TcpConnection(TcpRecovery):
             # Quick-ACK mode (Linux's tcp_enter_quickack_mode): after an out-of-order
             # segment, a duplicate or a filled hole, the sender is recovering with a
             # small window; a delayed ACK for the one segment it got through would
-            # leave it waiting for its loss probe. Fixed: with 5% loss and a flow
-            # the other way, the client's TLPs and RTOs were several times Linux's.
+            # leave it waiting for its loss probe (with 5% loss and a flow the other
+            # way, a client's TLPs and RTOs ran at several times Linux's without it).
             self._quickacks -= 1
             self._ack_now = True
         elif self._unacked_segments >= 2:
@@ -540,9 +540,9 @@ class TcpConnection(TcpRecovery):
 
         RFC 5681 4.2: one duplicate ACK per such segment. An ACK still owed for an
         earlier segment of this batch goes first, with the SACK blocks of that
-        moment. Fixed: a drained batch of N segments behind a hole got one ACK,
-        so the sender saw too few duplicates to start fast retransmit. With SACK,
-        the bytes below rcv_nxt go in a D-SACK block (RFC 2883 4.1.1, 4.1.3).
+        moment: one ACK for a drained batch of N segments behind a hole would show
+        the sender too few duplicates to start fast retransmit. With SACK, the
+        bytes below rcv_nxt go in a D-SACK block (RFC 2883 4.1.1, 4.1.3).
         """
         if self._ack_now:
             self._send_ack_now(now)
@@ -568,7 +568,7 @@ class TcpConnection(TcpRecovery):
             if self.state in RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
                 self._ooo_fin = fin_seq  # wait for the hole before it to fill
                 # RFC 5681 4.2: an out-of-order segment is acknowledged at once (the
-                # duplicate ACK); a bare FIN beyond a hole used to get no ACK at all.
+                # duplicate ACK), a bare FIN beyond a hole included.
                 self._ack_now = True
             else:
                 self._ack_now = True  # a repeated FIN

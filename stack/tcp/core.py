@@ -230,10 +230,6 @@ class ConnectionCore:
         self._sack_recent: list[int] = []  # seqs of recent out-of-order arrivals (RFC 2018 4)
         self._tx_opts: TcpOptions = NO_OPTIONS  # options for the segments being built now
         self._seg_mss = self.snd_mss  # payload per segment once those options are paid for
-        # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
-        # transmission during the current window, so that ACKs processed as one
-        # batch, each lowering the flight before the next send, still count as
-        # cwnd-limited. Fixed: only the first ACK of a batch grew cwnd.
         self._dsack: tuple[int, int] | None = None  # RFC 2883 block for the next ACK
         # Reordering and spurious retransmissions (recovery.py): the DupThresh in
         # use, the controller as it was before the last reduction (to undo it),
@@ -244,6 +240,11 @@ class ConnectionCore:
         self._undo_reorder = 0  # bytes SACKed above snd_una when the episode began
         self._undone = False
         self._rtx_marks: list[tuple[int, int, int]] = []
+        # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
+        # transmission during the current window, so that ACKs processed as one
+        # batch, each lowering the flight before the next send, still count as
+        # cwnd-limited; judged by the flight of the moment, only the first ACK of
+        # a batch would grow cwnd.
         self._flight_hw = 0
         self._flight_hw_prev = 0  # the same for the window before
         self._flight_hw_end = 0  # the window ends when snd_una reaches this
@@ -425,10 +426,11 @@ class ConnectionCore:
         """The sequence number for a segment without data: RFC 9293's SND.NXT.
 
         Our snd_nxt goes back to snd_una after an RTO (go-back-N), but the peer
-        may hold everything up to snd_max. Fixed: pure ACKs carried snd_nxt, which
-        the peer found old and answered with an ACK; with both ends going back
-        at once the two exchanged ACKs without end. BSD's tcp_output uses snd_max
-        here; like Linux's tcp_acceptable_seq() we stay within the peer's window.
+        may hold everything up to snd_max. A pure ACK carrying snd_nxt looks old
+        to the peer, which answers it with an ACK; with both ends going back at
+        once the two would exchange ACKs without end. BSD's tcp_output uses
+        snd_max here; like Linux's tcp_acceptable_seq() we stay within the peer's
+        window.
         """
         edge = seq_add(self.snd_una, self.snd_wnd)
         return self.snd_max if seq_le(self.snd_max, edge) else edge

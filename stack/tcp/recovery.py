@@ -115,7 +115,7 @@ class TcpRecovery(TcpSender):
             and self.snd_max != una
         ):
             # RFC 5681 2: a duplicate ACK carries no data, no SYN or FIN (seg_len,
-            # not the payload: a bare FIN used to count) and the same window.
+            # not the payload: a bare FIN is no duplicate) and the same window.
             # With SACK agreed, a duplicate without blocks (a peer or middlebox
             # that drops them) still counts, rather than leave recovery to the RTO.
             self._on_duplicate_ack(now)
@@ -292,8 +292,9 @@ class TcpRecovery(TcpSender):
         """A retransmission is lost when what was sent after it arrives (RFC 8985's
         idea, by sequence rather than time): SACKed data more than DupThresh - 1
         segments beyond the snd_max of its sending, or DupThresh later
-        retransmissions delivered. NextSeg() then resends it (high_rxt goes back).
-        Fixed: a lost retransmission used to wait for the RTO."""
+        retransmissions delivered. NextSeg() then resends it (high_rxt goes back);
+        RFC 6675 alone resends a hole once per recovery, leaving a lost
+        retransmission to the RTO."""
         marks = self._rtx_marks
         if not marks:
             return

@@ -116,9 +116,9 @@ class TcpSender(ConnectionCore):
         usable = seq_sub(seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd)), self.snd_nxt)
         if usable > 0:
             # RFC 9293 3.8.6.2.1 (d), the override timeout: sender SWS avoidance held
-            # back a short segment with nothing in flight. Send what fits. (Fixed:
-            # the timer used to run only at a zero window, so a lost window update
-            # after a shrink below the SWS threshold stalled the connection forever.)
+            # back a short segment with nothing in flight. Send what fits. (A timer
+            # that ran only at a zero window would leave a connection stalled for
+            # ever once a window update after a shrink below the SWS threshold was lost.)
             self._sws_override = True
             return
         self._probes += 1
@@ -129,9 +129,9 @@ class TcpSender(ConnectionCore):
         # number makes the peer answer with an ACK carrying its current window
         # (RFC 9293 3.8.6.1 asks only that the window be probed).
         self._send_probe(now)
-        # RFC 9293 3.8.6.1: probe intervals grow exponentially. Fixed: the exponent
-        # was the unanswered-probe count, which every answer resets, so while the
-        # peer kept answering the interval never grew past 2 RTOs.
+        # RFC 9293 3.8.6.1: probe intervals grow exponentially. The exponent is
+        # its own count, not the unanswered-probe count: every answer resets that,
+        # so while the peer kept answering the interval would never pass 2 RTOs.
         self._persist_backoff = min(self._persist_backoff + 1, 16)
         self.timers.set_persist(
             now + min(self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max)
@@ -215,8 +215,8 @@ class TcpSender(ConnectionCore):
         if self._dsack is not None and state is not State.SYN_RECEIVED:
             # RFC 2883 4: a duplicate is reported once. The segments built below
             # share one set of options (a TSO batch shares one header), so the
-            # D-SACK goes first, on its own ACK. Fixed: every segment of a batch
-            # repeated it, and a Linux sender counts each one (its undo, RACK's
+            # D-SACK goes first, on its own ACK: on every segment of a batch it
+            # would be counted once per segment by a Linux sender (its undo, RACK's
             # reordering window).
             out.append(self._pure_ack(self._options(now)))  # _options takes _dsack
         opts = self._tx_opts = (
@@ -227,7 +227,7 @@ class TcpSender(ConnectionCore):
         self._seg_mss = self.snd_mss - _sack_len(opts)
         if state is State.SYN_RECEIVED and self._ack_now:
             # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
-            # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
+            # unacceptable segment is owed in SYN-RECEIVED too.
             out.append(self._pure_ack(opts))
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
@@ -374,9 +374,9 @@ class TcpSender(ConnectionCore):
         if seq_gt(end, self.snd_max):
             end = self.snd_max
         # Resend only bytes sent before (RFC 9293 3.8.1: a retransmission repeats
-        # sent sequence space). Fixed: a full MSS was taken from the buffer, which
-        # could run past snd_max and the peer's window; the peer then acknowledged
-        # bytes we had never counted as sent, and we dropped all its later segments.
+        # sent sequence space). A full MSS from the buffer could run past snd_max
+        # and the peer's window; the peer would then acknowledge bytes never
+        # counted as sent, and every later segment of its would be dropped.
         n = min(self._seg_mss, seq_sub(data_end if seq_lt(data_end, end) else end, start))
         data = bytes(memoryview(self._sndbuf)[off : off + n]) if n > 0 else b""
         flags = ACK
@@ -495,7 +495,7 @@ class TcpSender(ConnectionCore):
                     flags |= PSH
                     if fin_pending:
                         flags |= FIN
-                # One copy (a slice of the bytearray, then bytes of it, was two).
+                # One copy (a slice of the bytearray, then bytes of it, would be two).
                 payload = bytes(memoryview(buf)[off : off + n])
                 # n > mss: several wire segments in one. The Stack cuts it to ``mss``
                 # or hands it to the kernel as one GSO write (TcpConfig.tso_segments).
@@ -509,8 +509,8 @@ class TcpSender(ConnectionCore):
                 fin_pending and nxt == data_end and (seq_lt(nxt, edge) or seq_lt(nxt, self.snd_max))
             ):
                 # A FIN already sent once is retransmitted regardless of the window
-                # (RFC 9293 3.8.6.1: retransmit even into a zero window). Fixed: a lost
-                # FIN behind a zero window was never resent and no timer stayed armed.
+                # (RFC 9293 3.8.6.1: retransmit even into a zero window); else a FIN
+                # lost behind a zero window is never resent, with no timer armed.
                 seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise(), b"", opts)
                 self._sent(nxt, 1, now)
                 out.append(seg)
@@ -520,9 +520,9 @@ class TcpSender(ConnectionCore):
         self._sws_override = False
         # Something waits to be sent and nothing is being timed: run the persist
         # timer (RFC 9293 3.8.6.1 zero-window probe; 3.8.6.2.1 SWS override timeout).
-        # Fixed: this used to require snd_wnd == 0 and nothing in flight, which left
-        # no timer at all for a small nonzero window held back by SWS avoidance, and
-        # for a window shrunk under data in flight once an RTO found nothing to send.
+        # Not only at snd_wnd == 0 with nothing in flight: that would leave no timer
+        # at all for a small nonzero window held back by SWS avoidance, nor for a
+        # window shrunk under data in flight once an RTO found nothing to send.
         timers = self.timers
         if (
             timers.rto is None
