@@ -481,7 +481,8 @@ class ConnectionCore:
 
     def _ack_sent(self) -> None:
         self._ack_now = False
-        if self.timers.ack is not None:
-            self.timers.clear_ack()
+        timers = self.timers
+        if timers.ack is not None:
+            timers.clear_ack()
         self._unacked_segments = 0
         self.last_ack_sent = self.rcv_nxt
