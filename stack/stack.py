@@ -468,7 +468,8 @@ class Stack:
             entry = self._entries.get(conn) or self._orphans.pop(conn, None)
             if entry is None:
                 continue
-            self._build(entry, segs, out)
+            if segs:  # often none: a pass that only read, or a response not yet sent
+                self._build(entry, segs, out)
             if conn.state is State.CLOSED:
                 self._forget(conn)
                 self._orphans.pop(conn, None)
