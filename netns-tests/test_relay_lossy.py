@@ -170,14 +170,14 @@ def _params(cases: list[Case]) -> list[Any]:
 
 
 FULL = os.environ.get("TUNRELAY_LOSSY_FULL") == "1"
-# Open problems, each with what is known (see the notes); not skipped: they
-# run and report, and an unexpected pass shows as XPASS.
+# Open problems, each marked xfail with what is known in its reason; not skipped:
+# they run and report, and an unexpected pass shows as XPASS.
 KNOWN_FAILURES: dict[str, list[Any]] = {
-    # combined-c2g-0ms-v4 was here: the client's sender met 28-42 RTOs against 1-7
-    # with kernel forwarding. The cause was ours: a D-SACK rode on every segment of
-    # a TSO batch going the other way, and the Linux sender counts each one. Fixed
-    # in TcpSender.segments_to_send; quick-ACK mode (connection.py) took out most of
-    # the remaining loss probes.
+    # combined-c2g-0ms-v4 is not listed: its client's sender meets 28-42 RTOs (1-7
+    # with kernel forwarding) when a D-SACK rides on every segment of a TSO batch
+    # going the other way, as a Linux sender counts each one. That is why
+    # TcpSender.segments_to_send sends a D-SACK once, on its own ACK; quick-ACK
+    # mode (connection.py) takes out most of the remaining loss probes.
 }
 CASES = _params(_full_cases() if FULL else _ci_cases())
 

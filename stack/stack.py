@@ -11,7 +11,8 @@ longer matches its connection's earliest deadline is skipped.
 
 Fragments go to ``stack.fragments`` and a reassembled packet comes back through
 ``receive``; UDP and ICMP go to ``stack.datagram`` (flows, replies, ICMP
-errors); ``get_timer``/``handle_timer`` cover both.
+errors); ``get_timer``/``handle_timer`` cover both. The packets themselves
+are built by ``stack.emit``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 from stack.config import StackConfig
 from stack.datagram import Datagrams, DatagramStats
+from stack.emit import answer, build_segments, build_segments_offload, reject_icmp
 from stack.errors import ChecksumError, ParseError
 from stack.events import (
     ConnectionRequest,
@@ -39,71 +41,19 @@ from stack.tcp.core import MAX_WINDOW, ConnectionCore
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timewait import TimeWaitTable
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
-from stack.wire.icmp import (
-    ADMIN_PROHIBITED,
-    HOST_UNREACH,
-    ICMP6_ADDR_UNREACH,
-    ICMP6_ADMIN_PROHIBITED,
-    ICMP6_NO_ROUTE,
-    ICMP6_PORT_UNREACH,
-    NET_UNREACH,
-    PORT_UNREACH,
-    build_icmp_unreachable,
-)
 from stack.wire.ip import PROTO_TCP, parse_ip
 from stack.wire.tcp import (
     ACK,
     FIN,
-    NO_OPTIONS,
-    PSH,
     RST,
     SYN,
     TcpHeader,
     TcpOptions,
-    build_tcp_packet,
-    build_tcp_packet_partial_csum,
-    encode_options,
-    offload_packet,
     parse_tcp,
 )
 
-
-def _cut(entry: _Entry, s: TcpSegment, options: bytes, ttl: int, out: list[bytes]) -> None:
-    """Cut a several-segment TcpSegment into ``s.gso``-sized packets, as GSO would:
-    headers repeated, sequence numbers advanced, PSH and FIN on the last only."""
-    size, payload = s.gso, s.payload
-    last = len(payload) - 1
-    for k in range(0, len(payload), size):
-        flags = s.flags if k + size > last else s.flags & ~(PSH | FIN)
-        packet = build_tcp_packet(
-            entry.server, entry.client, s.src_port, s.dst_port, seq_add(s.seq, k), s.ack,
-            flags, s.window, options, payload[k : k + size], ttl=ttl,
-        )  # fmt: skip
-        out.append(packet)
-
-
-def _encode(o: TcpOptions, flags: int) -> bytes:
-    """A segment's options as the connection chose them: MSS, window scale,
-    SACK-permitted and TSopt on SYNs; TSopt (RFC 7323 3.2) and SACK blocks
-    (RFC 2018) on the rest once negotiated; nothing on RSTs."""
-    if o is NO_OPTIONS:
-        return b""
-    if flags & SYN:
-        return encode_options(
-            mss=o.mss, wscale=o.wscale, sack_permitted=o.sack_permitted, timestamps=o.timestamps
-        )
-    return encode_options(timestamps=o.timestamps, sack_blocks=o.sack_blocks)
-
-
 # The connection timer heap is rebuilt once stale entries are over half of it.
 _COMPACT_AT = 64
-
-_ICMP_CODES = {
-    Unreachable.NET: (NET_UNREACH, ICMP6_NO_ROUTE),
-    Unreachable.HOST: (HOST_UNREACH, ICMP6_ADDR_UNREACH),
-    Unreachable.PORT: (PORT_UNREACH, ICMP6_PORT_UNREACH),
-    Unreachable.ADMIN: (ADMIN_PROHIBITED, ICMP6_ADMIN_PROHIBITED),
-}
 
 
 @dataclass(slots=True)
@@ -309,11 +259,7 @@ class Stack:
         entry = tw.get(key)
         if entry is not None and flags & FIN and not flags & RST:
             snd_nxt, rcv_nxt, window = entry
-            self._raw_out.append(
-                build_tcp_packet(
-                    dst, src, tcp.dst_port, tcp.src_port, snd_nxt, rcv_nxt, ACK, window
-                )
-            )
+            self._raw_out.append(answer(src, dst, tcp, snd_nxt, rcv_nxt, ACK, window))
             tw.restart(key, now)
         return True
 
@@ -348,9 +294,7 @@ class Stack:
         else:
             seg_len = payload_len + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             seq, ack, rflags = 0, seq_add(tcp.seq, seg_len), RST | ACK
-        self._raw_out.append(
-            build_tcp_packet(dst, src, tcp.dst_port, tcp.src_port, seq, ack, rflags, 0)
-        )
+        self._raw_out.append(answer(src, dst, tcp, seq, ack, rflags, 0))
         self.stats.rst_sent += 1
 
     def _open(self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes) -> None:
@@ -431,9 +375,7 @@ class Stack:
         syn = entry.syn_packet
         self._decided(conn)
         if how is Reject.ICMP and syn is not None:
-            v4, v6 = _ICMP_CODES[unreachable]
-            code = v4 if flow.version == 4 else v6
-            self._raw_out.append(build_icmp_unreachable(syn, code=code, src=entry.server))
+            self._raw_out.append(reject_icmp(syn, flow.version, unreachable, entry.server))
         conn.reject(rst=how is Reject.RST)
         self._touched[conn] = None
         self._forget(conn)
@@ -526,7 +468,8 @@ class Stack:
             entry = self._entries.get(conn) or self._orphans.pop(conn, None)
             if entry is None:
                 continue
-            self._build(entry, segs, out)
+            if segs:  # often none: a pass that only read, or a response not yet sent
+                self._build(entry, segs, out)
             if conn.state is State.CLOSED:
                 self._forget(conn)
                 self._orphans.pop(conn, None)
@@ -536,110 +479,11 @@ class Stack:
         return out
 
     def _build(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
-        if self.config.offload:
-            self._build_offload(entry, segs, out)
-            return
-        ttl = self.config.tcp.ttl
-        last: TcpOptions = NO_OPTIONS
-        options = b""
-        for s in segs:
-            # A batch shares one options object: it is encoded once.
-            o = s.options
-            if o is not last:
-                last = o
-                options = _encode(o, s.flags)
-            if s.gso:
-                _cut(entry, s, options, ttl, out)
-                continue
-            out.append(
-                build_tcp_packet(
-                    entry.server,
-                    entry.client,
-                    s.src_port,
-                    s.dst_port,
-                    s.seq,
-                    s.ack,
-                    s.flags,
-                    s.window,
-                    options,
-                    s.payload,
-                    ttl=ttl,
-                )
-            )
-
-    def _build_offload(self, entry: _Entry, segs: list[TcpSegment], out: list[bytes]) -> None:
-        """``_build`` for an offloading writer: partial checksums, GSO super-segments.
-
-        A run of data segments that continue each other in sequence space, with
-        the same ACK, window and options, all ``gso_size`` long but the last, and
-        PSH/FIN on the last only, leaves as one super-segment: the kernel cuts it
-        exactly as the run was cut (tcp_gso_segment). The payload is never
-        summed here: the checksum is the kernel's work, which was most of ours.
-        """
-        ttl = self.config.tcp.ttl
-        gso_max = self.config.gso_max
-        ip_len = 20 if len(entry.server) == 4 else 40
-        server, client = entry.server, entry.client
-        last: TcpOptions | None = None
-        options = b""
-        i, n = 0, len(segs)
-        while i < n:
-            s = segs[i]
-            o = s.options
-            if o is not last:
-                last = o
-                options = _encode(o, s.flags)
-            size = len(s.payload)
-            if s.gso:  # already several segments: one GSO write as it is
-                packet = build_tcp_packet_partial_csum(
-                    server, client, s.src_port, s.dst_port, s.seq, s.ack, s.flags, s.window,
-                    options, s.payload, ttl=ttl,
-                )  # fmt: skip
-                out.append(offload_packet(packet, ip_len, ip_len + 20 + len(options), s.gso))
-                i += 1
-                continue
-            if not size or s.flags & (SYN | RST):
-                packet = build_tcp_packet(
-                    server, client, s.src_port, s.dst_port, s.seq, s.ack, s.flags,
-                    s.window, options, s.payload, ttl=ttl,
-                )  # fmt: skip
-                out.append(packet)
-                i += 1
-                continue
-            j = i + 1
-            total = size
-            end = seq_add(s.seq, size)
-            flags = s.flags
-            if not flags & (PSH | FIN):
-                while j < n:
-                    t = segs[j]
-                    tn = len(t.payload)
-                    if (
-                        t.seq != end
-                        or t.gso
-                        or not tn
-                        or tn > size
-                        or total + tn > gso_max
-                        or t.options is not o
-                        or t.window != s.window
-                        or t.ack != s.ack
-                        or t.flags & (SYN | RST)
-                    ):
-                        break
-                    total += tn
-                    end = seq_add(end, tn)
-                    flags = t.flags
-                    j += 1
-                    if tn < size or flags & (PSH | FIN):
-                        break  # short or flagged: the last of the run
-            payload = s.payload if j == i + 1 else b"".join([t.payload for t in segs[i:j]])
-            packet = build_tcp_packet_partial_csum(
-                server, client, s.src_port, s.dst_port, s.seq, s.ack, flags, s.window,
-                options, payload, ttl=ttl,
-            )  # fmt: skip
-            gso = size if j > i + 1 else 0
-            out.append(offload_packet(packet, ip_len, ip_len + 20 + len(options), gso))
-            i = j
+        cfg = self.config
+        if cfg.offload:
+            build_segments_offload(entry.server, entry.client, segs, cfg.tcp.ttl, cfg.gso_max, out)
+        else:
+            build_segments(entry.server, entry.client, segs, cfg.tcp.ttl, out)
 
     # ----------------------------------------------------------------- timers
 
@@ -661,9 +505,9 @@ class Stack:
         """Rebuild the heap from the live deadlines, dropping the stale entries
         (amortized O(1) per filing). In place: ``handle_timer`` may hold the list.
 
-        Fixed: a stale entry left the heap only on reaching its top, so a
-        long-lived connection that went idle after each exchange left one
-        keepalive deadline (2 h ahead) per exchange behind it: 7,200 entries
+        Without it a stale entry would leave the heap only on reaching its top,
+        so a long-lived connection that goes idle after each exchange would leave
+        one keepalive deadline (2 h ahead) per exchange behind it: 7,200 entries
         for an hour of one request a second.
         """
         seq = self._timer_seq

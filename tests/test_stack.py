@@ -335,7 +335,7 @@ def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
         stack.receive(tcp_packet(cseq, sseq), now)
         assert sent_tcp(stack, now) == []
         stack.get_timer()
-    assert len(stack._timers) <= 64  # the heap itself: what used to grow, 1 per exchange
+    assert len(stack._timers) <= 64  # the heap itself: uncompacted, 1 entry per exchange
     # The timers still run: the keepalive probe (SEG.SEQ = SND.NXT - 1) 2 h after
     # the last exchange. (Its timer may wake earlier, find recent traffic, re-arm.)
     for _ in range(3):

@@ -41,7 +41,8 @@ def test_newreno_slow_start_adds_at_most_two_mss_per_ack() -> None:
 def test_acks_processed_as_one_batch_all_grow_the_window() -> None:
     # A drained batch of ACKs is processed before anything is sent: each ACK
     # sees less in flight than the one before. The window was in use, so each
-    # still counts (RFC 7661). Fixed: only the first ACK of a batch grew cwnd.
+    # still counts (RFC 7661); judged by the flight of its moment, only the first
+    # ACK of a batch would grow cwnd.
     c = established(mss=10, window=60_000)
     c.send(bytes(5000))
     assert len(recv(c, 0.1)) == 10  # the initial window: 100 bytes

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 
 from stack.config import TcpConfig
 from stack.tcp.connection import TcpConnection
+from stack.tcp.timers import Timers
 
 import test_tcp_property
 from test_tcp_property import (
@@ -191,5 +192,46 @@ def test_a_fast_path_that_skipped_a_step_is_caught() -> None:
         _run(run, factory)
     except AssertionError as exc:
         assert "snd_wl1" in str(exc) or "snd_wnd" in str(exc), exc
+    else:
+        raise AssertionError("the twins did not diverge")
+
+
+def test_the_snapshot_compares_every_timer() -> None:
+    # The deadlines live in their own object (stack/tcp/timers.py): the twins'
+    # comparison must reach into it, field by field.
+    c = TcpConnection(local_port=80, remote_port=49152)
+    timers = snapshot(c)[1]["timers"]  # type: ignore[index]
+    assert timers == ("Timers", {name: None for name in Timers.__slots__})
+    c.timers.set_ack(1.0)
+    assert snapshot(c) != snapshot(TcpConnection(local_port=80, remote_port=49152))
+
+
+@pytest.mark.usefixtures("no_notes")
+def test_a_fast_path_that_skipped_a_timer_is_caught() -> None:
+    # A shortcut that forgets to arm a timer (here, the delayed ACK) must make
+    # the twins diverge on the Timers fields.
+    class Broken(_Counted):
+        __slots__ = ()
+
+        def _delivered(self, now: float) -> None:
+            ack = self.timers.ack
+            super()._delivered(now)
+            if self.predicted and ack is None and self.timers.ack is not None:
+                self.timers.clear_ack()
+
+    class BrokenTwin(Twin):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.fast = Broken(**kwargs)
+
+    cfg = TcpConfig()
+    a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
+    factory = cast(Callable[..., TcpConnection], BrokenTwin)
+    try:
+        run = PropertyRun(seed=1, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
+                          isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
+        _run(run, factory)
+    except AssertionError as exc:
+        assert "timers" in str(exc), exc
     else:
         raise AssertionError("the twins did not diverge")

@@ -279,9 +279,9 @@ def test_receive_buffer_grows_when_the_window_is_filled_each_rtt() -> None:
 def test_receive_buffer_grows_when_one_super_segment_fills_the_window() -> None:
     # With TUN offloads a GRO super-segment can fill the whole 64 KiB window, and
     # the auto-tuning check runs as it arrives, before the relay consumes it.
-    # Fixed: judging the application by what it held at that moment (all of the
-    # buffer) kept the window at 64 KiB for good: one super-segment per round
-    # trip, ~1 Gbit/s uploads. The application's progress per RTT is what counts.
+    # Judged by what the application held at that moment (all of the buffer), it
+    # would keep the window at 64 KiB for good: one super-segment per round trip,
+    # ~1 Gbit/s uploads. The application's progress per RTT is what counts.
     c = established(options=ALL_OPTIONS, rtt=0.001)
     windows = []
     t = 0.0

@@ -315,8 +315,9 @@ def _run(run: PropertyRun, factory: Callable[..., TcpConnection] = TcpConnection
 
 
 def test_simultaneous_close_over_a_clean_link_is_four_segments() -> None:
-    # Each FIN and each ACK of a FIN, then silence: two TIME-WAIT ends used to
-    # answer each other's ACKs until TIME-WAIT ran out.
+    # Each FIN and each ACK of a FIN, then silence: two TIME-WAIT ends that
+    # answered each other's ACKs would go on until TIME-WAIT ran out (RFC 9293
+    # 3.10.7.4: in TIME-WAIT only a retransmitted FIN is acknowledged).
     link = LossyLink(random.Random(0), DELAY)
     pair = ConnectionPair(link, TcpConfig(), TcpConfig(), isn_a=0xFFFFFFFF, isn_b=7)
     while not (pair.a.state is State.ESTABLISHED and pair.b.state is State.ESTABLISHED):

@@ -120,7 +120,7 @@ def test_quick_acks_after_a_hole_then_delayed_acks_again() -> None:
         assert a.ack == IRS + 1 + 30 + 10 * k
     send(c, peer_data(170, 10), 0.5)  # the next: delayed again
     assert recv(c, 0.5) == []
-    assert c.ack_deadline == 0.5 + c.config.delayed_ack
+    assert c.timers.ack == 0.5 + c.config.delayed_ack
 
 
 def test_blocks_four_without_timestamps() -> None:

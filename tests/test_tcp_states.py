@@ -15,8 +15,10 @@ from stack.config import TcpConfig
 from stack.errors import LocalProtocolError
 from stack.events import Closed, CloseReason, Connected, ConnectionReset, DataReceived, PeerFinished
 from stack.tcp.connection import State, TcpConnection
+from stack.tcp.core import ConnectionCore
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import offset_for
+from stack.tcp.transitions import ALLOWED, CLOSE_SIDE, Close
 from stack.wire.tcp import TcpOptions
 
 from tcp_helpers import (
@@ -52,6 +54,51 @@ from tcp_helpers import (
 
 SYN_IN = TcpSegment(RPORT, LPORT, IRS, 0, SYN, PEER_WINDOW, b"", TcpOptions(mss=1460))
 SYN_ACK_OUT = TcpSegment(LPORT, RPORT, ISS, IRS + 1, SYN | ACK, WINDOW, b"", TcpOptions(mss=1460))
+
+S = State
+
+
+@pytest.fixture(autouse=True)
+def transitions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[State, State]]:
+    """Every state change a test makes, each checked against transitions.ALLOWED."""
+    seen: list[tuple[State, State]] = []
+    set_state = ConnectionCore._set_state
+
+    def checked(self: ConnectionCore, state: State) -> None:
+        assert (self.state, state) in ALLOWED, f"{self.state} -> {state}"
+        seen.append((self.state, state))
+        set_state(self, state)
+
+    monkeypatch.setattr(ConnectionCore, "_set_state", checked)
+    return seen
+
+
+def test_the_close_side_table_is_figure_5() -> None:
+    # RFC 9293 3.3.2, figure 5 (and 3.10.4 for close() before the handshake).
+    assert CLOSE_SIDE == {
+        (S.LISTEN, Close.CALL): S.CLOSED,
+        (S.SYN_SENT, Close.CALL): S.CLOSED,
+        (S.SYN_RECEIVED, Close.CALL): S.SYN_RECEIVED,  # FIN queued until ESTABLISHED
+        (S.ESTABLISHED, Close.CALL): S.FIN_WAIT_1,
+        (S.CLOSE_WAIT, Close.CALL): S.LAST_ACK,
+        (S.ESTABLISHED, Close.FIN): S.CLOSE_WAIT,
+        (S.FIN_WAIT_1, Close.FIN): S.CLOSING,
+        (S.FIN_WAIT_2, Close.FIN): S.TIME_WAIT,
+        (S.FIN_WAIT_1, Close.FIN_ACKED): S.FIN_WAIT_2,
+        (S.CLOSING, Close.FIN_ACKED): S.TIME_WAIT,
+        (S.LAST_ACK, Close.FIN_ACKED): S.CLOSED,
+    }
+
+
+def test_every_close_side_transition_is_taken(transitions: list[tuple[State, State]]) -> None:
+    # The builders walk the close side; the rest closes what they leave open.
+    for build in (time_wait, closing, last_ack):
+        c = build()
+        send(c, replace(TEMPLATE, seq=c.irs + 2, ack=c.iss + 2), 0.0)
+    for build in (listen, syn_sent):
+        build().close()
+    taken = {(s, nxt) for (s, _), nxt in CLOSE_SIDE.items() if s is not nxt}
+    assert taken <= set(transitions)
 
 
 # ------------------------------------------------------------------ LISTEN

@@ -28,13 +28,13 @@ def test_probe_resends_the_last_segment_after_two_srtt() -> None:
     c = established(mss=10, options=SACK_ONLY, rtt=0.1, tlp=True)
     c.send(bytes(30))
     assert offsets(recv(c, 1.0)) == [0, 10, 20]
-    assert c.rto_deadline is not None and c.tlp_deadline == 1.0 + 0.2  # PTO = 2 SRTT
-    assert c.get_timer() == c.tlp_deadline < c.rto_deadline
+    assert c.timers.rto is not None and c.timers.tlp == 1.0 + 0.2  # PTO = 2 SRTT
+    assert c.get_timer() == c.timers.tlp < c.timers.rto
     c.handle_timer(1.2)
     assert offsets(recv(c, 1.2)) == [20]  # the tail goes again; the RTO is still armed
-    assert c.rto_deadline is not None
+    assert c.timers.rto is not None
     send(c, ack(30), 1.3)  # it repaired the loss
-    assert c.tlp_deadline is None and c.rto_deadline is None
+    assert c.timers.tlp is None and c.timers.rto is None
 
 
 def test_probe_sends_new_data_when_the_window_allows() -> None:
@@ -42,7 +42,7 @@ def test_probe_sends_new_data_when_the_window_allows() -> None:
     c = established(mss=10, options=SACK_ONLY, rtt=0.1, tlp=True)
     c.send(bytes(200))
     assert offsets(recv(c, 1.0)) == list(range(0, 100, 10))  # the initial window
-    c.handle_timer(c.tlp_deadline or 0.0)
+    c.handle_timer(c.timers.tlp or 0.0)
     assert offsets(recv(c, 1.2)) == [100]
 
 
@@ -51,8 +51,8 @@ def test_one_segment_in_flight_waits_for_a_delayed_ack_too() -> None:
     c.send(bytes(5))
     recv(c, 1.0)
     # RFC 8985 7.2: PTO = max(2 SRTT, 1.5 SRTT + WCDelAckT) for a single segment.
-    assert c.tlp_deadline is not None
-    assert abs(c.tlp_deadline - (1.0 + 0.075 + c.config.delayed_ack)) < 1e-9
+    assert c.timers.tlp is not None
+    assert abs(c.timers.tlp - (1.0 + 0.075 + c.config.delayed_ack)) < 1e-9
 
 
 def test_no_probe_when_disabled() -> None:
@@ -60,7 +60,7 @@ def test_no_probe_when_disabled() -> None:
     c = established(mss=10, options=SACK_ONLY, rtt=0.1, tlp=True, config=cfg)
     c.send(bytes(30))
     recv(c, 1.0)
-    assert c.tlp_deadline is None and c.get_timer() == c.rto_deadline
+    assert c.timers.tlp is None and c.get_timer() == c.timers.rto
 
 
 def test_raised_dupthresh_is_capped_by_half_the_window() -> None:

@@ -38,6 +38,7 @@ from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
+from stack.tcp.transitions import CLOSE_SIDE, Close
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 
 __all__ = ["State", "TcpConnection"]
@@ -55,7 +56,7 @@ class TcpConnection(TcpRecovery):
 
     def listen(self, syn: TcpSegment) -> None:
         """Record a client's SYN; the caller decides later with ``accept`` or ``reject``."""
-        self.state = State.LISTEN
+        self._set_state(State.LISTEN)
         self.irs = syn.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
         self.peer_options = syn.options
@@ -76,7 +77,7 @@ class TcpConnection(TcpRecovery):
         if self.state is not State.LISTEN:
             raise LocalProtocolError(f"accept() in state {self.state.value}")
         self._init_send(isn)
-        self.state = State.SYN_RECEIVED
+        self._set_state(State.SYN_RECEIVED)
         self._syn_due = True
 
     def connect(self, isn: int) -> None:
@@ -90,7 +91,7 @@ class TcpConnection(TcpRecovery):
         if cfg.timestamps:
             self.ts = Timestamps()
         self._init_send(isn)
-        self.state = State.SYN_SENT
+        self._set_state(State.SYN_SENT)
         self._syn_due = True
 
     def reject(self, *, rst: bool) -> None:
@@ -123,8 +124,8 @@ class TcpConnection(TcpRecovery):
 
         RFC 6691: the MSS counts payload after bare 20-byte IP and TCP headers, so
         the 12 bytes of TSopt on every segment come out of it (Linux's mss_cache
-        does the same). Fixed: full segments with timestamps were 12 bytes over
-        the path MTU and never arrived.
+        does the same); otherwise a full segment with timestamps is 12 bytes over
+        the path MTU and never arrives.
         """
         # Linux's tcp_min_snd_mss floor: a tiny MSS would cost a segment per few bytes.
         cfg = self.config
@@ -169,9 +170,9 @@ class TcpConnection(TcpRecovery):
         """The caller found the send buffer full: grow it with demand, as ``send`` does.
 
         A caller that offers only ``send_space`` bytes never overfills the buffer,
-        so this is where auto-tuning happens for it (buffers.py). Fixed: the relay
-        read at most ``send_space`` bytes upstream and the buffer never left its
-        initial size, capping a flow at 256 KiB per RTT.
+        so this is where auto-tuning happens for it (buffers.py). Without it, a
+        relay that reads at most ``send_space`` bytes upstream keeps the buffer at
+        its initial size, which caps a flow at 256 KiB per RTT.
 
         Returns:
             The send space afterwards.
@@ -204,17 +205,14 @@ class TcpConnection(TcpRecovery):
         """Half-close: send FIN once the queued data is sent (RFC 9293 3.10.4)."""
         if self._fin_queued:
             return
-        if self.state in (State.LISTEN, State.SYN_SENT):
-            self._close(CloseReason.ABORTED)
-            return
-        if self.state not in (State.SYN_RECEIVED, State.ESTABLISHED, State.CLOSE_WAIT):
+        nxt = CLOSE_SIDE.get((self.state, Close.CALL))
+        if nxt is None:
+            return  # closing already, or closed
+        if nxt is State.CLOSED:
+            self._close(CloseReason.ABORTED)  # before the handshake: nothing to finish
             return
         self._fin_queued = True
-        if self.state is State.ESTABLISHED:
-            self.state = State.FIN_WAIT_1
-        elif self.state is State.CLOSE_WAIT:
-            self.state = State.LAST_ACK
-        # In SYN-RECEIVED the FIN waits for the handshake (see _on_ack).
+        self._set_state(nxt)  # SYN-RECEIVED stays: the FIN waits for the handshake (_on_ack)
 
     def abort(self) -> None:
         """Reset the connection (RFC 9293 3.10.5) and close it."""
@@ -278,8 +276,8 @@ class TcpConnection(TcpRecovery):
         ):
             # A late original behind its retransmission has an older TSval, so PAWS
             # drops it; it is still a duplicate the sender should hear of (Linux's
-            # tcp_send_dupack). Fixed: without the D-SACK the sender never undid
-            # the reduction for a spurious retransmission.
+            # tcp_send_dupack): the D-SACK is how the sender learns a retransmission
+            # was spurious and undoes its reduction (RFC 2883 4.1, RFC 3708).
             self._ack_duplicate(now, seq, len(payload))
             return
 
@@ -296,7 +294,7 @@ class TcpConnection(TcpRecovery):
             if state is State.TIME_WAIT and flags & FIN:
                 # RFC 9293 3.10.7.4 TIME-WAIT: a retransmitted FIN (it lies before
                 # rcv_nxt, so it fails the test above) restarts the 2 MSL timeout.
-                self.linger_deadline = now + self.config.time_wait
+                self.timers.set_time_wait(now + self.config.time_wait)
             if flags & ACK and rcv_wnd == 0 and seq == self.rcv_nxt:
                 self._on_ack(ack, seq, window, 0, options, now)  # zero window: take ACKs
             return
@@ -320,7 +318,7 @@ class TcpConnection(TcpRecovery):
         if not flags & ACK:
             return
         # seg_len, not len(payload): RFC 5681 2 (duplicate ACK) requires SYN and FIN
-        # off as well as no data; a bare FIN used to count as a duplicate.
+        # off as well as no data, so a bare FIN is not a duplicate.
         if not self._on_ack(ack, seq, window, seg_len, options, now, acks):
             return
         # Sixth and seventh: the text and the FIN.
@@ -329,12 +327,12 @@ class TcpConnection(TcpRecovery):
                 # close() is a half-close: the peer may go on sending. The FIN-WAIT-2
                 # timeout (RFC 9293 3.10.7.4 leaves it to the implementation) counts
                 # idle time, not time since our FIN, or a long upload would be cut.
-                self.linger_deadline = now + self.config.fin_wait_2_timeout
+                self.timers.set_fin_wait_2(now + self.config.fin_wait_2_timeout)
             self._on_data(seq, payload, now)
         if flags & FIN:
             self._on_fin(seq_add(seq, len(payload)), now)
-        # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. Fixed:
-        # an ACK for every acceptable ACK made two TIME-WAIT ends (simultaneous
+        # RFC 9293 3.10.7.4 (TIME-WAIT): only a retransmitted FIN is answered. An
+        # ACK for every acceptable ACK would make two TIME-WAIT ends (simultaneous
         # close) ping-pong ACKs until the timer ran out.
 
     def _predicted(
@@ -455,10 +453,10 @@ class TcpConnection(TcpRecovery):
         self._ack_now = True
         if flags & ACK:
             self._on_new_ack(ack, options, now)
-            self.state = State.ESTABLISHED
+            self._set_state(State.ESTABLISHED)
             self._on_established(now)
         else:
-            self.state = State.SYN_RECEIVED  # simultaneous open
+            self._set_state(State.SYN_RECEIVED)  # simultaneous open
             self._syn_due = True
 
     def _negotiated(self, options: TcpOptions, now: float) -> None:
@@ -528,23 +526,23 @@ class TcpConnection(TcpRecovery):
             # Quick-ACK mode (Linux's tcp_enter_quickack_mode): after an out-of-order
             # segment, a duplicate or a filled hole, the sender is recovering with a
             # small window; a delayed ACK for the one segment it got through would
-            # leave it waiting for its loss probe. Fixed: with 5% loss and a flow
-            # the other way, the client's TLPs and RTOs were several times Linux's.
+            # leave it waiting for its loss probe (with 5% loss and a flow the other
+            # way, a client's TLPs and RTOs ran at several times Linux's without it).
             self._quickacks -= 1
             self._ack_now = True
         elif self._unacked_segments >= 2:
             self._ack_now = True  # RFC 9293 3.8.6.3 / RFC 5681 4.2: every second segment
-        elif self.ack_deadline is None:
-            self.ack_deadline = now + self.config.delayed_ack
+        elif self.timers.ack is None:
+            self.timers.set_ack(now + self.config.delayed_ack)
 
     def _ack_duplicate(self, now: float, seq: int, length: int) -> None:
         """Owe an immediate ACK for an out-of-order or (partly) duplicate segment.
 
         RFC 5681 4.2: one duplicate ACK per such segment. An ACK still owed for an
         earlier segment of this batch goes first, with the SACK blocks of that
-        moment. Fixed: a drained batch of N segments behind a hole got one ACK,
-        so the sender saw too few duplicates to start fast retransmit. With SACK,
-        the bytes below rcv_nxt go in a D-SACK block (RFC 2883 4.1.1, 4.1.3).
+        moment: one ACK for a drained batch of N segments behind a hole would show
+        the sender too few duplicates to start fast retransmit. With SACK, the
+        bytes below rcv_nxt go in a D-SACK block (RFC 2883 4.1.1, 4.1.3).
         """
         if self._ack_now:
             self._send_ack_now(now)
@@ -570,24 +568,15 @@ class TcpConnection(TcpRecovery):
             if self.state in RECEIVING and seq_gt(fin_seq, self.rcv_nxt):
                 self._ooo_fin = fin_seq  # wait for the hole before it to fill
                 # RFC 5681 4.2: an out-of-order segment is acknowledged at once (the
-                # duplicate ACK); a bare FIN beyond a hole used to get no ACK at all.
+                # duplicate ACK), a bare FIN beyond a hole included.
                 self._ack_now = True
             else:
                 self._ack_now = True  # a repeated FIN
                 if self.state is State.TIME_WAIT:
-                    self.linger_deadline = now + self.config.time_wait
+                    self.timers.set_time_wait(now + self.config.time_wait)
             return
         self._ooo_fin = None
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
         self._ack_now = True
-        state = self.state
-        if state is State.ESTABLISHED:
-            self.state = State.CLOSE_WAIT
-        elif state is State.FIN_WAIT_1:
-            # Our FIN is not yet acknowledged (else we would be in FIN-WAIT-2).
-            self.state = State.CLOSING
-        elif state is State.FIN_WAIT_2:
-            self._enter_time_wait(now)
-        else:
-            return
-        self._emit(PeerFinished(self._flow()))
+        if self._close_side(Close.FIN, now):
+            self._emit(PeerFinished(self._flow()))

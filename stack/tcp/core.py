@@ -1,8 +1,9 @@
 """State shared by every part of a TCP connection: the variables, events, and helpers.
 
 ``TcpConnection`` is assembled from four layers so each stays readable:
-``ConnectionCore`` (this module: the RFC 9293 variables, event emission,
-window advertisement and the options on outgoing segments), ``TcpSender``
+``ConnectionCore`` (this module: the RFC 9293 variables, state changes --
+by the tables of ``transitions.py`` -- event emission, window advertisement
+and the options on outgoing segments), ``TcpSender``
 (``sender.py``: timers and everything that produces segments),
 ``TcpRecovery`` (``recovery.py``: the ACK field -- RTT samples, the SACK
 scoreboard, loss recovery) and ``TcpConnection`` (``connection.py``: opening,
@@ -31,7 +32,6 @@ memory pressure still honours the edge it advertised before.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 
 from stack.config import TcpConfig
@@ -50,45 +50,33 @@ from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
 from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
+from stack.tcp.timers import Timers
 from stack.tcp.timestamps import Timestamps
+from stack.tcp.transitions import (
+    CLOSE_SIDE,
+    LINGERING,
+    RECEIVING,
+    SYNCHRONIZED,
+    Close,
+    State,
+)
+from stack.wire.positional import positional
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, TcpOptions
 
-_new = tuple.__new__
-
-
-class State(enum.Enum):
-    CLOSED = "CLOSED"
-    LISTEN = "LISTEN"  # a SYN arrived; the caller has not yet accepted or rejected it
-    SYN_SENT = "SYN-SENT"
-    SYN_RECEIVED = "SYN-RECEIVED"
-    ESTABLISHED = "ESTABLISHED"
-    FIN_WAIT_1 = "FIN-WAIT-1"
-    FIN_WAIT_2 = "FIN-WAIT-2"
-    CLOSING = "CLOSING"
-    TIME_WAIT = "TIME-WAIT"
-    CLOSE_WAIT = "CLOSE-WAIT"
-    LAST_ACK = "LAST-ACK"
-
-    # Members are singletons compared by identity, so the identity hash agrees
-    # with equality. Enum's own __hash__ is Python code (hash of the name), and
-    # ``state in RECEIVING`` runs on every segment: 103 ns against 18 here.
-    __hash__ = object.__hash__
-
-
-SYNCHRONIZED = frozenset(
-    {
-        State.ESTABLISHED,
-        State.FIN_WAIT_1,
-        State.FIN_WAIT_2,
-        State.CLOSE_WAIT,
-        State.CLOSING,
-        State.LAST_ACK,
-        State.TIME_WAIT,
-    }
+_tcp_options = positional(
+    TcpOptions, "mss", "wscale", "sack_permitted", "timestamps", "sack_blocks"
 )
-RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
-LINGERING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT})  # keepalive / idle timeout
-__all__ = ["LINGERING", "MAX_WINDOW", "RECEIVING", "SYNCHRONIZED", "ConnectionCore", "State"]
+
+
+__all__ = [
+    "LINGERING",
+    "MAX_WINDOW",
+    "RECEIVING",
+    "SYNCHRONIZED",
+    "Close",
+    "ConnectionCore",
+    "State",
+]
 
 
 class ConnectionCore:
@@ -147,23 +135,19 @@ class ConnectionCore:
         "_undone",
         "_want_send_space",
         "_ws_ok",
-        "ack_deadline",
         "buf",
         "cc",
         "close_reason",
         "config",
         "flow",
         "high_rxt",
-        "idle_deadline",
         "in_recovery",
         "irs",
         "iss",
         "last_ack_sent",
-        "linger_deadline",
         "local_port",
         "max_snd_wnd",
         "peer_options",
-        "persist_deadline",
         "rcv_adv",
         "rcv_mss",
         "rcv_nxt",
@@ -171,7 +155,6 @@ class ConnectionCore:
         "recover",
         "remote_port",
         "rescue_rxt",
-        "rto_deadline",
         "sack_ok",
         "snd_max",
         "snd_mss",
@@ -182,7 +165,7 @@ class ConnectionCore:
         "snd_wnd",
         "snd_wscale",
         "state",
-        "tlp_deadline",
+        "timers",
         "ts",
     )
 
@@ -203,7 +186,7 @@ class ConnectionCore:
         self.local_port = local_port
         self.remote_port = remote_port
         self.flow = flow
-        self.state = State.CLOSED
+        self.state = State.CLOSED  # _set_state makes every later change
         self.close_reason: CloseReason | None = None
         self._events: deque[Event] = deque() if events is None else events
         self._readable: list[ConnectionCore] = [] if readable is None else readable
@@ -247,10 +230,6 @@ class ConnectionCore:
         self._sack_recent: list[int] = []  # seqs of recent out-of-order arrivals (RFC 2018 4)
         self._tx_opts: TcpOptions = NO_OPTIONS  # options for the segments being built now
         self._seg_mss = self.snd_mss  # payload per segment once those options are paid for
-        # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
-        # transmission during the current window, so that ACKs processed as one
-        # batch, each lowering the flight before the next send, still count as
-        # cwnd-limited. Fixed: only the first ACK of a batch grew cwnd.
         self._dsack: tuple[int, int] | None = None  # RFC 2883 block for the next ACK
         # Reordering and spurious retransmissions (recovery.py): the DupThresh in
         # use, the controller as it was before the last reduction (to undo it),
@@ -261,26 +240,26 @@ class ConnectionCore:
         self._undo_reorder = 0  # bytes SACKed above snd_una when the episode began
         self._undone = False
         self._rtx_marks: list[tuple[int, int, int]] = []
+        # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
+        # transmission during the current window, so that ACKs processed as one
+        # batch, each lowering the flight before the next send, still count as
+        # cwnd-limited; judged by the flight of the moment, only the first ACK of
+        # a batch would grow cwnd.
         self._flight_hw = 0
         self._flight_hw_prev = 0  # the same for the window before
         self._flight_hw_end = 0  # the window ends when snd_una reaches this
 
-        # Output flags and timers (absolute deadlines, seconds).
+        # Output flags and timers.
+        self.timers = Timers()  # every deadline (timers.py)
         self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
         self._syn_due = False  # (re)send our SYN or SYN-ACK
         self._ack_now = False  # an ACK is owed immediately
         self._unacked_segments = 0  # in-order segments received since our last ACK
         self._quickacks = 0  # in-order segments still to ACK at once (after a loss sign)
         self._rtx_due = False  # fast retransmit: resend the segment at snd_una
-        self.ack_deadline: float | None = None  # delayed ACK
-        self.rto_deadline: float | None = None  # retransmission
-        self.tlp_deadline: float | None = None  # tail loss probe (RFC 8985 7), before the RTO
         self._tlp_due = False  # the probe goes with the next segments_to_send
         self._tlp_armed_at = -1.0  # when the probe timer was last armed
         self._last_progress = 0.0  # when data last went out or was acknowledged
-        self.persist_deadline: float | None = None  # zero-window probe
-        self.linger_deadline: float | None = None  # TIME-WAIT or FIN-WAIT-2 expiry
-        self.idle_deadline: float | None = None  # keepalive probe or idle timeout
         self._last_rcv = 0.0  # when the peer last sent anything (keepalive, idle timeout)
         self._ka_probes = 0  # keepalive probes sent since the peer was last heard
         self._ka_sent_at = 0.0  # when the last keepalive probe went
@@ -347,11 +326,47 @@ class ConnectionCore:
         if not self._fin_queued and self.state is not State.CLOSED:
             self._want_send_space = True
 
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, state: State) -> None:
+        """Every change of ``state`` after ``__init__`` is made here (transitions.py)."""
+        self.state = state
+
+    def _close_side(self, event: Close, now: float) -> bool:
+        """Take the transition ``CLOSE_SIDE`` gives for ``event`` in this state, with
+        the timers the new state runs. Returns False when the table has none (a
+        repeated event, or one that means nothing here): nothing changed."""
+        nxt = CLOSE_SIDE.get((self.state, event))
+        if nxt is None:
+            return False
+        if nxt is State.CLOSED:
+            # LAST-ACK, FIN acknowledged; or close() before the handshake completed.
+            self._close(CloseReason.FINISHED if event is Close.FIN_ACKED else CloseReason.ABORTED)
+            return True
+        self._set_state(nxt)
+        timers = self.timers
+        if nxt is State.TIME_WAIT:
+            # RFC 9293 3.10.7.4: only the 2 MSL timer runs (and an owed ACK): the
+            # FIN exchange is over, and keepalive and idle timeout watch live flows.
+            timers.clear_rto()
+            timers.clear_tlp()
+            timers.clear_persist()
+            timers.clear_keepalive()
+            timers.clear_idle()
+            timers.clear_fin_wait_2()
+            timers.set_time_wait(now + self.config.time_wait)
+        elif nxt is State.FIN_WAIT_2:
+            # The FIN-WAIT-2 timeout (RFC 9293 3.10.7.4 leaves it to the
+            # implementation, Linux's tcp_fin_timeout) replaces the keepalive.
+            timers.set_fin_wait_2(now + self.config.fin_wait_2_timeout)
+            timers.clear_keepalive()
+            timers.clear_idle()
+        return True
+
     def _close(self, reason: CloseReason) -> None:
-        self.state = State.CLOSED
+        self._set_state(State.CLOSED)
         self.close_reason = reason
-        self.ack_deadline = self.rto_deadline = self.persist_deadline = None
-        self.linger_deadline = self.idle_deadline = self.tlp_deadline = None
+        self.timers.clear_all()
         self._ack_now = self._syn_due = self._rtx_due = False
         self._sndbuf = bytearray()
         self._ooo = Reassembly(0)
@@ -363,18 +378,7 @@ class ConnectionCore:
 
     def get_timer(self) -> float | None:
         """The earliest deadline, or None when no timer runs."""
-        best: float | None = None
-        for d in (
-            self.ack_deadline,
-            self.rto_deadline,
-            self.tlp_deadline,
-            self.persist_deadline,
-            self.linger_deadline,
-            self.idle_deadline,
-        ):
-            if d is not None and (best is None or d < best):
-                best = d
-        return best
+        return self.timers.earliest()
 
     # ----------------------------------------------------------------- output
 
@@ -414,18 +418,19 @@ class ConnectionCore:
         if ts is None:
             if not blocks:
                 return NO_OPTIONS
-            return _new(TcpOptions, (None, None, False, None, blocks))
+            return _tcp_options((None, None, False, None, blocks))
         stamp = (ts.clock(now), ts.recent)
-        return _new(TcpOptions, (None, None, False, stamp, blocks))
+        return _tcp_options((None, None, False, stamp, blocks))
 
     def _ack_seq(self) -> int:
         """The sequence number for a segment without data: RFC 9293's SND.NXT.
 
         Our snd_nxt goes back to snd_una after an RTO (go-back-N), but the peer
-        may hold everything up to snd_max. Fixed: pure ACKs carried snd_nxt, which
-        the peer found old and answered with an ACK; with both ends going back
-        at once the two exchanged ACKs without end. BSD's tcp_output uses snd_max
-        here; like Linux's tcp_acceptable_seq() we stay within the peer's window.
+        may hold everything up to snd_max. A pure ACK carrying snd_nxt looks old
+        to the peer, which answers it with an ACK; with both ends going back at
+        once the two would exchange ACKs without end. BSD's tcp_output uses
+        snd_max here; like Linux's tcp_acceptable_seq() we stay within the peer's
+        window.
         """
         edge = seq_add(self.snd_una, self.snd_wnd)
         return self.snd_max if seq_le(self.snd_max, edge) else edge
@@ -476,6 +481,8 @@ class ConnectionCore:
 
     def _ack_sent(self) -> None:
         self._ack_now = False
-        self.ack_deadline = None
+        timers = self.timers
+        if timers.ack is not None:
+            timers.clear_ack()
         self._unacked_segments = 0
         self.last_ack_sent = self.rcv_nxt

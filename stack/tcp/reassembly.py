@@ -8,9 +8,9 @@ segment that would exceed the bound is dropped whole, which TCP treats as
 loss and the sender repairs.
 
 A run keeps its bytes as a list of the segments' payloads and joins them once,
-when the run is delivered. Fixed: runs used to be single ``bytes`` objects
-concatenated on every arrival, so a hole with N segments held behind it cost
-O(N^2) copying -- about 1 ms per segment with 4 MiB held.
+when the run is delivered: a run kept as one ``bytes`` object, concatenated on
+every arrival, would make a hole with N segments held behind it cost O(N^2)
+copying -- about 1 ms per segment with 4 MiB held.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from copy import copy
 
-from stack.events import CloseReason, Connected, SendSpace
+from stack.events import Connected, SendSpace
 from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
-from stack.tcp.core import State
+from stack.tcp.core import Close, State
 from stack.tcp.sack import DUP_THRESH, MAX_DUPTHRESH
 from stack.tcp.sender import TcpSender
 from stack.wire.tcp import RST, TcpOptions
@@ -41,7 +41,7 @@ class TcpRecovery(TcpSender):
 
     def _on_established(self, now: float) -> None:
         self._emit(Connected(self._flow()))
-        self._arm_idle(now)
+        self._arm_lingering()
         self.buf.start_ticks(self.rcv_nxt, now, self._rtt.srtt or self.config.rto_initial)
 
     def merges_ack(self, seq: int, ack: int, options: TcpOptions) -> bool:
@@ -82,14 +82,14 @@ class TcpRecovery(TcpSender):
             if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
                 self._ctl.append(self._segment(ack, 0, RST, 0))
                 return False
-            self.state = State.ESTABLISHED
+            self._set_state(State.ESTABLISHED)
             self.snd_wnd = window
             self.max_snd_wnd = max(self.max_snd_wnd, window)
             self.snd_wl1, self.snd_wl2 = seq, ack
             self._on_new_ack(ack, options, now)
             self._on_established(now)
             if self._fin_queued:
-                self.state = State.FIN_WAIT_1
+                self._close_side(Close.CALL, now)  # the close() made in SYN-RECEIVED
             return True
 
         if seq_gt(ack, self.snd_max):
@@ -115,7 +115,7 @@ class TcpRecovery(TcpSender):
             and self.snd_max != una
         ):
             # RFC 5681 2: a duplicate ACK carries no data, no SYN or FIN (seg_len,
-            # not the payload: a bare FIN used to count) and the same window.
+            # not the payload: a bare FIN is no duplicate) and the same window.
             # With SACK agreed, a duplicate without blocks (a peer or middlebox
             # that drops them) still counts, rather than leave recovery to the RTO.
             self._on_duplicate_ack(now)
@@ -131,7 +131,8 @@ class TcpRecovery(TcpSender):
             if window > self.max_snd_wnd:
                 self.max_snd_wnd = window
             if window > 0:
-                self.persist_deadline = None
+                if self.timers.persist is not None:
+                    self.timers.clear_persist()
                 self._persist_backoff = 0
 
     def _on_new_ack(self, ack: int, options: TcpOptions, now: float, acks: int = 1) -> None:
@@ -199,9 +200,12 @@ class TcpRecovery(TcpSender):
             self._flight_hw = seq_sub(self.snd_max, ack)
             self._flight_hw_end = self.snd_max
         # RFC 6298 5.2/5.3: stop the timer when all is acknowledged, else restart it.
-        self.rto_deadline = None if self.snd_una == self.snd_max else now + self._rtt.rto
+        if self.snd_una == self.snd_max:
+            self.timers.clear_rto()
+        else:
+            self.timers.set_rto(now + self._rtt.rto)
         if self._fin_queued and self.snd_una == seq_add(self._sb_seq, 1) and not self._sndbuf:
-            self._on_fin_acked(now)
+            self._close_side(Close.FIN_ACKED, now)
 
     def _on_sack(self, blocks: tuple[tuple[int, int], ...], now: float) -> None:
         """RFC 6675 5: update the scoreboard; count duplicates; maybe start recovery."""
@@ -288,8 +292,9 @@ class TcpRecovery(TcpSender):
         """A retransmission is lost when what was sent after it arrives (RFC 8985's
         idea, by sequence rather than time): SACKed data more than DupThresh - 1
         segments beyond the snd_max of its sending, or DupThresh later
-        retransmissions delivered. NextSeg() then resends it (high_rxt goes back).
-        Fixed: a lost retransmission used to wait for the RTO."""
+        retransmissions delivered. NextSeg() then resends it (high_rxt goes back);
+        RFC 6675 alone resends a hole once per recovery, leaving a lost
+        retransmission to the RTO."""
         marks = self._rtx_marks
         if not marks:
             return
@@ -317,19 +322,3 @@ class TcpRecovery(TcpSender):
         self._rtx_marks = keep
         if seq_lt(lost_from, self.high_rxt):
             self.high_rxt = lost_from if seq_gt(lost_from, una) else una
-
-    def _on_fin_acked(self, now: float) -> None:
-        if self.state is State.FIN_WAIT_1:
-            self.state = State.FIN_WAIT_2
-            self.linger_deadline = now + self.config.fin_wait_2_timeout
-            self.idle_deadline = None
-        elif self.state is State.CLOSING:
-            self._enter_time_wait(now)
-        elif self.state is State.LAST_ACK:
-            self._close(CloseReason.FINISHED)
-
-    def _enter_time_wait(self, now: float) -> None:
-        self.state = State.TIME_WAIT
-        self.rto_deadline = self.persist_deadline = self.idle_deadline = None
-        self.tlp_deadline = None
-        self.linger_deadline = now + self.config.time_wait

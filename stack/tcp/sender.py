@@ -13,10 +13,10 @@ segment); without, RFC 6582 NewReno resends the segment at ``snd_una`` and
 sends new data within an inflated window; after an RTO, go-back-N from
 ``snd_una`` under a one-segment window, skipping what the peer SACKs anew.
 
-Lingering flows: the keepalive (RFC 9293 3.8.4, RFC 1122 4.2.3.6) and idle
-timeout share ``idle_deadline``; both count from the last segment received,
-which input records with one store (the timer re-arms lazily when it finds
-the peer was heard since).
+Lingering flows: the keepalive (RFC 9293 3.8.4, RFC 1122 4.2.3.6) and the
+idle timeout both count from the last segment received, which input records
+with one store (each timer re-arms lazily when it finds the peer was heard
+since). The deadlines themselves are ``timers.py``'s.
 """
 
 from __future__ import annotations
@@ -47,28 +47,33 @@ class TcpSender(ConnectionCore):
 
     def handle_timer(self, now: float) -> None:
         """Act on every deadline that has passed; a no-op when none has."""
-        if self.ack_deadline is not None and now >= self.ack_deadline:
-            self.ack_deadline = None
+        t = self.timers  # the same object throughout: _close clears it in place
+        if t.ack is not None and now >= t.ack:
+            t.clear_ack()
             self._ack_now = True
-        if self.rto_deadline is not None and now >= self.rto_deadline:
-            self.tlp_deadline = None
+        if t.rto is not None and now >= t.rto:
+            t.clear_tlp()  # the RTO acts instead
             self._on_retransmit_timeout(now)
-        if self.tlp_deadline is not None and now >= self.tlp_deadline:
-            self.tlp_deadline = None
+        if t.tlp is not None and now >= t.tlp:
+            t.clear_tlp()
             self._tlp_due = self.state in SYNCHRONIZED and self.snd_una != self.snd_max
-        if self.persist_deadline is not None and now >= self.persist_deadline:
+        if t.persist is not None and now >= t.persist:
             self._on_persist_timeout(now)
-        if self.linger_deadline is not None and now >= self.linger_deadline:
-            self.linger_deadline = None
+        if t.time_wait is not None and now >= t.time_wait:
+            t.clear_time_wait()
             if self.state is State.TIME_WAIT:
                 self._close(CloseReason.FINISHED)
-            elif self.state is State.FIN_WAIT_2:
+        if t.fin_wait_2 is not None and now >= t.fin_wait_2:
+            t.clear_fin_wait_2()
+            if self.state is State.FIN_WAIT_2:
                 self._close(CloseReason.IDLE)
-        if self.idle_deadline is not None and now >= self.idle_deadline:
-            self._on_idle_timer(now)
+        if t.idle is not None and now >= t.idle:
+            self._on_idle_timeout(now)
+        if t.keepalive is not None and now >= t.keepalive:
+            self._on_keepalive_timer(now)
 
     def _on_retransmit_timeout(self, now: float) -> None:
-        self.rto_deadline = None
+        self.timers.clear_rto()
         if self.state in (State.SYN_RECEIVED, State.SYN_SENT):
             self._retries += 1
             if self._retries > self.config.syn_retries:
@@ -105,15 +110,15 @@ class TcpSender(ConnectionCore):
         self._rtx_marks.clear()
 
     def _on_persist_timeout(self, now: float) -> None:
-        self.persist_deadline = None
-        if self.state not in SYNCHRONIZED or self.rto_deadline is not None:
+        self.timers.clear_persist()
+        if self.state not in SYNCHRONIZED or self.timers.rto is not None:
             return
         usable = seq_sub(seq_add(self.snd_una, min(self.snd_wnd, self.cc.cwnd)), self.snd_nxt)
         if usable > 0:
             # RFC 9293 3.8.6.2.1 (d), the override timeout: sender SWS avoidance held
-            # back a short segment with nothing in flight. Send what fits. (Fixed:
-            # the timer used to run only at a zero window, so a lost window update
-            # after a shrink below the SWS threshold stalled the connection forever.)
+            # back a short segment with nothing in flight. Send what fits. (A timer
+            # that ran only at a zero window would leave a connection stalled for
+            # ever once a window update after a shrink below the SWS threshold was lost.)
             self._sws_override = True
             return
         self._probes += 1
@@ -124,12 +129,12 @@ class TcpSender(ConnectionCore):
         # number makes the peer answer with an ACK carrying its current window
         # (RFC 9293 3.8.6.1 asks only that the window be probed).
         self._send_probe(now)
-        # RFC 9293 3.8.6.1: probe intervals grow exponentially. Fixed: the exponent
-        # was the unanswered-probe count, which every answer resets, so while the
-        # peer kept answering the interval never grew past 2 RTOs.
+        # RFC 9293 3.8.6.1: probe intervals grow exponentially. The exponent is
+        # its own count, not the unanswered-probe count: every answer resets that,
+        # so while the peer kept answering the interval would never pass 2 RTOs.
         self._persist_backoff = min(self._persist_backoff + 1, 16)
-        self.persist_deadline = now + min(
-            self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max
+        self.timers.set_persist(
+            now + min(self._rtt.rto * (1 << self._persist_backoff), self.config.rto_max)
         )
 
     def _send_probe(self, now: float) -> None:
@@ -139,48 +144,49 @@ class TcpSender(ConnectionCore):
 
     # ------------------------------------------------------- lingering flows
 
-    def _arm_idle(self, now: float, keepalive_at: float | None = None) -> None:
-        """(Re)arm the keepalive / idle-timeout deadline from the last segment heard."""
+    def _arm_lingering(self) -> None:
+        """Arm the idle timeout and the keepalive as configured (on ESTABLISHED)."""
         cfg = self.config
-        best: float | None = None
         if cfg.idle_timeout is not None:
-            best = self._last_rcv + cfg.idle_timeout
+            self.timers.set_idle(self._last_rcv + cfg.idle_timeout)
         if cfg.keepalive:
-            if keepalive_at is None:
-                if self._ka_probes:
-                    keepalive_at = self._ka_sent_at + cfg.keepalive_interval
-                else:
-                    keepalive_at = self._last_rcv + cfg.keepalive_idle
-            best = keepalive_at if best is None else min(best, keepalive_at)
-        self.idle_deadline = best
+            self.timers.set_keepalive(self._keepalive_due())
 
-    def _on_idle_timer(self, now: float) -> None:
-        self.idle_deadline = None
-        if self.state not in LINGERING:
-            return  # the other states have their own timers
+    def _keepalive_due(self) -> float:
+        """When the next keepalive probe goes: an interval after the last probe
+        while probes go unanswered, else the idle time after the last segment."""
         cfg = self.config
-        last = self._last_rcv
-        if cfg.idle_timeout is not None and now - last >= cfg.idle_timeout:
+        if self._ka_probes:
+            return self._ka_sent_at + cfg.keepalive_interval
+        return self._last_rcv + cfg.keepalive_idle
+
+    def _on_idle_timeout(self, now: float) -> None:
+        timeout = self.config.idle_timeout
+        self.timers.clear_idle()
+        if self.state not in LINGERING or timeout is None:
+            return  # the other states have their own timers
+        if now - self._last_rcv >= timeout:
             self._reset(CloseReason.IDLE)
             return
-        if not cfg.keepalive:
-            self._arm_idle(now)
-            return
-        if self._ka_probes and last >= self._ka_sent_at:
+        self.timers.set_idle(self._last_rcv + timeout)  # heard since: count from then
+
+    def _on_keepalive_timer(self, now: float) -> None:
+        cfg = self.config
+        timers = self.timers
+        timers.clear_keepalive()
+        if self.state not in LINGERING or not cfg.keepalive:
+            return  # the other states have their own timers
+        if self._ka_probes and self._last_rcv >= self._ka_sent_at:
             self._ka_probes = 0  # the peer answered
-        due = (
-            self._ka_sent_at + cfg.keepalive_interval
-            if self._ka_probes
-            else last + cfg.keepalive_idle
-        )
+        due = self._keepalive_due()
         if now < due:
-            self._arm_idle(now)
+            timers.set_keepalive(due)  # heard since: count from then
             return
-        if self.snd_una != self.snd_max or self._sndbuf or self.persist_deadline is not None:
+        if self.snd_una != self.snd_max or self._sndbuf or timers.persist is not None:
             # RFC 1122 4.2.3.6: keepalives only while no data is outstanding; the
             # retransmission and persist timers watch the peer meanwhile.
             self._ka_probes = 0
-            self._arm_idle(now, now + cfg.keepalive_interval)
+            timers.set_keepalive(now + cfg.keepalive_interval)
             return
         if self._ka_probes >= cfg.keepalive_probes:
             self._reset(CloseReason.TIMED_OUT)  # a dead peer: RST, as Linux does
@@ -189,7 +195,7 @@ class TcpSender(ConnectionCore):
         self._send_probe(now)
         self._ka_probes += 1
         self._ka_sent_at = now
-        self._arm_idle(now)
+        timers.set_keepalive(self._keepalive_due())
 
     # ------------------------------------------------------------------ output
 
@@ -209,8 +215,8 @@ class TcpSender(ConnectionCore):
         if self._dsack is not None and state is not State.SYN_RECEIVED:
             # RFC 2883 4: a duplicate is reported once. The segments built below
             # share one set of options (a TSO batch shares one header), so the
-            # D-SACK goes first, on its own ACK. Fixed: every segment of a batch
-            # repeated it, and a Linux sender counts each one (its undo, RACK's
+            # D-SACK goes first, on its own ACK: on every segment of a batch it
+            # would be counted once per segment by a Linux sender (its undo, RACK's
             # reordering window).
             out.append(self._pure_ack(self._options(now)))  # _options takes _dsack
         opts = self._tx_opts = (
@@ -221,7 +227,7 @@ class TcpSender(ConnectionCore):
         self._seg_mss = self.snd_mss - _sack_len(opts)
         if state is State.SYN_RECEIVED and self._ack_now:
             # RFC 5961 3.2 / RFC 9293 3.10.7.4: a challenge ACK or the ACK for an
-            # unacceptable segment is owed in SYN-RECEIVED too (it used to be dropped).
+            # unacceptable segment is owed in SYN-RECEIVED too.
             out.append(self._pure_ack(opts))
         if state is State.SYN_SENT or state is State.SYN_RECEIVED:
             return out
@@ -281,17 +287,23 @@ class TcpSender(ConnectionCore):
         Re-armed when this batch sent or was acknowledged; an RTO due first wins.
         """
         srtt = self._rtt.srtt
-        if flight <= 0 or not srtt or self.rto_deadline is None or not self.config.tail_loss_probe:
-            self.tlp_deadline = None
+        timers = self.timers
+        rto = timers.rto
+        if flight <= 0 or not srtt or rto is None or not self.config.tail_loss_probe:
+            if timers.tlp is not None:
+                timers.clear_tlp()
             return
-        if self.tlp_deadline is not None and self._tlp_armed_at > self._last_progress:
+        if timers.tlp is not None and self._tlp_armed_at > self._last_progress:
             return  # armed after the last send or ACK: keep it
         pto = 2 * srtt
         if flight <= self._seg_mss:
             pto = max(pto, 1.5 * srtt + self.config.delayed_ack)  # RFC 8985 7.2: WCDelAckT
         pto = max(pto, TLP_MIN)
         at = now + pto
-        self.tlp_deadline = at if at < self.rto_deadline else None
+        if at < rto:
+            timers.set_tlp(at)
+        else:
+            timers.clear_tlp()
         self._tlp_armed_at = now
 
     def _send_tail_probe(self, out: list[TcpSegment], now: float) -> None:
@@ -342,7 +354,7 @@ class TcpSender(ConnectionCore):
         if self.snd_max == self.iss:
             self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
             self._rtt_seq, self._rtt_start = self.iss, now
-        self.rto_deadline = now + self._rtt.rto
+        self.timers.set_rto(now + self._rtt.rto)
         self._ack_sent()
 
     def _retransmit(
@@ -362,9 +374,9 @@ class TcpSender(ConnectionCore):
         if seq_gt(end, self.snd_max):
             end = self.snd_max
         # Resend only bytes sent before (RFC 9293 3.8.1: a retransmission repeats
-        # sent sequence space). Fixed: a full MSS was taken from the buffer, which
-        # could run past snd_max and the peer's window; the peer then acknowledged
-        # bytes we had never counted as sent, and we dropped all its later segments.
+        # sent sequence space). A full MSS from the buffer could run past snd_max
+        # and the peer's window; the peer would then acknowledge bytes never
+        # counted as sent, and every later segment of its would be dropped.
         n = min(self._seg_mss, seq_sub(data_end if seq_lt(data_end, end) else end, start))
         data = bytes(memoryview(self._sndbuf)[off : off + n]) if n > 0 else b""
         flags = ACK
@@ -382,8 +394,8 @@ class TcpSender(ConnectionCore):
             self._rtx_marks.append((start, seq_add(start, length), self.snd_max))
         if self._rtt_seq is not None and seq_in(self._rtt_seq, start, seq_add(start, length)):
             self._rtt_seq = None  # Karn: a resent segment gives no RTT sample
-        if restart or self.rto_deadline is None:
-            self.rto_deadline = now + self._rtt.rto
+        if restart or self.timers.rto is None:
+            self.timers.set_rto(now + self._rtt.rto)
         return length
 
     def _send_recovery(self, out: list[TcpSegment], now: float) -> None:
@@ -483,7 +495,7 @@ class TcpSender(ConnectionCore):
                     flags |= PSH
                     if fin_pending:
                         flags |= FIN
-                # One copy (a slice of the bytearray, then bytes of it, was two).
+                # One copy (a slice of the bytearray, then bytes of it, would be two).
                 payload = bytes(memoryview(buf)[off : off + n])
                 # n > mss: several wire segments in one. The Stack cuts it to ``mss``
                 # or hands it to the kernel as one GSO write (TcpConfig.tso_segments).
@@ -497,8 +509,8 @@ class TcpSender(ConnectionCore):
                 fin_pending and nxt == data_end and (seq_lt(nxt, edge) or seq_lt(nxt, self.snd_max))
             ):
                 # A FIN already sent once is retransmitted regardless of the window
-                # (RFC 9293 3.8.6.1: retransmit even into a zero window). Fixed: a lost
-                # FIN behind a zero window was never resent and no timer stayed armed.
+                # (RFC 9293 3.8.6.1: retransmit even into a zero window); else a FIN
+                # lost behind a zero window is never resent, with no timer armed.
                 seg = self._segment(nxt, self.rcv_nxt, FIN | ACK, self._advertise(), b"", opts)
                 self._sent(nxt, 1, now)
                 out.append(seg)
@@ -508,15 +520,16 @@ class TcpSender(ConnectionCore):
         self._sws_override = False
         # Something waits to be sent and nothing is being timed: run the persist
         # timer (RFC 9293 3.8.6.1 zero-window probe; 3.8.6.2.1 SWS override timeout).
-        # Fixed: this used to require snd_wnd == 0 and nothing in flight, which left
-        # no timer at all for a small nonzero window held back by SWS avoidance, and
-        # for a window shrunk under data in flight once an RTO found nothing to send.
+        # Not only at snd_wnd == 0 with nothing in flight: that would leave no timer
+        # at all for a small nonzero window held back by SWS avoidance, nor for a
+        # window shrunk under data in flight once an RTO found nothing to send.
+        timers = self.timers
         if (
-            self.rto_deadline is None
-            and self.persist_deadline is None
+            timers.rto is None
+            and timers.persist is None
             and (seq_lt(self.snd_nxt, data_end) or (fin_pending and self.snd_nxt == data_end))
         ):
-            self.persist_deadline = now + self._rtt.rto
+            timers.set_persist(now + self._rtt.rto)
         return total
 
     def _sent(self, seq: int, length: int, now: float) -> None:
@@ -527,6 +540,6 @@ class TcpSender(ConnectionCore):
             self._rtt_seq, self._rtt_start = seq, now
         if seq_gt(end, self.snd_max):
             self.snd_max = end
-        if self.rto_deadline is None:
-            self.rto_deadline = now + self._rtt.rto
+        if self.timers.rto is None:
+            self.timers.set_rto(now + self._rtt.rto)
         self._ack_sent()

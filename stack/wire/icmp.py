@@ -15,6 +15,7 @@ from typing import NamedTuple
 from stack.errors import ChecksumError, TruncatedError
 from stack.wire.checksum import ones_sum as _ones_sum
 from stack.wire.checksum import verify as _verify
+from stack.wire.positional import positional
 
 __all__ = [
     "ADMIN_PROHIBITED",
@@ -79,7 +80,6 @@ _V4_QUOTE_MAX = 576 - 20 - 8  # RFC 1812 4.3.2.3: the error datagram fits in 576
 _V6_QUOTE_MAX = 1280 - 40 - 8  # RFC 4443 2.4 (c): the error packet fits in the minimum MTU
 
 _from_bytes = int.from_bytes
-_new = tuple.__new__
 
 
 class IcmpHeader(NamedTuple):
@@ -89,6 +89,9 @@ class IcmpHeader(NamedTuple):
     code: int
     checksum: int
     rest: int  # the 4 bytes after the checksum: echo ident << 16 | seq, MTU, pointer...
+
+
+_header = positional(IcmpHeader, "type", "code", "checksum", "rest")  # from _HDR, in order
 
 
 def parse_icmp(
@@ -122,7 +125,7 @@ def parse_icmp(
     avail = end - offset
     if avail < 8:
         raise TruncatedError(f"ICMP message of {avail} bytes")
-    hdr: IcmpHeader = _new(IcmpHeader, _HDR.unpack_from(buf, offset))
+    hdr = _header(_HDR.unpack_from(buf, offset))
     if verify and not _verify(buf[offset:end], 0 if pseudo_sum is None else pseudo_sum):
         raise ChecksumError("ICMP checksum")
     return hdr

@@ -17,6 +17,7 @@ import struct
 from typing import NamedTuple
 
 from stack.errors import BadHeaderError, BadLengthError, ChecksumError, TruncatedError
+from stack.wire.positional import positional
 
 __all__ = [
     "PROTO_ICMP",
@@ -50,7 +51,6 @@ _EXT = struct.Struct("!BB")  # next header, hdr ext len (8-octet units, not coun
 _FRAG6 = struct.Struct("!BxHI")  # next header, reserved, offset/res/M, identification
 
 _from_bytes = int.from_bytes
-_new = tuple.__new__
 
 
 class Fragment(NamedTuple):
@@ -59,6 +59,9 @@ class Fragment(NamedTuple):
     ident: int  # 16-bit (IPv4) or 32-bit (IPv6) identification
     offset: int  # in bytes (the header field times 8)
     more: bool  # the MF / M flag
+
+
+_fragment = positional(Fragment, "ident", "offset", "more")
 
 
 class IpHeader(NamedTuple):
@@ -72,6 +75,9 @@ class IpHeader(NamedTuple):
     end: int  # where the IP payload ends (link padding beyond it ignored)
     ttl: int  # TTL or hop limit
     fragment: Fragment | None  # set for any fragment, None for whole datagrams
+
+
+_header = positional(IpHeader, "version", "src", "dst", "proto", "offset", "end", "ttl", "fragment")
 
 
 def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
@@ -132,8 +138,8 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
             foff = (frag & 0x1FFF) << 3
             if foff + total > 0xFFFF:  # reassembled header + data (RFC 791 3.2)
                 raise BadLengthError("IPv4 fragment ends beyond 65535 bytes")
-            fragment = _new(Fragment, (ident, foff, frag & 0x2000 != 0))
-        return _new(IpHeader, (4, src, dst, proto, hl, total, ttl, fragment))
+            fragment = _fragment((ident, foff, frag & 0x2000 != 0))
+        return _header((4, src, dst, proto, hl, total, ttl, fragment))
     if version == 6:
         if n < 40:
             raise TruncatedError(f"IPv6 packet of {n} bytes")
@@ -157,7 +163,7 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
                     raise BadLengthError("IPv6 fragment ends beyond 65535 bytes")
                 if more and (end - off) & 7:
                     raise BadLengthError("IPv6 non-last fragment not a multiple of 8 bytes")
-                fragment = _new(Fragment, (ident, foff, more))
+                fragment = _fragment((ident, foff, more))
                 break
             if nh == _HOP_BY_HOP and off != 40:
                 raise BadHeaderError("IPv6 hop-by-hop header not first")
@@ -169,7 +175,7 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
             off += (hlen + 1) << 3
             if off > end:
                 raise TruncatedError("IPv6 extension header runs past the payload")
-        return _new(IpHeader, (6, src, dst, nh, off, end, hlim, fragment))
+        return _header((6, src, dst, nh, off, end, hlim, fragment))
     raise BadHeaderError(f"IP version {version}")
 
 

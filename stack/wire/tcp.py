@@ -23,6 +23,7 @@ from typing import NamedTuple
 from stack.errors import BadHeaderError, BadLengthError, ChecksumError, TruncatedError
 from stack.wire.checksum import ones_sum as _ones_sum
 from stack.wire.checksum import verify as _verify
+from stack.wire.positional import positional
 
 __all__ = [
     "ACK",
@@ -75,7 +76,6 @@ _V6_TCP = struct.Struct("!IHBB16s16sHHIIHHHH")  # IPv6 header + TCP fixed header
 _PROTO_TCP = 6
 
 _from_bytes = int.from_bytes
-_new = tuple.__new__
 
 
 class TcpOptions(NamedTuple):
@@ -89,6 +89,7 @@ class TcpOptions(NamedTuple):
 
 
 NO_OPTIONS = TcpOptions()
+_options = positional(TcpOptions, "mss", "wscale", "sack_permitted", "timestamps", "sack_blocks")
 
 
 class TcpHeader(NamedTuple):
@@ -103,6 +104,12 @@ class TcpHeader(NamedTuple):
     urgent: int
     header_len: int  # bytes, options included
     options: TcpOptions
+
+
+_header = positional(
+    TcpHeader,
+    "src_port", "dst_port", "seq", "ack", "flags", "window", "urgent", "header_len", "options",
+)  # fmt: skip
 
 
 def parse_tcp(
@@ -153,12 +160,12 @@ def parse_tcp(
     elif hl == 32:
         word, tsval, tsecr = _TS_OPT.unpack_from(buf, offset + 20)
         if word == _NOP_NOP_TS:
-            options = _new(TcpOptions, (None, None, False, (tsval, tsecr), ()))
+            options = _options((None, None, False, (tsval, tsecr), ()))
         else:
             options = _parse_options(buf, offset + 20, offset + 32)
     else:
         options = _parse_options(buf, offset + 20, offset + hl)
-    return _new(TcpHeader, (sport, dport, seq, ack, off_flags & 0xFF, window, urgent, hl, options))
+    return _header((sport, dport, seq, ack, off_flags & 0xFF, window, urgent, hl, options))
 
 
 def _parse_options(buf: bytes | bytearray | memoryview, i: int, end: int) -> TcpOptions:
@@ -196,7 +203,7 @@ def _parse_options(buf: bytes | bytearray | memoryview, i: int, end: int) -> Tcp
         elif kind == _SACK_PERM and length == 2:
             sack_permitted = True
         i += length
-    return _new(TcpOptions, (mss, wscale, sack_permitted, timestamps, sack_blocks))
+    return _options((mss, wscale, sack_permitted, timestamps, sack_blocks))
 
 
 def encode_options(

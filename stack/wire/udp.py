@@ -12,6 +12,7 @@ from typing import NamedTuple
 from stack.errors import BadLengthError, ChecksumError, TruncatedError
 from stack.wire.checksum import ones_sum as _ones_sum
 from stack.wire.checksum import verify as _verify
+from stack.wire.positional import positional
 
 __all__ = ["UdpHeader", "build_udp_packet", "parse_udp"]
 
@@ -21,7 +22,6 @@ _V6_UDP = struct.Struct("!IHBB16s16sHHHH")  # IPv6 header + UDP header
 _PROTO_UDP = 17
 
 _from_bytes = int.from_bytes
-_new = tuple.__new__
 
 
 class UdpHeader(NamedTuple):
@@ -31,6 +31,9 @@ class UdpHeader(NamedTuple):
     dst_port: int
     length: int  # header + data, from the length field
     checksum: int  # 0 on IPv4 means "not computed"
+
+
+_header = positional(UdpHeader, "src_port", "dst_port", "length", "checksum")
 
 
 def parse_udp(
@@ -82,7 +85,7 @@ def parse_udp(
         initial = pseudo_sum - (avail - length) + 0x1FFFE
         if not _verify(buf[offset : offset + length], initial):
             raise ChecksumError("UDP checksum")
-    return _new(UdpHeader, (sport, dport, length, csum))
+    return _header((sport, dport, length, csum))
 
 
 def build_udp_packet(
