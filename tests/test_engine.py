@@ -30,6 +30,7 @@ from relay.datapath.egress import EgressPolicy, parse_rule
 from relay.datapath.engine import Relay, raise_nofile_limit
 from relay.datapath.isn import IsnGenerator
 from relay.datapath.packet_source import MemoryPacketSource
+from relay.datapath.tcpflow import TcpFlow
 from stack import FlowId, Stack, StackConfig, State, TcpConfig
 from stack.seq import seq_add, seq_gt, seq_lt, seq_sub
 from stack.wire.ip import parse_ip
@@ -205,6 +206,13 @@ class Tap:
         return self.ends[port]
 
 
+class EndsTap(Tap):
+    """A Tap without a ``data`` hook: no analyzer may change the bytes, so the
+    relay may write the client's bytes upstream straight from the packet loop."""
+
+    data = None  # type: ignore[assignment]
+
+
 class Harness:
     def __init__(self, relay: Relay, source: MemoryPacketSource, stack: Stack) -> None:
         self.relay, self.source, self.stack = relay, source, stack
@@ -240,11 +248,12 @@ async def harness(
     analyzers: Sequence[object] = (),
     isn: Callable[[FlowId], int] | None = None,
     stack: Stack | None = None,
+    data_hooks: bool = True,
 ) -> AsyncIterator[Harness]:
     source = MemoryPacketSource()
     stack = Stack() if stack is None else stack  # (a Stack with no flows is falsy)
     connector = FakeConnector()
-    tap, log = Tap(), io.StringIO()
+    tap, log = (Tap() if data_hooks else EndsTap()), io.StringIO()
     relay = Relay(
         source,
         stack=stack,
@@ -452,6 +461,46 @@ async def test_data_both_ways_byte_exact_and_seen_by_analyzers(
         )  # fmt: skip
         stats = h.relay.stats
         assert (stats.bytes_c2s, stats.bytes_s2c) == (len(up), len(down))
+
+
+async def test_without_data_hooks_client_bytes_go_straight_upstream(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The direct path (TcpFlow.on_data -> _send_now): bytes written from the packet
+    # loop, the rest queued behind them when the socket is full, all in order.
+    direct: list[tuple[int, int]] = []  # (bytes offered, bytes the socket took)
+    send_now = TcpFlow._send_now
+
+    def counted(flow: TcpFlow, data: bytes) -> int:
+        sent = send_now(flow, data)
+        direct.append((len(data), sent))
+        return sent
+
+    monkeypatch.setattr(TcpFlow, "_send_now", counted)
+    up = pattern(3_000_000, 7)  # more than the socket pair buffers: some must queue
+    async with harness(data_hooks=False) as h:
+        c, server = await connected(h)
+        async with trio.open_nursery() as n:
+            n.start_soon(c.send, up)
+            await trio.sleep(5)  # the server reads nothing meanwhile: the socket fills
+            assert await recv_exactly(server, len(up)) == up
+        # Went direct, and met a full socket (a short write: the rest was queued).
+        assert sum(sent for _, sent in direct) > 0
+        assert any(sent < offered for offered, sent in direct)
+        assert h.relay.stats.bytes_c2s == len(up)
+        assert (40000, C2S) not in h.tap.streams  # nothing watched the bytes
+
+
+async def test_data_hooks_keep_client_bytes_off_the_direct_path(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[bytes] = []
+    monkeypatch.setattr(TcpFlow, "_send_now", lambda flow, data: calls.append(data) or 0)
+    async with harness() as h:
+        c, server = await connected(h)
+        await c.send(b"watched")
+        assert await recv_exactly(server, 7) == b"watched"
+    assert calls == [] and h.tap.streams[(40000, C2S)] == b"watched"
 
 
 async def test_a_lost_response_is_retransmitted_on_time(

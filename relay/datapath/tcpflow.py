@@ -13,8 +13,9 @@ The flow's own task (``run``) does everything that waits:
 2. two pumps. client -> server: queued ``DataReceived`` bytes go through the
    analyzers and ``sock.send``; only then ``stack.consumed(n)``, so a slow
    server or analyzer closes this flow's window. server -> client: ``recv``
-   only while ``stack.send_space()`` > 0 (one byte more than fits, so a short
-   ``send`` arms ``SendSpace``), analyzers, ``stack.send``.
+   only while ``stack.send_space()`` > 0, at most that many bytes (a 0 from
+   ``send_space()`` arms ``SendSpace``, which wakes the pump), analyzers,
+   ``stack.send``.
 3. close. FIN is relayed as a half-close each way (``PeerFinished`` ->
    ``shutdown(SHUT_WR)`` after the queue is written; upstream EOF ->
    ``stack.close``). RST as RST: the client's reset closes the upstream

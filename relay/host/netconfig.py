@@ -392,11 +392,11 @@ def route_client_nets_into_tun(
     Packets from one client to another go into the TUN as well, so the
     relay's egress policy decides about them (denied by default).
 
-    Two more rules per client network, ahead of that one, send to the main
-    table what must not enter the TUN: `from <net> iif <tun>`, the relay's
-    answers to clients (their source is the address the client asked for,
-    another client's included), and `from <net> iif lo`, this host's own
-    packets. A VPN server usually has an address inside the client network
+    Three more rules per client network, ahead of that one, keep out of the
+    TUN what must not enter it: `from <net> iif <tun>` (main table), the
+    relay's answers to clients (their source is the address the client asked
+    for, another client's included), and `from <net> iif lo` (main table, then
+    unreachable), this host's own packets. A VPN server usually has an address inside the client network
     (10.8.0.1 in 10.8.0.0/24): its packets to clients (replies from its DNS
     server, ICMP errors) and reverse-path lookups for them (rp_filter, which
     looks up with iif lo) must use the main table.

@@ -71,7 +71,7 @@ class RunOptions:
     fail_closed_routing: bool = True  # prohibit in the table while the TUN route is gone
     state_dir: str = STATE_DIR
     user: Identity | None = None  # the workers' (relay.service.privileges.resolve_worker)
-    # Capabilities the workers keep (none: e.g. SO_MARK would need CAP_NET_ADMIN).
+    # Capabilities the workers keep: none, or CAP_NET_RAW for --fwmark (SO_MARK).
     worker_caps: frozenset[int] = frozenset()
     profile: str | None = None  # cProfile output of worker 0's packet loop
     relay: RelayConfig = field(default_factory=RelayConfig)
