@@ -396,10 +396,10 @@ def route_client_nets_into_tun(
     TUN what must not enter it: `from <net> iif <tun>` (main table), the
     relay's answers to clients (their source is the address the client asked
     for, another client's included), and `from <net> iif lo` (main table, then
-    unreachable), this host's own packets. A VPN server usually has an address inside the client network
-    (10.8.0.1 in 10.8.0.0/24): its packets to clients (replies from its DNS
-    server, ICMP errors) and reverse-path lookups for them (rp_filter, which
-    looks up with iif lo) must use the main table.
+    unreachable), this host's own packets. A VPN server usually has an address
+    inside the client network (10.8.0.1 in 10.8.0.0/24): its packets to
+    clients (replies from its DNS server, ICMP errors) and reverse-path lookups
+    for them (rp_filter, which looks up with iif lo) must use the main table.
 
     Replies the relay writes into the TUN have source = the original
     destination, so rp_filter is turned off on the TUN (the kernel uses the
