@@ -166,6 +166,26 @@ def test_the_fast_path_takes_most_segments_of_a_plain_exchange() -> None:
     assert sum(twin.fast.quiet for twin in twins) > 0
 
 
+def _divergence(broken: type[_Counted]) -> str:
+    """Run a plain 20 kB exchange with ``broken`` as the fast twin; the twins'
+    comparison must fail, and this returns its message."""
+
+    class BrokenTwin(Twin):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.fast = broken(**kwargs)
+
+    cfg = TcpConfig()
+    a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
+    run = PropertyRun(seed=1, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
+                      isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
+    try:
+        _run(run, cast(Callable[..., TcpConnection], BrokenTwin))
+    except AssertionError as exc:
+        return str(exc)
+    raise AssertionError("the twins did not diverge")
+
+
 @pytest.mark.usefixtures("no_notes")
 def test_a_fast_path_that_skipped_a_step_is_caught() -> None:
     # The check itself: a shortcut that forgets one update (here, the window)
@@ -178,22 +198,8 @@ def test_a_fast_path_that_skipped_a_step_is_caught() -> None:
                 return  # once the fast path has been taken, forget window updates
             super()._update_window(seq, ack, window)
 
-    class BrokenTwin(Twin):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.fast = Broken(**kwargs)
-
-    cfg = TcpConfig()
-    a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
-    factory = cast(Callable[..., TcpConnection], BrokenTwin)
-    try:
-        run = PropertyRun(seed=1, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
-                          isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
-        _run(run, factory)
-    except AssertionError as exc:
-        assert "snd_wl1" in str(exc) or "snd_wnd" in str(exc), exc
-    else:
-        raise AssertionError("the twins did not diverge")
+    message = _divergence(Broken)
+    assert "snd_wl1" in message or "snd_wnd" in message, message
 
 
 def test_the_snapshot_compares_every_timer() -> None:
@@ -219,19 +225,5 @@ def test_a_fast_path_that_skipped_a_timer_is_caught() -> None:
             if self.predicted and ack is None and self.timers.ack is not None:
                 self.timers.clear_ack()
 
-    class BrokenTwin(Twin):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.fast = Broken(**kwargs)
-
-    cfg = TcpConfig()
-    a, b = ((20000, [(0.0, 20000)], 1.0, 0.0) for _ in "ab")
-    factory = cast(Callable[..., TcpConnection], BrokenTwin)
-    try:
-        run = PropertyRun(seed=1, loss=0.0, dup=0.0, reorder=0.0, cfg_a=cfg, cfg_b=cfg,
-                          isn_a=1, isn_b=2, script_a=a, script_b=b)  # fmt: skip
-        _run(run, factory)
-    except AssertionError as exc:
-        assert "timers" in str(exc), exc
-    else:
-        raise AssertionError("the twins did not diverge")
+    message = _divergence(Broken)
+    assert "timers" in message, message
