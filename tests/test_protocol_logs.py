@@ -664,3 +664,24 @@ async def test_a_full_buffer_drops_and_counts(tmp_path: Path) -> None:
     logs.close()
     logs.close()
     assert len((tmp_path / "conn.log").read_text().splitlines()) == logs.stats.rows
+
+
+async def test_bytes_after_the_servers_close_meet_its_reset(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A kernel answers bytes for a closed socket with an RST; the relay sees EPIPE or
+    # ENOTCONN (not ECONNRESET) once it read the FIN: still the server's reset.
+    logs = ZeekLogs(tmp_path)
+    async with relay_with([logs]) as h:
+        c = Client(h)
+        await c.connect()
+        server = await h.connector.server(c.flow)
+        await send_all(server, b"bye")
+        server.close()
+        await until(lambda: c.fin)
+        await c.send(b"too late")
+        await until(lambda: c.rst)
+        await until(lambda: h.relay.active_flows == 0)
+        await trio.sleep(1)
+    (row,) = await rows(logs, tmp_path, "conn")
+    assert (row["conn_state"], row["history"], row["ended"]) == ("RSTR", "ShAdfDr", "rst")

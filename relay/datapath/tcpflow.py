@@ -93,6 +93,12 @@ _CONNECT_ERRORS: dict[int, tuple[Reject, Unreachable, EndReason]] = {
 }
 
 
+# An established upstream socket failing with these was reset by the server: ECONNRESET
+# reports the RST itself; once a read took the server's FIN first, a later send sees
+# EPIPE and shutdown() ENOTCONN instead (the RST answered bytes sent after the FIN).
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+
+
 def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason]:
     """How to answer the client when the upstream connect failed with ``exc``.
 
@@ -420,7 +426,7 @@ class TcpFlow:
 
     def _upstream_failed(self, exc: BaseException) -> None:
         self._env.stats.upstream_errors += 1
-        reset = isinstance(exc, ConnectionResetError)
+        reset = isinstance(exc, OSError) and exc.errno in _RESET_ERRNOS
         if reset:
             self._mark("r")
         log.debug("flow %s: upstream failed: %r", self.hooks.info.describe(), exc)
