@@ -685,3 +685,43 @@ async def test_bytes_after_the_servers_close_meet_its_reset(
         await trio.sleep(1)
     (row,) = await rows(logs, tmp_path, "conn")
     assert (row["conn_state"], row["history"], row["ended"]) == ("RSTR", "ShAdfDr", "rst")
+
+
+async def test_the_readme_server_names_example(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    _, found, rest = readme.partition("<!-- example: server-names -->\n```python\n")
+    assert found, "the README's example is gone"
+    code = rest.split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    analyzer = namespace["ServerNames"]()
+    chain = AnalyzerChain([analyzer])
+    assert chain.record_protocols == {"tls", "quic"}
+    flow = FlowInfo.from_flow(FlowId(4, "198.18.1.2", 40000, "198.18.2.2", 443))
+    hooks = chain.open(flow)
+    hello = dissect_first(tls_conversation(server_name="sni.example").side(C2S))
+    c2s, _ = quic_handshake(["h3"], 1, server_name="quic.example")
+    quic = dissect_quic(c2s)
+    assert await hooks.records([("tls_clienthello", hello), ("quic_clienthello", quic)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"198.18.1.2 sni.example {hello.ja4}",
+        f"198.18.1.2 quic.example {quic.hello.ja4}",
+    ]
+
+
+def dissect_first(client_bytes: bytes) -> TlsClientHello:
+    from relay.analysis.dissect import TlsDissector
+
+    (hello, *_) = TlsDissector().feed(C2S, client_bytes, 0.0)
+    assert isinstance(hello, TlsClientHello)
+    return hello
+
+
+def dissect_quic(datagrams: list[bytes]) -> QuicClientHello:
+    from relay.analysis.dissect import QuicDissector
+
+    d = QuicDissector()
+    records = [r for dg in datagrams for r in d.datagram(C2S, dg, 0.0)]
+    (hello,) = [r for r in records if isinstance(r, QuicClientHello)]
+    return hello
