@@ -24,6 +24,9 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
        path itself; f/b is what no trio-based relay on a TUN device escapes
     g  f without trio (``tun_floor.py --epoll``): one thread blocking in
        epoll_wait on the queue and the upstream sockets; f/g is trio's share
+    h  c with ``--log-dir`` (Zeek-compatible logs: every flow is detected, and
+       dissected while its protocol is one of ours; a conn.log row per flow):
+       h/c is what the protocol logs cost
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -32,7 +35,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, f/b and g/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -79,12 +82,13 @@ CONFIGS: dict[str, str] = {
     "e": "tunrelay --offload --workers 1",
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
+    "h": "tunrelay --offload --log-dir",
 }
-USES_RELAY = {"c", "d", "e"}  # tunrelay itself
+USES_RELAY = {"c", "d", "e", "h"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
-OFFLOADED = {"c", "e"}
-HAS_PROCESS = {"b", "c", "d", "e", "f", "g"}  # a userspace process whose CPU we measure
+OFFLOADED = {"c", "e", "h"}
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h"}  # a userspace process whose CPU we measure
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,10 @@ class Lab:
             ]  # fmt: skip
             if self.cfg in OFFLOADED:
                 argv.append("--offload")
+            if self.cfg == "h":
+                logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
+                logs.mkdir(exist_ok=True)
+                argv += ["--log-dir", str(logs)]
             if self.cfg == "e":
                 argv += ["--workers", "1"]
             elif self.params.profile_dir is not None:
@@ -704,7 +712,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     cols = list(CONFIGS)
     pairs = [("d", "b"), ("d", "a")]
     if params.offload_flag:
-        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f")]
+        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -712,6 +720,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "e": "offload, 1 worker",
         "f": "TUN floor",
         "g": "floor, no trio",
+        "h": "offload, --log-dir",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
@@ -771,7 +780,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d,e,f,g", help="configurations, e.g. a,b,d")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g,h", help="configurations, e.g. a,b,d")
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")

@@ -104,7 +104,7 @@ def test_demo_runs_and_cleans_up(netns_root: None) -> None:
     assert "connection refused (as without a relay)" in out
     assert "all checks passed" in out
     rows = flow_rows(out)
-    assert len(rows) == 5, rows
+    assert len(rows) == 7, rows
     size = str(4 << 20)
     for destination, wanted in [
         ("198.18.2.2:80", ["fin"]),
@@ -112,6 +112,8 @@ def test_demo_runs_and_cleans_up(netns_root: None) -> None:
         ("198.18.2.2:5001", [size, "fin"]),
         ("[fd00:2::2]:5002", [size, "fin"]),
         ("198.18.2.2:5003", ["refused"]),
+        ("198.18.2.2:443", ["fin"]),
+        ("198.18.2.2:53", ["udp", "idle"]),
     ]:
         row = [r for r in rows if r.split()[2] == destination]
         assert len(row) == 1, (destination, rows)
@@ -121,6 +123,19 @@ def test_demo_runs_and_cleans_up(netns_root: None) -> None:
     assert "→ [fd00:2::2]:80" in out
     assert "c2s first bytes: b'GET / HTTP/1.1" in out
     assert "s2c first bytes: b'HTTP/1.1 200 OK" in out
+    # The Zeek-compatible logs (--log-dir): TLS, HTTP and DNS rows, and conn.log's view.
+    (ssl_line,) = [ln for ln in out.splitlines() if ln.startswith("  ssl.log ")]
+    assert "198.18.2.2:443  TLSv13 TLS_" in ssl_line and "server_name demo.example" in ssl_line
+    assert "established True" in ssl_line and " ja4 t13d" in ssl_line
+    http_lines = [ln for ln in out.splitlines() if ln.startswith("  http.log ")]
+    assert len(http_lines) == 2 and all(" GET " in ln and " 200 OK " in ln for ln in http_lines)
+    (dns_line,) = [ln for ln in out.splitlines() if ln.startswith("  dns.log ")]
+    assert "udp www.demo.example A → 198.18.2.2  NOERROR" in dns_line
+    conn_lines = [ln for ln in out.splitlines() if ln.startswith("  conn.log ")]
+    assert len(conn_lines) == 7
+    assert any("198.18.2.2:443  service ssl  SF  history ShAD" in ln for ln in conn_lines)
+    assert any("198.18.2.2:53  service dns  SF  history Dd" in ln for ln in conn_lines)
+    assert any("198.18.2.2:5003  service -  REJ  history Sr" in ln for ln in conn_lines)
     assert_nothing_left(proc, out)
 
 

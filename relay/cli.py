@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--flow-log", metavar="PATH|-", help="append one JSON object per finished flow"
     )
+    run.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="write Zeek-compatible JSON logs into DIR (conn.log, ssl.log, http.log, dns.log, "
+        "quic.log; appended to): protocols are detected by content and dissected",
+    )
     run.add_argument("--mtu", type=int, default=1500, help="TUN MTU (default 1500)")
     run.add_argument(
         "--txqueuelen", type=int, default=DEFAULT_TXQUEUELEN, help="TUN queue length, per queue"
@@ -224,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_nets=args.client_net,
             analyzers=args.analyzer,
             flow_log=args.flow_log,
+            log_dir=args.log_dir,
             mtu=args.mtu,
             txqueuelen=args.txqueuelen,
             table=args.table,

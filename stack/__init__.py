@@ -30,7 +30,7 @@ from stack.events import (
     Unreachable,
 )
 from stack.fragments import FragmentStats
-from stack.stack import Stack, StackStats
+from stack.stack import PacketCounts, Stack, StackStats
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import TcpOptions
@@ -56,6 +56,7 @@ __all__ = [
     "FragmentConfig",
     "FragmentStats",
     "LocalProtocolError",
+    "PacketCounts",
     "ParseError",
     "PeerFinished",
     "Reject",

@@ -75,16 +75,48 @@ class StackStats:
     reassembly: FragmentStats = field(default_factory=FragmentStats)
 
 
+class PacketCounts:
+    """The packets of one TCP connection as the stack handled them: ``received``
+    from the client (SYN, ACKs and retransmissions included; a pure ACK merged
+    into a later one still counts) and ``sent`` to it. With TUN offloads a GRO
+    super-segment in or a GSO write out is one packet here.
+
+    ``Stack.packet_counts`` hands out the live object, which keeps counting
+    until the connection is gone and keeps its last values after that.
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+
+    def __repr__(self) -> str:
+        return f"PacketCounts(received={self.received}, sent={self.sent})"
+
+
+class _Connection(TcpConnection):
+    """A connection the stack created, with its packet counts."""
+
+    __slots__ = ("packets",)
+
+    packets: PacketCounts  # set when the stack creates it
+
+
 class _Entry:
     """Per-connection bookkeeping the connection itself does not need."""
 
-    __slots__ = ("client", "key", "server", "syn_packet")
+    __slots__ = ("client", "key", "packets", "server", "syn_packet")
 
-    def __init__(self, key: bytes, client: bytes, server: bytes, syn_packet: bytes | None) -> None:
+    def __init__(
+        self, key: bytes, client: bytes, server: bytes, syn_packet: bytes | None,
+        packets: PacketCounts,
+    ) -> None:  # fmt: skip
         self.key = key  # dict key: client addr + server addr + ports
         self.client = client  # raw client address
         self.server = server  # raw original-destination address
         self.syn_packet = syn_packet  # kept for an ICMP reject, until decided
+        self.packets = packets  # the connection's, counted on output
 
 
 class _HeldAck:
@@ -106,7 +138,7 @@ class Stack:
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
         self.stats = StackStats()
-        self._by_key: dict[bytes, TcpConnection] = {}
+        self._by_key: dict[bytes, _Connection] = {}
         self._by_flow: dict[FlowId, TcpConnection] = {}
         self._entries: dict[TcpConnection, _Entry] = {}
         self._events: deque[Event] = deque()
@@ -190,6 +222,7 @@ class Stack:
                 return
             self._no_connection(packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len)
             return
+        conn.packets.received += 1
         start = off + tcp.header_len
         held = self._held
         if batch and tcp.flags == ACK and start == ip.end:
@@ -268,7 +301,10 @@ class Stack:
         # compact record stays (see stack.tcp.timewait). The ACK of the peer's
         # FIN is still owed: build it before the connection goes.
         entry = self._entries[conn]
-        self._build(entry, conn.segments_to_send(now), self._raw_out)
+        out = self._raw_out
+        n = len(out)
+        self._build(entry, conn.segments_to_send(now), out)
+        entry.packets.sent += len(out) - n
         window = min(self.config.tcp.rcv_buf, MAX_WINDOW)
         self._time_wait.add(entry.key, conn.snd_max, conn.rcv_nxt, window, now)
         conn.retire()
@@ -307,7 +343,7 @@ class Stack:
             tcp.dst_port,
         )
         cfg = self.config.tcp
-        conn = TcpConnection(
+        conn = _Connection(
             local_port=tcp.dst_port,
             remote_port=tcp.src_port,
             config=cfg,
@@ -329,9 +365,11 @@ class Stack:
                 tcp.options,
             )
         )
+        packets = conn.packets = PacketCounts()
+        packets.received = 1  # the SYN
         self._by_key[key] = conn
         self._by_flow[flow] = conn
-        self._entries[conn] = _Entry(key, src, dst, bytes(packet))
+        self._entries[conn] = _Entry(key, src, dst, bytes(packet), packets)
         self._pending += 1
         self.stats.connections_opened += 1
         self._events.append(ConnectionRequest(flow, tcp.options))
@@ -434,6 +472,18 @@ class Stack:
             self._touched[conn] = None
             self._forget(conn)
 
+    def packet_counts(self, flow: FlowId) -> PacketCounts | None:
+        """The live packet counts of the flow's connection (None for no connection).
+
+        Kept by the caller, the object goes on counting until the connection is
+        gone and then holds its final counts (``Closed`` comes after the stack
+        forgot the flow, so asking then would be too late)."""
+        conn = self._by_flow.get(flow)
+        if conn is None:
+            return None
+        entry = self._entries.get(conn)
+        return None if entry is None else entry.packets
+
     def state_of(self, flow: FlowId) -> State | None:
         """The flow's TCP state, or None once it is gone (for tests and diagnostics)."""
         conn = self._by_flow.get(flow)
@@ -469,7 +519,9 @@ class Stack:
             if entry is None:
                 continue
             if segs:  # often none: a pass that only read, or a response not yet sent
+                n = len(out)
                 self._build(entry, segs, out)
+                entry.packets.sent += len(out) - n
             if conn.state is State.CLOSED:
                 self._forget(conn)
                 self._orphans.pop(conn, None)

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from relay.analysis.hooks import (
+    RECORD_HOOKS,
     AnalyzerChain,
     Direction,
     EndReason,
@@ -110,7 +111,8 @@ def test_hooks_are_looked_up_once_and_must_be_async() -> None:
             raise AttributeError(name)
 
     AnalyzerChain([Counting()])
-    assert Counting.lookups == 3  # flow_start, data, flow_end: at registration only
+    # flow_start, data, flow_end and the record hooks: at registration only
+    assert Counting.lookups == 3 + len(RECORD_HOOKS)
 
     class SyncHook:
         def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:

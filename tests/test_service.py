@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,30 @@ def test_a_worker_process_does_not_import_pyroute2() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_a_worker_without_log_dir_does_not_import_the_dissectors() -> None:
+    # dnspython, httptools and cryptography: ~11 MB a worker needs only with --log-dir
+    # (or an analyzer with a record hook, which the engine sees and imports them for).
+    code = (
+        "import sys, relay.cli, relay.service.workers, relay.datapath.engine;"
+        "heavy = ('relay.analysis.dissect', 'dns', 'httptools');"
+        "print(any(m.startswith(heavy) for m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_log_dir_is_checked_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert validate(tun="tr0", client_nets=NETS, log_dir=str(tmp_path)).log_dir == str(tmp_path)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"^--log-dir: .*nowhere' is not a directory"):
+        validate(tun="tr0", client_nets=NETS, log_dir=missing)
+    assert main(["run", "--tun", "tr0", "--client-net", NETS[0], "--log-dir", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tunrelay run: --log-dir:") and err.count("\n") == 1
 
 
 def test_cli_flags() -> None:

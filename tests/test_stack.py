@@ -184,6 +184,37 @@ def test_data_both_ways_and_orderly_close() -> None:
     assert stack.get_timer() is None
 
 
+def test_packet_counts_follow_the_connection_and_outlive_it() -> None:
+    stack = Stack()
+    flow = request_tcp_flow(stack)
+    stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, options=encode_options(mss=1460)), 0.0)
+    counts = stack.packet_counts(flow)
+    assert counts is not None
+    assert (counts.received, counts.sent) == (2, 0)  # the SYN and its retransmission
+    stack.accept(flow, isn=SERVER_ISN)
+    assert len(sent_tcp(stack)) == 1 and (counts.received, counts.sent) == (2, 1)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK), 0.0)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"hello"), 0.1)
+    stack_events(stack)
+    stack.consumed(flow, 5)
+    stack.send(flow, b"world")
+    stack.close(flow)
+    assert len(sent_tcp(stack, 0.1)) == 1  # data and FIN in one segment
+    stack.receive(tcp_packet(CLIENT_ISN + 6, SERVER_ISN + 7, ACK | FIN), 0.2)
+    sent_tcp(stack, 0.2)  # the last ACK, from TIME-WAIT
+    assert stack.packet_counts(flow) is None  # gone...
+    assert (counts.received, counts.sent) == (5, 3)  # ...with its final counts
+
+
+def test_packet_counts_of_a_refused_connection() -> None:
+    stack = Stack()
+    flow = request_tcp_flow(stack)
+    counts = stack.packet_counts(flow)
+    stack.reject(flow, Reject.RST)
+    assert len(sent_tcp(stack)) == 1
+    assert counts is not None and (counts.received, counts.sent) == (1, 1)
+
+
 def test_abort_sends_rst_and_forgets_the_flow() -> None:
     stack = Stack()
     flow = open_tcp_flow(stack)

@@ -2,7 +2,11 @@
 
 Theory of operation: an analyzer is any object with some of the async methods
 of ``Analyzer``. ``AnalyzerChain`` looks the methods up once, at registration,
-and keeps three lists of bound methods. Each flow gets a ``FlowHooks`` from
+and keeps a list of bound methods per hook: ``flow_start``, ``data``,
+``flow_end``, and one per record of the protocol dissectors
+(``RECORD_HOOKS``: ``tls_clienthello``, ``http_request``, ``dns_query``...,
+run by the data path with each record as soon as it is complete, see
+``relay.datapath.dissection``). Each flow gets a ``FlowHooks`` from
 ``AnalyzerChain.open()``, which remembers the analyzers detached *for that
 flow*. The hooks run inside the flow's own tasks (the pumps), so a slow
 analyzer delays only its own flow: the bytes are reported ``consumed`` to the
@@ -23,13 +27,30 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from relay.analysis.direction import Direction
 from stack import FlowId
 
+if TYPE_CHECKING:
+    from relay.analysis.dissect import (
+        DnsQuery,
+        DnsTransaction,
+        HttpRequest,
+        HttpResponse,
+        HttpTransaction,
+        QuicClientHello,
+        QuicServerHello,
+        TlsAlert,
+        TlsClientHello,
+        TlsEstablished,
+        TlsServerHello,
+    )
+
 __all__ = [
+    "RECORD_HOOKS",
     "Analyzer",
     "AnalyzerChain",
     "Direction",
@@ -63,11 +84,6 @@ class Verdict(enum.Enum):
     # As from a closed port: TCP gets an RST; UDP gets ICMP port unreachable for each
     # datagram until the flow idles out; echo gets ICMP administratively prohibited.
     REJECT = "reject"
-
-
-class Direction(enum.Enum):
-    CLIENT_TO_SERVER = "c2s"
-    SERVER_TO_CLIENT = "s2c"
 
 
 class EndReason(enum.StrEnum):
@@ -129,13 +145,25 @@ class FlowInfo:
 
 @dataclass(frozen=True, slots=True)
 class FlowEnd:
-    """How a flow ended and how much it carried."""
+    """How a flow ended and how much it carried.
+
+    ``history`` is Zeek's conn.log history of the flow, built from what the relay
+    saw of each side (``relay.analysis.zeeklog`` documents the letters): e.g.
+    ``"ShADdFf"`` for a TCP connection with data both ways and FINs both ways.
+    ``services`` are the protocols the dissectors confirmed (Zeek's names:
+    ``ssl``, ``http``, ``dns``, ``quic``); empty unless some analyzer has a
+    record hook (dissection is off otherwise).
+    """
 
     how: EndReason
     bytes_c2s: int  # payload bytes the client sent (and the relay received)
     bytes_s2c: int  # payload bytes the server sent (and the relay received)
     duration: float  # seconds from the client's SYN to the end
     rule: str | None = None  # how == "denied": the egress rule, e.g. "default:loopback"
+    packets_c2s: int = 0  # packets from the client (TCP: on its connection; UDP: datagrams)
+    packets_s2c: int = 0  # packets to the client (the same)
+    history: str = ""
+    services: tuple[str, ...] = ()
 
 
 class Analyzer(Protocol):
@@ -161,6 +189,84 @@ class Analyzer(Protocol):
         A flow the egress policy denied gets only this call (``end.how`` "denied"):
         the policy decides before the analyzers are asked."""
         ...
+
+    # Records of the protocol dissectors (relay.analysis.dissect). The protocol is
+    # detected by content, never by port; each hook runs as soon as its record is
+    # complete, in the flow's task. A record the client's bytes completed is seen
+    # before those bytes go upstream. Having any of these hooks turns dissection
+    # on (only for the protocols whose hooks exist); without them no flow pays
+    # for it.
+
+    async def tls_clienthello(self, flow: FlowInfo, hello: TlsClientHello) -> None:
+        """A TLS ClientHello over TCP: ``hello.server_name`` (SNI), ``hello.alpn``
+        (offered), ``hello.ja4``, ``hello.ja3``/``ja3_hash``, the offered suites and
+        versions. Again with ``hello.retry`` after a HelloRetryRequest."""
+        ...
+
+    async def tls_serverhello(self, flow: FlowInfo, hello: TlsServerHello) -> None:
+        """The server's answer: ``hello.version`` (``version_name``: ``TLSv13``),
+        ``hello.cipher_suite``, ``hello.alpn`` (TLS 1.2 and earlier; encrypted in
+        1.3, so ``None``). Also for a HelloRetryRequest (``hello_retry_request``)."""
+        ...
+
+    async def tls_established(self, flow: FlowInfo, established: TlsEstablished) -> None:
+        """The handshake completed (``established.resumed`` for an abbreviated
+        one); nothing more is parsed on this connection."""
+        ...
+
+    async def tls_alert(self, flow: FlowInfo, alert: TlsAlert) -> None:
+        """A plaintext alert (``level`` 2 is fatal, ``description`` the reason)."""
+        ...
+
+    async def http_request(self, flow: FlowInfo, req: HttpRequest) -> None:
+        """An HTTP/1.x request whose header block is complete (before its body):
+        ``method``, ``host``, ``uri``, ``user_agent``, ``headers``, ``trans_depth``."""
+        ...
+
+    async def http_response(self, flow: FlowInfo, resp: HttpResponse) -> None:
+        """A final response's status line and headers (before its body)."""
+        ...
+
+    async def http_transaction(self, flow: FlowInfo, tx: HttpTransaction) -> None:
+        """A request and its response, once the response ended (or the flow did):
+        with both body lengths; a row of Zeek's http.log."""
+        ...
+
+    async def dns_query(self, flow: FlowInfo, q: DnsQuery) -> None:
+        """A DNS query (UDP or TCP): ``query`` (the name), ``qtype_name``, ``trans_id``."""
+        ...
+
+    async def dns_answer(self, flow: FlowInfo, a: DnsTransaction) -> None:
+        """A query's outcome, a row of Zeek's dns.log: ``answers``, ``ttls``,
+        ``rcode_name``, ``rtt``. Also for a query that got no answer by the end
+        of the flow (``a.saw_reply`` False) and a reply without a query seen."""
+        ...
+
+    async def quic_clienthello(self, flow: FlowInfo, hello: QuicClientHello) -> None:
+        """The ClientHello of a QUIC connection, decrypted from its Initial packets:
+        ``hello.hello`` is the ``TlsClientHello`` (SNI, ALPN, a ``q`` JA4)."""
+        ...
+
+    async def quic_serverhello(self, flow: FlowInfo, hello: QuicServerHello) -> None:
+        """The server's ServerHello from its Initial packets."""
+        ...
+
+
+# The record hooks, in Analyzer's order; the protocol of each is its name up to
+# the first "_" (the dissectors' records map to them: relay.analysis.dissect.RECORD_HOOKS).
+RECORD_HOOKS: Final = (
+    "tls_clienthello",
+    "tls_serverhello",
+    "tls_established",
+    "tls_alert",
+    "http_request",
+    "http_response",
+    "http_transaction",
+    "dns_query",
+    "dns_answer",
+    "quic_clienthello",
+    "quic_serverhello",
+)
 
 
 _Hook = Callable[..., Awaitable[Any]]
@@ -190,7 +296,15 @@ class AnalyzerChain:
         TypeError: an analyzer has a hook attribute that is not an async method.
     """
 
-    __slots__ = ("_ends", "_starts", "data_hooks", "fail_closed", "on_error")
+    __slots__ = (
+        "_ends",
+        "_starts",
+        "data_hooks",
+        "fail_closed",
+        "on_error",
+        "record_hooks",
+        "record_protocols",
+    )
 
     def __init__(
         self,
@@ -211,6 +325,15 @@ class AnalyzerChain:
                 fn = _lookup(analyzer, name)
                 if fn is not None:
                     hooks.append((i, fn))
+        # Only the record hooks some analyzer has: a name absent here is never called.
+        self.record_hooks: dict[str, list[tuple[int, _Hook]]] = {}
+        for name in RECORD_HOOKS:
+            for i, analyzer in enumerate(analyzers):
+                fn = _lookup(analyzer, name)
+                if fn is not None:
+                    self.record_hooks.setdefault(name, []).append((i, fn))
+        # "tls", "http", "dns", "quic": the protocols worth dissecting.
+        self.record_protocols = frozenset(name.split("_")[0] for name in self.record_hooks)
         self.fail_closed = fail_closed
         self.on_error = on_error
 
@@ -244,7 +367,7 @@ class FlowHooks:
         # Called from inside ``except``: log.exception attaches the traceback.
         if not isinstance(self._detached, set):
             self._detached = set()
-        self._detached.add(index)
+        self._detached.add(index)  # from every hook of this flow, records' included
         self.has_data_hooks = any(i not in self._detached for i, _ in self._chain.data_hooks)
         action = "failing the flow" if self._chain.fail_closed else "detached for this flow"
         log.exception(
@@ -287,6 +410,30 @@ class FlowHooks:
                 self._failed(i, fn, "data")
                 if self._chain.fail_closed:
                     return False
+        return True
+
+    async def records(self, named: Iterable[tuple[str, object]]) -> bool:
+        """Show dissectors' records, in order, each to every attached analyzer with
+        its hook (``(name, record)``, ``name`` one of ``RECORD_HOOKS``; a name no
+        analyzer has is skipped).
+
+        Returns:
+            False when an analyzer failed and the chain is fail-closed: abort the flow.
+        """
+        # (Verdicts of tls_clienthello, http_request and dns_query would be read
+        # here: the data path already holds the bytes that completed them until
+        # this returns.)
+        record_hooks = self._chain.record_hooks
+        for name, record in named:
+            for i, fn in record_hooks.get(name, ()):
+                if i in self._detached:
+                    continue
+                try:
+                    await fn(self.info, record)
+                except Exception:
+                    self._failed(i, fn, name)
+                    if self._chain.fail_closed:
+                        return False
         return True
 
     async def end(self, end: FlowEnd) -> None:

@@ -30,7 +30,15 @@ datagrams that arrive meanwhile wait in a small bounded queue. Then:
   then answers later datagrams itself, and the flow stays refused until it
   idles out (so the analyzers are asked once per flow, not per datagram).
 * end: ``DatagramFlowClosed`` (idle, or aborted) cancels the task, closes the
-  socket and reports ``flow_end`` with byte counts.
+  socket and reports ``flow_end`` with byte and datagram counts.
+* dissection (UDP, only when some analyzer has a record hook:
+  ``env.dissection``; ``relay.datapath.dissection``): while the flow's
+  ``DatagramDissection`` is active, client datagrams go through the pump
+  task, which shows the records each completes (a DNS query, a QUIC
+  ClientHello) before sending it; server datagrams are dissected as they are
+  read, their records shown once the datagram went to the client. Once
+  detection gave up or the dissector is done, the flow drops it and sends
+  from the packet loop again.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-from typing import ClassVar, NoReturn
+import time
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
@@ -46,6 +55,9 @@ from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdic
 from relay.datapath.env import DatagramEnv
 from relay.datapath.icmp_errors import LOCAL_ERRORS, read_socket_errors
 from stack import CloseReason, FlowId, Unreachable
+
+if TYPE_CHECKING:
+    from relay.datapath.dissection import DatagramDissection, Named
 
 __all__ = ["DatagramFlow"]
 
@@ -78,6 +90,8 @@ class DatagramFlow:
         self.hooks = env.chain.open(FlowInfo.from_flow(flow, proto=flow.proto))
         self.bytes_c2s = 0  # payload bytes from the client
         self.bytes_s2c = 0  # payload bytes from the server
+        self.packets_c2s = 0  # datagrams (echo requests) from the client
+        self.packets_s2c = 0  # datagrams (echo replies) from the server
         self._env = env
         self._t0 = trio.current_time()
         self._scope = trio.CancelScope()
@@ -89,12 +103,17 @@ class DatagramFlow:
         self._closed: CloseReason | None = None  # set by DatagramFlowClosed: never call the stack
         self._hint: EndReason | None = None  # set when the relay decided how the flow ends
         self._rule: str | None = None  # the egress rule that denied the flow
+        # Detection and dissection (UDP only); None when off, and once done.
+        factory = env.dissection if self.watch_data else None
+        self._dx: DatagramDissection | None = None if factory is None else factory()
+        self._service: str | None = None  # the dissector's, kept when it is dropped
 
     # --- events from the packet loop (sync) -------------------------------------
 
     def on_item(self, item: bytes, size: int) -> None:
         """A client datagram (``size`` payload bytes) to send upstream."""
         self.bytes_c2s += size
+        self.packets_c2s += 1
         self._env.stats.datagrams_c2s += 1
         if self._direct:
             self._send(item)
@@ -170,7 +189,7 @@ class DatagramFlow:
         if self._closed is not None:
             return
         async with trio.open_nursery() as nursery:
-            if self.watch_data and self.hooks.has_data_hooks:
+            if self._dx is not None or (self.watch_data and self.hooks.has_data_hooks):
                 nursery.start_soon(self._pump_c2s)
             else:
                 while self._queue:
@@ -249,6 +268,12 @@ class DatagramFlow:
                 await lot.park()
             item = queue.popleft()
             self._queued -= len(item)
+            dx = self._dx
+            if dx is not None:
+                records = self.dissect(dx, _C2S, item)
+                if records and not await self.hooks.records(records):
+                    self._end(EndReason.ABORTED)
+                    return
             if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, item):
                 self._end(EndReason.ABORTED)
                 return
@@ -261,6 +286,22 @@ class DatagramFlow:
             except OSError as exc:
                 if self._socket_error(exc, item):
                     self._send(item)
+            if (
+                self._dx is None
+                and not self.hooks.has_data_hooks
+                and not queue
+                and self._closed is None
+            ):
+                self._direct = True  # nothing left to show anyone: the packet loop sends
+                return
+
+    def dissect(self, dx: DatagramDissection, direction: Direction, data: bytes) -> list[Named]:
+        """``data`` through the flow's dissection; drops it once done."""
+        records = dx.datagram(direction, data, time.time())
+        if not dx.active:
+            self._dx = None
+            self._service = dx.service
+        return records
 
     async def _pump_s2c(self) -> None:
         sock, env = self._sock, self._env
@@ -278,6 +319,7 @@ class DatagramFlow:
                     self._socket_error(exc)
                     continue
                 stats.datagrams_s2c += 1
+                self.packets_s2c += 1
                 if not await self.deliver(data, trio.current_time()):
                     self._end(EndReason.ABORTED)
                     return
@@ -299,6 +341,21 @@ class DatagramFlow:
             how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
         else:
             how = EndReason.SHUTDOWN
-        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule)
+        dx, self._dx = self._dx, None
+        if dx is not None:
+            records = dx.close(time.time())
+            self._service = dx.service
+            if records:
+                await self.hooks.records(records)  # the flow is over: errors only detach
+        end = FlowEnd(
+            how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule,
+            self.packets_c2s, self.packets_s2c, self.history(),
+            (self._service,) if self._service is not None else (),
+        )  # fmt: skip
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)
+
+    def history(self) -> str:
+        """Zeek's conn.log history: ``D`` the client sent, ``d`` the server did
+        (the client's always came first: it opened the flow)."""
+        return ("D" if self.packets_c2s else "") + ("d" if self.packets_s2c else "")

@@ -126,6 +126,9 @@ class EchoFlow(DatagramFlow):
         request = ECHO_REQUEST if self.flow.version == 4 else ICMP6_ECHO_REQUEST
         self.on_item(_ECHO.pack(request, 0, 0, 0, seq) + data, len(data))
 
+    def history(self) -> str:
+        return ""  # Zeek has no history for ICMP
+
     def open_socket(self) -> socket.socket:
         return self._env.echo_socket(self.flow)
 

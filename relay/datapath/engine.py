@@ -34,7 +34,7 @@ import functools
 import logging
 import resource
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -66,6 +66,9 @@ from stack import (
     SendSpace,
 )
 
+if TYPE_CHECKING:
+    from relay.datapath.dissection import DatagramDissection, StreamDissection
+
 __all__ = ["Relay", "raise_nofile_limit"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,30 @@ def raise_nofile_limit() -> int:
             return soft
         return target
     return soft
+
+
+def _dissection_factories(
+    chain: AnalyzerChain,
+) -> tuple[Callable[[], StreamDissection] | None, Callable[[], DatagramDissection] | None]:
+    """The flows' dissection factories for the protocols some analyzer wants records
+    of (TCP, UDP); None where there are none, and then nothing is imported."""
+    protocols = chain.record_protocols
+    if not protocols:
+        return None, None
+    from relay.datapath.dissection import (
+        DATAGRAM_PROTOCOLS,
+        STREAM_PROTOCOLS,
+        DatagramDissection,
+        StreamDissection,
+    )
+
+    stream = protocols & STREAM_PROTOCOLS
+    datagram = protocols & DATAGRAM_PROTOCOLS
+    hooks = frozenset(chain.record_hooks)
+    return (
+        functools.partial(StreamDissection, stream, hooks) if stream else None,
+        functools.partial(DatagramDissection, datagram, hooks) if datagram else None,
+    )
 
 
 class Relay:
@@ -143,6 +170,7 @@ class Relay:
         chain = AnalyzerChain(
             analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
         )
+        stream_dx, datagram_dx = _dissection_factories(chain)
         self._env = FlowEnv(
             stack=stack,
             config=config,
@@ -152,6 +180,7 @@ class Relay:
             kick=self.kick,
             flush=self.flush,
             stats=self.stats,
+            dissection=stream_dx,
         )
         self._flows: dict[FlowId, TcpFlow] = {}
         self._nursery: trio.Nursery | None = None
@@ -178,6 +207,7 @@ class Relay:
                 echo_socket=echo_socket or functools.partial(open_ping_socket, upstream=up),
                 egress=config.egress,
                 flow_end_timeout=config.flow_end_timeout,
+                dissection=datagram_dx,
             ),
             {"udp": UdpFlow, "icmp": EchoFlow},
         )

@@ -10,14 +10,19 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy
-from stack import Event, FlowId, Reject, Unreachable
+from stack import Event, FlowId, PacketCounts, Reject, Unreachable
+
+if TYPE_CHECKING:
+    # Imported by the engine only when some analyzer wants records: the dissectors
+    # (dnspython, httptools, cryptography) are ~11 MiB a worker need not carry.
+    from relay.datapath.dissection import DatagramDissection, StreamDissection
 
 __all__ = [
     "QUEUE_LIMIT",
@@ -67,6 +72,8 @@ class DatagramEnv:
     egress: EgressPolicy = field(default_factory=EgressPolicy)  # judged before either
     flow_end_timeout: float = 5.0
     queue_limit: int = QUEUE_LIMIT
+    # A new UDP flow's detection and dissection; None: dissection is off.
+    dissection: Callable[[], DatagramDissection] | None = None
 
 
 class RelayStack(DatagramStack, Protocol):
@@ -89,6 +96,7 @@ class RelayStack(DatagramStack, Protocol):
     def consumed(self, flow: FlowId, n: int) -> None: ...
     def close(self, flow: FlowId) -> None: ...
     def abort(self, flow: FlowId) -> None: ...
+    def packet_counts(self, flow: FlowId) -> PacketCounts | None: ...
 
 
 @dataclass(slots=True)
@@ -133,3 +141,5 @@ class FlowEnv:
     kick: Callable[[], None]  # wake the packet loop: the stack has packets to flush
     flush: Callable[[], None]  # write the stack's packets now (after stack.send)
     stats: RelayStats
+    # A new TCP flow's detection and dissection; None: dissection is off.
+    dissection: Callable[[], StreamDissection] | None = None

@@ -23,6 +23,20 @@ The flow's own task (``run``) does everything that waits:
    ``Closed`` ends the task: socket closed (abortively unless both directions
    finished cleanly), analyzers' ``flow_end``.
 
+Dissection (only when some analyzer has a record hook: ``env.dissection``;
+``relay.datapath.dissection``): the client's bytes go to the flow's
+``StreamDissection`` in ``on_data``, before they are sent, and the server's in
+the s2c pump, right after they are read. A chunk that completes records (a
+ClientHello, a request's header block) waits in the c2s queue until their
+hooks ran, so an analyzer sees a record before the bytes that completed it
+go upstream; every other chunk takes the usual path, the direct one included.
+Records from the server's bytes are shown once those bytes went to the stack.
+Once detection gave up or the dissector is done, the flow drops it.
+
+The flow also keeps Zeek's conn.log ``history`` (``FlowEnd.history``): the
+client's letters (upper case) from the stack's events, the server's (lower
+case) from the upstream socket; ``relay.analysis.zeeklog`` has the table.
+
 Every stack call that can produce packets is followed by ``kick()`` so the
 packet loop flushes them, or by ``flush()``, which writes them at once, where
 a reply is waited for: the SYN-ACK and the server's bytes.
@@ -36,6 +50,8 @@ import logging
 import os
 import socket
 import struct
+import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -43,6 +59,9 @@ from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdic
 from relay.datapath.config import RelayConfig
 from relay.datapath.env import Connector, FlowEnv
 from stack import CloseReason, FlowId, Reject, Unreachable
+
+if TYPE_CHECKING:
+    from relay.datapath.dissection import Named, StreamDissection
 
 __all__ = ["TcpFlow", "classify_connect_error", "make_connector"]
 
@@ -73,6 +92,12 @@ _CONNECT_ERRORS: dict[int, tuple[Reject, Unreachable, EndReason]] = {
     errno.EPERM: (Reject.ICMP, Unreachable.ADMIN, EndReason.UNREACHABLE),
     errno.ETIMEDOUT: (Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT),
 }
+
+
+# An established upstream socket failing with these was reset by the server: ECONNRESET
+# reports the RST itself; once a read took the server's FIN first, a later send sees
+# EPIPE and shutdown() ENOTCONN instead (the RST answered bytes sent after the FIN).
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
 
 
 def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason]:
@@ -132,12 +157,17 @@ class TcpFlow:
         "_connected",
         "_done_at",
         "_doomed",
+        "_dx",
         "_env",
         "_hint",
+        "_history",
         "_nursery",
+        "_packets",
         "_peer_fin",
+        "_records",
         "_relaying",
         "_rule",
+        "_service",
         "_sock",
         "_t0",
         "_wake",
@@ -180,22 +210,44 @@ class TcpFlow:
         self._closed: CloseReason | None = None
         self._hint: EndReason | None = None  # set when the relay itself ends the flow
         self._rule: str | None = None  # the egress rule that denied the flow
+        self._history = "S"  # Zeek's conn.log history: the client's SYN
+        self._packets = env.stack.packet_counts(flow)  # the stack counts, live
+        # Dissection: None when off, and once detection or the dissector is done.
+        self._dx: StreamDissection | None = None if env.dissection is None else env.dissection()
+        self._records: list[Named] | None = None  # completed by client bytes still held
+        self._service: str | None = None  # the dissector's, kept when it is dropped
 
     # --- events from the packet loop (sync: state + wakeups only) --------------
 
+    def _mark(self, letter: str) -> None:
+        """Add a letter to the history, once (Zeek keeps each letter's first time)."""
+        if letter not in self._history:
+            self._history += letter
+
     def on_connected(self) -> None:
         self._connected = True
+        self._mark("A")  # the client's ACK of the SYN-ACK
         self._wake.unpark_all()
 
     def on_data(self, data: bytes) -> None:
         n = len(data)
         self.bytes_c2s += n
         self._env.stats.bytes_c2s += n
+        if "D" not in self._history:
+            self._history += "D"
         if self._c2s_held + n > self._env.config.max_c2s_queue:
             log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
             self._abort(EndReason.LIMIT)
             return
-        if not self._c2s_held and self._relaying and not self.hooks.has_data_hooks:
+        dx = self._dx
+        if dx is not None:
+            self._dissected(dx.feed(_C2S, data, time.time()), dx)
+        if (
+            not self._c2s_held
+            and self._relaying
+            and not self.hooks.has_data_hooks
+            and self._records is None
+        ):
             sent = self._send_now(data)
             if sent:
                 self._env.stack.consumed(self.flow, sent)  # flushed by the packet loop
@@ -205,6 +257,18 @@ class TcpFlow:
         self._c2s_held += len(data)
         self._c2s.append(data)
         self._start_c2s()
+
+    def _dissected(self, records: list[Named], dx: StreamDissection) -> None:
+        """Hold the records client bytes completed for the c2s pump; drop a finished
+        dissection."""
+        if records:
+            if self._records is None:
+                self._records = list(records)
+            else:
+                self._records += records
+        if not dx.active:
+            self._dx = None
+            self._service = dx.service
 
     def _start_c2s(self) -> None:
         if not self._c2s_pumping and self._relaying and self._nursery is not None:
@@ -225,6 +289,10 @@ class TcpFlow:
 
     def on_peer_finished(self) -> None:
         self._peer_fin = True
+        self._mark("F")
+        dx = self._dx
+        if dx is not None:
+            self._dissected(dx.end(_C2S, time.time()), dx)
         if not self._c2s_pumping:
             self._finish_c2s()
 
@@ -233,10 +301,13 @@ class TcpFlow:
 
     def on_reset(self) -> None:
         # The client's RST: drop everything; _finish closes upstream with SO_LINGER 0.
+        self._mark("R")
         self._cancel()
 
     def on_closed(self, reason: CloseReason) -> None:
         self._closed = reason
+        if reason is CloseReason.RESET:
+            self._mark("R")
         self._wake.unpark_all()
         if reason is CloseReason.FINISHED and self._relaying and self._nursery is not None:
             # Both FINs were exchanged with the client, but queued bytes may still be
@@ -303,6 +374,8 @@ class TcpFlow:
         except OSError as exc:
             env.stats.connect_failed += 1
             log.debug("flow %s: connect failed: %s", self.hooks.info.describe(), exc)
+            if exc.errno == errno.ECONNREFUSED:
+                self._mark("r")  # the server answered the SYN with an RST
             self._reject(*classify_connect_error(exc))
             return
         if sock is None:
@@ -310,6 +383,7 @@ class TcpFlow:
             self._reject(Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT)
             return
         self._sock = sock
+        self._mark("h")  # the server's SYN-ACK
         if self._closed is not None:
             return  # the client went away meanwhile; _finish closes the socket
         with contextlib.suppress(OSError):  # OSError: not TCP (a test's socketpair)
@@ -339,7 +413,8 @@ class TcpFlow:
         self._hint = end
         if self._closed is None:
             self._env.stack.reject(self.flow, how, unreachable=unreachable)
-            self._env.kick()
+            self._env.flush()  # the answer now (and in the flow's packet counts)...
+            self._env.kick()  # ...and the loop dispatches the Closed that followed
 
     def _abort(self, end: EndReason) -> None:
         """The relay ends the flow: RST to the client; Closed(ABORTED) follows."""
@@ -352,7 +427,9 @@ class TcpFlow:
 
     def _upstream_failed(self, exc: BaseException) -> None:
         self._env.stats.upstream_errors += 1
-        reset = isinstance(exc, ConnectionResetError)
+        reset = isinstance(exc, OSError) and exc.errno in _RESET_ERRNOS
+        if reset:
+            self._mark("r")
         log.debug("flow %s: upstream failed: %r", self.hooks.info.describe(), exc)
         self._abort(EndReason.RST if reset else EndReason.ERROR)
 
@@ -363,6 +440,14 @@ class TcpFlow:
         assert sock is not None
         stack, kick, flow, queue = self._env.stack, self._env.kick, self.flow, self._c2s
         while queue:
+            # Records the queued bytes completed are shown before those bytes go up.
+            # Nothing awaits between this loop and taking the queue, so no chunk
+            # whose records are still to be shown can slip out with it.
+            while (records := self._records) is not None:
+                self._records = None
+                if not await self.hooks.records(records):
+                    self._abort(EndReason.ABORTED)
+                    return
             data = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
             if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, data):
@@ -406,6 +491,7 @@ class TcpFlow:
         while not self._connected:
             await lot.park()
         pending = b""  # read but not yet taken by the stack
+        records: list[Named] | None = None  # completed by what was just read
         waited = False  # since the last read: that wait was this read's checkpoint
         drained = False  # the last read came back short: the socket had no more then
         while self._closed is None:
@@ -447,21 +533,41 @@ class TcpFlow:
                 waited = False
                 drained = 0 < len(pending) < want
                 if not pending:  # upstream EOF: FIN to the client once the send buffer drains
+                    self._mark("f")
                     if self._closed is None:
                         stack.close(flow)
                         flush()
+                    dx = self._dx
+                    if dx is not None:
+                        end = dx.end(_S2C, time.time())
+                        if not dx.active:
+                            self._dx, self._service = None, dx.service
+                        if end and not await self.hooks.records(end):
+                            self._abort(EndReason.ABORTED)
                     return
                 self.bytes_s2c += len(pending)
                 env.stats.bytes_s2c += len(pending)
+                if "d" not in self._history:
+                    self._history += "d"
                 if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, pending):
                     self._abort(EndReason.ABORTED)
                     return
+                dx = self._dx
+                if dx is not None:
+                    records = dx.feed(_S2C, pending, time.time()) or None
+                    if not dx.active:
+                        self._dx, self._service = None, dx.service
             if self._closed is not None:
                 return
             # The space only grew while we waited (nobody else sends on this flow).
             n = stack.send(flow, pending)
             pending = pending[n:]
             flush()
+            if records is not None:
+                done, records = records, None
+                if not await self.hooks.records(done):
+                    self._abort(EndReason.ABORTED)
+                    return
 
     async def _finish(self) -> None:
         if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:
@@ -476,9 +582,26 @@ class TcpFlow:
             how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
         else:
             how = EndReason.SHUTDOWN
-        end = FlowEnd(how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule)
+        await self._close_dissection()
+        packets = self._packets
+        end = FlowEnd(
+            how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule,
+            packets.received if packets is not None else 0,
+            packets.sent if packets is not None else 0,
+            self._history, (self._service,) if self._service is not None else (),
+        )  # fmt: skip
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)
+
+    async def _close_dissection(self) -> None:
+        """Show the records still held, and those the dissector had pending."""
+        records, self._records = self._records or [], None
+        dx, self._dx = self._dx, None
+        if dx is not None:
+            records += dx.close(time.time())
+            self._service = dx.service
+        if records:
+            await self.hooks.records(records)  # the flow is over: errors only detach
 
     def _close_socket(self, *, abortive: bool) -> None:
         sock, self._sock = self._sock, None

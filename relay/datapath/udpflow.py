@@ -50,6 +50,9 @@ class UdpFlow(DatagramFlow):
         self.bytes_s2c += len(data)
         if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, data):
             return False
+        dx = self._dx
+        records = None if dx is None else self.dissect(dx, _S2C, data)
         if self._closed is None:
             self._env.stack.send_datagram(self.flow, data, now)
-        return True
+        # Shown once the datagram is with the stack (written when the batch ends).
+        return not records or await self.hooks.records(records)

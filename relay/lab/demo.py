@@ -12,9 +12,11 @@ servers are threads of this process whose sockets were created in the server
 namespace, and the client sockets are created in the client namespace (a
 socket stays in the namespace it was created in), so the demo needs no helper
 tools. The client drives HTTP over
-IPv4 and IPv6, a bulk upload and download with SHA-256 checks, and a connect
-to a closed port; then the relay is stopped and its analyzer lines and flow
-log are printed.
+IPv4 and IPv6, HTTPS (TLS with SNI and ALPN, to a self-signed certificate made
+here), a DNS query over UDP, a bulk upload and download with SHA-256 checks,
+and a connect to a closed port; then the relay is stopped and its analyzer
+lines, flow log and Zeek-compatible logs (``--log-dir``: the ssl, http and
+dns rows, and each flow's conn.log service, state and history) are printed.
 
 Every wait has a timeout. SIGINT and SIGTERM raise ``_Stopped`` in the main
 thread; the ``ExitStack`` then stops the servers, and ``Topology.close()``
@@ -26,12 +28,14 @@ tear-down, so neither can be skipped.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rrset
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from relay.lab.demo_analyzer import endpoint
 from relay.lab.topology import Topology, stop_process
 
@@ -51,6 +66,10 @@ __all__ = ["run_demo"]
 MIB = 1 << 20
 TUN = "tunrelay0"
 HTTP_PORT, SINK_PORT, SOURCE_PORT, CLOSED_PORT = 80, 5001, 5002, 5003
+TLS_PORT, DNS_PORT = 443, 53
+TLS_NAME = "demo.example"  # the SNI the HTTPS client sends (and the certificate's name)
+DNS_NAME = "www.demo.example"  # what the client looks up; answered with the server's address
+UDP_IDLE = 2.0  # the relay's --udp-idle-timeout: the DNS flow ends (and is logged) soon
 HTTP_BODY = b"Hello from the server namespace, via tunrelay!\n"
 IO_TIMEOUT = 20.0  # any one client or server socket operation
 READY_TIMEOUT = 15.0  # relay start-up
@@ -104,6 +123,71 @@ def serve_http(conn: socket.socket) -> None:
     conn.sendall(head.encode() + body)
 
 
+def self_signed(directory: Path) -> tuple[str, str]:
+    """A throw-away P-256 certificate for ``TLS_NAME``: (cert path, key path)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def tls_handler(cert: str, key: str) -> Callable[[socket.socket], None]:
+    """HTTPS: TLS (ALPN http/1.1), then ``serve_http`` inside it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+
+    def serve_https(conn: socket.socket) -> None:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            serve_http(tls)
+            # close_notify both ways before the close: the client's, unread, would
+            # make the kernel answer with a reset.
+            with contextlib.suppress(OSError):
+                tls.unwrap()
+
+    return serve_https
+
+
+def dns_handler(address: str) -> Callable[[bytes], bytes | None]:
+    """A tiny authoritative server: ``DNS_NAME`` A is ``address``; anything else NXDOMAIN."""
+
+    def answer(wire: bytes) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        reply = dns.message.make_response(query)
+        reply.flags |= dns.flags.AA
+        q = query.question[0] if query.question else None
+        if q is not None and q.name.to_text(omit_final_dot=True) == DNS_NAME and q.rdtype == 1:
+            reply.answer.append(dns.rrset.from_text(q.name, 300, "IN", "A", address))
+        else:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        return reply.to_wire()
+
+    return answer
+
+
 def serve_sink(conn: socket.socket) -> None:
     """Read to EOF, then answer ``<bytes> <sha256 hex>\\n``."""
     digest, total = hashlib.sha256(), 0
@@ -134,6 +218,32 @@ class Servers:
         sock.settimeout(0.2)  # poll `stop`
         name = f"{handler.__name__} {endpoint(addr, port)}"
         thread = threading.Thread(target=self._loop, args=(sock, handler, name), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def datagrams(
+        self, family: int, addr: str, port: int, handler: Callable[[bytes], bytes | None]
+    ) -> None:
+        """A UDP server: ``handler`` answers each datagram (None: no answer)."""
+        sock = self.topo.socket("srv", family, socket.SOCK_DGRAM)
+        sock.bind((addr, port))
+        sock.settimeout(0.2)  # poll `stop`
+
+        def loop() -> None:
+            deadline = time.monotonic() + SERVE_LIMIT
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    data, peer = sock.recvfrom(65535)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return  # closed under us at tear-down
+                reply = handler(data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        sock.sendto(reply, peer)
+
+        thread = threading.Thread(target=loop, daemon=True)
         thread.start()
         self.threads.append(thread)
 
@@ -176,12 +286,15 @@ class Servers:
 # --- the relay -------------------------------------------------------------------------
 
 
-def start_relay(topo: Topology, log_path: Path, flow_log: Path) -> subprocess.Popen[Any]:
+def start_relay(
+    topo: Topology, log_path: Path, flow_log: Path, log_dir: Path
+) -> subprocess.Popen[Any]:
     argv = [
         sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
         "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
         "--iif", topo.gw_cli_if, "--state-dir", str(log_path.parent),
         "--flow-log", str(flow_log), "--analyzer", "relay.lab.demo_analyzer:DemoAnalyzer",
+        "--log-dir", str(log_dir), "--udp-idle-timeout", str(UDP_IDLE),
         # The lab's server networks are in ranges denied by default (reserved, private).
         "--allow", topo.server_net_v4, "--allow", f"[{topo.server_net_v6}]",
     ]  # fmt: skip
@@ -239,6 +352,42 @@ class Client:
         status = head.split(b"\r\n", 1)[0].decode(errors="replace")
         ok = status == "HTTP/1.1 200 OK" and body == HTTP_BODY
         say(f"  {status}  body {body!r}  {OK if ok else BAD}")
+        return ok
+
+    def https_get(self, addr: str) -> bool:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the demo's own throw-away certificate
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        request = (
+            f"GET / HTTP/1.1\r\nHost: {TLS_NAME}\r\nUser-Agent: tunrelay-demo\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        with (
+            self.connect(addr, TLS_PORT) as sock,
+            ctx.wrap_socket(sock, server_hostname=TLS_NAME) as tls,
+        ):
+            version, alpn = tls.version(), tls.selected_alpn_protocol()
+            cipher = (tls.cipher() or ("?",))[0]
+            tls.sendall(request.encode())
+            response = self.read_all(tls, 65536)
+        head, _, body = response.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        ok = status == "HTTP/1.1 200 OK" and body == HTTP_BODY
+        say(f"  {version} {cipher}, SNI {TLS_NAME}, ALPN {alpn}")
+        say(f"  {status}  body {body!r}  {OK if ok else BAD}")
+        return ok
+
+    def dns_lookup(self, addr: str, expected: str) -> bool:
+        sock = self.topo.socket("cli", socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(IO_TIMEOUT)  # (dnspython wants a non-blocking socket: this is one)
+            reply = dns.query.udp(
+                dns.message.make_query(DNS_NAME, "A"), addr, timeout=IO_TIMEOUT, sock=sock
+            )
+        answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+        ok = answers == [expected]
+        say(f"  {DNS_NAME} A → {', '.join(answers) or '(none)'}  {OK if ok else BAD}")
         return ok
 
     def upload(self, addr: str, data: bytes) -> bool:
@@ -307,6 +456,74 @@ def wait_flow_log(path: Path, count: int) -> None:
     deadline = time.monotonic() + FLOWLOG_TIMEOUT
     while len(read_flow_log(path)) < count and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def read_rows(log_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The rows of ``log_dir/<name>.log`` (Zeek JSON lines)."""
+    path = log_dir / f"{name}.log"
+    return read_flow_log(path) if path.exists() else []
+
+
+def protocol_lines(log_dir: Path) -> list[str]:
+    """One line per ssl, http and dns row, and each flow's conn.log state."""
+    out = []
+    for r in read_rows(log_dir, "ssl"):
+        out.append(
+            f"  ssl.log   {endpoint(r['id.resp_h'], r['id.resp_p'])}  {r.get('version')} "
+            f"{r.get('cipher')}  server_name {r.get('server_name')}  established "
+            f"{r.get('established')}  next_protocol {r.get('next_protocol', '-')}  "
+            f"ja4 {r.get('ja4')}"
+        )
+    for r in read_rows(log_dir, "http"):
+        out.append(
+            f"  http.log  {endpoint(r['id.resp_h'], r['id.resp_p'])}  {r.get('method')} "
+            f"{r.get('host')}{r.get('uri')}  {r.get('status_code')} {r.get('status_msg')}  "
+            f"{r.get('response_body_len')} bytes  user_agent {r.get('user_agent')}"
+        )
+    for r in read_rows(log_dir, "dns"):
+        answers = ",".join(r.get("answers", [])) or "-"
+        rtt = f"{r['rtt'] * 1000:.2f} ms" if "rtt" in r else "-"
+        out.append(
+            f"  dns.log   {endpoint(r['id.resp_h'], r['id.resp_p'])}  {r.get('proto')} "
+            f"{r.get('query')} {r.get('qtype_name')} → {answers}  {r.get('rcode_name')}  "
+            f"rtt {rtt}"
+        )
+    for r in sorted(read_rows(log_dir, "conn"), key=lambda r: float(r.get("ts", 0.0))):
+        out.append(
+            f"  conn.log  {r.get('proto')} {endpoint(r['id.resp_h'], r['id.resp_p'])}  "
+            f"service {r.get('service', '-')}  {r.get('conn_state')}  "
+            f"history {r.get('history', '-')}  packets {r.get('orig_pkts')}/{r.get('resp_pkts')}"
+        )
+    return out
+
+
+def check_protocols(log_dir: Path, topo: Topology) -> bool:
+    """The TLS, HTTP and DNS traffic each left its rows, joined to conn.log rows."""
+    service = {r["uid"]: r.get("service") for r in read_rows(log_dir, "conn")}
+    tls = [
+        r for r in read_rows(log_dir, "ssl")
+        if r.get("server_name") == TLS_NAME and r.get("established")
+        and service.get(r["uid"]) == "ssl"
+    ]  # fmt: skip
+    http = [
+        r for r in read_rows(log_dir, "http")
+        if r.get("uri") == "/" and r.get("status_code") == 200 and service.get(r["uid"]) == "http"
+    ]  # fmt: skip
+    answered = [
+        r for r in read_rows(log_dir, "dns")
+        if r.get("query") == DNS_NAME and r.get("answers") == [topo.srv_v4]
+        and service.get(r["uid"]) == "dns"
+    ]  # fmt: skip
+    ok = True
+    for what, found in (
+        ("an ssl.log row with the SNI", len(tls) == 1),
+        ("http.log rows of both GETs", len(http) == 2),
+        ("a dns.log row with the answer", len(answered) == 1),
+    ):
+        if not found:
+            say(f"  --log-dir: no {what} {BAD}")
+            ok = False
+    return ok
 
 
 def flow_table(records: list[dict[str, Any]]) -> list[str]:
@@ -416,9 +633,10 @@ def _exercise(
         f"{topo.setup_seconds * 1000:.0f} ms (198.18.0.0/15 and fd00::/8, no route out)"
     )
 
-    log_path, flow_log = tmp / "relay.log", tmp / "flows.jsonl"
+    log_path, flow_log, log_dir = tmp / "relay.log", tmp / "flows.jsonl", tmp / "zeek"
+    log_dir.mkdir()
     t0 = time.perf_counter()
-    relay = start_relay(topo, log_path, flow_log)
+    relay = start_relay(topo, log_path, flow_log, log_dir)
     problem = wait_ready(relay, log_path)
     if problem is not None:
         say(f"tunrelay demo: {problem}; its output:")
@@ -427,7 +645,8 @@ def _exercise(
     timings["relay start"] = time.perf_counter() - t0
     say(
         f"relay: `tunrelay run --tun {TUN}` in {topo.gw} (pid {relay.pid}), "
-        f"ready in {timings['relay start']:.2f} s, analyzers: flow log, DemoAnalyzer"
+        f"ready in {timings['relay start']:.2f} s, analyzers: flow log, DemoAnalyzer, "
+        "Zeek-compatible logs (--log-dir)"
     )
 
     servers = Servers(topo)
@@ -442,16 +661,26 @@ def _exercise(
             conn.sendall(view[offset : offset + CHUNK])
 
     servers.listen(socket.AF_INET6, topo.srv_v6, SOURCE_PORT, serve_source)
+    servers.listen(socket.AF_INET, topo.srv_v4, TLS_PORT, tls_handler(*self_signed(tmp)))
+    servers.datagrams(socket.AF_INET, topo.srv_v4, DNS_PORT, dns_handler(topo.srv_v4))
     say(
-        f"servers in {topo.srv}: HTTP on port {HTTP_PORT} (IPv4, IPv6), "
-        f"SHA-256 sink on {SINK_PORT}, {bulk_mib} MiB source on {SOURCE_PORT}, "
-        f"nothing on {CLOSED_PORT}"
+        f"servers in {topo.srv}: HTTP on port {HTTP_PORT} (IPv4, IPv6), HTTPS on {TLS_PORT} "
+        f"and DNS on {DNS_PORT} (IPv4), SHA-256 sink on {SINK_PORT}, {bulk_mib} MiB source "
+        f"on {SOURCE_PORT}, nothing on {CLOSED_PORT}"
     )
 
     client = Client(topo)
     steps: list[tuple[str, Callable[[], bool]]] = [
         (f"HTTP GET {endpoint(topo.srv_v4, HTTP_PORT)}", lambda: client.http_get(topo.srv_v4)),
         (f"HTTP GET {endpoint(topo.srv_v6, HTTP_PORT)}", lambda: client.http_get(topo.srv_v6)),
+        (
+            f"HTTPS GET {endpoint(topo.srv_v4, TLS_PORT)} (SNI {TLS_NAME})",
+            lambda: client.https_get(topo.srv_v4),
+        ),
+        (
+            f"DNS query {DNS_NAME} A to {endpoint(topo.srv_v4, DNS_PORT)} over UDP",
+            lambda: client.dns_lookup(topo.srv_v4, topo.srv_v4),
+        ),
         (
             f"upload {bulk_mib} MiB to {endpoint(topo.srv_v4, SINK_PORT)}",
             lambda: client.upload(topo.srv_v4, upload_data),
@@ -484,6 +713,8 @@ def _exercise(
         (topo.srv_v4, SINK_PORT): size,
         (topo.srv_v6, SOURCE_PORT): size,
         (topo.srv_v4, CLOSED_PORT): 0,
+        (topo.srv_v4, TLS_PORT): 0,
+        (topo.srv_v4, DNS_PORT): 0,  # logged once idle (UDP_IDLE)
     }
     t1 = time.perf_counter()
     timings["traffic"] = t1 - t0
@@ -510,6 +741,10 @@ def _exercise(
     for line in flow_table(records):
         say(line)
     results.append(check_flows(records, expected))
+    say("\nZeek-compatible logs (--log-dir: conn.log, ssl.log, http.log, dns.log, quic.log):")
+    for line in protocol_lines(log_dir):
+        say(line)
+    results.append(check_protocols(log_dir, topo))
     return results
 
 

@@ -18,6 +18,7 @@ import gc
 import importlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -40,6 +41,8 @@ from stack import DatagramConfig, Stack, StackConfig, TcpConfig
 if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
+    # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
+    from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
 log = logging.getLogger("tunrelay")
@@ -60,6 +63,7 @@ class RunOptions:
     client_nets: tuple[str, ...]
     analyzers: tuple[str, ...] = ()
     flow_log: str | None = None
+    log_dir: str | None = None  # Zeek-compatible logs (relay.analysis.zeeklog)
     mtu: int = 1500
     txqueuelen: int = DEFAULT_TXQUEUELEN
     table: int = 5197
@@ -84,6 +88,7 @@ def validate(
     client_nets: Sequence[str],
     analyzers: Sequence[str] = (),
     flow_log: str | None = None,
+    log_dir: str | None = None,
     mtu: int = 1500,
     txqueuelen: int = DEFAULT_TXQUEUELEN,
     table: int = 5197,
@@ -132,6 +137,8 @@ def validate(
             raise ConfigError(f"--iif: {iif!r} is the TUN device itself")
     if not state_dir:
         raise ConfigError("--state-dir: must not be empty")
+    if log_dir is not None and not os.path.isdir(log_dir):
+        raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
     for spec in analyzers:
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise ConfigError(f"--analyzer: {spec!r} is not of the form module:attribute")
@@ -182,6 +189,7 @@ def validate(
         client_nets=tuple(nets),
         analyzers=tuple(analyzers),
         flow_log=flow_log,
+        log_dir=log_dir,
         mtu=mtu,
         txqueuelen=txqueuelen,
         table=table,
@@ -315,14 +323,33 @@ def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
 
 
-def load_analyzers(opts: RunOptions, flow_log: FlowLog | None = None) -> list[object]:
-    """The ``--analyzer`` objects, then ``flow_log`` if given.
+def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
+    """The ``--log-dir`` files, opened (by a worker before it drops its privileges).
+
+    Raises:
+        ConfigError: a file cannot be opened.
+    """
+    if opts.log_dir is None:
+        return None
+    from relay.analysis.zeeklog import ZeekLogs
+
+    try:
+        return ZeekLogs(opts.log_dir, worker=worker)
+    except OSError as exc:
+        where = exc.filename or opts.log_dir
+        raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
+
+
+def load_analyzers(
+    opts: RunOptions, flow_log: FlowLog | None = None, logs: ZeekLogs | None = None
+) -> list[object]:
+    """The ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
 
     Raises:
         ConfigError: an analyzer cannot be loaded.
     """
     analyzers = [load_analyzer(spec) for spec in opts.analyzers]
-    return analyzers if flow_log is None else [*analyzers, flow_log]
+    return analyzers + [a for a in (flow_log, logs) if a is not None]
 
 
 def open_queue(
@@ -378,12 +405,14 @@ async def relay_queue(
     analyzers: Sequence[object],
     *,
     on_ready: Callable[[], None],
+    logs: ZeekLogs | None = None,
 ) -> None:
     """Run the packet loop on one TUN queue until SIGINT/SIGTERM or cancellation.
 
-    ``on_ready`` is called once packets are being relayed. On the way out the
-    stack's, the relay's, the queue's and the garbage collector's counters are
-    logged ("stopped: stack").
+    ``on_ready`` is called once packets are being relayed. ``logs`` (one of
+    ``analyzers``) gets its writer task here; its owner closes it, which writes
+    what is left. On the way out the stack's, the relay's, the queue's and the
+    garbage collector's counters are logged ("stopped: stack").
     """
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
@@ -404,6 +433,8 @@ async def relay_queue(
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                if logs is not None:
+                    await nursery.start(logs.run)
                 await nursery.start(relay.run)
                 if opts.stats_interval > 0:
                     nursery.start_soon(
@@ -417,8 +448,9 @@ async def relay_queue(
     finally:
         watch.remove()
     log.info(
-        "stopped: stack %s; relay %s; tun %s; gc %s",
+        "stopped: stack %s; relay %s; tun %s; gc %s%s",
         stack.stats, relay.stats, tun.stats, watch.stats,
+        "" if logs is None else f"; logs {logs.stats}",
     )  # fmt: skip
 
 

@@ -7,9 +7,10 @@ receives nothing but keeps the device alive, so the device and its routes
 outlive any one worker. It then starts N workers with multiprocessing's
 'spawn' context (a fresh interpreter: nothing of this process's trio run or
 open fds leaks into them). Each worker attaches one queue of its own
-(``TunDevice.open(name, multi_queue=True)``), opens the flow log, and then
-drops its privileges for good (``relay.service.privileges.drop``: the ``--user``,
-no capabilities, no_new_privs) before it imports any analyzer; it then runs
+(``TunDevice.open(name, multi_queue=True)``), opens the flow log and the
+``--log-dir`` files, and then drops its privileges for good
+(``relay.service.privileges.drop``: the ``--user``, no capabilities,
+no_new_privs) before it imports any analyzer; it then runs
 the ordinary single-queue relay (``relay.service.run.relay_queue``) with its own
 stack, flow table, upstream sockets and analyzers: shared nothing. Once the
 workers are started the supervisor keeps only CAP_NET_ADMIN (to undo the
@@ -59,6 +60,7 @@ from relay.service.run import (
     load_analyzers,
     localize,
     open_flow_log,
+    open_log_dir,
     open_queue,
     relay_queue,
     route_into,
@@ -66,6 +68,7 @@ from relay.service.run import (
 from relay.service.runstate import RunState
 
 if TYPE_CHECKING:
+    from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
 __all__ = ["READY_TIMEOUT", "STOP_TIMEOUT", "supervise"]
@@ -110,6 +113,9 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
             raise ConfigError(
                 f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}"
             ) from None
+    probe = open_log_dir(opts)  # the same for --log-dir (a ConfigError naming it)
+    if probe is not None:
+        probe.close()
     from relay.host.netconfig import NetConfig  # here: the workers import this module
 
     ctx = multiprocessing.get_context("spawn")
@@ -301,18 +307,20 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
     )
     tun: TunDevice | None = None
     flow_log: FlowLog | None = None
+    logs: ZeekLogs | None = None
     try:
         # What needs privileges, first: the TUN queue, the files named on the command line.
         tun = open_queue(opts, attach=True)
         flow_log = open_flow_log(opts, index)
+        logs = open_log_dir(opts, index)
         profile = open(opts.profile, "wb") if opts.profile and index == 0 else None  # noqa: SIM115
         _drop(opts, parent)
         # Only now may analyzer code run (load_analyzers, in _worker).
         if profile is None:
-            trio.run(_worker, opts, index, ready, tun, flow_log)
+            trio.run(_worker, opts, index, ready, tun, flow_log, logs)
         else:
             with profile:
-                _profiled(opts, index, ready, tun, flow_log, profile)
+                _profiled(opts, index, ready, tun, flow_log, logs, profile)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(_STATUS_CONFIG)
@@ -322,6 +330,8 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
     finally:
         if flow_log is not None:
             flow_log.close()
+        if logs is not None:
+            logs.close()  # writes what the last flows left in its buffers
         if tun is not None:
             tun.close()
 
@@ -357,6 +367,7 @@ def _profiled(
     ready: Connection,
     tun: TunDevice,
     flow_log: FlowLog | None,
+    logs: ZeekLogs | None,
     out: IO[bytes],
 ) -> None:
     import cProfile
@@ -364,7 +375,7 @@ def _profiled(
     profile = cProfile.Profile()
     profile.enable()
     try:
-        trio.run(_worker, opts, index, ready, tun, flow_log)
+        trio.run(_worker, opts, index, ready, tun, flow_log, logs)
     finally:
         profile.disable()
         profile.create_stats()
@@ -372,13 +383,18 @@ def _profiled(
 
 
 async def _worker(
-    opts: RunOptions, index: int, ready: Connection, tun: TunDevice, flow_log: FlowLog | None
+    opts: RunOptions,
+    index: int,
+    ready: Connection,
+    tun: TunDevice,
+    flow_log: FlowLog | None,
+    logs: ZeekLogs | None,
 ) -> None:
-    analyzers = load_analyzers(opts, flow_log)
+    analyzers = load_analyzers(opts, flow_log, logs)
 
     def on_ready() -> None:
         log.info("worker %d (pid %d) relaying on a queue of %s", index, os.getpid(), tun.name)
         ready.send_bytes(b"ready")
         ready.close()
 
-    await relay_queue(opts, tun, analyzers, on_ready=on_ready)
+    await relay_queue(opts, tun, analyzers, on_ready=on_ready, logs=logs)

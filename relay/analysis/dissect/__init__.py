@@ -21,6 +21,9 @@ here does I/O or reads a clock: ``now`` is the caller's timestamp.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final
+
 from .base import DatagramDissector, Dissector, StreamDissector
 from .detect import Proto, StreamDetector, detect_datagram, detect_stream
 from .dns import DnsQuery, DnsRecord, DnsTcpDissector, DnsTransaction, DnsUdpDissector
@@ -29,6 +32,8 @@ from .quic import QuicClientHello, QuicDissector, QuicRecord, QuicServerHello
 from .tls import TlsAlert, TlsClientHello, TlsDissector, TlsEstablished, TlsRecord, TlsServerHello
 
 __all__ = [
+    "RECORD_HOOKS",
+    "SERVICES",
     "DatagramDissector",
     "Dissector",
     "DnsQuery",
@@ -58,6 +63,24 @@ __all__ = [
 ]
 
 Record = TlsRecord | HttpRecord | DnsRecord | QuicRecord
+
+# Each record's analyzer hook (relay.analysis.hooks.RECORD_HOOKS names the same set).
+RECORD_HOOKS: Final[Mapping[type, str]] = {
+    TlsClientHello: "tls_clienthello",
+    TlsServerHello: "tls_serverhello",
+    TlsEstablished: "tls_established",
+    TlsAlert: "tls_alert",
+    HttpRequest: "http_request",
+    HttpResponse: "http_response",
+    HttpTransaction: "http_transaction",
+    DnsQuery: "dns_query",
+    DnsTransaction: "dns_answer",
+    QuicClientHello: "quic_clienthello",
+    QuicServerHello: "quic_serverhello",
+}
+
+# A dissector's ``proto`` as Zeek's conn.log ``service`` names it.
+SERVICES: Final[Mapping[str, str]] = {"tls": "ssl", "http": "http", "dns": "dns", "quic": "quic"}
 
 
 def stream_dissector(proto: Proto) -> StreamDissector[Record] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar, Generic, TypeVar
 
-from relay.analysis.hooks import Direction
+from relay.analysis.direction import Direction
 
 __all__ = [
     "DatagramDissector",

@@ -29,6 +29,8 @@ __all__ = [
     "TlsEstablished",
     "TlsRecord",
     "TlsServerHello",
+    "cipher_name",
+    "group_name",
     "parse_client_hello",
     "parse_server_hello",
     "version_name",
@@ -72,6 +74,69 @@ _VERSION_NAMES = {
 def version_name(version: int) -> str:
     """A protocol version as Zeek's ssl.log writes it: ``TLSv12``, ``TLSv13``."""
     return _VERSION_NAMES.get(version, f"unknown-{version}")
+
+
+# IANA TLS Cipher Suites names (as Zeek's ssl.log writes them) of the suites a
+# server commonly chooses: every TLS 1.3 suite, and the ECDHE, DHE and RSA
+# AES-GCM, ChaCha20-Poly1305 and CBC ones.
+_CIPHER_NAMES = {
+    0x1301: "TLS_AES_128_GCM_SHA256",
+    0x1302: "TLS_AES_256_GCM_SHA384",
+    0x1303: "TLS_CHACHA20_POLY1305_SHA256",
+    0x1304: "TLS_AES_128_CCM_SHA256",
+    0x1305: "TLS_AES_128_CCM_8_SHA256",
+    0xC02B: "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    0xC02C: "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    0xC02F: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    0xC030: "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    0xCCA8: "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCA9: "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCAA: "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xC009: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    0xC00A: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    0xC013: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    0xC014: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    0xC023: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    0xC024: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384",
+    0xC027: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+    0xC028: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384",
+    0x009E: "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
+    0x009F: "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    0x0033: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA",
+    0x0039: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA",
+    0x0067: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256",
+    0x006B: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256",
+    0x009C: "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    0x009D: "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    0x002F: "TLS_RSA_WITH_AES_128_CBC_SHA",
+    0x0035: "TLS_RSA_WITH_AES_256_CBC_SHA",
+    0x003C: "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    0x003D: "TLS_RSA_WITH_AES_256_CBC_SHA256",
+    0x000A: "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+}
+
+# Supported groups (IANA TLS Supported Groups) as Zeek's ssl.log ``curve`` names them.
+_GROUP_NAMES = {
+    23: "secp256r1",
+    24: "secp384r1",
+    25: "secp521r1",
+    29: "x25519",
+    30: "x448",
+    256: "ffdhe2048",
+    257: "ffdhe3072",
+    0x11EC: "X25519MLKEM768",
+}
+
+
+def cipher_name(suite: int) -> str:
+    """A cipher suite by its IANA name (``TLS_AES_128_GCM_SHA256``); one not in
+    the table as hex (``0x00ff``)."""
+    return _CIPHER_NAMES.get(suite, f"0x{suite:04x}")
+
+
+def group_name(group: int) -> str:
+    """A key exchange group by its IANA name (``x25519``); else hex."""
+    return _GROUP_NAMES.get(group, f"0x{group:04x}")
 
 
 @dataclass(frozen=True, slots=True)
