@@ -15,7 +15,6 @@ a UDP flow when it idles out: ``--udp-idle-timeout 2``).
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 import ssl
@@ -30,11 +29,8 @@ import dns.exception
 import dns.message
 import dns.query
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from relay.lab.certs import self_signed
 from relay.lab.topology import Topology
 
 from relay_harness import RelayProcess
@@ -117,30 +113,7 @@ asyncio.run(asyncio.wait_for(main(), 15))
 
 def make_cert(directory: Path) -> tuple[str, str]:
     """A self-signed P-256 certificate for example.test: (cert path, key path)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
+    return self_signed(directory, "example.test")
 
 
 def run_client(

@@ -8,7 +8,6 @@ depend on where its input is cut.
 from __future__ import annotations
 
 import atexit
-import datetime
 import functools
 import hashlib
 import re
@@ -19,14 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from relay.analysis.dissect.ja4 import is_grease
 from relay.analysis.dissect.tls import TlsClientHello
 from relay.analysis.hooks import Direction
+from relay.lab.certs import self_signed
 
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
@@ -35,31 +30,9 @@ S2C = Direction.SERVER_TO_CLIENT
 @functools.cache
 def cert_files() -> tuple[str, str]:
     """A self-signed P-256 certificate and key for example.test, as PEM file paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), False)
-        .sign(key, hashes.SHA256())
-    )
     d = Path(tempfile.mkdtemp(prefix="dissect-cert-"))
     atexit.register(shutil.rmtree, d, True)
-    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(d / "cert.pem"), str(d / "key.pem")
+    return self_signed(d, "example.test")
 
 
 @dataclass

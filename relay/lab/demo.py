@@ -28,7 +28,6 @@ tear-down, so neither can be skipped.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
@@ -53,11 +52,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rrset
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from relay.lab.certs import self_signed
 from relay.lab.demo_analyzer import endpoint
 from relay.lab.topology import Topology, stop_process
 
@@ -121,34 +117,6 @@ def serve_http(conn: socket.socket) -> None:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     conn.sendall(head.encode() + body)
-
-
-def self_signed(directory: Path) -> tuple[str, str]:
-    """A throw-away P-256 certificate for ``TLS_NAME``: (cert path, key path)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
 
 
 def tls_handler(cert: str, key: str) -> Callable[[socket.socket], None]:
@@ -661,7 +629,7 @@ def _exercise(
             conn.sendall(view[offset : offset + CHUNK])
 
     servers.listen(socket.AF_INET6, topo.srv_v6, SOURCE_PORT, serve_source)
-    servers.listen(socket.AF_INET, topo.srv_v4, TLS_PORT, tls_handler(*self_signed(tmp)))
+    servers.listen(socket.AF_INET, topo.srv_v4, TLS_PORT, tls_handler(*self_signed(tmp, TLS_NAME)))
     servers.datagrams(socket.AF_INET, topo.srv_v4, DNS_PORT, dns_handler(topo.srv_v4))
     say(
         f"servers in {topo.srv}: HTTP on port {HTTP_PORT} (IPv4, IPv6), HTTPS on {TLS_PORT} "
