@@ -168,3 +168,12 @@ def test_a_flood_of_runs_is_capped_and_cheap() -> None:
         assert q.insert(0, 2 * i + 1, b"y")
     assert time.process_time() - t0 < 0.5
     assert len(q) == 1 and q.charged == 2047 + RUN_OVERHEAD
+
+
+def test_the_charge_stays_within_the_receive_buffers_room() -> None:
+    # room: what the receive buffer has left beside delivered, unconsumed bytes.
+    q = Reassembly(1 << 20)
+    assert q.insert(0, 10, b"x", room=2 * RUN_OVERHEAD)
+    assert not q.insert(0, 20, b"y", room=2 * RUN_OVERHEAD)  # a second run: over
+    assert q.insert(0, 11, b"z", room=2 * RUN_OVERHEAD)  # extends the first: fits
+    assert q.insert(0, 20, b"y") and q.dropped == 1

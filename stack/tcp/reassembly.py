@@ -15,8 +15,10 @@ segment overlaps or abuts -- and those it merges away -- and the common cases
 ``block_at`` and ``top_blocks`` give the SACK code the same bounded access.
 
 Bounded memory, as Linux's ``truesize``: every run is charged its payload
-plus ``RUN_OVERHEAD`` (its Python objects) against ``limit``, and at most
-``max_runs`` runs are held. A segment that would exceed either is dropped
+plus ``RUN_OVERHEAD`` (its Python objects) against ``limit`` and against
+the receive buffer's room (the connection's buffer is what the Stack's
+``MemoryBudget`` reserved, so the budget covers the objects), and at most
+``max_runs`` runs are held. A segment that would exceed any of these is dropped
 whole and counted in ``dropped``, which TCP treats as loss and the sender
 repairs; the in-order segment that fills the hole never comes through here,
 so the connection always progresses.
@@ -129,12 +131,18 @@ class Reassembly:
         """The ``n`` highest held ranges, highest first."""
         return [self._block(r) for r in reversed(self._runs[-n:])] if n > 0 else []
 
-    def insert(self, rcv_nxt: int, seq: int, data: bytes) -> bool:
+    def insert(self, rcv_nxt: int, seq: int, data: bytes, room: int | None = None) -> bool:
         """Hold ``data`` starting at ``seq`` (beyond ``rcv_nxt``, within the window).
+
+        Args:
+            room: what the receive buffer has left beside the bytes delivered
+                and not consumed; the charge stays within it too, so the
+                buffer reserved from the memory budget covers the objects.
 
         Returns:
             False when the bytes were dropped for lack of room or of runs.
         """
+        limit = self.limit if room is None or room > self.limit else room
         runs = self._runs
         starts = self._starts
         n = len(data)
@@ -144,7 +152,7 @@ class Reassembly:
         if runs:
             last = runs[-1]
             if start == last.end:  # the common case: the next segment after the top run
-                if self.charged + n > self.limit:
+                if self.charged + n > limit:
                     self.dropped += 1
                     return False
                 _append(last.chunks, data)
@@ -153,14 +161,14 @@ class Reassembly:
                 self.charged += n
                 return True
             if start > last.end:  # a new run above everything held
-                return self._new_run(len(runs), start, data)
+                return self._new_run(len(runs), start, data, limit)
         # The runs the segment overlaps or abuts: lo .. hi-1.
         lo = bisect_left(starts, start)
         if lo > 0 and runs[lo - 1].end >= start:
             lo -= 1
         hi = bisect_right(starts, end, lo)
         if lo == hi:
-            return self._new_run(lo, start, data)
+            return self._new_run(lo, start, data, limit)
         # Cut the new data into the pieces not already held, in order, and
         # gather the merged run's chunks from them and the runs between.
         added = 0
@@ -179,7 +187,7 @@ class Reassembly:
         if added == 0:
             return True  # all held already (a duplicate)
         merged = hi - lo - 1  # runs that disappear into one
-        if self.charged + added - merged * RUN_OVERHEAD > self.limit:
+        if self.charged + added - merged * RUN_OVERHEAD > limit:
             self.dropped += 1
             return False
         first = runs[lo]
@@ -204,10 +212,10 @@ class Reassembly:
         self.charged += added - merged * RUN_OVERHEAD
         return True
 
-    def _new_run(self, i: int, start: int, data: bytes) -> bool:
+    def _new_run(self, i: int, start: int, data: bytes, limit: int) -> bool:
         """A run of its own at index ``i``: it overlaps and abuts nothing held."""
         cost = len(data) + RUN_OVERHEAD
-        if len(self._runs) >= self.max_runs or self.charged + cost > self.limit:
+        if len(self._runs) >= self.max_runs or self.charged + cost > limit:
             self.dropped += 1
             return False
         self._runs.insert(i, _Run(start, start + len(data), [data]))
