@@ -21,8 +21,14 @@ Stack: a 64-byte request in (with timestamps, ACKing the last response), its
 event, ``consumed``, a 64-byte response out, and the timer calls the relay's
 packet loop makes around them.
 
+With ``--ooo N`` it measures a hostile client's out-of-order flood: N
+one-byte segments into one connection, each two bytes beyond the last (a
+one-byte hole between each, so none coalesce; all within the window), fed in
+batches of 64 with the duplicate ACKs built after each batch, with SACK
+negotiated and without. It reports the CPU seconds the Stack spent.
+
 Run: ``python benchmarks/bench_stack.py [--segments N] [--profile]``
-and one of ``--options``, ``--download``, ``--pingpong``, or none.
+and one of ``--options``, ``--download``, ``--pingpong``, ``--ooo N``, or none.
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ MSS = 1460
 BATCH = 40  # 58,400 bytes: within the 64 KiB window the stack advertises
 
 
-def _handshake(stack: Stack, options: bool) -> tuple[FlowId, int, int, bytes]:
+def _handshake(stack: Stack, options: bool, sack: bool = True) -> tuple[FlowId, int, int, bytes]:
     isn = 1000
     if options:
-        syn_opts = encode_options(mss=MSS, wscale=7, sack_permitted=True, timestamps=(1, 0))
+        syn_opts = encode_options(mss=MSS, wscale=7, sack_permitted=sack, timestamps=(1, 0))
     else:
         syn_opts = encode_options(mss=MSS)
     syn = build_tcp_packet(CLIENT, SERVER, 40000, 80, isn, 0, SYN, 65535, syn_opts)
@@ -214,6 +220,38 @@ def run_pingpong(n: int) -> float:
     return inside
 
 
+def run_ooo(n: int, sack: bool) -> float:
+    """``n`` one-byte out-of-order segments (see the module docstring); returns
+    the CPU seconds inside the Stack."""
+    cfg = TcpConfig(rcv_buf=4 << 20, rcv_buf_initial=4 << 20)
+    stack = Stack(StackConfig(tcp=cfg))
+    _, seq, ack, ts = _handshake(stack, True, sack)
+    packets = [
+        build_tcp_packet(
+            CLIENT, SERVER, 40000, 80, (seq + 2 * i) & 0xFFFFFFFF, ack, ACK, 65535, ts, b"x"
+        )
+        for i in range(1, n + 1)
+    ]
+    acks = 0
+    clock = time.process_time
+    t0 = clock()
+    for start in range(0, n, 64):
+        for p in packets[start : start + 64]:
+            stack.receive(p, 0.001)
+        acks += len(stack.packets_to_send(0.001))
+    cpu = clock() - t0
+    assert acks >= n - 64, (acks, n)  # a duplicate ACK per segment
+    return cpu
+
+
+def report_ooo(n: int, repeat: int) -> None:
+    print(f"out-of-order flood: {n:,} one-byte segments, a one-byte hole between each")
+    for sack in (True, False):
+        cpu = sorted(run_ooo(n, sack) for _ in range(repeat))[repeat // 2]
+        name = "SACK" if sack else "no SACK"
+        print(f"{name:8}: {cpu:8.3f} s CPU, {cpu / n * 1e6:7.1f} us per segment")
+
+
 def run_checksum_floor(n: int) -> float:
     packets = _packets(n, 1, 1)
     t0 = time.perf_counter()
@@ -236,8 +274,19 @@ def main() -> None:
     parser.add_argument(
         "--pingpong", action="store_true", help="64-byte request/response exchanges"
     )
+    parser.add_argument(
+        "--ooo", type=int, metavar="N", help="N one-byte out-of-order segments, SACK on and off"
+    )
     args = parser.parse_args()
     n = args.segments
+    if args.ooo:
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(run_ooo, args.ooo, True)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        else:
+            report_ooo(args.ooo, args.repeat)
+        return
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -24,7 +24,13 @@ class TcpConfig:
     rcv_buf_initial: int = 64 * 1024  # about the largest unscaled window (RFC 7323 2.2)
     snd_buf: int = 4 << 20  # send buffer cap: bytes accepted from the caller until ACKed
     snd_buf_initial: int = 256 * 1024
-    ooo_limit: int = 4 << 20  # out-of-order bytes held per connection (and <= the rcv buffer)
+    # Out-of-order data held per connection (stack.tcp.reassembly): bytes charged,
+    # each run as its payload plus its objects' overhead (Linux's truesize), and
+    # never more than the receive buffer; and runs (holes) at most. A loss pattern
+    # needs a few dozen runs; a hostile client sending one-byte segments with gaps
+    # gets no more than this many, each costing O(log runs) to place.
+    ooo_limit: int = 4 << 20
+    ooo_max_runs: int = 1024
     memory_budget: int = 1 << 30  # buffer bytes all connections of one Stack may reserve
     # Options, each used only when the peer's SYN (or SYN-ACK) carries it too.
     window_scaling: bool = True  # RFC 7323 2: windows beyond 64 KiB

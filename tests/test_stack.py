@@ -268,6 +268,34 @@ def test_time_wait_reports_closed_at_once_and_keeps_the_4_tuple() -> None:
     assert rst.tcp.flags == RST
 
 
+def test_repeated_fins_in_time_wait_refresh_one_entry() -> None:
+    # Each repeated FIN is ACKed and restarts the wait, but adds nothing: 10,000
+    # of them leave the TIME-WAIT table and the timer heap as the first left them.
+    stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
+    _server_closes_first(stack)
+    stack_events(stack)
+    fin = tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 2, ACK | FIN)
+    stack.receive(fin, 1.0)
+    sent_tcp(stack, 1.0)
+    tw = stack._time_wait  # white-box: every container the table and the Stack keep
+
+    def sizes() -> list[int]:
+        held = [getattr(tw, name) for name in tw.__slots__]
+        return [len(x) for x in held if hasattr(x, "__len__")] + [len(stack._timers)]
+
+    before = sizes()
+    now = 1.0
+    for _ in range(10_000):
+        now += 0.001
+        stack.receive(fin, now)
+        assert len(sent_tcp(stack, now)) == 1  # the ACK again
+    assert sizes() == before
+    stack.handle_timer(now + 29.9)  # restarted by the last FIN: still there
+    assert len(stack._time_wait) == 1
+    stack.handle_timer(now + 30.0)
+    assert len(stack._time_wait) == 0
+
+
 def test_time_wait_4_tuple_is_reused_by_a_newer_syn() -> None:
     stack = Stack(StackConfig(tcp=TcpConfig(time_wait=30.0)))
     flow = _server_closes_first(stack)

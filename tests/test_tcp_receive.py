@@ -13,6 +13,7 @@ from stack.config import TcpConfig
 from stack.errors import LocalProtocolError
 from stack.events import DataReceived, PeerFinished
 from stack.tcp.connection import State
+from stack.tcp.reassembly import RUN_OVERHEAD
 from stack.tcp.segment import TcpSegment
 
 from tcp_helpers import (
@@ -198,10 +199,11 @@ def test_bare_out_of_order_fin_is_acked_at_once() -> None:
 
 
 def test_out_of_order_queue_is_bounded() -> None:
-    c = established(config=TcpConfig(ooo_limit=8))
-    send(c, data(10, b"01234"), 0.1)  # held: 5 of 8
-    send(c, data(20, b"abcde"), 0.1)  # would make 10: dropped whole
-    send(c, data(15, b"567"), 0.1)  # held: 8 of 8
+    # Each run is charged its bytes and RUN_OVERHEAD: room for 8 bytes in two runs.
+    c = established(config=TcpConfig(ooo_limit=8 + 2 * RUN_OVERHEAD))
+    send(c, data(10, b"01234"), 0.1)  # held: 5 of 8, one run
+    send(c, data(30, b"abcde"), 0.1)  # a second run: 10 bytes, dropped whole
+    send(c, data(15, b"567"), 0.1)  # held: 8 of 8, still one run
     assert [s.ack for s in recv(c, 0.1)] == [IRS + 1] * 3  # a duplicate ACK each
     send(c, data(0, b"ABCDEFGHIJ"), 0.2)
     assert drain(c) == [DataReceived(FLOW, b"ABCDEFGHIJ01234567")]

@@ -12,6 +12,7 @@ from dataclasses import replace
 from stack import Stack
 from stack.events import DataReceived
 from stack.tcp.connection import TcpConnection
+from stack.tcp.reassembly import Reassembly
 from stack.tcp.sack import Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, SYN, TcpOptions, encode_options
@@ -190,7 +191,9 @@ def test_no_blocks_without_sack_permitted() -> None:
 
 
 def test_blocks_choice_directly() -> None:
-    held = [(10, 20), (30, 40), (50, 60)]
+    held = Reassembly(1 << 20)
+    for start in (10, 30, 50):
+        held.insert(0, start, bytes(10))
     recent = [55, 12, 99, 15]  # 99 is no longer held; 15 repeats the block of 12
     assert choose_blocks(held, recent, 4) == ((50, 60), (10, 20), (30, 40))
     assert recent == [55, 12]

@@ -23,7 +23,9 @@ class RelayConfig:
     * server -> client: the flow reads the kernel socket only while the stack
       has send space, at most ``recv_size`` bytes per read, so it holds at most
       ``recv_size`` bytes, and the stack at most ``TcpConfig.snd_buf``.
-    * the stack itself: ``rcv_buf + snd_buf + ooo_limit`` of ``TcpConfig``.
+    * the stack itself: ``rcv_buf + snd_buf + ooo_limit`` of ``TcpConfig``
+      (out-of-order runs charged with their objects' overhead, at most
+      ``ooo_max_runs`` of them).
     * the kernel socket: ``upstream_rcvbuf + upstream_sndbuf`` when set
       (``None`` leaves the kernel's autotuning, capped by ``tcp_rmem`` and
       ``tcp_wmem``).

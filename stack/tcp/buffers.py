@@ -25,6 +25,10 @@ floors); and while the budget is over-committed, a receive buffer gives back
 half its size at each of its RTT ticks. Shrinking a buffer only lowers the
 windows advertised from then on: the right edge already advertised is never
 moved left (RFC 7323 2.4, RFC 9293 3.8.6.2.2), see ``ConnectionCore._advertise``.
+
+Out-of-order data lives inside the receive buffer too: ``Reassembly`` charges
+each run its payload plus ``RUN_OVERHEAD`` for its objects, within the room
+the unconsumed bytes leave, so the reservation covers what it really costs.
 """
 
 from __future__ import annotations

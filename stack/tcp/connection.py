@@ -495,7 +495,8 @@ class TcpConnection(TcpRecovery):
                 return
         if seq != rcv_nxt:
             held = self._ooo.size
-            if self._ooo.insert(rcv_nxt, seq, payload) and self.sack_ok:
+            room = self.buf.rcv - self._unconsumed
+            if self._ooo.insert(rcv_nxt, seq, payload, room) and self.sack_ok:
                 if self._ooo.size == held:
                     self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.2
                 recent = self._sack_recent  # RFC 2018 4: its block goes first

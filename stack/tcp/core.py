@@ -218,7 +218,7 @@ class ConnectionCore:
         self.last_ack_sent = 0  # RFC 7323 Last.ACK.sent: the ACK field we last sent
         self.buf = Buffers(cfg, budget or MemoryBudget(cfg.memory_budget), self.rcv_mss)
         self._unconsumed = 0  # bytes delivered to the application and not yet consumed
-        self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv))
+        self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv), cfg.ooo_max_runs)
         self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
         self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
         self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
@@ -408,7 +408,7 @@ class ConnectionCore:
         blocks: tuple[tuple[int, int], ...] = ()
         limit = 4 if ts is None else 3
         if self.sack_ok and self._ooo:
-            blocks = choose_blocks(self._ooo.blocks(), self._sack_recent, limit)
+            blocks = choose_blocks(self._ooo, self._sack_recent, limit)
         if self._dsack is not None:
             # RFC 2883 4: a D-SACK block goes first, once; the sender uses it to
             # undo a reduction after a spurious retransmission and to learn

@@ -5,7 +5,10 @@ Theory of operation, receive side: the out-of-order queue (``Reassembly``)
 knows which ranges we hold; ``choose_blocks`` orders them for the SACK option
 as RFC 2018 4 asks -- the block holding the most recently received segment
 first, then the blocks reported most recently -- using a short list of the
-sequence numbers of recent out-of-order arrivals, most recent first.
+sequence numbers of recent out-of-order arrivals, most recent first
+(``MAX_RECENT``), each looked up by bisection, and then the highest runs.
+A duplicate ACK goes out per out-of-order segment, so this work is bounded
+by the block count, never by the number of runs held.
 
 Send side: ``Scoreboard`` keeps the ranges of our sequence space the peer has
 SACKed above ``snd_una`` as sorted, disjoint ``(start, end)`` pairs. RFC 6675's
@@ -19,7 +22,12 @@ blocks is capped at ``MAX_RANGES``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from stack.seq import seq_add, seq_gt, seq_in, seq_le, seq_lt, seq_sub
+
+if TYPE_CHECKING:
+    from stack.tcp.reassembly import Reassembly
 
 DUP_THRESH = 3  # RFC 6675 / RFC 5681: duplicate ACKs that signal a loss
 MAX_DUPTHRESH = 32  # the most reordering tolerated, in segments (Linux allows 300)
@@ -27,13 +35,15 @@ MAX_RANGES = 64  # SACKed ranges remembered; beyond that the highest are dropped
 MAX_RECENT = 8  # recent out-of-order arrivals remembered for block ordering
 
 
-def choose_blocks(
-    held: list[tuple[int, int]], recent: list[int], limit: int
-) -> tuple[tuple[int, int], ...]:
+def choose_blocks(held: Reassembly, recent: list[int], limit: int) -> tuple[tuple[int, int], ...]:
     """The SACK blocks for an outgoing segment, most recent first (RFC 2018 4).
 
+    Bounded work whatever is held: a bisect per recent arrival, then the few
+    highest runs (a hostile peer can make many runs; a duplicate ACK is sent
+    for each of its segments).
+
     Args:
-        held: the out-of-order ranges held, sorted (``Reassembly.blocks()``).
+        held: the out-of-order queue.
         recent: sequence numbers of recent out-of-order segments, most recent
             first; pruned in place of those no longer held or already covered.
         limit: the most blocks that fit (4, or 3 alongside timestamps: RFC 2018 3).
@@ -41,16 +51,16 @@ def choose_blocks(
     out: list[tuple[int, int]] = []
     keep: list[int] = []
     for s in recent:
-        for block in held:
-            if seq_in(s, block[0], block[1]):
-                if block not in out:
-                    out.append(block)
-                    keep.append(s)
-                break
+        block = held.block_at(s)
+        if block is not None and block not in out:
+            out.append(block)
+            keep.append(s)
     recent[:] = keep[:MAX_RECENT]
     if len(out) < limit:
-        # Blocks no recent arrival names (older ones): highest first.
-        out.extend(b for b in reversed(held) if b not in out)
+        # RFC 2018 4: the remaining slots repeat older blocks; with no memory of
+        # which were reported, the highest go (of the top ``limit`` runs at most
+        # len(out) are already in, so these are enough).
+        out.extend(b for b in held.top_blocks(limit) if b not in out)
     return tuple(out[:limit])
 
 

@@ -4,10 +4,11 @@ Theory of operation: when a connection reaches TIME-WAIT its application is
 done with it, so the Stack reports ``Closed`` at once and keeps only what
 TIME-WAIT needs -- the 4-tuple (the table key), the sequence numbers for
 re-acknowledging a repeated FIN, and a deadline -- like Linux's
-``tcp_timewait_sock``. Entries expire in the order they were added (the
-duration is constant), so a deque gives the expiry order; the table is
-bounded and, when full, the oldest entry goes first (Linux's
-``tcp_max_tw_buckets`` does the same).
+``tcp_timewait_sock``. The duration is constant, so an ``OrderedDict`` in
+deadline order is the whole index: a new entry goes to the end, a restarted
+one moves there (one entry per 4-tuple, however many FINs repeat), and expiry
+pops from the front. The table is bounded and, when full, the oldest entry
+goes first (Linux's ``tcp_max_tw_buckets`` does the same).
 
 What a segment for a TIME-WAIT 4-tuple gets (RFC 9293 3.10.7.4, TIME-WAIT):
 
@@ -21,21 +22,20 @@ What a segment for a TIME-WAIT 4-tuple gets (RFC 9293 3.10.7.4, TIME-WAIT):
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from stack.seq import seq_gt
 
 
 class TimeWaitTable:
-    """4-tuple key -> (snd_nxt, rcv_nxt, window, deadline)."""
+    """4-tuple key -> (snd_nxt, rcv_nxt, window, deadline), oldest deadline first."""
 
-    __slots__ = ("_entries", "_order", "duration", "limit")
+    __slots__ = ("_entries", "duration", "limit")
 
     def __init__(self, duration: float, limit: int) -> None:
         self.duration = duration  # seconds an entry lives (2 MSL in RFC 9293)
         self.limit = limit  # entries at most
-        self._entries: dict[bytes, tuple[int, int, int, float]] = {}
-        self._order: deque[tuple[float, bytes]] = deque()
+        self._entries: OrderedDict[bytes, tuple[int, int, int, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,12 +47,11 @@ class TimeWaitTable:
         """Remember a connection that entered TIME-WAIT at ``now``."""
         if self.limit <= 0:
             return
-        while len(self._entries) >= self.limit and self._order:
-            _, old = self._order.popleft()
-            self._entries.pop(old, None)
-        deadline = now + self.duration
-        self._entries[key] = (snd_nxt, rcv_nxt, window, deadline)
-        self._order.append((deadline, key))
+        entries = self._entries
+        entries.pop(key, None)
+        while len(entries) >= self.limit:
+            entries.popitem(last=False)
+        entries[key] = (snd_nxt, rcv_nxt, window, now + self.duration)
 
     def get(self, key: bytes) -> tuple[int, int, int] | None:
         """``(snd_nxt, rcv_nxt, window)`` of a live entry, or None."""
@@ -68,22 +67,22 @@ class TimeWaitTable:
         return True
 
     def restart(self, key: bytes, now: float) -> None:
-        """A repeated FIN restarts the 2 MSL wait (RFC 9293 3.10.7.4)."""
-        entry = self._entries.get(key)
+        """A repeated FIN restarts the 2 MSL wait (RFC 9293 3.10.7.4): the entry
+        gets the new deadline and moves to the end; nothing is added."""
+        entries = self._entries
+        entry = entries.get(key)
         if entry is not None:
-            deadline = now + self.duration
-            self._entries[key] = (*entry[:3], deadline)
-            self._order.append((deadline, key))
+            entries[key] = (*entry[:3], now + self.duration)
+            entries.move_to_end(key)
 
     def expire(self, now: float) -> int:
         """Drop entries whose time is up; returns how many went."""
-        order = self._order
         entries = self._entries
         gone = 0
-        while order and order[0][0] <= now:
-            deadline, key = order.popleft()
-            entry = entries.get(key)
-            if entry is not None and entry[3] == deadline:
-                del entries[key]
-                gone += 1
+        while entries:
+            key = next(iter(entries))
+            if entries[key][3] > now:
+                break
+            del entries[key]
+            gone += 1
         return gone
