@@ -11,7 +11,8 @@ Rows:
 
 * conn.log, one per flow at its end: the flow log's fields
   (``relay.analysis.flowlog``: ``proto``, ``duration``, ``orig_bytes``,
-  ``resp_bytes``, and our ``ended``, ``rule``, ``worker``) plus ``service``
+  ``resp_bytes``, and our ``orig_bytes_forwarded``, ``resp_bytes_forwarded``,
+  ``ended``, ``rule``, ``worker``) plus ``service``
   (the protocols whose dissector confirmed them: ``ssl``, ``http``, ``dns``,
   ``quic``), ``conn_state``, ``history``, ``missed_bytes`` (always 0: the
   relay sees every byte, in order), ``orig_pkts`` and ``resp_pkts`` (TCP:
@@ -168,7 +169,7 @@ def conn_row(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict[st
         row["history"] = end.history
     row["orig_pkts"] = end.packets_c2s
     row["resp_pkts"] = end.packets_s2c
-    for key in ("ended", "rule", "worker"):
+    for key in ("orig_bytes_forwarded", "resp_bytes_forwarded", "ended", "rule", "worker"):
         if key in base:
             row[key] = base[key]
     return row
