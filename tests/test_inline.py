@@ -9,6 +9,7 @@ import trio.testing
 from test_engine import (
     C2S,
     S2C,
+    Client,
     connected,
     harness,
     pattern,
@@ -225,3 +226,60 @@ async def test_a_bad_return_value_is_an_analyzer_error() -> None:
     hooks = AnalyzerChain([Bad()], on_error=lambda: errors.append(None)).open(info)
     assert await hooks.data(C2S, b"x") == b"x"  # detached; the bytes go on
     assert len(errors) == 1 and not hooks.has_data_hooks
+
+
+async def test_udp_datagrams_rewritten_dropped_and_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import contextlib
+    import socket
+
+    from test_protocol_logs import relay_with, udp_from_client
+
+    class Udp:
+        async def data(
+            self, flow: FlowInfo, direction: Direction, data: bytes
+        ) -> bytes | Verdict | None:
+            if data == b"EVIL":
+                return Verdict.RESET
+            if data == b"drop":
+                return b""
+            return data.upper() if direction is C2S else data + b"!"
+
+    ends: dict[int, object] = {}
+
+    class Ends:
+        async def flow_end(self, flow: FlowInfo, end: object) -> None:
+            ends[flow.client_port] = end
+
+    servers: dict[int, socket.socket] = {}
+    async with relay_with([Udp(), Ends()], udp_servers=servers) as h:
+        icmp = Client(h, port=40100).icmp  # takes the ICMP errors to that port
+        for payload in (b"hello", b"drop", b"world"):
+            h.source.inject(udp_from_client(40100, 9999, payload))
+        await until(lambda: 40100 in servers)
+        server = servers[40100]
+        server.setblocking(False)
+        got: list[bytes] = []
+
+        def read() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                got.append(server.recv(2048))
+            return len(got) >= 2
+
+        await until(read)
+        assert got == [b"HELLO", b"WORLD"]
+        server.send(b"reply")
+        await until(lambda: h.udp.get(40100) == [b"reply!"])
+        h.source.inject(udp_from_client(40100, 9999, b"EVIL"))
+        await until(lambda: h.relay.stats.flows_reset == 1)
+        h.source.inject(udp_from_client(40100, 9999, b"after"))  # refused: never sent
+        await trio.sleep(1)
+        with pytest.raises(BlockingIOError):
+            server.recv(2048)
+        assert (3, 3) in icmp  # port unreachable, as from a closed port
+        await until(lambda: 40100 in ends, 300)
+    end = ends[40100]
+    assert end.how == "rejected"
+    assert (end.bytes_c2s, end.forwarded_c2s) == (18, 10)
+    assert (end.bytes_s2c, end.forwarded_s2c) == (5, 6)

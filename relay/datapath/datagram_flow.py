@@ -67,6 +67,7 @@ RECV_SIZE = 65536  # the largest datagram
 RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
 _C2S = Direction.CLIENT_TO_SERVER
 _S2C = Direction.SERVER_TO_CLIENT
+_S2C = Direction.SERVER_TO_CLIENT
 
 _FROM_CLOSE = {
     CloseReason.IDLE: EndReason.IDLE,
@@ -263,7 +264,7 @@ class DatagramFlow:
             return False
         return True
 
-    def _stop(self, stop: Stop) -> bool:
+    async def _stop(self, stop: Stop) -> bool:
         """An analyzer's verdict on a client datagram (dropped by the caller).
 
         Returns:
@@ -276,6 +277,12 @@ class DatagramFlow:
             log.debug("flow %s: blocked by %s", self.hooks.info.describe(), stop.rule)
             if stop.reply and self._closed is None:
                 self.reply(stop.reply)
+                dx = self._dx
+                if dx is not None:
+                    # The protocol logs see the relay's answer as the server's.
+                    records = self.dissect(dx, _S2C, stop.reply)
+                    if records:
+                        await self.hooks.records(records)
             if stop.keep_open:
                 return True
             self._stopped = (None, EndReason.BLOCKED)  # silence, as a dropped flow
@@ -328,13 +335,13 @@ class DatagramFlow:
             if dx is not None:
                 records = self.dissect(dx, _C2S, item)
                 if records and (stop := await self.hooks.records(records)) is not None:
-                    if not self._stop(stop):
+                    if not await self._stop(stop):
                         return
                     item = b""  # blocked, the flow goes on: this datagram is dropped
             if item and self.hooks.has_data_hooks:
                 out = await self.hooks.data(_C2S, item)
                 if not isinstance(out, bytes):
-                    self._stop(out)
+                    await self._stop(out)
                     return
                 item = out
             if item:

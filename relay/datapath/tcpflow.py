@@ -659,6 +659,7 @@ class TcpFlow:
     async def _send_reply(self) -> None:
         """A Block's reply to the client, as send space allows, then the FIN."""
         reply, self._reply = self._reply or b"", b""
+        sent = reply
         stack, flow = self._env.stack, self.flow
         while reply and self._closed is None:
             space = stack.send_space(flow)
@@ -672,6 +673,12 @@ class TcpFlow:
         if self._closed is None:
             stack.close(flow)
             self._env.flush()
+        dx = self._dx
+        if dx is not None:
+            # The protocol logs see the relay's answer as the server's (a 403, an NXDOMAIN).
+            records = dx.feed(_S2C, sent, time.time())
+            if records:
+                await self.hooks.records(records)  # verdicts on answers mean nothing
 
     async def _finish(self) -> None:
         if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:

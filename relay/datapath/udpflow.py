@@ -57,7 +57,7 @@ class UdpFlow(DatagramFlow):
             if not isinstance(out, bytes):
                 if out is Halt.FAILED:
                     return False
-                self._stop(out)
+                await self._stop(out)
                 return True
             data = out
         if self._closed is None and data:
