@@ -283,3 +283,25 @@ async def test_udp_datagrams_rewritten_dropped_and_reset(
     assert end.how == "rejected"
     assert (end.bytes_c2s, end.forwarded_c2s) == (18, 10)
     assert (end.bytes_s2c, end.forwarded_s2c) == (5, 6)
+
+
+async def test_the_readme_rewrite_example(autojump_clock: trio.testing.MockClock) -> None:
+    from pathlib import Path
+    from typing import Any
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    _, found, rest = readme.partition("<!-- example: rewrite -->\n```python\n")
+    assert found, "the README's example is gone"
+    namespace: dict[str, Any] = {}
+    exec(compile(rest.split("```", 1)[0], "README.md", "exec"), namespace)
+    async with harness(analyzers=[namespace["Rewriter"]()]) as h:
+        c = Client(h, sport=80)
+        await c.connect()
+        server = await h.connector.server(c.flow)
+        await c.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert await recv_exactly(server, 18) == b"GET / HTTP/1.1\r\n\r\n"
+        await send_all(server, b"colour colour")
+        await until(lambda: bytes(c.received) == b"color color")
+        await c.send(b"FORBIDDEN-TOKEN")
+        await until(lambda: c.rst)
+        assert (await h.tap.end_of(40000)).how == "rejected"

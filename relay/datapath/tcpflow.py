@@ -11,8 +11,9 @@ The flow's own task (``run``) does everything that waits:
    success -> ``stack.accept``; a connect error -> ``stack.reject`` the way
    the network would have answered (RST, ICMP, silence).
 2. two pumps. client -> server: queued ``DataReceived`` bytes go through the
-   analyzers and ``sock.send``; only then ``stack.consumed(n)``, so a slow
-   server or analyzer closes this flow's window. server -> client: ``recv``
+   analyzers (which may rewrite, drop or RESET them) and ``sock.send``; only
+   then ``stack.consumed(n)`` (n: the client's bytes, whatever the rewrite's
+   length), so a slow server or analyzer closes this flow's window. server -> client: ``recv``
    only while ``stack.send_space()`` > 0, at most that many bytes (a 0 from
    ``send_space()`` arms ``SendSpace``, which wakes the pump), analyzers,
    ``stack.send``.
