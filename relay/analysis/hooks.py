@@ -13,6 +13,12 @@ analyzer delays only its own flow: the bytes are reported ``consumed`` to the
 stack only after the analyzers and the upstream write, which closes that
 flow's TCP window and no other.
 
+Inline control: ``data`` may return replacement bytes (or ``b""``) or
+``Verdict.RESET``, and the record hooks of ``VERDICT_HOOKS`` may return
+``Verdict.RESET`` or a ``Block`` (the relay answers in the server's place);
+``FlowHooks.data`` chains the rewrites and returns the very object it was
+given when nothing changed, so the flows can keep their unchanged path.
+
 An analyzer exception never leaves ``FlowHooks``: it is logged with the flow
 and a traceback, and the analyzer gets no more calls for that flow (not even
 ``flow_end``). With ``fail_closed`` the methods report the failure to the flow

@@ -50,6 +50,8 @@ class UdpFlow(DatagramFlow):
 
     async def deliver(self, data: bytes, now: float) -> bool:
         self.bytes_s2c += len(data)
+        if self._stopped is not None:
+            return True  # a verdict stopped the flow: the rest of this batch is dropped
         dx = self._dx
         records = None if dx is None else self.dissect(dx, _S2C, data)
         if self.hooks.has_data_hooks:
