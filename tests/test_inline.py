@@ -305,3 +305,31 @@ async def test_the_readme_rewrite_example(autojump_clock: trio.testing.MockClock
         await c.send(b"FORBIDDEN-TOKEN")
         await until(lambda: c.rst)
         assert (await h.tap.end_of(40000)).how == "rejected"
+
+
+async def test_record_verdicts_every_analyzer_sees_the_record_and_the_first_verdict_decides() -> (
+    None
+):
+    from relay.analysis.hooks import Block
+
+    seen: list[str] = []
+
+    class Say:
+        def __init__(self, name: str, verdict: object) -> None:
+            self.name, self.verdict = name, verdict
+
+        async def http_request(self, flow: FlowInfo, req: object) -> object:
+            seen.append(self.name)
+            return self.verdict
+
+        async def http_response(self, flow: FlowInfo, resp: object) -> object:
+            seen.append(self.name + "-response")
+            return Verdict.RESET  # not a verdict hook: ignored
+
+    info = FlowInfo.from_flow(FlowId(4, "198.18.0.2", 1, "198.19.0.1", 2))
+    block = Block("rule-a", b"no")
+    chain = AnalyzerChain([Say("a", None), Say("b", block), Say("c", Verdict.RESET)])
+    hooks = chain.open(info)
+    assert await hooks.records([("http_response", object())]) is None
+    assert await hooks.records([("http_request", object()), ("http_request", object())]) is block
+    assert seen == ["a-response", "b-response", "c-response", "a", "b", "c"]  # then stopped
