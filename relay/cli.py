@@ -90,6 +90,21 @@ def _parser() -> argparse.ArgumentParser:
         help="write Zeek-compatible JSON logs into DIR (conn.log, ssl.log, http.log, dns.log, "
         "quic.log; appended to): protocols are detected by content and dissected",
     )
+    run.add_argument(
+        "--block-domain",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="block a name (repeatable): 'ads.example' or '*.example.com' (the name and every "
+        "name under it); DNS gets NXDOMAIN, TLS is reset, HTTP gets 403, QUIC is dropped",
+    )
+    run.add_argument(
+        "--block-list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="block the patterns in FILE (repeatable): one a line, '#' comments, blank lines",
+    )
     run.add_argument("--mtu", type=int, default=1500, help="TUN MTU (default 1500)")
     run.add_argument(
         "--txqueuelen", type=int, default=DEFAULT_TXQUEUELEN, help="TUN queue length, per queue"
@@ -231,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             analyzers=args.analyzer,
             flow_log=args.flow_log,
             log_dir=args.log_dir,
+            block_domains=args.block_domain,
+            block_lists=args.block_list,
             mtu=args.mtu,
             txqueuelen=args.txqueuelen,
             table=args.table,

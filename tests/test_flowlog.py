@@ -17,7 +17,9 @@ V6 = FlowInfo("CzYxWvUtSrQpOnMlKj", "tcp", "fd00::2", 40001, "fd00:1::80", 80, 1
 async def test_one_line_per_flow_with_zeek_fields() -> None:
     out = io.StringIO()
     log = FlowLog(out)
-    await log.flow_end(V4, FlowEnd(EndReason.FIN, 120, 4567, 0.25))
+    await log.flow_end(
+        V4, FlowEnd(EndReason.FIN, 120, 4567, 0.25, forwarded_c2s=100, forwarded_s2c=4567)
+    )
     await log.flow_end(V6, FlowEnd(EndReason.REFUSED, 0, 0, 0.001))
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first == {
@@ -31,6 +33,8 @@ async def test_one_line_per_flow_with_zeek_fields() -> None:
         "duration": 0.25,
         "orig_bytes": 120,
         "resp_bytes": 4567,
+        "orig_bytes_forwarded": 100,
+        "resp_bytes_forwarded": 4567,
         "ended": "fin",
     }
     assert (second["id.orig_h"], second["id.resp_h"], second["ended"]) == (

@@ -16,6 +16,7 @@ from relay.analysis.hooks import (
     EndReason,
     FlowEnd,
     FlowInfo,
+    Halt,
     Verdict,
     new_uid,
 )
@@ -97,7 +98,7 @@ async def test_partial_analyzers_are_fine() -> None:
     hooks = chain.open(info())
     assert not hooks.has_data_hooks
     assert await hooks.start() is Verdict.ALLOW
-    assert await hooks.data(C2S, b"x")
+    assert await hooks.data(C2S, b"x") == b"x"
     await hooks.end(END)
     assert only_end.ends == [END]
 
@@ -138,8 +139,8 @@ async def test_raising_analyzer_is_detached_for_that_flow_only(
     hooks = chain.open(info())
     with caplog.at_level(logging.ERROR, logger="relay.analysis.hooks"):
         assert await hooks.start() is Verdict.ALLOW
-        assert await hooks.data(C2S, b"one")  # bad raises here: detached, flow goes on
-        assert await hooks.data(S2C, b"two")
+        assert await hooks.data(C2S, b"one") == b"one"  # bad raises: detached, flow goes on
+        assert await hooks.data(S2C, b"two") == b"two"
         await hooks.end(END)
     assert bad.calls == [("start", hooks.info.uid), ("data", (C2S, b"one"))]  # no more calls
     assert good.calls[1:] == [("data", (C2S, b"one")), ("data", (S2C, b"two")), ("end", "fin")]
@@ -150,7 +151,7 @@ async def test_raising_analyzer_is_detached_for_that_flow_only(
 
     # Another flow still gets the analyzer.
     other = chain.open(info())
-    assert await other.data(C2S, b"three")
+    assert await other.data(C2S, b"three") == b"three"
     assert bad.calls[-1] == ("data", (C2S, b"three"))
 
 
@@ -182,7 +183,7 @@ async def test_fail_closed_reports_failure() -> None:
     chain = AnalyzerChain([Raiser("data"), good], fail_closed=True)
     hooks = chain.open(info())
     assert await hooks.start() is Verdict.ALLOW
-    assert not await hooks.data(C2S, b"x")
+    assert await hooks.data(C2S, b"x") is Halt.FAILED
     rejecting = AnalyzerChain([Raiser("start")], fail_closed=True).open(info())
     assert await rejecting.start() is Verdict.REJECT
 

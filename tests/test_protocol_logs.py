@@ -703,7 +703,7 @@ async def test_the_readme_server_names_example(capsys: pytest.CaptureFixture[str
     hello = dissect_first(tls_conversation(server_name="sni.example").side(C2S))
     c2s, _ = quic_handshake(["h3"], 1, server_name="quic.example")
     quic = dissect_quic(c2s)
-    assert await hooks.records([("tls_clienthello", hello), ("quic_clienthello", quic)])
+    assert await hooks.records([("tls_clienthello", hello), ("quic_clienthello", quic)]) is None
     assert capsys.readouterr().out.splitlines() == [
         f"198.18.1.2 sni.example {hello.ja4}",
         f"198.18.1.2 quic.example {quic.hello.ja4}",

@@ -2,9 +2,13 @@
 
 Field names follow Zeek's conn.log where one exists (``ts``, ``uid``,
 ``id.orig_h``, ``id.orig_p``, ``id.resp_h``, ``id.resp_p``, ``proto``,
-``duration``, ``orig_bytes``, ``resp_bytes``); ``ended`` is ours (the
-``EndReason`` set documented in ``relay.analysis.hooks``), and so is ``rule``, the egress
-rule that denied a flow (only on ``"ended": "denied"``). ``id.resp_h``/``id.resp_p``
+``duration``, ``orig_bytes``, ``resp_bytes``: what the client and the server
+sent); ours are ``orig_bytes_forwarded`` and ``resp_bytes_forwarded`` (what
+the relay sent on, to the server and to the client, after the analyzers'
+rewrites and drops, a relay's own answer included), ``ended`` (the
+``EndReason`` set documented in ``relay.analysis.hooks``), and ``rule``: the
+egress rule that denied a flow (``"ended": "denied"``) or the rule that
+blocked it (``"blocked"``, e.g. ``"block-domain *.example.com"``). ``id.resp_h``/``id.resp_p``
 are the original destination the client addressed.
 
 Each line is written in ``flow_end``, synchronously: a few hundred bytes,
@@ -38,6 +42,8 @@ def flow_record(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict
         "duration": round(end.duration, 6),
         "orig_bytes": end.bytes_c2s,
         "resp_bytes": end.bytes_s2c,
+        "orig_bytes_forwarded": end.forwarded_c2s,
+        "resp_bytes_forwarded": end.forwarded_s2c,
         "ended": str(end.how),
     }
     if end.rule is not None:

@@ -13,6 +13,12 @@ analyzer delays only its own flow: the bytes are reported ``consumed`` to the
 stack only after the analyzers and the upstream write, which closes that
 flow's TCP window and no other.
 
+Inline control: ``data`` may return replacement bytes (or ``b""``) or
+``Verdict.RESET``, and the record hooks of ``VERDICT_HOOKS`` may return
+``Verdict.RESET`` or a ``Block`` (the relay answers in the server's place);
+``FlowHooks.data`` chains the rewrites and returns the very object it was
+given when nothing changed, so the flows can keep their unchanged path.
+
 An analyzer exception never leaves ``FlowHooks``: it is logged with the flow
 and a traceback, and the analyzer gets no more calls for that flow (not even
 ``flow_end``). With ``fail_closed`` the methods report the failure to the flow
@@ -51,13 +57,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RECORD_HOOKS",
+    "VERDICT_HOOKS",
     "Analyzer",
     "AnalyzerChain",
+    "Block",
     "Direction",
     "EndReason",
     "FlowEnd",
     "FlowHooks",
     "FlowInfo",
+    "Halt",
+    "Stop",
     "Verdict",
     "new_uid",
 ]
@@ -78,12 +88,46 @@ def new_uid() -> str:
 
 
 class Verdict(enum.Enum):
-    """What ``flow_start`` decides; returning ``None`` means ``ALLOW``."""
+    """What an analyzer decides; returning ``None`` means ``ALLOW``.
+
+    ``flow_start`` may return ``REJECT``; ``data`` and the record hooks of
+    ``VERDICT_HOOKS`` may return ``RESET``.
+    """
 
     ALLOW = "allow"
     # As from a closed port: TCP gets an RST; UDP gets ICMP port unreachable for each
     # datagram until the flow idles out; echo gets ICMP administratively prohibited.
     REJECT = "reject"
+    # Mid-flow: TCP resets both sides (RST to the client, the upstream socket closed
+    # with SO_LINGER 0); UDP drops the datagram and refuses the flow (ICMP port
+    # unreachable) until it idles out. The bytes or datagram judged are not forwarded.
+    RESET = "reset"
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A record hook's verdict (``VERDICT_HOOKS``): the relay answers in the
+    server's place. The bytes or datagram that completed the record never go
+    upstream.
+
+    TCP: a non-empty ``reply`` is sent to the client, then the relay closes the
+    connection (FIN to the client, the upstream socket closed without having
+    sent anything more); an empty ``reply`` resets both sides instead. UDP:
+    ``reply``, if any, is sent to the client as one datagram; then the flow is
+    refused silently until it idles out, or with ``keep_open`` goes on (the
+    next datagrams are judged again). Either way the flow ends ``blocked``
+    with ``rule`` in ``FlowEnd.rule``.
+    """
+
+    rule: str  # logged as the flow's "rule", e.g. "block-domain *.example.com"
+    reply: bytes = b""
+    keep_open: bool = False
+
+
+class Halt(enum.Enum):
+    """``FlowHooks``' answer when an analyzer failed and the chain is fail-closed."""
+
+    FAILED = "failed"
 
 
 class EndReason(enum.StrEnum):
@@ -95,7 +139,10 @@ class EndReason(enum.StrEnum):
     verdict), ``refused`` (upstream RST: ECONNREFUSED), ``unreachable``
     (EHOSTUNREACH, ENETUNREACH, EACCES, EPERM: relayed as ICMP),
     ``connect_timeout`` (relayed as silence), ``error`` (any other upstream
-    socket error), ``shutdown`` (the relay stopped while the flow was open).
+    socket error), ``shutdown`` (the relay stopped while the flow was open),
+    ``blocked`` (a record hook's ``Block``, e.g. ``--block-domain``;
+    ``FlowEnd.rule`` names the rule). ``rejected`` also covers a ``RESET``
+    verdict mid-flow.
     ``rst`` covers a reset from either side: the client's, or the server's
     relayed to the client.
     """
@@ -113,6 +160,7 @@ class EndReason(enum.StrEnum):
     CONNECT_TIMEOUT = "connect_timeout"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    BLOCKED = "blocked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +207,17 @@ class FlowEnd:
     bytes_c2s: int  # payload bytes the client sent (and the relay received)
     bytes_s2c: int  # payload bytes the server sent (and the relay received)
     duration: float  # seconds from the client's SYN to the end
-    rule: str | None = None  # how == "denied": the egress rule, e.g. "default:loopback"
+    rule: str | None = (
+        None  # "denied": the egress rule, e.g. "default:loopback"; "blocked": the Block's
+    )
     packets_c2s: int = 0  # packets from the client (TCP: on its connection; UDP: datagrams)
     packets_s2c: int = 0  # packets to the client (the same)
     history: str = ""
     services: tuple[str, ...] = ()
+    # Payload bytes sent on, after the analyzers' rewrites and drops: to the server,
+    # and to the client (a relay's own answer, e.g. a Block's reply, included).
+    forwarded_c2s: int = 0
+    forwarded_s2c: int = 0
 
 
 class Analyzer(Protocol):
@@ -178,9 +232,15 @@ class Analyzer(Protocol):
         datagram); any ``REJECT`` refuses it (see ``Verdict``)."""
         ...
 
-    async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
-        """The next bytes of one direction, in order. Passive: the relay forwards
-        the original bytes whatever this does. Taking long backpressures this flow."""
+    async def data(
+        self, flow: FlowInfo, direction: Direction, data: bytes
+    ) -> bytes | Verdict | None:
+        """The next bytes of one direction, in order (UDP: one datagram).
+
+        Returns ``None`` to forward them as they are, ``bytes`` to forward these
+        instead (longer, shorter, or ``b""`` to drop them), or ``Verdict.RESET``.
+        The next analyzer sees what this one returned. Taking long backpressures
+        this flow only."""
         ...
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
@@ -197,7 +257,9 @@ class Analyzer(Protocol):
     # on (only for the protocols whose hooks exist); without them no flow pays
     # for it.
 
-    async def tls_clienthello(self, flow: FlowInfo, hello: TlsClientHello) -> None:
+    async def tls_clienthello(
+        self, flow: FlowInfo, hello: TlsClientHello
+    ) -> Verdict | Block | None:
         """A TLS ClientHello over TCP: ``hello.server_name`` (SNI), ``hello.alpn``
         (offered), ``hello.ja4``, ``hello.ja3``/``ja3_hash``, the offered suites and
         versions. Again with ``hello.retry`` after a HelloRetryRequest."""
@@ -218,7 +280,7 @@ class Analyzer(Protocol):
         """A plaintext alert (``level`` 2 is fatal, ``description`` the reason)."""
         ...
 
-    async def http_request(self, flow: FlowInfo, req: HttpRequest) -> None:
+    async def http_request(self, flow: FlowInfo, req: HttpRequest) -> Verdict | Block | None:
         """An HTTP/1.x request whose header block is complete (before its body):
         ``method``, ``host``, ``uri``, ``user_agent``, ``headers``, ``trans_depth``."""
         ...
@@ -232,7 +294,7 @@ class Analyzer(Protocol):
         with both body lengths; a row of Zeek's http.log."""
         ...
 
-    async def dns_query(self, flow: FlowInfo, q: DnsQuery) -> None:
+    async def dns_query(self, flow: FlowInfo, q: DnsQuery) -> Verdict | Block | None:
         """A DNS query (UDP or TCP): ``query`` (the name), ``qtype_name``, ``trans_id``."""
         ...
 
@@ -242,7 +304,9 @@ class Analyzer(Protocol):
         of the flow (``a.saw_reply`` False) and a reply without a query seen."""
         ...
 
-    async def quic_clienthello(self, flow: FlowInfo, hello: QuicClientHello) -> None:
+    async def quic_clienthello(
+        self, flow: FlowInfo, hello: QuicClientHello
+    ) -> Verdict | Block | None:
         """The ClientHello of a QUIC connection, decrypted from its Initial packets:
         ``hello.hello`` is the ``TlsClientHello`` (SNI, ALPN, a ``q`` JA4)."""
         ...
@@ -267,6 +331,15 @@ RECORD_HOOKS: Final = (
     "quic_clienthello",
     "quic_serverhello",
 )
+
+# The record hooks whose return value counts: ``None``, ``Verdict.RESET`` or a
+# ``Block``. Their records are completed by client bytes the relay still holds.
+VERDICT_HOOKS: Final = frozenset(
+    {"tls_clienthello", "http_request", "dns_query", "quic_clienthello"}
+)
+
+# What FlowHooks.records returns when the flow must not go on as it was.
+Stop = Verdict | Block | Halt
 
 
 _Hook = Callable[..., Awaitable[Any]]
@@ -395,46 +468,75 @@ class FlowHooks:
                 verdict = Verdict.REJECT  # still ask the rest: each sees flow_start and flow_end
         return verdict
 
-    async def data(self, direction: Direction, data: bytes) -> bool:
-        """Show ``data`` to each attached analyzer.
+    async def data(self, direction: Direction, data: bytes) -> bytes | Verdict | Halt:
+        """Run ``data`` through each attached analyzer, each seeing what the one
+        before returned.
 
         Returns:
-            False when an analyzer failed and the chain is fail-closed: abort the flow.
+            The bytes to forward: ``data`` itself (the same object) when no
+            analyzer changed it, so the caller can tell with ``is``; ``b""``
+            when one dropped them (the later analyzers see nothing).
+            ``Verdict.RESET`` when one said so (the later ones see nothing).
+            ``Halt.FAILED`` when one failed and the chain is fail-closed.
         """
         for i, fn in self._chain.data_hooks:
             if i in self._detached:
                 continue
             try:
-                await fn(self.info, direction, data)
+                out = await fn(self.info, direction, data)
+                if out is None:
+                    continue
+                if out is Verdict.RESET:
+                    return out
+                if isinstance(out, bytearray | memoryview):
+                    out = bytes(out)
+                if not isinstance(out, bytes):
+                    raise TypeError(f"data returned {out!r}, not bytes, Verdict.RESET or None")
             except Exception:
                 self._failed(i, fn, "data")
                 if self._chain.fail_closed:
-                    return False
-        return True
+                    return Halt.FAILED
+                continue
+            data = out
+            if not data:
+                break
+        return data
 
-    async def records(self, named: Iterable[tuple[str, object]]) -> bool:
+    async def records(self, named: Iterable[tuple[str, object]]) -> Stop | None:
         """Show dissectors' records, in order, each to every attached analyzer with
         its hook (``(name, record)``, ``name`` one of ``RECORD_HOOKS``; a name no
         analyzer has is skipped).
 
+        Every analyzer sees each record (as with ``flow_start``); the first
+        verdict of a ``VERDICT_HOOKS`` hook (``Verdict.RESET`` or a ``Block``)
+        decides, and the records after that one are not shown. The data path
+        holds the bytes that completed these records until this returns.
+
         Returns:
-            False when an analyzer failed and the chain is fail-closed: abort the flow.
+            None to go on; the verdict; or ``Halt.FAILED`` when an analyzer
+            failed and the chain is fail-closed: abort the flow.
         """
-        # (Verdicts of tls_clienthello, http_request and dns_query would be read
-        # here: the data path already holds the bytes that completed them until
-        # this returns.)
         record_hooks = self._chain.record_hooks
         for name, record in named:
+            stop: Stop | None = None
             for i, fn in record_hooks.get(name, ()):
                 if i in self._detached:
                     continue
                 try:
-                    await fn(self.info, record)
+                    v = await fn(self.info, record)
+                    if v is not None and name in VERDICT_HOOKS and stop is None:
+                        if v is not Verdict.RESET and not isinstance(v, Block):
+                            raise TypeError(
+                                f"{name} returned {v!r}, not Verdict.RESET, a Block or None"
+                            )
+                        stop = v
                 except Exception:
                     self._failed(i, fn, name)
                     if self._chain.fail_closed:
-                        return False
-        return True
+                        return Halt.FAILED
+            if stop is not None:
+                return stop
+        return None
 
     async def end(self, end: FlowEnd) -> None:
         """Tell each attached analyzer how the flow ended; errors are only logged."""

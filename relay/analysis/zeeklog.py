@@ -11,7 +11,8 @@ Rows:
 
 * conn.log, one per flow at its end: the flow log's fields
   (``relay.analysis.flowlog``: ``proto``, ``duration``, ``orig_bytes``,
-  ``resp_bytes``, and our ``ended``, ``rule``, ``worker``) plus ``service``
+  ``resp_bytes``, and our ``orig_bytes_forwarded``, ``resp_bytes_forwarded``,
+  ``ended``, ``rule``, ``worker``) plus ``service``
   (the protocols whose dissector confirmed them: ``ssl``, ``http``, ``dns``,
   ``quic``), ``conn_state``, ``history``, ``missed_bytes`` (always 0: the
   relay sees every byte, in order), ``orig_pkts`` and ``resp_pkts`` (TCP:
@@ -168,7 +169,7 @@ def conn_row(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict[st
         row["history"] = end.history
     row["orig_pkts"] = end.packets_c2s
     row["resp_pkts"] = end.packets_s2c
-    for key in ("ended", "rule", "worker"):
+    for key in ("orig_bytes_forwarded", "resp_bytes_forwarded", "ended", "rule", "worker"):
         if key in base:
             row[key] = base[key]
     return row
@@ -330,10 +331,23 @@ class ZeekLogs:
         self._wake = trio.Event()
         self._tls: dict[str, _Pending] = {}
         self._quic: dict[str, _Pending] = {}
+        # Rules that blocked a flow (by uid) or a DNS query (by uid and id), for the rows.
+        self._blocked: dict[str, str] = {}
+        self._blocked_dns: dict[tuple[str, int], str] = {}
+
+    def note_block(self, uid: str, rule: str, dns_id: int | None = None) -> None:
+        """A blocked flow or query (``relay.analysis.blocklist``): its rows name the rule."""
+        if dns_id is None:
+            self._blocked[uid] = rule
+        else:
+            self._blocked_dns[(uid, dns_id)] = rule
+            self._blocked.setdefault(uid, rule)
 
     # --- rows -------------------------------------------------------------------------
 
-    def _emit(self, log_index: int, row: dict[str, Any]) -> None:
+    def _emit(self, log_index: int, row: dict[str, Any], rule: str | None = None) -> None:
+        if rule is not None:
+            row["rule"] = rule
         line = (json.dumps(row, separators=(",", ":")) + "\n").encode()
         if self._waiting + len(line) > self._limit:
             self.stats.dropped += 1
@@ -359,13 +373,17 @@ class ZeekLogs:
     async def tls_established(self, flow: FlowInfo, established: TlsEstablished) -> None:
         pending = self._tls.pop(flow.uid, None)
         if pending is not None:
-            self._emit(_SSL, ssl_row(flow, pending.client, pending.server, established))
+            self._emit(
+                _SSL,
+                ssl_row(flow, pending.client, pending.server, established),
+                self._blocked.get(flow.uid),
+            )
 
     async def http_transaction(self, flow: FlowInfo, tx: HttpTransaction) -> None:
-        self._emit(_HTTP, http_row(flow, tx))
+        self._emit(_HTTP, http_row(flow, tx), self._blocked.get(flow.uid))
 
     async def dns_answer(self, flow: FlowInfo, a: DnsTransaction) -> None:
-        self._emit(_DNS, dns_row(flow, a))
+        self._emit(_DNS, dns_row(flow, a), self._blocked_dns.pop((flow.uid, a.trans_id), None))
 
     async def quic_clienthello(self, flow: FlowInfo, hello: QuicClientHello) -> None:
         self._quic.setdefault(flow.uid, _Pending(hello))
@@ -373,13 +391,17 @@ class ZeekLogs:
     async def quic_serverhello(self, flow: FlowInfo, hello: QuicServerHello) -> None:
         pending = self._quic.pop(flow.uid, None)
         if pending is not None:
-            self._emit(_QUIC, quic_row(flow, pending.client, hello))
+            self._emit(_QUIC, quic_row(flow, pending.client, hello), self._blocked.get(flow.uid))
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
+        rule = self._blocked.pop(flow.uid, None)
+        if rule is not None:
+            for key in [k for k in self._blocked_dns if k[0] == flow.uid]:
+                del self._blocked_dns[key]
         if (tls := self._tls.pop(flow.uid, None)) is not None:
-            self._emit(_SSL, ssl_row(flow, tls.client, tls.server, None))
+            self._emit(_SSL, ssl_row(flow, tls.client, tls.server, None), rule)
         if (quic := self._quic.pop(flow.uid, None)) is not None:
-            self._emit(_QUIC, quic_row(flow, quic.client, None))
+            self._emit(_QUIC, quic_row(flow, quic.client, None), rule)
         self._emit(_CONN, conn_row(flow, end, self._worker))
 
     # --- writing ----------------------------------------------------------------------

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
-from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
 from relay.datapath.env import DatagramEnv
 from relay.datapath.icmp_errors import LOCAL_ERRORS, read_socket_errors
 from stack import CloseReason, FlowId, Unreachable
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 65536  # the largest datagram
 RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
 _C2S = Direction.CLIENT_TO_SERVER
+_S2C = Direction.SERVER_TO_CLIENT
 _S2C = Direction.SERVER_TO_CLIENT
 
 _FROM_CLOSE = {
@@ -92,6 +93,10 @@ class DatagramFlow:
         self.bytes_s2c = 0  # payload bytes from the server
         self.packets_c2s = 0  # datagrams (echo requests) from the client
         self.packets_s2c = 0  # datagrams (echo replies) from the server
+        self.fwd_c2s = 0  # payload bytes sent upstream (after the analyzers)
+        self.fwd_s2c = 0  # payload bytes sent to the client (a Block's reply included)
+        self._stopped: tuple[Unreachable | None, EndReason] | None = None  # refuse when set
+        self._pumps: trio.CancelScope | None = None  # the pumps' nursery, once open
         self._env = env
         self._t0 = trio.current_time()
         self._scope = trio.CancelScope()
@@ -116,7 +121,8 @@ class DatagramFlow:
         self.packets_c2s += 1
         self._env.stats.datagrams_c2s += 1
         if self._direct:
-            self._send(item)
+            if self._send(item):
+                self.fwd_c2s += size
             return
         if self._queued + len(item) > self._env.queue_limit:
             self._env.stats.datagram_drops += 1
@@ -189,14 +195,23 @@ class DatagramFlow:
         if self._closed is not None:
             return
         async with trio.open_nursery() as nursery:
+            self._pumps = nursery.cancel_scope
             if self._dx is not None or (self.watch_data and self.hooks.has_data_hooks):
                 nursery.start_soon(self._pump_c2s)
             else:
                 while self._queue:
-                    self._send(self._queue.popleft())
+                    item = self._queue.popleft()
+                    if self._send(item):
+                        self.fwd_c2s += self.payload_size(item)
                 self._queued = 0
                 self._direct = True
             await self._pump_s2c()
+        if self._stopped is not None:
+            # An analyzer's verdict: the socket goes, later datagrams are refused.
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                sock.close()
+            await self._refuse(*self._stopped)
 
     async def _refuse(self, code: Unreachable | None, end: EndReason) -> NoReturn:
         """Answer queued and later datagrams with ``code`` (None: silence) until idle."""
@@ -223,13 +238,19 @@ class DatagramFlow:
             self._env.kick()
         self._scope.cancel()
 
-    def _send(self, item: bytes) -> None:
+    def payload_size(self, item: bytes) -> int:
+        """The payload bytes of ``item`` (an echo request has a header)."""
+        return len(item)
+
+    def _send(self, item: bytes) -> bool:
+        """Send without waiting; False when the datagram was dropped."""
         sock = self._sock
         assert sock is not None
         try:
             sock.send(item)
         except BlockingIOError:
             self._env.stats.datagram_drops += 1
+            return False
         except OSError as exc:
             # A pending error from an earlier ICMP message (reported by the error
             # queue, relayed there) fails this send without sending: retry once.
@@ -238,6 +259,48 @@ class DatagramFlow:
                     sock.send(item)
                 except OSError:
                     self._env.stats.datagram_drops += 1
+                    return False
+                return True
+            return False
+        return True
+
+    async def _stop(self, stop: Stop) -> bool:
+        """An analyzer's verdict on a client datagram (dropped by the caller).
+
+        Returns:
+            True when the flow goes on (a ``Block`` with ``keep_open``).
+        """
+        env = self._env
+        if isinstance(stop, Block):
+            env.stats.flows_blocked += 1
+            self._hint, self._rule = EndReason.BLOCKED, stop.rule
+            log.debug("flow %s: blocked by %s", self.hooks.info.describe(), stop.rule)
+            if stop.reply and self._closed is None:
+                self.reply(stop.reply)
+                dx = self._dx
+                if dx is not None:
+                    # The protocol logs see the relay's answer as the server's.
+                    records = self.dissect(dx, _S2C, stop.reply)
+                    if records:
+                        await self.hooks.records(records)
+            if stop.keep_open:
+                return True
+            self._stopped = (None, EndReason.BLOCKED)  # silence, as a dropped flow
+        elif stop is Verdict.RESET:
+            env.stats.flows_reset += 1
+            self._stopped = (self.reject_code, EndReason.REJECTED)
+        else:
+            self._end(EndReason.ABORTED)
+            return False
+        self._queue.clear()
+        self._queued = 0
+        if self._pumps is not None:
+            self._pumps.cancel()
+        return False
+
+    def reply(self, data: bytes) -> None:
+        """Send ``data`` to the client as if from the server (a Block's reply)."""
+        raise NotImplementedError
 
     def _socket_error(self, exc: OSError, item: bytes = b"") -> bool:
         """Relay what the socket reported; True when it came from the error queue."""
@@ -271,21 +334,28 @@ class DatagramFlow:
             dx = self._dx
             if dx is not None:
                 records = self.dissect(dx, _C2S, item)
-                if records and not await self.hooks.records(records):
-                    self._end(EndReason.ABORTED)
+                if records and (stop := await self.hooks.records(records)) is not None:
+                    if not await self._stop(stop):
+                        return
+                    item = b""  # blocked, the flow goes on: this datagram is dropped
+            if item and self.hooks.has_data_hooks:
+                out = await self.hooks.data(_C2S, item)
+                if not isinstance(out, bytes):
+                    await self._stop(out)
                     return
-            if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, item):
-                self._end(EndReason.ABORTED)
-                return
-            try:
-                sock.send(item)
-            except BlockingIOError:
-                # The socket buffer is full: wait for room (the queue bounds the wait).
-                await trio.lowlevel.wait_writable(sock)
-                self._send(item)
-            except OSError as exc:
-                if self._socket_error(exc, item):
-                    self._send(item)
+                item = out
+            if item:
+                sent = True
+                try:
+                    sock.send(item)
+                except BlockingIOError:
+                    # The socket buffer is full: wait for room (the queue bounds the wait).
+                    await trio.lowlevel.wait_writable(sock)
+                    sent = self._send(item)
+                except OSError as exc:
+                    sent = self._socket_error(exc, item) and self._send(item)
+                if sent:
+                    self.fwd_c2s += self.payload_size(item)
             if (
                 self._dx is None
                 and not self.hooks.has_data_hooks
@@ -351,6 +421,7 @@ class DatagramFlow:
             how, self.bytes_c2s, self.bytes_s2c, end_time - self._t0, self._rule,
             self.packets_c2s, self.packets_s2c, self.history(),
             (self._service,) if self._service is not None else (),
+            self.fwd_c2s, self.fwd_s2c,
         )  # fmt: skip
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)

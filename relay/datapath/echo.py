@@ -129,6 +129,9 @@ class EchoFlow(DatagramFlow):
     def history(self) -> str:
         return ""  # Zeek has no history for ICMP
 
+    def payload_size(self, item: bytes) -> int:
+        return len(item) - _ECHO.size
+
     def open_socket(self) -> socket.socket:
         return self._env.echo_socket(self.flow)
 
@@ -148,4 +151,5 @@ class EchoFlow(DatagramFlow):
         if self._closed is None:
             seq = _U16.unpack_from(data, 6)[0]
             self._env.stack.send_echo_reply(self.flow, seq, data[8:], now)
+            self.fwd_s2c += len(data) - 8
         return True

@@ -114,6 +114,8 @@ class RelayStats:
     flows_accepted: int = 0
     flows_rejected: int = 0  # by an analyzer's verdict
     flows_denied: int = 0  # by the egress policy (TCP, UDP and echo): no upstream socket
+    flows_reset: int = 0  # by an analyzer's RESET verdict mid-flow (data or a record hook)
+    flows_blocked: int = 0  # by a record hook's Block (--block-domain, --block-list)
     connect_failed: int = 0  # refused, unreachable, timed out, other errors
     flows_ended: int = 0
     bytes_c2s: int = 0

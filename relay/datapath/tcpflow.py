@@ -11,8 +11,9 @@ The flow's own task (``run``) does everything that waits:
    success -> ``stack.accept``; a connect error -> ``stack.reject`` the way
    the network would have answered (RST, ICMP, silence).
 2. two pumps. client -> server: queued ``DataReceived`` bytes go through the
-   analyzers and ``sock.send``; only then ``stack.consumed(n)``, so a slow
-   server or analyzer closes this flow's window. server -> client: ``recv``
+   analyzers (which may rewrite, drop or RESET them) and ``sock.send``; only
+   then ``stack.consumed(n)`` (n: the client's bytes, whatever the rewrite's
+   length), so a slow server or analyzer closes this flow's window. server -> client: ``recv``
    only while ``stack.send_space()`` > 0, at most that many bytes (a 0 from
    ``send_space()`` arms ``SendSpace``, which wakes the pump), analyzers,
    ``stack.send``.
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.analysis.hooks import Direction, EndReason, FlowEnd, FlowInfo, Verdict
+from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
 from relay.datapath.config import RelayConfig
 from relay.datapath.env import Connector, FlowEnv
 from stack import CloseReason, FlowId, Reject, Unreachable
@@ -166,6 +167,7 @@ class TcpFlow:
         "_peer_fin",
         "_records",
         "_relaying",
+        "_reply",
         "_rule",
         "_service",
         "_sock",
@@ -174,6 +176,8 @@ class TcpFlow:
         "bytes_c2s",
         "bytes_s2c",
         "flow",
+        "fwd_c2s",
+        "fwd_s2c",
         "hooks",
     )
 
@@ -182,6 +186,9 @@ class TcpFlow:
         self.hooks = env.chain.open(FlowInfo.from_flow(flow))
         self.bytes_c2s = 0  # from the client (DataReceived)
         self.bytes_s2c = 0  # from the server (recv)
+        self.fwd_c2s = 0  # written upstream (after the analyzers' rewrites)
+        self.fwd_s2c = 0  # given to the stack for the client
+        self._reply: bytes | None = None  # a Block's answer, sent by the s2c pump
         self._env = env
         self._t0 = trio.current_time()
         self._done_at: float | None = None  # both directions finished cleanly
@@ -235,6 +242,10 @@ class TcpFlow:
         self._env.stats.bytes_c2s += n
         if "D" not in self._history:
             self._history += "D"
+        if self._reply is not None:  # blocked: nothing more goes upstream
+            self._env.stack.consumed(self.flow, n)
+            self._env.kick()
+            return
         if self._c2s_held + n > self._env.config.max_c2s_queue:
             log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
             self._abort(EndReason.LIMIT)
@@ -250,6 +261,7 @@ class TcpFlow:
         ):
             sent = self._send_now(data)
             if sent:
+                self.fwd_c2s += sent
                 self._env.stack.consumed(self.flow, sent)  # flushed by the packet loop
                 if sent == n:
                     return
@@ -290,6 +302,10 @@ class TcpFlow:
     def on_peer_finished(self) -> None:
         self._peer_fin = True
         self._mark("F")
+        if self._reply is not None:
+            self._c2s_done = True
+            self._wake.unpark_all()
+            return
         dx = self._dx
         if dx is not None:
             self._dissected(dx.end(_C2S, time.time()), dx)
@@ -445,15 +461,37 @@ class TcpFlow:
             # whose records are still to be shown can slip out with it.
             while (records := self._records) is not None:
                 self._records = None
-                if not await self.hooks.records(records):
-                    self._abort(EndReason.ABORTED)
+                stop = await self.hooks.records(records)
+                if stop is not None:
+                    self._stop(stop)
                     return
             data = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
-            if self.hooks.has_data_hooks and not await self.hooks.data(_C2S, data):
-                self._abort(EndReason.ABORTED)
-                return
-            view = memoryview(data)
+            out = data
+            if self.hooks.has_data_hooks:
+                judged = await self.hooks.data(_C2S, data)
+                if not isinstance(judged, bytes):
+                    self._stop(judged)
+                    return
+                out = judged
+            if out is data:
+                # Unchanged: the window reopens as the kernel takes the bytes.
+                view = memoryview(data)
+                while view:
+                    try:
+                        n = await sock.send(view)
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        self._upstream_failed(exc)
+                        return
+                    view = view[n:]
+                    self._c2s_held -= n
+                    self.fwd_c2s += n
+                    if self._closed is None:
+                        stack.consumed(flow, n)  # reopens the client's window by n
+                        kick()
+                continue
+            # Rewritten: the client's bytes count as held until the rewrite is upstream.
+            view = memoryview(out)
             while view:
                 try:
                     n = await sock.send(view)
@@ -461,13 +499,50 @@ class TcpFlow:
                     self._upstream_failed(exc)
                     return
                 view = view[n:]
-                self._c2s_held -= n
-                if self._closed is None:
-                    stack.consumed(flow, n)  # reopens the client's window by n
-                    kick()
+                self.fwd_c2s += n
+            self._c2s_held -= len(data)
+            if self._closed is None:
+                stack.consumed(flow, len(data))
+                kick()
         self._c2s_pumping = False
         if self._peer_fin:
             self._finish_c2s()
+
+    def _stop(self, stop: Stop) -> None:
+        """An analyzer's verdict (or a fail-closed failure) ends the flow."""
+        if isinstance(stop, Block):
+            self._block(stop)
+        elif stop is Verdict.RESET:
+            self._env.stats.flows_reset += 1
+            self._abort(EndReason.REJECTED)
+        else:
+            self._abort(EndReason.ABORTED)
+
+    def _block(self, block: Block) -> None:
+        """Answer in the server's place (or reset both sides, without a reply)."""
+        self._env.stats.flows_blocked += 1
+        self._rule = block.rule
+        log.debug("flow %s: blocked by %s", self.hooks.info.describe(), block.rule)
+        if not block.reply:
+            self._abort(EndReason.BLOCKED)
+            return
+        self._hint = EndReason.BLOCKED
+        self._reply = block.reply
+        # The held client bytes are dropped, and acknowledged so the client can close.
+        self._c2s.clear()
+        if self._c2s_held and self._closed is None:
+            self._env.stack.consumed(self.flow, self._c2s_held)
+            self._env.kick()
+        self._c2s_held = 0
+        self._c2s_pumping = False
+        self._c2s_done = True
+        # Reads now see EOF, so the s2c pump sends the reply and the FIN; the
+        # server sees a FIN and never the bytes held back.
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._wake.unpark_all()
 
     def _finish_c2s(self) -> None:
         """Everything the client sent is upstream: pass its FIN on (SHUT_WR)."""
@@ -533,6 +608,9 @@ class TcpFlow:
                 waited = False
                 drained = 0 < len(pending) < want
                 if not pending:  # upstream EOF: FIN to the client once the send buffer drains
+                    if self._reply is not None:
+                        await self._send_reply()
+                        return
                     self._mark("f")
                     if self._closed is None:
                         stack.close(flow)
@@ -542,32 +620,66 @@ class TcpFlow:
                         end = dx.end(_S2C, time.time())
                         if not dx.active:
                             self._dx, self._service = None, dx.service
-                        if end and not await self.hooks.records(end):
-                            self._abort(EndReason.ABORTED)
+                        if end and (stop := await self.hooks.records(end)) is not None:
+                            self._stop(stop)
                     return
                 self.bytes_s2c += len(pending)
                 env.stats.bytes_s2c += len(pending)
                 if "d" not in self._history:
                     self._history += "d"
-                if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, pending):
-                    self._abort(EndReason.ABORTED)
-                    return
+                if self._reply is not None:
+                    pending = b""  # blocked: the server's bytes are dropped
+                    continue
                 dx = self._dx
                 if dx is not None:
                     records = dx.feed(_S2C, pending, time.time()) or None
                     if not dx.active:
                         self._dx, self._service = None, dx.service
+                if self.hooks.has_data_hooks:
+                    # The dissector saw what the server sent; the client gets the rewrite.
+                    out = await self.hooks.data(_S2C, pending)
+                    if not isinstance(out, bytes):
+                        self._stop(out)
+                        return
+                    pending = out
             if self._closed is not None:
                 return
-            # The space only grew while we waited (nobody else sends on this flow).
-            n = stack.send(flow, pending)
-            pending = pending[n:]
-            flush()
+            if pending:
+                # The space only grew while we waited (nobody else sends on this flow);
+                # a rewrite longer than it keeps its remainder for the next pass.
+                n = stack.send(flow, pending)
+                self.fwd_s2c += n
+                pending = pending[n:]
+                flush()
             if records is not None:
                 done, records = records, None
-                if not await self.hooks.records(done):
-                    self._abort(EndReason.ABORTED)
+                if (stop := await self.hooks.records(done)) is not None:
+                    self._stop(stop)
                     return
+
+    async def _send_reply(self) -> None:
+        """A Block's reply to the client, as send space allows, then the FIN."""
+        reply, self._reply = self._reply or b"", b""
+        sent = reply
+        stack, flow = self._env.stack, self.flow
+        while reply and self._closed is None:
+            space = stack.send_space(flow)
+            if space <= 0:
+                await self._wake.park()
+                continue
+            n = stack.send(flow, reply[:space])
+            self.fwd_s2c += n
+            reply = reply[n:]
+            self._env.flush()
+        if self._closed is None:
+            stack.close(flow)
+            self._env.flush()
+        dx = self._dx
+        if dx is not None:
+            # The protocol logs see the relay's answer as the server's (a 403, an NXDOMAIN).
+            records = dx.feed(_S2C, sent, time.time())
+            if records:
+                await self.hooks.records(records)  # verdicts on answers mean nothing
 
     async def _finish(self) -> None:
         if self._closed is CloseReason.FINISHED and self._sock is not None and self._hint is None:
@@ -589,6 +701,7 @@ class TcpFlow:
             packets.received if packets is not None else 0,
             packets.sent if packets is not None else 0,
             self._history, (self._service,) if self._service is not None else (),
+            self.fwd_c2s, self.fwd_s2c,
         )  # fmt: skip
         log.debug("flow %s ended: %s", self.hooks.info.describe(), end)
         await self.hooks.end(end)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import socket
 
-from relay.analysis.hooks import Direction
+import trio
+
+from relay.analysis.hooks import Direction, Halt
 from relay.datapath.datagram_flow import DatagramFlow
 from relay.datapath.egress import Upstream
 from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV6
@@ -48,11 +50,25 @@ class UdpFlow(DatagramFlow):
 
     async def deliver(self, data: bytes, now: float) -> bool:
         self.bytes_s2c += len(data)
-        if self.hooks.has_data_hooks and not await self.hooks.data(_S2C, data):
-            return False
+        if self._stopped is not None:
+            return True  # a verdict stopped the flow: the rest of this batch is dropped
         dx = self._dx
         records = None if dx is None else self.dissect(dx, _S2C, data)
-        if self._closed is None:
+        if self.hooks.has_data_hooks:
+            out = await self.hooks.data(_S2C, data)
+            if not isinstance(out, bytes):
+                if out is Halt.FAILED:
+                    return False
+                await self._stop(out)
+                return True
+            data = out
+        if self._closed is None and data:
             self._env.stack.send_datagram(self.flow, data, now)
+            self.fwd_s2c += len(data)
         # Shown once the datagram is with the stack (written when the batch ends).
-        return not records or await self.hooks.records(records)
+        return not records or (await self.hooks.records(records)) is None
+
+    def reply(self, data: bytes) -> None:
+        self._env.stack.send_datagram(self.flow, data, trio.current_time())
+        self.fwd_s2c += len(data)
+        self._env.kick()

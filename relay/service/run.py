@@ -64,6 +64,8 @@ class RunOptions:
     analyzers: tuple[str, ...] = ()
     flow_log: str | None = None
     log_dir: str | None = None  # Zeek-compatible logs (relay.analysis.zeeklog)
+    # --block-domain and --block-list: (pattern, rule), relay.analysis.blocklist
+    block_rules: tuple[tuple[str, str], ...] = ()
     mtu: int = 1500
     txqueuelen: int = DEFAULT_TXQUEUELEN
     table: int = 5197
@@ -89,6 +91,8 @@ def validate(
     analyzers: Sequence[str] = (),
     flow_log: str | None = None,
     log_dir: str | None = None,
+    block_domains: Sequence[str] = (),
+    block_lists: Sequence[str] = (),
     mtu: int = 1500,
     txqueuelen: int = DEFAULT_TXQUEUELEN,
     table: int = 5197,
@@ -139,6 +143,7 @@ def validate(
         raise ConfigError("--state-dir: must not be empty")
     if log_dir is not None and not os.path.isdir(log_dir):
         raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
+    block_rules = _block_rules(block_domains, block_lists)
     for spec in analyzers:
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise ConfigError(f"--analyzer: {spec!r} is not of the form module:attribute")
@@ -190,6 +195,7 @@ def validate(
         analyzers=tuple(analyzers),
         flow_log=flow_log,
         log_dir=log_dir,
+        block_rules=block_rules,
         mtu=mtu,
         txqueuelen=txqueuelen,
         table=table,
@@ -275,6 +281,8 @@ def localize(opts: RunOptions, net: NetConfig) -> RunOptions:
         raise ConfigError(f"{option}: {value}: {exc.strerror or exc}")
     egress = opts.relay.egress.with_host(host_routes(net.ipr))
     log.info("egress policy: %s", egress.describe())
+    if opts.block_rules:
+        log.info("blocking %d domain patterns", len(opts.block_rules))
     return dataclasses.replace(opts, relay=dataclasses.replace(opts.relay, egress=egress))
 
 
@@ -323,6 +331,30 @@ def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
 
 
+def _block_rules(domains: Sequence[str], lists: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--block-domain`` patterns and ``--block-list`` files as (pattern, rule) pairs."""
+    if not domains and not lists:
+        return ()
+    from relay.analysis.blocklist import BlockListError, parse_pattern, read_block_list
+
+    rules = []
+    for text in domains:
+        try:
+            pattern = parse_pattern(text)
+        except BlockListError as exc:
+            raise ConfigError(f"--block-domain: {exc}") from None
+        rules.append((pattern, f"block-domain {pattern}"))
+    for path in lists:
+        try:
+            rules += read_block_list(path)
+        except BlockListError as exc:
+            raise ConfigError(f"--block-list: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ConfigError(f"--block-list: cannot read {path!r}: {why}") from None
+    return tuple(rules)
+
+
 def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
     """The ``--log-dir`` files, opened (by a worker before it drops its privileges).
 
@@ -343,12 +375,19 @@ def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
 def load_analyzers(
     opts: RunOptions, flow_log: FlowLog | None = None, logs: ZeekLogs | None = None
 ) -> list[object]:
-    """The ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
+    """The domain blocker (``--block-domain``, ``--block-list``) first, so its verdict
+    decides; then the ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
 
     Raises:
         ConfigError: an analyzer cannot be loaded.
     """
-    analyzers = [load_analyzer(spec) for spec in opts.analyzers]
+    analyzers: list[object] = []
+    if opts.block_rules:
+        from relay.analysis.blocklist import DomainBlocker
+
+        on_block = logs.note_block if logs is not None else None
+        analyzers.append(DomainBlocker(opts.block_rules, on_block=on_block))
+    analyzers += [load_analyzer(spec) for spec in opts.analyzers]
     return analyzers + [a for a in (flow_log, logs) if a is not None]
 
 
