@@ -136,6 +136,11 @@ def test_plain_analyzer_array(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
             ":4: analyzer: unknown key 'paht' in [[analyzer]] (did you mean 'path'?)",
         ),
         ("\n[[analyzer]]\npath = 'nocolon'\n", ":4: analyzer: 'nocolon' is not of the form"),
+        (
+            "\n[[analyzer]]\npath = 'a:B'\n[analyzer.options]\nx = 1\n\n"
+            "[[analyzer]]\npath = 'bad'\n",
+            ":9: analyzer: 'bad' is not of the form",
+        ),
     ],
 )
 def test_errors_name_the_file_line_and_key(

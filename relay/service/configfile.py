@@ -81,6 +81,8 @@ class ConfigFile:
     key_of: dict[str, str] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict)  # key -> line
     keys: set[str] = field(default_factory=set)  # the keys the file gives
+    # "FILE:LINE: analyzer" of each analyzer spec ([[analyzer]] tables: the table's)
+    analyzer_where: dict[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
         line = self.lines.get(key)
@@ -149,7 +151,7 @@ def _scalar(key: Key, value: object, where: str) -> object:
     return value
 
 
-def _analyzer(item: object, where: str) -> object:
+def _analyzer(item: object, where: str) -> str | tuple[str, dict[str, object]]:
     if isinstance(item, str):
         return item
     if not isinstance(item, dict):
@@ -206,12 +208,15 @@ def read_config(path: str, keys: Mapping[str, Key]) -> ConfigFile:
             if not isinstance(value, list):
                 what = "an array of tables" if key.name == "analyzer" else "an array"
                 raise ConfigError(f"{where}: expected {what}, got {_show(value)}")
-            items = []
+            items: list[object] = []
             for index, item in enumerate(value):
                 if key.name == "analyzer":
                     if index < len(analyzer_tables) and name not in config.lines:
                         config.lines[name] = analyzer_tables[index]
-                    items.append(_analyzer(item, _analyzer_where(config, analyzer_tables, index)))
+                    at = _analyzer_where(config, analyzer_tables, index)
+                    spec = _analyzer(item, at)
+                    config.analyzer_where.setdefault(spec if isinstance(spec, str) else spec[0], at)
+                    items.append(spec)
                 else:
                     items.append(_scalar(key, item, where))
             if key.dest in config.values:  # allow and deny: one list, in file order
@@ -278,5 +283,8 @@ def blame(
         ):
             # the key the message names (allow or deny, which share a destination)
             name = key.name if key.name in config.lines else config.key_of[key.dest]
+            for spec, where in config.analyzer_where.items():
+                if key.name == "analyzer" and repr(spec) in why:
+                    return ConfigError(f"{where}: {why}")
             return ConfigError(f"{config.where(name)}: {why}")
     return exc
