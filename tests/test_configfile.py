@@ -4,6 +4,7 @@ name the file, the line and the key."""
 
 from __future__ import annotations
 
+import pickle
 import types
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 import relay.cli
 from relay.service.configfile import keys_of
-from relay.service.run import RunOptions, load_analyzers
+from relay.service.run import ConfigError, RunOptions, load_analyzers
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = 'tun = "tunrelay0"\nclient_net = ["10.8.0.0/24"]\n'
@@ -203,3 +204,27 @@ def test_help_lists_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         relay.cli.main(["run", "--help"])
     assert "max_flows" in capsys.readouterr().out.replace("\n", " ")
+
+
+recorder = Recorder()  # an analyzer object, not a class
+
+
+def test_analyzer_options_are_picklable_and_only_for_classes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write(
+        tmp_path,
+        BASE
+        + """workers = 1
+[[analyzer]]
+path = "test_configfile:recorder"
+[analyzer.options]
+size = 3
+""",
+    )
+    opts = run(monkeypatch, ["--config", path])
+    assert pickle.loads(pickle.dumps(opts)).analyzers == (
+        ("test_configfile:recorder", {"size": 3}),
+    )
+    with pytest.raises(ConfigError, match="is not a class, so it takes no options"):
+        load_analyzers(opts)
