@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -14,8 +15,9 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
-from relay.service.run import MAX_WORKERS, ConfigError, validate
+from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
 from relay.service.runstate import STATE_DIR, StateError, cleanup
 from relay.service.workers import supervise
 
@@ -41,13 +43,20 @@ def _parser() -> argparse.ArgumentParser:
         "with a policy rule, and relay every TCP connection until SIGINT or SIGTERM. "
         "Everything installed is removed on exit.",
     )
-    run.add_argument("--tun", required=True, help="TUN device name to create, e.g. tunrelay0")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from this TOML file (keys below); options given here override it",
+    )
+    run.add_argument(
+        "--tun", help="TUN device name to create, e.g. tunrelay0 (required, here or in --config)"
+    )
     run.add_argument(
         "--client-net",
         action="append",
-        required=True,
         metavar="CIDR",
-        help="network whose packets are relayed (repeat for several; IPv4 and IPv6)",
+        help="network whose packets are relayed (repeat for several; IPv4 and IPv6; required, "
+        "here or in --config)",
     )
     run.add_argument(
         "--iif",
@@ -195,6 +204,20 @@ def _parser() -> argparse.ArgumentParser:
         "needs --workers 1); for finding where the time goes, not for production",
     )
 
+    run.epilog = (
+        "config file keys (TOML; arrays for repeatable options, [[analyzer]] tables with path "
+        "and an [analyzer.options] table of keyword arguments): " + ", ".join(keys_of(run))
+    )
+
+    check = sub.add_parser(
+        "check-config",
+        help="check a `tunrelay run --config` file and print the settings it gives",
+        description="Check FILE as `tunrelay run --config FILE` would (no root needed, "
+        "nothing is changed) and print every option's value and whether it came from the "
+        "file or is the default.",
+    )
+    check.add_argument("file", metavar="FILE")
+
     clean = sub.add_parser(
         "cleanup",
         help="undo what a dead `tunrelay run` left (rules, routes, sysctls)",
@@ -226,9 +249,79 @@ def default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
+def _run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            run: argparse.ArgumentParser = action.choices["run"]
+            return run
+    raise AssertionError("no run subcommand")
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    """``validate`` the ``run`` options in ``args`` (command line and config file merged).
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    for option, value in (("--tun", args.tun), ("--client-net", args.client_net)):
+        if not value:
+            raise ConfigError(f"{option}: required (on the command line or in --config)")
+    opts = validate(
+        tun=args.tun,
+        client_nets=args.client_net,
+        analyzers=args.analyzer,
+        flow_log=args.flow_log,
+        log_dir=args.log_dir,
+        block_domains=args.block_domain,
+        block_lists=args.block_list,
+        mtu=args.mtu,
+        txqueuelen=args.txqueuelen,
+        table=args.table,
+        priority=args.priority,
+        stats_interval=args.stats_interval,
+        connect_timeout=args.connect_timeout,
+        max_flows=args.max_flows,
+        rcv_buf=args.rcv_buf,
+        snd_buf=args.snd_buf,
+        fail_closed=args.fail_closed,
+        udp_idle_timeout=args.udp_idle_timeout,
+        offload=args.offload,
+        workers=default_workers() if args.workers is None else args.workers,
+        egress_rules=args.egress_rules,
+        allow_client_to_client=args.allow_client_to_client,
+        fwmark=args.fwmark,
+        bind_addresses=args.bind_address,
+        bind_interface=args.bind_interface,
+        iifs=args.iif,
+        fail_closed_routing=args.fail_closed_routing,
+        state_dir=args.state_dir,
+    )
+    if args.profile and opts.workers != 1:
+        raise ConfigError("--profile: needs --workers 1 (one process to profile)")
+    return opts
+
+
+def _configured(
+    args: argparse.Namespace, keys: dict[str, Key], path: str, on_command_line: set[str]
+) -> tuple[RunOptions, ConfigFile]:
+    """Read the config file at ``path`` into ``args`` and validate the result.
+
+    Raises:
+        ConfigError: ``FILE:LINE: key: why`` for what the file gives.
+    """
+    config = read_config(path, keys)
+    merge(args, config, on_command_line)
+    try:
+        return _options(args), config
+    except ConfigError as exc:
+        raise blame(exc, keys, config, on_command_line) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tunrelay`` console script."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -239,39 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(bulk_mib=args.bulk_mib)
     if args.command == "cleanup":
         return _cleanup(args.state_dir, args.tun)
+    keys = keys_of(_run_parser(parser))
+    if args.command == "check-config":
+        return _check_config(args.file, keys)
     try:
-        opts = validate(
-            tun=args.tun,
-            client_nets=args.client_net,
-            analyzers=args.analyzer,
-            flow_log=args.flow_log,
-            log_dir=args.log_dir,
-            block_domains=args.block_domain,
-            block_lists=args.block_list,
-            mtu=args.mtu,
-            txqueuelen=args.txqueuelen,
-            table=args.table,
-            priority=args.priority,
-            stats_interval=args.stats_interval,
-            connect_timeout=args.connect_timeout,
-            max_flows=args.max_flows,
-            rcv_buf=args.rcv_buf,
-            snd_buf=args.snd_buf,
-            fail_closed=args.fail_closed,
-            udp_idle_timeout=args.udp_idle_timeout,
-            offload=args.offload,
-            workers=default_workers() if args.workers is None else args.workers,
-            egress_rules=args.egress_rules,
-            allow_client_to_client=args.allow_client_to_client,
-            fwmark=args.fwmark,
-            bind_addresses=args.bind_address,
-            bind_interface=args.bind_interface,
-            iifs=args.iif,
-            fail_closed_routing=args.fail_closed_routing,
-            state_dir=args.state_dir,
-        )
-        if args.profile and opts.workers != 1:
-            raise ConfigError("--profile: needs --workers 1 (one process to profile)")
+        if args.config is not None:
+            opts, _ = _configured(args, keys, args.config, given(_parser(), argv))
+        else:
+            opts = _options(args)
         if not current_caps().has(CAP_NET_ADMIN):
             print(f"tunrelay run: {NEEDS_CAP}", file=sys.stderr)
             return 2
@@ -293,6 +361,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("tunrelay run failed", exc_info=True)
         print(f"tunrelay run: {_one_line(leaf)}", file=sys.stderr)
         return 1
+
+
+def _check_config(path: str, keys: dict[str, Key]) -> int:
+    """``tunrelay check-config FILE``: validate, then print the effective settings."""
+    args = _run_parser(_parser()).parse_args([])
+    try:
+        opts, config = _configured(args, keys, path, set())
+    except ConfigError as exc:
+        print(f"tunrelay check-config: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {path}: valid; the settings of `tunrelay run --config {path}`")
+    rules: list[tuple[str, str]] = args.egress_rules
+    for name, key in keys.items():
+        value = getattr(args, key.dest)
+        if key.dest == "egress_rules":
+            value = [spec for kind, spec in rules if kind == name]
+        elif name == "workers" and value is None:
+            value = opts.workers
+        source = "file" if name in config.keys else "default"
+        print(f"{name} = {_toml(value)}  # {source}")
+    return 0
+
+
+def _toml(value: object) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        if len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], dict):
+            return f"{{ path = {_toml(value[0])}, options = {_toml(value[1])} }}"
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return str(value)
 
 
 def _leaf(exc: Exception) -> Exception:

@@ -55,13 +55,18 @@ class ConfigError(ValueError):
     """A bad setting; the message names the option."""
 
 
+# An analyzer: "module:attribute", or that with keyword arguments for its class
+# (a config file's [[analyzer]] table with options; plain data, so picklable).
+AnalyzerSpec = str | tuple[str, dict[str, object]]
+
+
 @dataclass(frozen=True, slots=True)
 class RunOptions:
     """Everything ``tunrelay run`` needs, validated."""
 
     tun: str
     client_nets: tuple[str, ...]
-    analyzers: tuple[str, ...] = ()
+    analyzers: tuple[AnalyzerSpec, ...] = ()
     flow_log: str | None = None
     log_dir: str | None = None  # Zeek-compatible logs (relay.analysis.zeeklog)
     # --block-domain and --block-list: (pattern, rule), relay.analysis.blocklist
@@ -88,7 +93,7 @@ def validate(
     *,
     tun: str,
     client_nets: Sequence[str],
-    analyzers: Sequence[str] = (),
+    analyzers: Sequence[AnalyzerSpec] = (),
     flow_log: str | None = None,
     log_dir: str | None = None,
     block_domains: Sequence[str] = (),
@@ -144,7 +149,8 @@ def validate(
     if log_dir is not None and not os.path.isdir(log_dir):
         raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
     block_rules = _block_rules(block_domains, block_lists)
-    for spec in analyzers:
+    for analyzer in analyzers:
+        spec = analyzer if isinstance(analyzer, str) else analyzer[0]
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise ConfigError(f"--analyzer: {spec!r} is not of the form module:attribute")
     checks = [
@@ -296,8 +302,9 @@ def _datagram(udp_idle_timeout: float) -> DatagramConfig:
     )
 
 
-def load_analyzer(spec: str) -> object:
-    """Import ``module:attribute``; a class is instantiated with no arguments.
+def load_analyzer(spec: str, options: dict[str, object] | None = None) -> object:
+    """Import ``module:attribute``; a class is instantiated with ``options`` as
+    keyword arguments (none if not given).
 
     Raises:
         ConfigError: naming the analyzer that could not be loaded.
@@ -310,9 +317,11 @@ def load_analyzer(spec: str) -> object:
         raise ConfigError(f"--analyzer: cannot load {spec!r}: {exc}") from None
     if isinstance(obj, type):
         try:
-            return obj()
+            return obj(**options) if options else obj()
         except Exception as exc:
             raise ConfigError(f"--analyzer: {spec!r} failed to initialise: {exc}") from None
+    if options:
+        raise ConfigError(f"--analyzer: {spec!r} is not a class, so it takes no options")
     return obj
 
 
@@ -387,7 +396,8 @@ def load_analyzers(
 
         on_block = logs.note_block if logs is not None else None
         analyzers.append(DomainBlocker(opts.block_rules, on_block=on_block))
-    analyzers += [load_analyzer(spec) for spec in opts.analyzers]
+    for spec in opts.analyzers:
+        analyzers.append(load_analyzer(spec) if isinstance(spec, str) else load_analyzer(*spec))
     return analyzers + [a for a in (flow_log, logs) if a is not None]
 
 
