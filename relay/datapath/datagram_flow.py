@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, ClassVar, NoReturn
 import trio
 
 from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
-from relay.datapath.env import DatagramEnv
+from relay.datapath.env import DatagramEnv, end_reason
 from relay.datapath.icmp_errors import LOCAL_ERRORS, read_socket_errors
 from stack import CloseReason, FlowId, Unreachable
 
@@ -68,12 +68,6 @@ RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
 _C2S = Direction.CLIENT_TO_SERVER
 _S2C = Direction.SERVER_TO_CLIENT
 _S2C = Direction.SERVER_TO_CLIENT
-
-_FROM_CLOSE = {
-    CloseReason.IDLE: EndReason.IDLE,
-    CloseReason.ABORTED: EndReason.ABORTED,
-    CloseReason.LIMIT: EndReason.LIMIT,
-}
 
 
 class DatagramFlow:
@@ -405,12 +399,7 @@ class DatagramFlow:
         if sock is not None:
             sock.close()
         end_time = trio.current_time()
-        if self._hint is not None:
-            how = self._hint
-        elif self._closed is not None:
-            how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
-        else:
-            how = EndReason.SHUTDOWN
+        how = end_reason(self._hint, self._closed)
         dx, self._dx = self._dx, None
         if dx is not None:
             records = dx.close(time.time())

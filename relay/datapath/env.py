@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from relay.analysis.hooks import AnalyzerChain
+from relay.analysis.hooks import AnalyzerChain, EndReason
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy
-from stack import Event, FlowId, PacketCounts, Reject, Unreachable
+from stack import CloseReason, Event, FlowId, PacketCounts, Reject, Unreachable
 
 if TYPE_CHECKING:
     # Imported by the engine only when some analyzer wants records: the dissectors
@@ -33,12 +33,34 @@ __all__ = [
     "RelayStack",
     "RelayStats",
     "SocketFactory",
+    "end_reason",
 ]
 
 SocketFactory = Callable[[FlowId], socket.socket]
 Connector = Callable[[FlowId], Awaitable[trio.socket.SocketType]]
 
 QUEUE_LIMIT = 256 * 1024  # bytes waiting for a verdict, a socket or the analyzers, per flow
+
+
+_FROM_CLOSE = {
+    CloseReason.FINISHED: EndReason.FIN,
+    CloseReason.RESET: EndReason.RST,
+    CloseReason.ABORTED: EndReason.ABORTED,
+    CloseReason.TIMED_OUT: EndReason.TIMEOUT,
+    CloseReason.REJECTED: EndReason.REJECTED,
+    CloseReason.IDLE: EndReason.IDLE,
+    CloseReason.LIMIT: EndReason.LIMIT,
+}
+
+
+def end_reason(hint: EndReason | None, closed: CloseReason | None) -> EndReason:
+    """How a flow ended, for ``FlowEnd.how``: the relay's own decision if it made
+    one, else what the stack reported, else the relay shut down under it."""
+    if hint is not None:
+        return hint
+    if closed is not None:
+        return _FROM_CLOSE.get(closed, EndReason.ERROR)
+    return EndReason.SHUTDOWN
 
 
 class DatagramStack(Protocol):

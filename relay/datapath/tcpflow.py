@@ -58,7 +58,7 @@ import trio
 
 from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
 from relay.datapath.config import RelayConfig
-from relay.datapath.env import Connector, FlowEnv
+from relay.datapath.env import Connector, FlowEnv, end_reason
 from stack import CloseReason, FlowId, Reject, Unreachable
 
 if TYPE_CHECKING:
@@ -71,16 +71,6 @@ log = logging.getLogger(__name__)
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _C2S = Direction.CLIENT_TO_SERVER
 _S2C = Direction.SERVER_TO_CLIENT
-
-_FROM_CLOSE = {
-    CloseReason.FINISHED: EndReason.FIN,
-    CloseReason.RESET: EndReason.RST,
-    CloseReason.ABORTED: EndReason.ABORTED,
-    CloseReason.TIMED_OUT: EndReason.TIMEOUT,
-    CloseReason.REJECTED: EndReason.REJECTED,
-    CloseReason.IDLE: EndReason.IDLE,
-    CloseReason.LIMIT: EndReason.LIMIT,
-}
 
 # errno of a failed upstream connect -> how the client is answered.
 _CONNECT_ERRORS: dict[int, tuple[Reject, Unreachable, EndReason]] = {
@@ -454,7 +444,7 @@ class TcpFlow:
         starts it again); the FIN follows if the client's came meanwhile."""
         sock = self._sock
         assert sock is not None
-        stack, kick, flow, queue = self._env.stack, self._env.kick, self.flow, self._c2s
+        queue = self._c2s
         while queue:
             # Records the queued bytes completed are shown before those bytes go up.
             # Nothing awaits between this loop and taking the queue, so no chunk
@@ -474,23 +464,9 @@ class TcpFlow:
                     self._stop(judged)
                     return
                 out = judged
-            if out is data:
-                # Unchanged: the window reopens as the kernel takes the bytes.
-                view = memoryview(data)
-                while view:
-                    try:
-                        n = await sock.send(view)
-                    except (OSError, trio.ClosedResourceError) as exc:
-                        self._upstream_failed(exc)
-                        return
-                    view = view[n:]
-                    self._c2s_held -= n
-                    self.fwd_c2s += n
-                    if self._closed is None:
-                        stack.consumed(flow, n)  # reopens the client's window by n
-                        kick()
-                continue
-            # Rewritten: the client's bytes count as held until the rewrite is upstream.
+            # Unchanged bytes reopen the client's window as the kernel takes them; a
+            # rewrite holds the client's bytes until all of it is upstream.
+            unchanged = out is data
             view = memoryview(out)
             while view:
                 try:
@@ -500,13 +476,20 @@ class TcpFlow:
                     return
                 view = view[n:]
                 self.fwd_c2s += n
-            self._c2s_held -= len(data)
-            if self._closed is None:
-                stack.consumed(flow, len(data))
-                kick()
+                if unchanged:
+                    self._release_c2s(n)
+            if not unchanged:
+                self._release_c2s(len(data))
         self._c2s_pumping = False
         if self._peer_fin:
             self._finish_c2s()
+
+    def _release_c2s(self, n: int) -> None:
+        """``n`` held client bytes are disposed of: reopen the client's window by n."""
+        self._c2s_held -= n
+        if self._closed is None:
+            self._env.stack.consumed(self.flow, n)
+            self._env.kick()
 
     def _stop(self, stop: Stop) -> None:
         """An analyzer's verdict (or a fail-closed failure) ends the flow."""
@@ -688,12 +671,7 @@ class TcpFlow:
             self._hint = EndReason.ERROR
         self._close_socket(abortive=True)
         end_time = self._done_at if self._done_at is not None else trio.current_time()
-        if self._hint is not None:
-            how = self._hint
-        elif self._closed is not None:
-            how = _FROM_CLOSE.get(self._closed, EndReason.ERROR)
-        else:
-            how = EndReason.SHUTDOWN
+        how = end_reason(self._hint, self._closed)
         await self._close_dissection()
         packets = self._packets
         end = FlowEnd(
