@@ -1,5 +1,5 @@
-"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run) and
-``demo`` (the embedded default)."""
+"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run),
+``demo`` (the embedded default) and ``lab`` (a detached lab to try it by hand)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.lab import labcli
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
@@ -236,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         "client, print what the analyzers saw, and tear everything down.",
     )
     demo.add_argument("--bulk-mib", type=int, default=16, help="size of the bulk transfers")
+    labcli.add_parser(sub)
     return parser
 
 
@@ -332,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(bulk_mib=args.bulk_mib)
     if args.command == "cleanup":
         return _cleanup(args.state_dir, args.tun)
+    if args.command == "lab":
+        return labcli.run(args)
     keys = keys_of(_run_parser(parser))
     if args.command == "check-config":
         return _check_config(args.file, keys)
