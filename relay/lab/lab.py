@@ -198,6 +198,8 @@ class Lab:
         self.relay_started: int | None = None
         self.exit_status: int | None = None
         self.probe_port: int | None = None
+        self.notes: dict[str, Any] = {}  # free for the lab's user (a test's own data)
+        self.teardown_checks: list[Callable[[], object]] = []
         self._forwarder: tuple[int, int | None] | None = None
         self._forwarder_proc: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -281,9 +283,10 @@ class Lab:
         state_dir.chmod(0o755)  # the workers must reach files/
         lab = cls(topology, state_dir, options, name)
         try:
-            lab.files.mkdir(exist_ok=True)
             user = pwd.getpwnam(lab.worker_user())
-            os.chown(lab.files, user.pw_uid, user.pw_gid)
+            for directory in (lab.files, lab.log_dir):
+                directory.mkdir(exist_ok=True)
+                os.chown(directory, user.pw_uid, user.pw_gid)
             if name is not None:
                 me = os.getpid()
                 lab.save(status="building", up_pid=me, up_start_time=start_time(me))
@@ -530,6 +533,11 @@ class Lab:
             tmp.replace(self.state_dir / "state.json")
 
     # --- tear-down ---
+
+    def at_teardown(self, check: Callable[[], object]) -> None:
+        """Run ``check()`` at the pytest plugin's tear-down, first (the relay still running
+        unless the test stopped it); an AssertionError from it fails the test."""
+        self.teardown_checks.append(check)
 
     def stop_relay(self) -> int | None:
         """SIGTERM the relay and wait (SIGKILL after ``STOP_TIMEOUT``); its exit status
