@@ -47,10 +47,13 @@ from typing import Any, TypeVar
 from relay.host import netns
 from relay.lab.impair import WIRE_A, WIRE_B, Wire
 from relay.lab.impairspec import ImpairSpec, parse_spec
-from relay.lab.topology import REPO_ROOT, Topology
+from relay.lab.topology import Topology
 
 __all__ = ["LAB_PREFIX", "STATE_ROOT", "Lab", "LabError", "LabOptions", "down", "read_state"]
 
+# The directory holding the relay package: first on the children's PYTHONPATH, so they
+# run the same code as the caller.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 LAB_PREFIX = "trl-"  # detached labs; the tests' are tr-<pid>-<n>
 STATE_ROOT = Path("/run/tunrelay-lab")
 TUN = "trtun0"
@@ -343,7 +346,7 @@ class Lab:
             LabError: it exited or was not ready in time (with its log's tail).
         """
         (self.state_dir / "run").mkdir(exist_ok=True)
-        paths = [str(REPO_ROOT), *self.options.pythonpath, os.environ.get("PYTHONPATH", "")]
+        paths = [str(PACKAGE_ROOT), *self.options.pythonpath, os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.update({k: self._expand(v) for k, v in self.options.env.items()})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, env.get("PYTHONPATH", "")) if p)
@@ -425,7 +428,7 @@ class Lab:
             "--max-seconds", str(FORWARDER_SECONDS),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p
         ))  # fmt: skip
         with open(out, "ab") as f, open(self.state_dir / "forwarder.err", "ab") as err:
             proc = subprocess.Popen(

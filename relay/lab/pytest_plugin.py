@@ -138,13 +138,15 @@ def finish(lab: Lab) -> list[str]:
                 check()
             except AssertionError as exc:
                 problems.append(str(exc))
-        started = lab.relay_proc is not None
-        if started and lab.exit_status is None:
-            if not lab.relay_alive():
-                problems.append(f"the relay died during the test:\n{lab.log_tail()}")
-            status = lab.stop_relay()
-            if status != 0 and not problems:
-                problems.append(f"the relay exited with status {status}:\n{lab.log_tail()}")
+        if lab.relay_proc is not None:
+            if lab.exit_status is None:  # not stopped by the test: it must still run
+                if not lab.relay_alive():
+                    problems.append(f"the relay died during the test:\n{lab.log_tail()}")
+                lab.stop_relay()
+            if lab.exit_status != 0 and not problems:
+                problems.append(
+                    f"the relay exited with status {lab.exit_status}:\n{lab.log_tail()}"
+                )
     finally:
         lab.close()
     left = [ns for ns in lab.namespaces.values() if netns.exists(ns)]
