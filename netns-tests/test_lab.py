@@ -10,6 +10,9 @@
     namespace, link or process of it is left (pyroute2 looks); ``down`` also
     cleans up after ``up`` was killed with SIGKILL while the relay started,
     and a second ``down`` is a no-op.
+(c) The plugin's other features in a second throwaway project: trio helpers,
+    a live impairment, conn.log and counters, the factory; a relay that dies
+    during a test fails that test's tear-down.
 
 Bounds: every subprocess has a timeout; a lab a failing test leaves is taken
 down in ``finally``.
@@ -89,6 +92,81 @@ def test_readme_example_passes_in_a_throwaway_project(netns_root: None, tmp_path
     assert re.search(r"\b1 passed\b", out) and "skipped" not in out, out
     left = [ns for ns in namespaces() if ns.startswith(f"tr-{proc.pid}-")]
     assert left == [], f"the throwaway project's run left {left}"
+
+
+FEATURES = """
+import os, signal, socket, time
+import pytest
+import trio
+
+
+@pytest.mark.trio
+@pytest.mark.tunrelay(log_dir=True, wire=True)
+async def test_trio_clients_live_impairment_and_logs(tunrelay_lab):
+    lab = tunrelay_lab
+    srv = lab.socket("server", socket.AF_INET6)
+    srv.bind((lab.server_v6, 9000))
+    srv.listen()
+
+    def client():
+        with socket.create_connection((lab.server_v6, 9000), timeout=5) as c:
+            c.sendall(b"x")
+
+    def server():
+        conn, _ = srv.accept()
+        with conn:
+            return conn.recv(10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, server)
+        await lab.acall("client", client)
+    done = await lab.arun("client", "ip", "-6", "route", "show", "default")
+    assert b"via fd00:1::1" in done.stdout
+    lab.impair("delay=100ms,dir=c2g")
+    t0 = time.monotonic()
+    assert lab.run("client", "ping", "-c", "1", "-W", "3", lab.server_v4).returncode == 0
+    assert time.monotonic() - t0 >= 0.1
+    lab.stop_relay()
+    assert lab.exit_status == 0
+    assert [r["id.resp_p"] for r in lab.conn_log() if r["proto"] == "tcp"] == [9000]
+    assert lab.counters()["flows_accepted"] == 2  # the probe's and ours
+
+
+def test_factory(tunrelay_lab_factory):
+    bare = tunrelay_lab_factory(relay=False)
+    other = tunrelay_lab_factory(probe=False)
+    assert bare.relay_pid is None and bare.topology.gw != other.topology.gw
+    with pytest.raises(Exception, match="no wire"):
+        other.impair("loss=1%")
+
+
+def test_relay_killed(tunrelay_lab):
+    os.kill(tunrelay_lab.relay_pid, signal.SIGKILL)
+    tunrelay_lab.relay_proc.wait(timeout=10)
+"""
+
+
+def test_plugin_features_and_a_dead_relay_fails_the_test(netns_root: None, tmp_path: Path) -> None:
+    """trio helpers, a live impairment, conn.log and counters, the factory; a relay
+    that dies during a test makes its tear-down fail."""
+    (tmp_path / "test_features.py").write_text(FEATURES)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_features.py"],
+        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(out)
+    # pytest counts the last test as passed and its tear-down as an error.
+    assert re.search(r"\b3 passed, 1 error\b", out), out
+    assert "ERROR test_features.py::test_relay_killed" in out, out
+    assert "the relay died during the test" in out, out
+    assert [ns for ns in namespaces() if ns.startswith(f"tr-{proc.pid}-")] == []
 
 
 # --- (b) the command line -------------------------------------------------------------------
