@@ -9,7 +9,7 @@
     relays, ``exec`` passes exit statuses through, and after ``down`` no
     namespace, link or process of it is left (pyroute2 looks); ``down`` also
     cleans up after ``up`` was killed with SIGKILL while the relay started,
-    and a second ``down`` is a no-op.
+    and after the relay was, and a second ``down`` is a no-op.
 (c) The plugin's other features in a second throwaway project: trio helpers,
     a live impairment, conn.log and counters, the factory; a relay that dies
     during a test fails that test's tear-down.
@@ -276,6 +276,39 @@ def test_down_after_up_was_killed(netns_root: None) -> None:
             up.kill()
             up.wait()
         lab("down", name)
+
+
+def test_down_after_the_relay_was_killed(netns_root: None) -> None:
+    """SIGKILL the relay of a lab that is up: status says so, `down` removes the rest
+    (its workers, its rules with the namespaces, its state file)."""
+    name = f"r{os.getpid()}"
+    try:
+        up = lab("up", "--name", name, "--", "--workers", "2")
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads(lab("status", name, "--json").stdout)
+        relay_pid = state["relay_pid"]
+        workers = [
+            int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(int(p)) == relay_pid
+        ]
+        assert len(workers) == 2, workers
+        os.kill(relay_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive(relay_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not json.loads(lab("status", name, "--json").stdout)["relay_running"]
+        down = lab("down", name)
+        assert down.returncode == 0, down.stderr
+        assert_gone(name, [relay_pid, *workers])
+    finally:
+        lab("down", name)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 ECHO_ONCE = """
