@@ -34,7 +34,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from relay.lab.lab import LAB_PREFIX, PACKAGE_ROOT, STATE_ROOT
+from relay.lab.detached import LAB_PREFIX, STATE_ROOT
+from relay.lab.lab import PACKAGE_ROOT
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 LAB_LINKS = {"cli-gw", "gw-cli", "gw-srv", "srv-gw", "w-cli", "w-gw", "trtun0"}

@@ -15,14 +15,15 @@ per test with a `tr-<pid>-<n>` base, so the test suite's leftover checks see
 it, and closes it in the same process. ``tunrelay lab up`` builds a *detached*
 lab named ``trl-NAME`` whose processes outlive the command; everything needed
 to take it down is in ``/run/tunrelay-lab/NAME/state.json``, written before the
-first namespace exists and updated as processes start. `down` trusts nothing
-else being alive: it stops the relay (SIGTERM, then SIGKILL), kills every
-process whose network namespace is one of the lab's (found by inode, so a
-relay whose PID was never recorded is found too), deletes the veths and
-removes the namespaces, then the state directory. It is idempotent.
+first namespace exists and updated as processes start (`relay.lab.detached`).
+`down` there trusts nothing else being alive: it stops the relay (SIGTERM, then
+SIGKILL), kills every process whose network namespace is one of the lab's
+(found by inode, so a relay whose PID was never recorded is found too),
+deletes the veths and removes the namespaces, then the state directory. It is
+idempotent.
 
 Processes are signalled by PID only, and only while /proc shows the start time
-recorded for them, or while their network namespace is the lab's.
+recorded for them, or while their network namespace is the lab's (`relay.lab.pids`).
 """
 
 from __future__ import annotations
@@ -45,30 +46,32 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.host import netns
+from relay.lab.detached import (
+    LAB_PREFIX,
+    STATE_ROOT,
+    LabError,
+    check_name,
+    down,
+    lab_namespaces,
+    read_state,
+)
 from relay.lab.impair import WIRE_A, WIRE_B, Wire
 from relay.lab.impairspec import ImpairSpec, parse_spec
+from relay.lab.pids import STOP_TIMEOUT, kill, pids_in, same, start_time, stop_pid, wait_ready
 from relay.lab.topology import Topology
 
-__all__ = ["LAB_PREFIX", "STATE_ROOT", "Lab", "LabError", "LabOptions", "down", "read_state"]
+__all__ = ["LAB_PREFIX", "STATE_ROOT", "Lab", "LabError", "LabOptions", "down", "reattach"]
 
 # The directory holding the relay package: first on the children's PYTHONPATH, so they
 # run the same code as the caller.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-LAB_PREFIX = "trl-"  # detached labs; the tests' are tr-<pid>-<n>
-STATE_ROOT = Path("/run/tunrelay-lab")
 TUN = "trtun0"
 READY_MARK = "relaying TCP"
 READY_TIMEOUT = 20.0
 PROBE_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
 FORWARDER_SECONDS = 7 * 86400  # the wire's forwarder exits by itself after a week
 ROLES = {"client": "cli", "gateway": "gw", "server": "srv", "cli": "cli", "gw": "gw", "srv": "srv"}
 T = TypeVar("T")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,23}$")
-
-
-class LabError(Exception):
-    """The lab could not be built, started or found (one line, for the user)."""
 
 
 @dataclass
@@ -100,80 +103,6 @@ class LabOptions:
     workers: int | None = 1
     pythonpath: Sequence[str] = ()
     setup: Callable[[Lab], object] | None = None
-
-
-# --- processes by PID -----------------------------------------------------------------
-
-
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot), or None if no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _same(pid: int, started: int | None) -> bool:
-    return started is not None and start_time(pid) == started
-
-
-def stop_pid(pid: int, started: int | None, grace: float = STOP_TIMEOUT) -> str:
-    """SIGTERM the process (and its group if it leads one), SIGKILL after ``grace``;
-    only while it is the process recorded with ``started``. What happened."""
-    if not _same(pid, started):
-        return "not running"
-    _kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _same(pid, started):
-            return "stopped"
-        time.sleep(0.02)
-    if _same(pid, started):
-        _kill(pid, signal.SIGKILL)
-    return "killed"
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-
-
-def pids_in(namespaces: Sequence[str]) -> list[int]:
-    """Every process whose network namespace is one of ``namespaces`` (by inode)."""
-    inodes = set()
-    for name in namespaces:
-        with contextlib.suppress(OSError):
-            st = os.stat(os.path.join(netns.NETNS_RUN_DIR, name))
-            inodes.add((st.st_dev, st.st_ino))
-    found = []
-    if inodes:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                with contextlib.suppress(OSError):
-                    st = os.stat(f"/proc/{entry}/ns/net")
-                    if (st.st_dev, st.st_ino) in inodes:
-                        found.append(int(entry))
-    return sorted(found)
-
-
-def _wait_ready(path: Path, mark: str, pid: int, timeout: float) -> str | None:
-    """None once ``mark`` is in the file at ``path``; otherwise why not."""
-    started = start_time(pid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if mark in path.read_text(errors="replace"):
-            return None
-        if not _same(pid, started):
-            return "it exited"
-        time.sleep(0.02)
-    return f"not ready after {timeout:.0f} s"
 
 
 # --- the lab --------------------------------------------------------------------------
@@ -363,7 +292,7 @@ class Lab:
         self.relay_pid, self.relay_started = proc.pid, start_time(proc.pid)
         self.exit_status = None
         self.save(status="starting")
-        why = _wait_ready(self.log_path, READY_MARK, proc.pid, READY_TIMEOUT)
+        why = wait_ready(self.log_path, READY_MARK, proc.pid, READY_TIMEOUT)
         if why is not None:
             raise LabError(f"tunrelay run: {why}; its log:\n{self.log_tail()}")
 
@@ -437,7 +366,7 @@ class Lab:
             )  # fmt: skip
         self._forwarder_proc = proc
         self._forwarder = (proc.pid, start_time(proc.pid))
-        why = _wait_ready(out, "ready", proc.pid, READY_TIMEOUT)
+        why = wait_ready(out, "ready", proc.pid, READY_TIMEOUT)
         if why is not None:
             err_text = (self.state_dir / "forwarder.err").read_text(errors="replace")[-2000:]
             raise LabError(f"the wire's forwarder: {why}: {err_text}")
@@ -468,7 +397,7 @@ class Lab:
     def relay_alive(self) -> bool:
         if self.relay_proc is not None:
             return self.relay_proc.poll() is None
-        return self.relay_pid is not None and _same(self.relay_pid, self.relay_started)
+        return self.relay_pid is not None and same(self.relay_pid, self.relay_started)
 
     def flow_records(self, include_probe: bool = False) -> list[dict[str, Any]]:
         """The flow log's records (``--flow-log``), without the probe's unless asked."""
@@ -555,7 +484,7 @@ class Lab:
             try:
                 proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                _kill(proc.pid, signal.SIGKILL)
+                kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5.0)
         self.exit_status = proc.returncode
         return self.exit_status
@@ -633,25 +562,6 @@ class Lab:
         return await trio.to_thread.run_sync(inside)
 
 
-def check_name(name: str) -> None:
-    if not _NAME.match(name):
-        raise LabError(f"--name {name!r}: 1-24 of a-z, 0-9 and _, starting with a letter or digit")
-
-
-def lab_namespaces(name: str) -> list[str]:
-    base = LAB_PREFIX + name
-    return [f"{base}-cli", f"{base}-gw", f"{base}-srv", f"{base}-wire"]
-
-
-def read_state(name: str) -> dict[str, Any] | None:
-    """A detached lab's state file, or None."""
-    try:
-        data: dict[str, Any] = json.loads((STATE_ROOT / name / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     if path.exists():
@@ -659,45 +569,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
     return records
-
-
-def down(name: str) -> list[str]:
-    """Remove detached lab ``name`` whatever state it is in; what was done (empty:
-    nothing of it existed). Idempotent."""
-    check_name(name)
-    done = []
-    state = read_state(name) or {}
-    up_pid, up_started = state.get("up_pid"), state.get("up_start_time")
-    if isinstance(up_pid, int) and up_pid != os.getpid() and _same(up_pid, up_started):
-        done.append(f"`tunrelay lab up` (pid {up_pid}): {stop_pid(up_pid, up_started)}")
-    for key in ("relay", "forwarder"):
-        pid = state.get(f"{key}_pid")
-        if isinstance(pid, int):
-            what = stop_pid(pid, state.get(f"{key}_start_time"))
-            if what != "not running":
-                done.append(f"{key} (pid {pid}): {what}")
-    names = lab_namespaces(name)
-    for pid in pids_in(names):
-        done.append(f"process {pid} in the lab: {stop_pid(pid, start_time(pid), grace=2.0)}")
-    gw = f"{LAB_PREFIX}{name}-gw"
-    if netns.exists(gw):
-        with contextlib.suppress(Exception):
-            ipr = netns.ipr(gw)
-            try:
-                for ifname in (Topology.gw_cli_if, Topology.gw_srv_if):
-                    for index in ipr.link_lookup(ifname=ifname):
-                        ipr.link("del", index=index)
-            finally:
-                ipr.close()
-    for ns in names:
-        if netns.exists(ns):
-            netns.remove(ns, missing_ok=True)
-            done.append(f"namespace {ns} removed")
-    state_dir = STATE_ROOT / name
-    if state_dir.exists():
-        shutil.rmtree(state_dir, ignore_errors=True)
-        done.append(f"{state_dir} removed")
-    return done
 
 
 def reattach(name: str, state: dict[str, Any]) -> Lab:
@@ -708,13 +579,3 @@ def reattach(name: str, state: dict[str, Any]) -> Lab:
     if isinstance(pid, int):
         lab._forwarder = (pid, state.get("forwarder_start_time"))
     return lab
-
-
-def detached_labs() -> list[str]:
-    """Names of the detached labs that have a state directory or a namespace."""
-    names = set(os.listdir(STATE_ROOT)) if STATE_ROOT.is_dir() else set()
-    if os.path.isdir(netns.NETNS_RUN_DIR):
-        for ns in os.listdir(netns.NETNS_RUN_DIR):
-            if ns.startswith(LAB_PREFIX):
-                names.add(ns[len(LAB_PREFIX) :].rsplit("-", 1)[0])
-    return sorted(names)

@@ -3,7 +3,7 @@
 ``up [--name NAME] [--impair SPEC] [--wire] [--no-probe] [-- RUN-OPTIONS]``,
 ``exec NAME client|gateway|server CMD...``, ``status NAME [--json]``,
 ``impair NAME SPEC``, ``down NAME``, ``list``. The work is done by
-`relay.lab.lab`; this module only parses (it imports nothing heavy, because
+`relay.lab.lab` and `relay.lab.detached`; this module only parses (it imports nothing heavy, because
 ``relay.cli`` builds its parser on every start).
 """
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("tunrelay lab: needs root (it creates network namespaces)", file=sys.stderr)
         return 2
-    from relay.lab import lab as labmod
+    from relay.lab import detached as labmod
 
     cmd = args.lab_command
     try:
@@ -115,7 +115,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _exec(name: str, role: str, cmd: list[str]) -> int:
-    from relay.lab.lab import LabError, read_state
+    from relay.lab.detached import LabError, read_state
     from relay.lab.nsexec import main as nsexec
 
     state = read_state(name)
@@ -129,7 +129,8 @@ def _exec(name: str, role: str, cmd: list[str]) -> int:
 
 
 def _status(name: str, as_json: bool) -> int:
-    from relay.lab.lab import LabError, read_state, start_time
+    from relay.lab.detached import LabError, read_state
+    from relay.lab.pids import start_time
 
     state = read_state(name)
     if state is None:
@@ -155,7 +156,8 @@ def _status(name: str, as_json: bool) -> int:
 
 
 def _impair(name: str, spec: str) -> int:
-    from relay.lab.lab import LabError, read_state, reattach
+    from relay.lab.detached import LabError, read_state
+    from relay.lab.lab import reattach
 
     state = read_state(name)
     if state is None:
