@@ -38,6 +38,7 @@ _OPTION = {
     "fail_closed_routing": "--no-fail-closed-routing",
     "worker_caps": "--fwmark",
     "user": "--user",
+    "max_c2s_queue": "--rcv-buf",
 }
 
 

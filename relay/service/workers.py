@@ -415,7 +415,7 @@ async def _reload(running: _Running, service: _Service) -> None:
         new = service.reread()
         egress = new.relay.egress.with_host(host_routes(running.net.ipr))
         new = dataclasses.replace(new, relay=dataclasses.replace(new.relay, egress=egress))
-    except (ConfigError, OSError) as exc:
+    except Exception as exc:  # whatever the file holds, the running relay goes on
         log.error("reload failed: %s; keeping the running settings", exc)
         return
     p = plan(running.opts, new)

@@ -78,7 +78,6 @@ class Reload:
     block_rules: tuple[tuple[str, str], ...]
     egress: EgressPolicy  # already with the host's addresses (run.localize)
     stats_interval: float
-    log_level: str | None = None
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -229,8 +228,6 @@ class WorkerLink:
             log.error("reload: %s; keeping the running settings", exc)
             return str(exc)
         self.stats_interval = reload.stats_interval
-        if reload.log_level is not None:
-            logging.getLogger().setLevel(reload.log_level.upper())
         return None
 
     def reopen(self) -> str | None:
