@@ -229,15 +229,15 @@ async def _run(
                     " and offloads" if opts.offload else "", opts.user.name, opts.user.uid,
                     opts.user.gid, f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
                 )  # fmt: skip
-                if await _turning(workers):
+                turning = await _turning(workers)
+                if turning is True:
                     service.notify(
                         READY=1, STATUS=f"relaying on {anchor.name} with {len(workers)} workers"
                     )
                     if service.notifier is not None and service.notifier.watchdog:
                         nursery.start_soon(_watchdog, service.notifier, workers)
-                    status = await _first_exit(workers)
-                else:
-                    status = 1
+                # A worker that went meanwhile is _first_exit's to report.
+                status = await _first_exit(workers) if turning is not None else 1
             stop.cancel()
     finally:
         service.notify(STOPPING=1, STATUS="stopping")
@@ -268,19 +268,19 @@ def _health(workers: list[_Worker]) -> str | None:
     return health([w.view for w in workers], _alive(workers), trio.current_time())
 
 
-async def _turning(workers: list[_Worker]) -> bool:
+async def _turning(workers: list[_Worker]) -> bool | None:
     """Wait (bounded) for a snapshot from every worker sent after this call: each
-    packet loop turns, with the routing in place."""
+    packet loop turns, with the routing in place. False when a worker's link
+    closed first (it is exiting), None (logged) when they took too long."""
     seen = [w.view.snapshots for w in workers]
     with trio.move_on_after(READY_TIMEOUT):
         while any(w.view.snapshots <= n for w, n in zip(workers, seen, strict=True)):
             if any(w.view.closed for w in workers):
-                break
+                return False
             await trio.sleep(0.05)
-        else:
-            return True
+        return True
     log.error("workers did not report their packet loops turning: %s", _health(workers))
-    return False
+    return None
 
 
 async def _watchdog(notifier: sdnotify.Notifier, workers: list[_Worker]) -> None:
