@@ -43,6 +43,7 @@ from relay.datapath.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from relay.datapath.engine import Relay
+    from relay.datapath.packet_source import PacketStats
     from relay.datapath.tun import TunDevice
     from relay.service.gcstats import GcStats
     from stack import Stack
@@ -123,7 +124,7 @@ def snapshot(
     index: int,
     relay: Relay,
     stack: Stack,
-    tun: TunDevice,
+    tun: PacketStats,
     gc: GcStats,
     counts: FlowCounts,
     fail_closed: bool,
@@ -136,7 +137,7 @@ def snapshot(
         "pid": os.getpid(),
         "relay": dataclasses.asdict(relay.stats),
         "stack": dataclasses.asdict(stack.stats),
-        "tun": dataclasses.asdict(tun.stats),
+        "tun": dataclasses.asdict(tun),
         "gc": dataclasses.asdict(gc),
         "opened": dict(counts.opened),
         "ended": [[proto, how, n] for (proto, how), n in counts.ended.items()],
@@ -197,7 +198,9 @@ class WorkerLink:
         self, relay: Relay, stack: Stack, tun: TunDevice, gc: GcStats
     ) -> None:
         while True:
-            message = snapshot(self._index, relay, stack, tun, gc, self._counts, self._fail_closed)
+            message = snapshot(
+                self._index, relay, stack, tun.stats, gc, self._counts, self._fail_closed
+            )
             try:
                 await self._send(message)
             except OSError:
