@@ -210,7 +210,7 @@ async def _run(
         async with trio.open_nursery() as nursery:
             stop = nursery.cancel_scope
             running = _Running(opts, workers, net)
-            nursery.start_soon(_forward_signals, signals, running, service, stop)
+            nursery.start_soon(_forward_signals, signals, running, service, nursery)
             for index in range(opts.workers):
                 workers.append(_start(ctx, opts, index, service.log_level))
                 nursery.start_soon(workers[-1].view.run)
@@ -253,6 +253,7 @@ class _Running:
         self.opts = opts
         self.workers = workers
         self.net = net
+        self.commands = trio.Lock()  # one reload or reopen at a time
 
 
 def _alive(workers: list[_Worker]) -> Callable[[int], bool]:
@@ -381,7 +382,7 @@ async def _first_exit(workers: list[_Worker]) -> int:
 
 
 async def _forward_signals(
-    signals: AsyncIterator[int], running: _Running, service: _Service, stop: trio.CancelScope
+    signals: AsyncIterator[int], running: _Running, service: _Service, nursery: trio.Nursery
 ) -> None:
     workers = running.workers
     async for signum in signals:
@@ -389,17 +390,22 @@ async def _forward_signals(
             for w in workers:
                 _signal(w, signal.SIGUSR1)
             continue
-        if signum == signal.SIGHUP:
-            await _reload(running, service)
-            await _command(workers, "reopen")
-            continue
-        if signum == signal.SIGUSR2:
-            log.info("received SIGUSR2: reopening the log files")
-            await _command(workers, "reopen")
+        if signum in (signal.SIGHUP, signal.SIGUSR2):
+            # In a task of its own: a SIGTERM meanwhile is not kept waiting for the answers.
+            nursery.start_soon(_reload_and_reopen, running, service, signum == signal.SIGHUP)
             continue
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(workers))
-        stop.cancel()
+        nursery.cancel_scope.cancel()
         return
+
+
+async def _reload_and_reopen(running: _Running, service: _Service, reload: bool) -> None:
+    async with running.commands:
+        if reload:
+            await _reload(running, service)
+        else:
+            log.info("received SIGUSR2: reopening the log files")
+        await _command(running.workers, "reopen")
 
 
 async def _reload(running: _Running, service: _Service) -> None:
@@ -442,6 +448,11 @@ async def _command(workers: list[_Worker], *command: object) -> int:
     for w in workers:
         if w.view.closed:
             continue
+        while True:  # answers to an earlier command that timed out
+            try:
+                w.view.answers.receive_nowait()
+            except trio.WouldBlock:
+                break
         try:
             await w.view.command(*command)
             sent.append(w)
