@@ -8,7 +8,8 @@
   watchdog pings stop while the worker is stopped;
 * SIGHUP with a config file that adds a ``block_domain``: ``dig`` gets NXDOMAIN
   for it afterwards, while a 32 MiB download started before the reload ends
-  byte-exact; a changed ``mtu`` is refused (needs a restart);
+  byte-exact; a changed ``mtu`` is refused (needs a restart); a file that does
+  not parse changes nothing;
 * SIGUSR2 after the flow log was renamed: new lines go to a new file, and
   ``--log-format json`` makes the service log JSON lines.
 
@@ -283,6 +284,14 @@ def test_sighup_blocks_a_domain_and_keeps_a_running_download_byte_exact(
     assert after.returncode == 0 and "status: NXDOMAIN" in after.stdout, after
     ok = run_client(topology, [*dig, "ok.example.test"])
     assert ok.returncode == 0 and EXAMPLE_ADDRESS in ok.stdout, ok
+
+    # A file that does not parse changes nothing: the name stays blocked.
+    config.write_text("block_domain = [\n")
+    os.kill(relay.pid, signal.SIGHUP)
+    wait_for("the failed reload logged", lambda: "reload failed: " in relay.log_text())
+    assert f"{config}:" in relay.log_text().split("reload failed: ", 1)[1].splitlines()[0]
+    still = run_client(topology, [*dig, name])
+    assert still.returncode == 0 and "status: NXDOMAIN" in still.stdout, still
 
 
 def test_sigusr2_reopens_the_flow_log_and_json_log_lines(
