@@ -60,3 +60,16 @@ def test_what_needs_a_restart_is_refused_and_keeps_its_running_value() -> None:
     # The next reload of the same file refuses the same, applies nothing new.
     again = plan(p.running, new)
     assert again.live == () and again.refused == p.refused and again.command is None
+
+
+def test_only_the_hosts_addresses_changed_is_said_so() -> None:
+    from relay.datapath.egress import HostRoutes
+
+    old = opts()
+    host = HostRoutes(("198.51.100.7/32",))  # an address added since the start
+    new = dataclasses.replace(
+        old, relay=dataclasses.replace(old.relay, egress=old.relay.egress.with_host(host))
+    )
+    p = plan(old, new)
+    assert p.live == ("egress policy: the host's addresses, read again",)
+    assert p.command is not None and p.command.egress == new.relay.egress

@@ -76,7 +76,11 @@ def plan(old: RunOptions, new: RunOptions) -> ReloadPlan:
             if dataclasses.replace(before, egress=after.egress) != after:
                 refused += _relay_fields(before, after)
             if before.egress != after.egress:
-                live.append(f"egress policy: {after.egress.describe()}")
+                if dataclasses.replace(before.egress, host=after.egress.host) == after.egress:
+                    what = "the host's addresses, read again"  # as at start: denied
+                else:
+                    what = after.egress.describe()
+                live.append(f"egress policy: {what}")
                 running = dataclasses.replace(
                     running, relay=dataclasses.replace(running.relay, egress=after.egress)
                 )
