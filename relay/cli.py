@@ -17,6 +17,7 @@ import trio
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
 from relay.lab import labcli
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
+from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
 from relay.service.runstate import STATE_DIR, StateError, cleanup
@@ -142,6 +143,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--stats-interval", type=float, default=0.0, help="log counters every N seconds (0: off)"
+    )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at /metrics and a health check at /healthz on this "
+        "TCP address ([V6]:PORT for IPv6); off by default",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the service's own log on stderr: text lines or JSON lines (default text)",
     )
     run.add_argument(
         "--offload",
@@ -297,6 +310,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        metrics=args.metrics,
+        log_format=args.log_format,
     )
     if args.profile and opts.workers != 1:
         raise ConfigError("--profile: needs --workers 1 (one process to profile)")
@@ -356,7 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as bad:
             raise ConfigError(str(bad)) from None
         opts = dataclasses.replace(opts, user=user, profile=args.profile)
-        return trio.run(supervise, opts, args.log_level)
+        configure_logging(args.log_level, opts.log_format)
+        reread = None
+        if args.config is not None:
+
+            def reread() -> RunOptions:  # SIGHUP: the file again, the command line over it
+                fresh = _parser().parse_args(argv)
+                new, _ = _configured(fresh, keys, args.config, given(_parser(), argv))
+                return dataclasses.replace(new, user=user, profile=args.profile)
+
+        return trio.run(functools.partial(supervise, reread=reread), opts, args.log_level)
     except Exception as exc:  # at start above all: one line, never a traceback
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError | StateError):
