@@ -1,0 +1,341 @@
+"""Stream capture (``tunrelay run --capture-dir DIR``): each flow's bytes, to files.
+
+``Capture`` is a built-in analyzer, the first of the chain, so its ``data``
+hook sees every chunk of each direction as the relay received it: before any
+analyzer's rewrite, drop or verdict (it returns ``None``: it never changes a
+byte). For each TCP flow it writes, named by the flow's ``uid`` (the uid of
+the flow log and conn.log):
+
+* ``DIR/<uid>.c2s``, ``DIR/<uid>.s2c``: the exact bytes of each direction,
+  as the analyzers saw them. Bytes an analyzer never saw are not there: those
+  a record hook's ``Block`` or ``RESET`` held back (the chunk that completed
+  the blocked record), and, once a flow is blocked, what followed.
+* ``DIR/<uid>.pcap``: the same bytes as one clean synthetic TCP connection
+  between the original addresses and ports (``relay.analysis.pcapwriter``):
+  handshake, segments with both directions' interleaving and arrival times,
+  then the FINs or RST in the order the flow's history recorded them (written
+  when the flow ends, after its last bytes).
+
+A UDP flow gets ``DIR/<uid>.pcap`` only: each datagram a UDP packet. ICMP echo
+flows are not captured.
+
+Selection (``--capture-filter``, ``parse_capture_filter``): terms ``port N``,
+``net CIDR`` or a bare ``CIDR`` (or address); a flow is captured when any term
+matches either of its ends (the client's or the original destination's
+address or port). No filter: every TCP and UDP flow.
+
+Writing never waits in the packet loop: each captured flow buffers its files
+in memory and, once ``flush_at`` bytes wait (and at the flow's end), its own
+data hook writes them from a worker thread (``trio.to_thread``), so a slow
+disk delays that flow only (its TCP window closes, as with any slow analyzer).
+Each write opens the file with ``O_APPEND`` relative to the directory's file
+descriptor (opened by the worker before it dropped its privileges), writes,
+and closes it: no descriptor stays open per flow. The first ``OSError``
+(``ENOSPC``, ``EDQUOT``, ...) is logged once and stops capture for every flow
+of this worker; the relay goes on.
+
+Cost: with capture every flow has a ``data`` hook, so its client bytes take
+the analyzers' queue rather than the direct write (``TcpFlow.on_data``); flows
+the filter leaves out pay that and a dict lookup per chunk. Without
+``--capture-dir`` nothing of this exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import trio
+
+from relay.analysis.direction import Direction
+from relay.analysis.hooks import EndReason, FlowEnd, FlowInfo
+from relay.analysis.pcapwriter import TcpConversation, UdpConversation, file_header
+
+__all__ = [
+    "FLUSH_AT",
+    "Capture",
+    "CaptureFilter",
+    "CaptureFilterError",
+    "CaptureStats",
+    "DirectorySink",
+    "Sink",
+    "parse_capture_filter",
+]
+
+log = logging.getLogger(__name__)
+
+FLUSH_AT: Final = 256 << 10  # bytes a flow buffers (all its files) before writing them
+_S2C: Final = Direction.SERVER_TO_CLIENT
+_FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class CaptureFilterError(ValueError):
+    """A ``--capture-filter`` term that does not parse; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureFilter:
+    """Ports and networks; a flow matches when either end matches any of them.
+    Empty: every flow matches."""
+
+    ports: frozenset[int] = frozenset()
+    nets: tuple[_Net, ...] = ()
+
+    def matches(self, info: FlowInfo) -> bool:
+        if not self.ports and not self.nets:
+            return True
+        if info.client_port in self.ports or info.server_port in self.ports:
+            return True
+        if self.nets:
+            ends = (ipaddress.ip_address(info.client_ip), ipaddress.ip_address(info.server_ip))
+            return any(ip in net for net in self.nets for ip in ends)
+        return False
+
+    def describe(self) -> str:
+        terms = [f"port {p}" for p in sorted(self.ports)] + [f"net {n}" for n in self.nets]
+        return " or ".join(terms) or "every TCP and UDP flow"
+
+
+def _net(text: str) -> _Net:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise CaptureFilterError(f"{text!r} is not an address or CIDR network") from None
+
+
+def parse_capture_filter(texts: Sequence[str]) -> CaptureFilter:
+    """Parse ``--capture-filter`` values (repeatable; each may be a comma list).
+
+    Terms: ``port N`` (1..65535), ``net CIDR``, or a bare ``CIDR`` or address
+    (``198.18.0.0/15``, ``fd00::/8``, ``198.18.1.2``). Terms are or-ed.
+
+    Raises:
+        CaptureFilterError: naming the term that is wrong.
+    """
+    ports: set[int] = set()
+    nets: list[_Net] = []
+    for text in texts:
+        for term in text.split(","):
+            words = term.split()
+            if not words:
+                raise CaptureFilterError(f"empty term in {text!r}")
+            keyword = words[0].lower()
+            if keyword == "port" and len(words) == 2:
+                if not words[1].isdigit() or not 1 <= int(words[1]) <= 65535:
+                    raise CaptureFilterError(f"{term.strip()!r}: the port must be 1..65535")
+                ports.add(int(words[1]))
+            elif keyword == "net" and len(words) == 2:
+                nets.append(_net(words[1]))
+            elif len(words) == 1 and keyword not in ("port", "net"):
+                nets.append(_net(words[0]))
+            else:
+                raise CaptureFilterError(
+                    f"{term.strip()!r} is not 'port N', 'net CIDR' or a bare CIDR"
+                )
+    return CaptureFilter(frozenset(ports), tuple(dict.fromkeys(nets)))
+
+
+class Sink(Protocol):
+    """Where the files go: ``append`` runs in a worker thread and may raise OSError."""
+
+    def append(self, name: str, data: bytes) -> None: ...
+
+
+class DirectorySink:
+    """Files in a directory, by its descriptor: created ``0600``, never through a
+    symlink, appended to, closed after each write."""
+
+    __slots__ = ("dir_fd",)
+
+    def __init__(self, dir_fd: int) -> None:
+        self.dir_fd = dir_fd
+
+    @classmethod
+    def open(cls, path: str) -> DirectorySink:
+        """Open ``path`` (a directory, not a symlink to one). Raises OSError."""
+        return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+
+    def append(self, name: str, data: bytes) -> None:
+        fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=self.dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.dir_fd)
+
+
+@dataclass(slots=True)
+class CaptureStats:
+    flows: int = 0  # flows captured (the filter matched)
+    bytes_written: int = 0  # to all files
+    stopped: str = ""  # why capture stopped ("" while it runs)
+
+
+class _Flow:
+    """One captured flow's buffers and conversation."""
+
+    __slots__ = ("c2s", "conv", "info", "last", "lock", "s2c", "started", "tcp")
+
+    def __init__(self, info: FlowInfo) -> None:
+        self.info = info
+        self.tcp = info.proto == "tcp"
+        # Random ISNs, as a real connection's: a reader must not rely on them.
+        isn = secrets.randbits(64)
+        self.conv: TcpConversation | UdpConversation = (
+            TcpConversation(
+                info.client_ip, info.client_port, info.server_ip, info.server_port,
+                client_isn=isn & 0xFFFFFFFF, server_isn=isn >> 32,
+            )
+            if self.tcp
+            else UdpConversation(info.client_ip, info.client_port, info.server_ip, info.server_port)
+        )  # fmt: skip
+        self.conv.out += file_header()
+        self.c2s = bytearray()
+        self.s2c = bytearray()
+        self.started = False  # nothing written yet: the first write creates every file
+        self.last = info.start  # the latest timestamp written
+        self.lock = trio.Lock()  # one write at a time: the two pumps share the files
+
+    def pending(self) -> int:
+        return len(self.c2s) + len(self.s2c) + len(self.conv.out)
+
+    def add(self, direction: Direction, data: bytes, ts: float) -> None:
+        from_server = direction is _S2C
+        self.last = ts = max(ts, self.last)
+        conv = self.conv
+        if isinstance(conv, UdpConversation):
+            conv.datagram(from_server, data, ts)
+            return
+        if not conv.opened:
+            conv.handshake(self.info.start, ts)
+        conv.data(from_server, data, ts)
+        (self.s2c if from_server else self.c2s).extend(data)
+
+    def end(self, end: FlowEnd, ts: float) -> None:
+        """The close as the history recorded it (zeeklog's letters, in order)."""
+        conv = self.conv
+        if not isinstance(conv, TcpConversation):
+            return
+        ts = max(ts, self.last)
+        history = end.history
+        if not conv.opened:
+            if "h" not in history:  # never connected: refused (RST) or unanswered
+                conv.unanswered(self.info.start, ts if "r" in history else None)
+                return
+            conv.handshake(self.info.start, ts)
+        for letter in history:
+            if letter in "Ff":
+                conv.fin(letter == "f", ts)
+            elif letter in "Rr":
+                conv.reset(letter == "r", ts)
+        if end.how is not EndReason.FIN and not conv.ended:
+            # The relay ended it (a limit, a verdict, an error, its shutdown): the
+            # client saw an RST from the server's address.
+            conv.reset(True, ts)
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """The buffered bytes per file name, emptied."""
+        uid = self.info.uid
+        out = self.conv.out
+        files = [(f"{uid}.pcap", bytes(out))]
+        out.clear()
+        if self.tcp:
+            for suffix, buf in (("c2s", self.c2s), ("s2c", self.s2c)):
+                if buf or not self.started:
+                    files.append((f"{uid}.{suffix}", bytes(buf)))
+                    buf.clear()
+        self.started = True
+        return files
+
+
+class Capture:
+    """The ``--capture-dir`` analyzer (see the module docstring).
+
+    Args:
+        sink: where the files go (``DirectorySink``).
+        selection: which flows (``parse_capture_filter``); default: all.
+        flush_at: bytes a flow buffers before it writes.
+    """
+
+    __slots__ = ("_flows", "_sink", "flush_at", "selection", "stats")
+
+    def __init__(
+        self,
+        sink: Sink,
+        selection: CaptureFilter | None = None,
+        *,
+        flush_at: int = FLUSH_AT,
+    ) -> None:
+        self._sink = sink
+        self.selection = selection or CaptureFilter()
+        self.flush_at = flush_at
+        self._flows: dict[str, _Flow] = {}
+        self.stats = CaptureStats()
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.stats.stopped)
+
+    async def flow_start(self, flow: FlowInfo) -> None:
+        if self.stats.stopped or flow.proto not in ("tcp", "udp"):
+            return
+        if self.selection.matches(flow):
+            self._flows[flow.uid] = _Flow(flow)
+            self.stats.flows += 1
+
+    async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
+        f = self._flows.get(flow.uid)
+        if f is None:
+            return
+        try:
+            f.add(direction, data, time.time())
+        except ValueError:  # a datagram too large for a packet (it was reassembled)
+            log.debug("capture: flow %s: datagram of %d bytes skipped", flow.uid, len(data))
+            return
+        if f.pending() >= self.flush_at:
+            await self._write(f)
+
+    async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
+        f = self._flows.pop(flow.uid, None)
+        if f is None:
+            return
+        f.end(end, flow.start + end.duration)
+        await self._write(f)
+
+    async def _write(self, f: _Flow) -> None:
+        async with f.lock:
+            if self.stats.stopped:
+                return
+            files = f.take()
+            try:
+                await trio.to_thread.run_sync(self._append_all, files)
+            except OSError as exc:
+                self._stop(exc)
+
+    def _append_all(self, files: list[tuple[str, bytes]]) -> None:
+        # In a worker thread: touches only the sink and an int.
+        for name, data in files:
+            self._sink.append(name, data)
+            self.stats.bytes_written += len(data)
+
+    def _stop(self, exc: OSError) -> None:
+        why = errno.errorcode.get(exc.errno or 0, "error")
+        self.stats.stopped = f"{why}: {exc.strerror or exc}"
+        log.error(
+            "capture stopped for every flow: cannot write %s: %s; the relay goes on",
+            exc.filename or "a capture file", exc.strerror or exc,
+        )  # fmt: skip
+        self._flows.clear()
