@@ -276,3 +276,66 @@ def test_a_full_disk_stops_capture_for_every_flow_without_raising(
     calls = sink.calls
     trio.run(later)
     assert sink.calls == calls and capture.stats.flows == 2
+
+
+# --- the options -------------------------------------------------------------------------
+
+
+def test_capture_options_are_checked_naming_the_option(tmp_path: Path) -> None:
+    from relay.service.run import ConfigError, validate
+
+    base = {"tun": "tr0", "client_nets": ["198.18.0.0/24"]}
+    (tmp_path / "file").write_text("")
+    bad = [
+        ({"capture_filter": ["port 1"]}, "--capture-filter: needs --capture-dir"),
+        ({"capture_dir": str(tmp_path), "capture_filter": ["port x"]}, "--capture-filter: "),
+        ({"capture_dir": str(tmp_path / "file")}, "--capture-dir: "),
+        ({"capture_dir": str(tmp_path / "no" / "such")}, "--capture-dir: the parent"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            validate(**base, **kw)  # type: ignore[arg-type]
+    opts = validate(
+        **base, capture_dir=str(tmp_path / "new"), capture_filter=["port 443, fd00::/8"]
+    )  # type: ignore[arg-type]
+    assert (opts.capture_dir, opts.capture_filter) == (
+        str(tmp_path / "new"),
+        ("port 443, fd00::/8",),
+    )
+
+
+def test_the_capture_directory_is_made_private_and_capture_comes_first(tmp_path: Path) -> None:
+    import dataclasses
+
+    from relay.service.privileges import Identity
+    from relay.service.run import (
+        ConfigError,
+        load_analyzers,
+        open_capture_dir,
+        prepare_capture_dir,
+        validate,
+    )
+
+    me = Identity("me", os.getuid(), os.getgid())
+    path = tmp_path / "cap"
+    opts = validate(
+        tun="tr0", client_nets=["198.18.0.0/24"], capture_dir=str(path), block_domains=["x.example"]
+    )
+    old = os.umask(0)
+    try:
+        prepare_capture_dir(opts, me)
+    finally:
+        os.umask(old)
+    st = os.stat(path)
+    assert (st.st_mode & 0o777, st.st_uid) == (0o700, me.uid)
+    prepare_capture_dir(opts, me)  # a previous run's directory: used as it is
+    stranger = dataclasses.replace(me, name="other", uid=me.uid + 1)
+    with pytest.raises(ConfigError, match="^--capture-dir: .* belongs to uid"):
+        prepare_capture_dir(opts, stranger)
+    capture = open_capture_dir(opts)
+    assert capture is not None
+    try:
+        analyzers = load_analyzers(opts, capture=capture)
+        assert analyzers[0] is capture and len(analyzers) == 2  # then the domain blocker
+    finally:
+        capture.close()

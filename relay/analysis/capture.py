@@ -289,6 +289,12 @@ class Capture:
     def stopped(self) -> bool:
         return bool(self.stats.stopped)
 
+    def close(self) -> None:
+        """Close the sink (once the relay stopped: every flow_end has run)."""
+        close = getattr(self._sink, "close", None)
+        if close is not None:
+            close()
+
     async def flow_start(self, flow: FlowInfo) -> None:
         if self.stats.stopped or flow.proto not in ("tcp", "udp"):
             return

@@ -46,7 +46,7 @@ SNAPLEN: Final = 65535
 SEGMENT: Final = 65000
 _WSCALE: Final = 14  # RFC 7323 2.3's largest: a window that never looks full
 _WINDOW: Final = 0xFFFF
-_SYN_OPTIONS: Final = encode_options(wscale=_WSCALE)
+_SYN_OPTIONS: Final = encode_options(mss=SEGMENT, wscale=_WSCALE)
 _HEADER: Final = struct.Struct("<IHHiIII")
 _RECORD: Final = struct.Struct("<IIII")
 _MASK: Final = 0xFFFFFFFF
@@ -109,9 +109,7 @@ class TcpConversation:
         self._ended = [False, False]  # a FIN from [client, server] is written
         self.out = bytearray()
 
-    def _packet(
-        self, side: int, flags: int, ts: float, payload: bytes | memoryview = b""
-    ) -> None:
+    def _packet(self, side: int, flags: int, ts: float, payload: bytes | memoryview = b"") -> None:
         src, dst = self._addr[side], self._addr[1 - side]
         sport, dport = (self._cport, self._sport) if side == 0 else (self._sport, self._cport)
         seq = self._next[side] if not flags & SYN else self._isn[side]

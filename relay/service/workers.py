@@ -59,15 +59,18 @@ from relay.service.run import (
     RunOptions,
     load_analyzers,
     localize,
+    open_capture_dir,
     open_flow_log,
     open_log_dir,
     open_queue,
+    prepare_capture_dir,
     relay_queue,
     route_into,
 )
 from relay.service.runstate import RunState
 
 if TYPE_CHECKING:
+    from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -116,6 +119,7 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
     probe = open_log_dir(opts)  # the same for --log-dir (a ConfigError naming it)
     if probe is not None:
         probe.close()
+    prepare_capture_dir(opts, user)  # --capture-dir, the workers' user's (ConfigError)
     from relay.host.netconfig import NetConfig  # here: the workers import this module
 
     ctx = multiprocessing.get_context("spawn")
@@ -308,19 +312,21 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
     tun: TunDevice | None = None
     flow_log: FlowLog | None = None
     logs: ZeekLogs | None = None
+    capture: Capture | None = None
     try:
         # What needs privileges, first: the TUN queue, the files named on the command line.
         tun = open_queue(opts, attach=True)
         flow_log = open_flow_log(opts, index)
         logs = open_log_dir(opts, index)
+        capture = open_capture_dir(opts)
         profile = open(opts.profile, "wb") if opts.profile and index == 0 else None  # noqa: SIM115
         _drop(opts, parent)
         # Only now may analyzer code run (load_analyzers, in _worker).
         if profile is None:
-            trio.run(_worker, opts, index, ready, tun, flow_log, logs)
+            trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture)
         else:
             with profile:
-                _profiled(opts, index, ready, tun, flow_log, logs, profile)
+                _profiled(opts, index, ready, tun, flow_log, logs, capture, profile)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(_STATUS_CONFIG)
@@ -332,6 +338,9 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
             flow_log.close()
         if logs is not None:
             logs.close()  # writes what the last flows left in its buffers
+        if capture is not None:
+            log.info("capture: %s", capture.stats)
+            capture.close()
         if tun is not None:
             tun.close()
 
@@ -368,6 +377,7 @@ def _profiled(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
     out: IO[bytes],
 ) -> None:
     import cProfile
@@ -375,7 +385,7 @@ def _profiled(
     profile = cProfile.Profile()
     profile.enable()
     try:
-        trio.run(_worker, opts, index, ready, tun, flow_log, logs)
+        trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture)
     finally:
         profile.disable()
         profile.create_stats()
@@ -389,8 +399,9 @@ async def _worker(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
 ) -> None:
-    analyzers = load_analyzers(opts, flow_log, logs)
+    analyzers = load_analyzers(opts, flow_log, logs, capture)
 
     def on_ready() -> None:
         log.info("worker %d (pid %d) relaying on a queue of %s", index, os.getpid(), tun.name)
