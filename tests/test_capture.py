@@ -294,10 +294,10 @@ def test_capture_options_are_checked_naming_the_option(tmp_path: Path) -> None:
     ]
     for kw, message in bad:
         with pytest.raises(ConfigError, match=f"^{message}"):
-            validate(**base, **kw)  # type: ignore[arg-type]
+            validate(**base, **kw)
     opts = validate(
         **base, capture_dir=str(tmp_path / "new"), capture_filter=["port 443, fd00::/8"]
-    )  # type: ignore[arg-type]
+    )
     assert (opts.capture_dir, opts.capture_filter) == (
         str(tmp_path / "new"),
         ("port 443, fd00::/8",),
@@ -330,7 +330,7 @@ def test_the_capture_directory_is_made_private_and_capture_comes_first(tmp_path:
     assert (st.st_mode & 0o777, st.st_uid) == (0o700, me.uid)
     prepare_capture_dir(opts, me)  # a previous run's directory: used as it is
     stranger = dataclasses.replace(me, name="other", uid=me.uid + 1)
-    with pytest.raises(ConfigError, match="^--capture-dir: .* belongs to uid"):
+    with pytest.raises(ConfigError, match=r"^--capture-dir: .* belongs to uid"):
         prepare_capture_dir(opts, stranger)
     capture = open_capture_dir(opts)
     assert capture is not None
