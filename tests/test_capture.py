@@ -225,6 +225,43 @@ def test_udp_flows_get_a_pcap_only_and_unselected_flows_nothing(tmp_path: Path) 
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("how", "history", "answer"),
+    [
+        (EndReason.REJECTED, "S", ["S", "RA"]),  # an analyzer's REJECT: RST to the SYN
+        (EndReason.REFUSED, "Sr", ["S", "RA"]),
+        (EndReason.CONNECT_TIMEOUT, "S", ["S"]),  # silence
+        (EndReason.RST, "ShADR", ["S", "SA", "A", "PA", "RA"]),  # the client's reset
+        (EndReason.LIMIT, "ShAD", ["S", "SA", "A", "PA", "RA"]),  # the relay's abort
+        (EndReason.FIN, "ShADFf", ["S", "SA", "A", "PA", "FA", "FA", "A"]),
+    ],
+)
+def test_the_close_follows_the_flow_end(
+    tmp_path: Path, how: EndReason, history: str, answer: list[str]
+) -> None:
+    sink = DirectorySink.open(str(tmp_path))
+    capture = Capture(sink)
+    info = flow(*V4)
+
+    async def main() -> None:
+        await capture.flow_start(info)
+        if "D" in history:
+            await capture.data(info, C2S, b"hello")
+        await capture.flow_end(info, FlowEnd(how, 0, 0, 0.5, history=history))
+
+    try:
+        trio.run(main)
+    finally:
+        sink.close()
+    packets = list(rdpcap(str(tmp_path / f"{info.uid}.pcap")))
+    assert [flags(p) for p in packets] == answer
+    if "R" in history:
+        assert packets[-1][TCP].sport == V4[1]  # from the client
+    elif len(answer) > 1 and answer[-1] == "RA":
+        assert packets[-1][TCP].sport == V4[3]  # from the server's address
+    assert all(checksums_valid(p) for p in packets)
+
+
 class FullDisk:
     """A sink whose file takes ``room`` bytes, then fails with ENOSPC."""
 

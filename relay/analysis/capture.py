@@ -75,6 +75,13 @@ FLUSH_AT: Final = 256 << 10  # bytes a flow buffers (all its files) before writi
 _S2C: Final = Direction.SERVER_TO_CLIENT
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# How a flow that never connected upstream ended, when the client got an RST for its
+# SYN (relay.datapath.tcpflow: an analyzer's REJECT, a refused or failed connect). A
+# connect timeout is silence; an unreachable server an ICMP error, not written.
+_RESET_WITHOUT_CONNECTION: Final = frozenset(
+    {EndReason.REJECTED, EndReason.REFUSED, EndReason.ERROR}
+)
+
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -232,8 +239,9 @@ class _Flow:
         ts = max(ts, self.last)
         history = end.history
         if not conv.opened:
-            if "h" not in history:  # never connected: refused (RST) or unanswered
-                conv.unanswered(self.info.start, ts if "r" in history else None)
+            if "h" not in history:  # never connected: answered with an RST, or not at all
+                reset = "r" in history or end.how in _RESET_WITHOUT_CONNECTION
+                conv.unanswered(self.info.start, ts if reset else None)
                 return
             conv.handshake(self.info.start, ts)
         for letter in history:
