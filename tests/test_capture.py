@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ def test_capture_writes_three_files_per_tcp_flow(tmp_path: Path) -> None:
     try:
         run_flow(capture, info, chunks)
     finally:
-        sink.close()
+        capture.close()
     assert (tmp_path / f"{info.uid}.c2s").read_bytes() == b"a" * 700 + b"c" * 10
     assert (tmp_path / f"{info.uid}.s2c").read_bytes() == b"b" * 3000 + b"d"
     assert os.stat(tmp_path / f"{info.uid}.c2s").st_mode & 0o777 == 0o600
@@ -218,7 +219,7 @@ def test_udp_flows_get_a_pcap_only_and_unselected_flows_nothing(tmp_path: Path) 
         run_flow(capture, dns, [(C2S, b"q"), (S2C, b"r")])
         run_flow(capture, other, [(C2S, b"GET")])
     finally:
-        sink.close()
+        capture.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{dns.uid}.pcap"]
     assert [bytes(p[UDP].payload) for p in rdpcap(str(tmp_path / f"{dns.uid}.pcap"))] == [
         b"q", b"r",
@@ -252,7 +253,7 @@ def test_the_close_follows_the_flow_end(
     try:
         trio.run(main)
     finally:
-        sink.close()
+        capture.close()
     packets = list(rdpcap(str(tmp_path / f"{info.uid}.pcap")))
     assert [flags(p) for p in packets] == answer
     if "R" in history:
@@ -270,7 +271,7 @@ class FullDisk:
         self.calls = 0
         self.files: dict[str, bytes] = {}
 
-    def append(self, name: str, data: bytes) -> None:
+    def append(self, name: str, data: bytes | bytearray) -> None:
         self.calls += 1
         if len(data) > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
@@ -284,35 +285,72 @@ def test_a_full_disk_stops_capture_for_every_flow_without_raising(
     sink = FullDisk(room=5000)
     capture = Capture(sink, flush_at=1000)
     a, b = flow(*V4), FlowInfo("C" + "z" * 17, "tcp", *V6, 1.0, 6)
+    calls: list[int] = []
 
     async def main() -> None:
         await capture.flow_start(a)
         await capture.flow_start(b)
-        for _ in range(20):  # 20 kB: the disk fills on the way
+        for _ in range(20):  # 20 kB each: the disk fills on the way
             await capture.data(a, C2S, b"x" * 1000)
             await capture.data(b, S2C, b"y" * 1000)
-        calls = sink.calls
-        await capture.data(b, S2C, b"y" * 5000)  # no more writes after the failure
-        assert sink.calls == calls
+        # a's end waits for its last batch: every batch before it was tried too.
         await capture.flow_end(a, FlowEnd(EndReason.FIN, 0, 0, 0.5))
+        assert capture.stopped
+        calls.append(sink.calls)
+        await capture.data(b, S2C, b"y" * 5000)  # no more writes after the failure
         await capture.flow_end(b, FlowEnd(EndReason.FIN, 0, 0, 0.5))
-        assert sink.calls == calls
+        c = FlowInfo("C" + "n" * 17, "tcp", *V4, 2.0, 4)  # a new flow is not captured
+        await capture.flow_start(c)
+        await capture.data(c, C2S, b"z" * 5000)
+        await capture.flow_end(c, FlowEnd(EndReason.FIN, 0, 0, 0.5))
 
     with caplog.at_level(logging.ERROR, logger="relay.analysis.capture"):
         trio.run(main)
-    assert capture.stopped and capture.stats.stopped.startswith("ENOSPC")
+        capture.close()
+    assert sink.calls == calls[0]
+    assert capture.stats.stopped.startswith("ENOSPC") and capture.stats.flows == 2
+    assert capture.stats.bytes_written == sum(map(len, sink.files.values())) <= 5000
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors  # logged once
     assert "No space left on device" in errors[0].getMessage()
 
-    async def later() -> None:  # a new flow is not captured either
-        c = FlowInfo("C" + "n" * 17, "tcp", *V4, 2.0, 4)
-        await capture.flow_start(c)
-        await capture.data(c, C2S, b"z" * 5000)
 
-    calls = sink.calls
-    trio.run(later)
-    assert sink.calls == calls and capture.stats.flows == 2
+class SlowDisk:
+    """A sink that takes ``seconds`` per write."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.data: dict[str, bytearray] = {}
+
+    def append(self, name: str, data: bytes | bytearray) -> None:
+        time.sleep(self.seconds)
+        self.data.setdefault(name, bytearray()).extend(data)
+
+
+def test_a_slow_disk_holds_a_flow_only_past_the_backlog_limit() -> None:
+    sink = SlowDisk(0.05)
+    capture = Capture(sink, flush_at=1000, backlog_limit=50_000)
+    info = flow(*V4)
+    took: list[float] = []
+
+    async def main() -> None:
+        await capture.flow_start(info)
+        t = time.perf_counter()
+        for _ in range(10):  # 10 batches of ~2 kB: well under the backlog limit
+            await capture.data(info, C2S, b"x" * 1000)
+        took.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(40):  # ~80 kB more: over the limit, so the flow waits
+            await capture.data(info, S2C, b"y" * 1000)
+        took.append(time.perf_counter() - t)
+        await capture.flow_end(info, FlowEnd(EndReason.FIN, 0, 0, 0.5, history="ShADdFf"))
+
+    trio.run(main)
+    capture.close()
+    assert took[0] < 0.05, took  # no write was waited for (each takes 0.05 s)
+    assert took[1] >= 0.05, took
+    assert bytes(sink.data[f"{info.uid}.c2s"]) == b"x" * 10_000
+    assert bytes(sink.data[f"{info.uid}.s2c"]) == b"y" * 40_000
 
 
 # --- the options -------------------------------------------------------------------------

@@ -25,14 +25,23 @@ matches either of its ends (the client's or the original destination's
 address or port). No filter: every TCP and UDP flow.
 
 Writing never waits in the packet loop: each captured flow buffers its files
-in memory and, once ``flush_at`` bytes wait (and at the flow's end), its own
-data hook writes them from a worker thread (``trio.to_thread``), so a slow
-disk delays that flow only (its TCP window closes, as with any slow analyzer).
-Each write opens the file with ``O_APPEND`` relative to the directory's file
-descriptor (opened by the worker before it dropped its privileges), writes,
-and closes it: no descriptor stays open per flow. The first ``OSError``
-(``ENOSPC``, ``EDQUOT``, ...) is logged once and stops capture for every flow
-of this worker; the relay goes on.
+in memory and, once ``flush_at`` bytes wait, hands them to one writer thread
+per worker (a queue; batches are written in order). A flow waits only when
+more than ``backlog_limit`` bytes are handed over and not yet written (the
+disk is behind): that flow's TCP window closes, as with any slow analyzer,
+and the packet loop goes on. ``flow_end`` waits for the flow's last batch, so
+its files are complete by the time the flow log and conn.log (later in the
+chain) have its row. Each write opens the file with ``O_APPEND`` relative to
+the directory's file descriptor (opened by the worker before it dropped its
+privileges), writes, and closes it: no descriptor stays open per flow. The
+first ``OSError`` (``ENOSPC``, ``EDQUOT``, ...) stops capture for every flow
+of this worker, logged once; the relay goes on.
+
+Why a thread of its own rather than ``trio.to_thread`` per write: a flow that
+awaited each write waited for the thread hop and the GIL hand-overs too
+(``benchmarks/bench_capture.py``: 250 us for an empty hop, and a p99 write of
+12-16 ms on a busy machine), which capped a captured flow near 0.3 Gbit/s in
+``bench_netns.py`` configuration j.
 
 Cost: with capture every flow has a ``data`` hook, so its client bytes take
 the analyzers' queue rather than the direct write (``TcpFlow.on_data``); flows
@@ -42,13 +51,16 @@ the filter leaves out pay that and a dict lookup per chunk. Without
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
+import queue
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -72,6 +84,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FLUSH_AT: Final = 256 << 10  # bytes a flow buffers (all its files) before writing them
+BACKLOG_LIMIT: Final = 64 << 20  # bytes handed to the writer thread and not yet written
+_BACKLOG_POLL: Final = 0.005  # seconds between looks at the backlog, while over its limit
 _S2C: Final = Direction.SERVER_TO_CLIENT
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -82,6 +96,7 @@ _RESET_WITHOUT_CONNECTION: Final = frozenset(
     {EndReason.REJECTED, EndReason.REFUSED, EndReason.ERROR}
 )
 
+_Batch = list[tuple[str, bytearray]]  # (file name, bytes to append)
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -154,7 +169,7 @@ def parse_capture_filter(texts: Sequence[str]) -> CaptureFilter:
 class Sink(Protocol):
     """Where the files go: ``append`` runs in a worker thread and may raise OSError."""
 
-    def append(self, name: str, data: bytes) -> None: ...
+    def append(self, name: str, data: bytes | bytearray) -> None: ...
 
 
 class DirectorySink:
@@ -171,7 +186,7 @@ class DirectorySink:
         """Open ``path`` (a directory, not a symlink to one). Raises OSError."""
         return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
 
-    def append(self, name: str, data: bytes) -> None:
+    def append(self, name: str, data: bytes | bytearray) -> None:
         fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=self.dir_fd)
         try:
             view = memoryview(data)
@@ -194,7 +209,7 @@ class CaptureStats:
 class _Flow:
     """One captured flow's buffers and conversation."""
 
-    __slots__ = ("c2s", "conv", "info", "last", "lock", "s2c", "started", "tcp")
+    __slots__ = ("c2s", "conv", "info", "last", "s2c", "started", "tcp")
 
     def __init__(self, info: FlowInfo) -> None:
         self.info = info
@@ -214,7 +229,6 @@ class _Flow:
         self.s2c = bytearray()
         self.started = False  # nothing written yet: the first write creates every file
         self.last = info.start  # the latest timestamp written
-        self.lock = trio.Lock()  # one write at a time: the two pumps share the files
 
     def pending(self) -> int:
         return len(self.c2s) + len(self.s2c) + len(self.conv.out)
@@ -254,17 +268,20 @@ class _Flow:
             # client saw an RST from the server's address.
             conv.reset(True, ts)
 
-    def take(self) -> list[tuple[str, bytes]]:
-        """The buffered bytes per file name, emptied."""
+    def take(self) -> _Batch:
+        """The buffered bytes per file name; the buffers start anew (handed over, not
+        copied: the writer thread owns them from here)."""
         uid = self.info.uid
-        out = self.conv.out
-        files = [(f"{uid}.pcap", bytes(out))]
-        out.clear()
+        conv = self.conv
+        files: _Batch = [(f"{uid}.pcap", conv.out)]
+        conv.out = bytearray()
         if self.tcp:
-            for suffix, buf in (("c2s", self.c2s), ("s2c", self.s2c)):
-                if buf or not self.started:
-                    files.append((f"{uid}.{suffix}", bytes(buf)))
-                    buf.clear()
+            if self.c2s or not self.started:
+                files.append((f"{uid}.c2s", self.c2s))
+                self.c2s = bytearray()
+            if self.s2c or not self.started:
+                files.append((f"{uid}.s2c", self.s2c))
+                self.s2c = bytearray()
         self.started = True
         return files
 
@@ -273,12 +290,26 @@ class Capture:
     """The ``--capture-dir`` analyzer (see the module docstring).
 
     Args:
-        sink: where the files go (``DirectorySink``).
+        sink: where the files go (``DirectorySink``); written by one thread.
         selection: which flows (``parse_capture_filter``); default: all.
-        flush_at: bytes a flow buffers before it writes.
+        flush_at: bytes a flow buffers before it hands them to the writer.
+        backlog_limit: bytes handed over and not yet written, at most; above it
+            a flow that has more waits until the writer catches up.
     """
 
-    __slots__ = ("_flows", "_sink", "flush_at", "selection", "stats")
+    __slots__ = (
+        "_error",
+        "_flows",
+        "_queue",
+        "_queued",
+        "_sink",
+        "_thread",
+        "_written",
+        "backlog_limit",
+        "flush_at",
+        "selection",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -286,25 +317,45 @@ class Capture:
         selection: CaptureFilter | None = None,
         *,
         flush_at: int = FLUSH_AT,
+        backlog_limit: int = BACKLOG_LIMIT,
     ) -> None:
         self._sink = sink
         self.selection = selection or CaptureFilter()
         self.flush_at = flush_at
+        self.backlog_limit = backlog_limit
         self._flows: dict[str, _Flow] = {}
         self.stats = CaptureStats()
+        # The writer thread, started with the first batch. Each counter has one
+        # writer: _queued this (trio) thread, _written the writer thread.
+        self._queue: queue.SimpleQueue[tuple[_Batch, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._queued = 0
+        self._written = 0
+        self._error: OSError | None = None  # the writer's first failure
 
     @property
     def stopped(self) -> bool:
-        return bool(self.stats.stopped)
+        return bool(self.stats.stopped) or self._error is not None
 
-    def close(self) -> None:
-        """Close the sink (once the relay stopped: every flow_end has run)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (at most ``timeout`` s), then close the sink; once the
+        relay stopped (every flow_end has run)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("capture: the writer did not finish within %g s", timeout)
+                return  # the sink stays open under it; the process is ending
         close = getattr(self._sink, "close", None)
         if close is not None:
             close()
 
     async def flow_start(self, flow: FlowInfo) -> None:
-        if self.stats.stopped or flow.proto not in ("tcp", "udp"):
+        if self.stopped or flow.proto not in ("tcp", "udp"):
+            self._check()
             return
         if self.selection.matches(flow):
             self._flows[flow.uid] = _Flow(flow)
@@ -319,33 +370,37 @@ class Capture:
         except ValueError:  # a datagram too large for a packet (it was reassembled)
             log.debug("capture: flow %s: datagram of %d bytes skipped", flow.uid, len(data))
             return
-        if f.pending() >= self.flush_at:
-            await self._write(f)
+        if f.pending() >= self.flush_at and self._check():
+            self._submit(f.take(), None)
+            # The disk is behind: this flow waits (its window closes), the others
+            # and the packet loop go on.
+            while self._queued - self._written > self.backlog_limit and self._error is None:
+                await trio.sleep(_BACKLOG_POLL)
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
         f = self._flows.pop(flow.uid, None)
-        if f is None:
+        if f is None or not self._check():
             return
         f.end(end, flow.start + end.duration)
-        await self._write(f)
+        # Wait for this flow's last write: its files are complete when the flow log
+        # and conn.log (later in the chain) have its row.
+        written = trio.Event()
+        token = trio.lowlevel.current_trio_token()
 
-    async def _write(self, f: _Flow) -> None:
-        async with f.lock:
-            if self.stats.stopped:
-                return
-            files = f.take()
-            try:
-                await trio.to_thread.run_sync(self._append_all, files)
-            except OSError as exc:
-                self._stop(exc)
+        def done() -> None:  # in the writer thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(written.set)
 
-    def _append_all(self, files: list[tuple[str, bytes]]) -> None:
-        # In a worker thread: touches only the sink and an int.
-        for name, data in files:
-            self._sink.append(name, data)
-            self.stats.bytes_written += len(data)
+        self._submit(f.take(), done)
+        await written.wait()
 
-    def _stop(self, exc: OSError) -> None:
+    def _check(self) -> bool:
+        """Capture goes on; the writer's first failure stops it (logged once)."""
+        if self.stats.stopped:
+            return False
+        exc = self._error
+        if exc is None:
+            return True
         why = errno.errorcode.get(exc.errno or 0, "error")
         self.stats.stopped = f"{why}: {exc.strerror or exc}"
         log.error(
@@ -353,3 +408,27 @@ class Capture:
             exc.filename or "a capture file", exc.strerror or exc,
         )  # fmt: skip
         self._flows.clear()
+        return False
+
+    def _submit(self, files: _Batch, done: Callable[[], None] | None) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write, name="capture", daemon=True)
+            self._thread.start()
+        self._queued += sum(len(data) for _, data in files)
+        self._queue.put((files, done))
+
+    def _write(self) -> None:
+        """The writer thread: batches in order (so each file's bytes stay in order),
+        until ``close``. After a failure it only drops them."""
+        while (item := self._queue.get()) is not None:
+            files, done = item
+            for name, data in files:
+                if self._error is None:
+                    try:
+                        self._sink.append(name, data)
+                        self.stats.bytes_written += len(data)
+                    except OSError as exc:
+                        self._error = exc
+                self._written += len(data)
+            if done is not None:
+                done()
