@@ -2,7 +2,7 @@
 
 Run (root): ``sudo .venv/bin/python benchmarks/bench_netns.py [--quick] [--repeat N]
 [--only a,b,d] [--measures up,down] [--seconds T] [--idle N] [--time-limit S]
-[--json PATH] [--log-dir DIR] [--profile DIR]``
+[--json PATH] [--log-dir DIR] [--profile DIR] [--capture-in DIR]``
 
 Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client ns
 198.18.1.2 -> gateway ns -> server ns 198.18.2.2; nothing outside
@@ -166,6 +166,7 @@ class Params:
     latency_count: int = 2000
     offload_flag: bool = False  # the CLI has --offload (configuration c)
     profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
+    capture_in: Path | None = None  # where j's capture directory goes (default: the run's tmp)
     measures: tuple[str, ...] = STEPS
 
 
@@ -358,7 +359,8 @@ class Lab:
         self.proc: subprocess.Popen[bytes] | None = None  # relay or forwarder
         self.server: subprocess.Popen[bytes] | None = None  # the echo server
         self.log_path = tmp / f"{where.replace(' ', '-')}.log"
-        self.capture_dir = tmp / f"capture-{where.replace(' ', '-')}"  # configuration j
+        # Configuration j's capture directory (created by the relay; removed by close).
+        self.capture_dir = (params.capture_in or tmp) / f"capture-{where.replace(' ', '-')}"
 
     # set-up
 
@@ -819,6 +821,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write all samples and notes here")
     parser.add_argument("--log-dir", type=Path, help="keep tunrelay's logs here (default: discard)")
     parser.add_argument(
+        "--capture-in",
+        type=Path,
+        metavar="DIR",
+        help="put configuration j's capture directory in DIR (e.g. /dev/shm, to leave the "
+        "disk out); default: the run's temporary directory",
+    )
+    parser.add_argument(
         "--measures",
         default=",".join(STEPS),
         help=f"which measures to run (default all: {','.join(STEPS)})",
@@ -861,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_limit=max(15.0, idle / 250),
         offload_flag=cli_has_offload(),
         profile_dir=args.profile,
+        capture_in=args.capture_in,
         measures=args.measures,
     )
     if args.profile is not None:
