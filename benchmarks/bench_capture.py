@@ -68,7 +68,7 @@ def bench_writes(path: str, mib: int) -> list[float]:
     try:
         for _ in range((mib << 20) // WRITE):
             t = time.perf_counter()
-            sink.append("writes.bin", block)
+            sink.append("writes.bin", [block])
             times.append(time.perf_counter() - t)
     finally:
         sink.close()

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_a_tcp_conversation_reads_back_as_a_clean_connection(
     conv.data(False, b"x", 1001.5)
     conv.fin(True, 1002.0)
     conv.fin(False, 1002.5)
-    packets = read(tmp_path, file_header() + conv.out)
+    packets = read(tmp_path, file_header() + b"".join(conv.out))
 
     assert [flags(p) for p in packets] == [
         "S", "SA", "A", "PA", "A", "A", "PA", "PA", "FA", "FA", "A",
@@ -112,7 +113,7 @@ def test_a_reset_ends_the_conversation(tmp_path: Path) -> None:
     conv.reset(False, 1.3)
     conv.data(True, b"late", 1.4)  # nothing after an RST
     conv.fin(True, 1.5)
-    packets = read(tmp_path, file_header() + conv.out)
+    packets = read(tmp_path, file_header() + b"".join(conv.out))
     assert [flags(p) for p in packets] == ["S", "SA", "A", "PA", "RA"]
     rst = packets[-1][TCP]
     assert (rst.sport, rst.seq, rst.ack) == (V4[1], 7 + 1 + 3, 9 + 1)
@@ -122,7 +123,7 @@ def test_a_reset_ends_the_conversation(tmp_path: Path) -> None:
 def test_a_refused_connection_is_a_syn_and_an_rst(tmp_path: Path) -> None:
     conv = TcpConversation(*V6, client_isn=100)
     conv.unanswered(5.0, 5.001)
-    packets = read(tmp_path, file_header() + conv.out)
+    packets = read(tmp_path, file_header() + b"".join(conv.out))
     assert [flags(p) for p in packets] == ["S", "RA"]
     assert packets[1][TCP].ack == 101 and IPv6 in packets[1]
     assert all(checksums_valid(p) for p in packets)
@@ -136,7 +137,7 @@ def test_udp_datagrams_are_packets_with_checksums(
     conv.datagram(False, b"query", 3.0)
     conv.datagram(True, b"answer!", 3.5)
     conv.datagram(False, b"", 4.0)
-    packets = read(tmp_path, file_header() + conv.out)
+    packets = read(tmp_path, file_header() + b"".join(conv.out))
     cip, cport, sip, sport = addrs
     got = [
         (ip_layer(p).src, p[UDP].sport, ip_layer(p).dst, p[UDP].dport, bytes(p[UDP].payload))
@@ -271,12 +272,13 @@ class FullDisk:
         self.calls = 0
         self.files: dict[str, bytes] = {}
 
-    def append(self, name: str, data: bytes | bytearray) -> None:
+    def append(self, name: str, data: Sequence[bytes]) -> None:
         self.calls += 1
-        if len(data) > self.room:
+        joined = b"".join(data)
+        if len(joined) > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
-        self.room -= len(data)
-        self.files[name] = self.files.get(name, b"") + data
+        self.room -= len(joined)
+        self.files[name] = self.files.get(name, b"") + joined
 
 
 def test_a_full_disk_stops_capture_for_every_flow_without_raising(
@@ -322,9 +324,9 @@ class SlowDisk:
         self.seconds = seconds
         self.data: dict[str, bytearray] = {}
 
-    def append(self, name: str, data: bytes | bytearray) -> None:
+    def append(self, name: str, data: Sequence[bytes]) -> None:
         time.sleep(self.seconds)
-        self.data.setdefault(name, bytearray()).extend(data)
+        self.data.setdefault(name, bytearray()).extend(b"".join(data))
 
 
 def test_a_slow_disk_holds_a_flow_only_past_the_backlog_limit() -> None:

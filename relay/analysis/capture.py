@@ -96,7 +96,8 @@ _RESET_WITHOUT_CONNECTION: Final = frozenset(
     {EndReason.REJECTED, EndReason.REFUSED, EndReason.ERROR}
 )
 
-_Batch = list[tuple[str, bytearray]]  # (file name, bytes to append)
+_Batch = list[tuple[str, list[bytes]]]  # (file name, buffers to append)
+_IOV_MAX: Final = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -167,9 +168,10 @@ def parse_capture_filter(texts: Sequence[str]) -> CaptureFilter:
 
 
 class Sink(Protocol):
-    """Where the files go: ``append`` runs in a worker thread and may raise OSError."""
+    """Where the files go: ``append`` (the buffers, in order, to the end of file
+    ``name``) runs in the writer thread and may raise OSError."""
 
-    def append(self, name: str, data: bytes | bytearray) -> None: ...
+    def append(self, name: str, data: Sequence[bytes]) -> None: ...
 
 
 class DirectorySink:
@@ -186,12 +188,16 @@ class DirectorySink:
         """Open ``path`` (a directory, not a symlink to one). Raises OSError."""
         return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
 
-    def append(self, name: str, data: bytes | bytearray) -> None:
+    def append(self, name: str, data: Sequence[bytes]) -> None:
         fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=self.dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for i in range(0, len(data), _IOV_MAX):
+                group = data[i : i + _IOV_MAX]
+                done = os.writev(fd, group)
+                if done < sum(map(len, group)):  # short (rare for a file): the rest in turn
+                    rest = memoryview(b"".join(group))[done:]
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
         finally:
             os.close(fd)
 
@@ -209,7 +215,7 @@ class CaptureStats:
 class _Flow:
     """One captured flow's buffers and conversation."""
 
-    __slots__ = ("c2s", "conv", "info", "last", "s2c", "started", "tcp")
+    __slots__ = ("c2s", "c2s_size", "conv", "info", "last", "s2c", "s2c_size", "started", "tcp")
 
     def __init__(self, info: FlowInfo) -> None:
         self.info = info
@@ -224,14 +230,17 @@ class _Flow:
             if self.tcp
             else UdpConversation(info.client_ip, info.client_port, info.server_ip, info.server_port)
         )  # fmt: skip
-        self.conv.out += file_header()
-        self.c2s = bytearray()
-        self.s2c = bytearray()
+        self.conv.out.append(file_header())
+        self.conv.size += len(self.conv.out[0])
+        # Each direction's chunks as they came: references, not copies.
+        self.c2s: list[bytes] = []
+        self.s2c: list[bytes] = []
+        self.c2s_size = self.s2c_size = 0
         self.started = False  # nothing written yet: the first write creates every file
         self.last = info.start  # the latest timestamp written
 
     def pending(self) -> int:
-        return len(self.c2s) + len(self.s2c) + len(self.conv.out)
+        return self.c2s_size + self.s2c_size + self.conv.size
 
     def add(self, direction: Direction, data: bytes, ts: float) -> None:
         from_server = direction is _S2C
@@ -243,7 +252,12 @@ class _Flow:
         if not conv.opened:
             conv.handshake(self.info.start, ts)
         conv.data(from_server, data, ts)
-        (self.s2c if from_server else self.c2s).extend(data)
+        if from_server:
+            self.s2c.append(data)
+            self.s2c_size += len(data)
+        else:
+            self.c2s.append(data)
+            self.c2s_size += len(data)
 
     def end(self, end: FlowEnd, ts: float) -> None:
         """The close as the history recorded it (zeeklog's letters, in order)."""
@@ -269,19 +283,17 @@ class _Flow:
             conv.reset(True, ts)
 
     def take(self) -> _Batch:
-        """The buffered bytes per file name; the buffers start anew (handed over, not
-        copied: the writer thread owns them from here)."""
+        """The buffered bytes per file name; the buffers start anew (handed over:
+        the writer thread owns them from here)."""
         uid = self.info.uid
-        conv = self.conv
-        files: _Batch = [(f"{uid}.pcap", conv.out)]
-        conv.out = bytearray()
+        files: _Batch = [(f"{uid}.pcap", self.conv.take())]
         if self.tcp:
             if self.c2s or not self.started:
                 files.append((f"{uid}.c2s", self.c2s))
-                self.c2s = bytearray()
+                self.c2s, self.c2s_size = [], 0
             if self.s2c or not self.started:
                 files.append((f"{uid}.s2c", self.s2c))
-                self.s2c = bytearray()
+                self.s2c, self.s2c_size = [], 0
         self.started = True
         return files
 
@@ -414,7 +426,7 @@ class Capture:
         if self._thread is None:
             self._thread = threading.Thread(target=self._write, name="capture", daemon=True)
             self._thread.start()
-        self._queued += sum(len(data) for _, data in files)
+        self._queued += sum(len(b) for _, buffers in files for b in buffers)
         self._queue.put((files, done))
 
     def _write(self) -> None:
@@ -422,13 +434,14 @@ class Capture:
         until ``close``. After a failure it only drops them."""
         while (item := self._queue.get()) is not None:
             files, done = item
-            for name, data in files:
+            for name, buffers in files:
+                n = sum(map(len, buffers))
                 if self._error is None:
                     try:
-                        self._sink.append(name, data)
-                        self.stats.bytes_written += len(data)
+                        self._sink.append(name, buffers)
+                        self.stats.bytes_written += n
                     except OSError as exc:
                         self._error = exc
-                self._written += len(data)
+                self._written += n
             if done is not None:
                 done()

@@ -16,8 +16,10 @@ the same for datagrams, one UDP packet each.
 The file is classic pcap (the libpcap format: a 24-byte header, then a
 16-byte record header per packet; microsecond timestamps) with
 ``LINKTYPE_RAW``: each record is an IPv4 or IPv6 packet, built by
-``stack.wire`` with every checksum. Records are appended to a ``bytearray``
-the caller writes out; ``file_header()`` starts the file.
+``stack.wire`` with every checksum. Records are appended to ``out``, a list
+of buffers (a record header, then the packet: the payload is copied once,
+into its packet) that the caller writes out, e.g. with ``os.writev``, and
+clears; ``size`` counts its bytes. ``file_header()`` starts the file.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "LINKTYPE_RAW",
     "SEGMENT",
     "SNAPLEN",
+    "Records",
     "TcpConversation",
     "UdpConversation",
     "file_header",
@@ -57,19 +60,34 @@ def file_header() -> bytes:
     return _HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_RAW)
 
 
-def _record(out: bytearray, ts: float, packet: bytes) -> None:
-    sec = int(ts)
-    usec = min(int((ts - sec) * 1_000_000), 999_999)
-    n = len(packet)
-    out += _RECORD.pack(sec, usec, n, n)
-    out += packet
+class Records:
+    """pcap records waiting to be written: ``out`` (buffers, in order) and ``size``."""
+
+    __slots__ = ("out", "size")
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.size = 0
+
+    def add(self, ts: float, packet: bytes) -> None:
+        sec = int(ts)
+        usec = min(int((ts - sec) * 1_000_000), 999_999)
+        n = len(packet)
+        self.out.append(_RECORD.pack(sec, usec, n, n))
+        self.out.append(packet)
+        self.size += 16 + n
+
+    def take(self) -> list[bytes]:
+        """The buffers so far; ``out`` starts anew."""
+        out, self.out, self.size = self.out, [], 0
+        return out
 
 
 def _packed(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
 
 
-class TcpConversation:
+class TcpConversation(Records):
     """The packets of one TCP connection, appended to ``out`` as events come.
 
     Args:
@@ -87,7 +105,6 @@ class TcpConversation:
         "_next",
         "_open",
         "_sport",
-        "out",
     )
 
     def __init__(
@@ -107,7 +124,7 @@ class TcpConversation:
         self._next = [(client_isn + 1) & _MASK, (server_isn + 1) & _MASK]
         self._open = False  # the handshake is written
         self._ended = [False, False]  # a FIN from [client, server] is written
-        self.out = bytearray()
+        super().__init__()
 
     def _packet(self, side: int, flags: int, ts: float, payload: bytes | memoryview = b"") -> None:
         src, dst = self._addr[side], self._addr[1 - side]
@@ -118,7 +135,7 @@ class TcpConversation:
         packet = build_tcp_packet(
             src, dst, sport, dport, seq, ack, flags, _WINDOW, options, payload
         )
-        _record(self.out, ts, packet)
+        self.add(ts, packet)
 
     def handshake(self, syn_at: float, synack_at: float) -> None:
         """SYN at ``syn_at``; SYN-ACK and the client's ACK at ``synack_at``."""
@@ -138,8 +155,7 @@ class TcpConversation:
         self._packet(0, SYN, syn_at)
         if rst_at is not None:
             # From the server, seq 0, acknowledging the SYN.
-            _record(
-                self.out,
+            self.add(
                 rst_at,
                 build_tcp_packet(
                     self._addr[1], self._addr[0], self._sport, self._cport,
@@ -191,15 +207,15 @@ class TcpConversation:
         return self._ended == [True, True]
 
 
-class UdpConversation:
+class UdpConversation(Records):
     """The datagrams of one UDP flow, one packet each, appended to ``out``."""
 
-    __slots__ = ("_addr", "_ports", "out")
+    __slots__ = ("_addr", "_ports")
 
     def __init__(self, client_ip: str, client_port: int, server_ip: str, server_port: int) -> None:
         self._addr = (_packed(client_ip), _packed(server_ip))
         self._ports = (client_port, server_port)
-        self.out = bytearray()
+        super().__init__()
 
     def datagram(self, from_server: bool, payload: bytes, ts: float) -> None:
         (c, s), (cp, sp) = self._addr, self._ports
@@ -207,4 +223,4 @@ class UdpConversation:
             packet = build_udp_packet(s, c, sp, cp, payload)
         else:
             packet = build_udp_packet(c, s, cp, sp, payload)
-        _record(self.out, ts, packet)
+        self.add(ts, packet)
