@@ -406,6 +406,10 @@ def test_the_capture_directory_is_made_private_and_capture_comes_first(tmp_path:
     st = os.stat(path)
     assert (st.st_mode & 0o777, st.st_uid) == (0o700, me.uid)
     prepare_capture_dir(opts, me)  # a previous run's directory: used as it is
+    os.chmod(path, 0o770)
+    with pytest.raises(ConfigError, match=r"^--capture-dir: .* writable by others"):
+        prepare_capture_dir(opts, me)
+    os.chmod(path, 0o700)
     stranger = dataclasses.replace(me, name="other", uid=me.uid + 1)
     with pytest.raises(ConfigError, match=r"^--capture-dir: .* belongs to uid"):
         prepare_capture_dir(opts, stranger)

@@ -413,7 +413,7 @@ def prepare_capture_dir(opts: RunOptions, user: Identity) -> None:
     """Create ``--capture-dir`` for the workers' ``user`` (by the supervisor, while it
     may still chown): mode 0700, owned by that user, since it will hold every
     captured byte. A directory that exists must be that user's already (a
-    previous run's); it is used as it is.
+    previous run's) and writable by no one else; it is used as it is.
 
     Raises:
         ConfigError: the directory cannot be created, or belongs to someone else.
@@ -432,6 +432,10 @@ def prepare_capture_dir(opts: RunOptions, user: Identity) -> None:
                 f"--capture-dir: {path!r} exists and belongs to uid {st.st_uid}, not to the "
                 f"workers' user {user.name!r} (uid {user.uid}): give a new path (it is "
                 f"created) or chown it"
+            ) from None
+        if st.st_mode & 0o022:  # others could plant or swap files among the captures
+            raise ConfigError(
+                f"--capture-dir: {path!r} is writable by others (mode {st.st_mode & 0o777:o})"
             ) from None
         return
     except OSError as exc:
