@@ -5,6 +5,9 @@
   ``.s2c`` files hash to what each end sent, and ``tshark -z follow,tcp,raw``
   on its ``.pcap`` gives back both directions byte-exact; tshark's expert
   analysis finds nothing wrong with the synthetic connection.
+* an HTTP exchange over IPv4 (selected by a bare CIDR term): tshark's HTTP
+  dissector finds the request and the response, the FINs are in order, and
+  the expert analysis is clean.
 * ``--capture-filter``: a UDP flow to the selected port gets a ``.pcap`` of its
   datagrams, both ways; a TCP flow and a UDP flow to other ports get nothing.
 
@@ -98,10 +101,12 @@ def follow_digests(pcap: Path, port: int) -> tuple[str, dict[str, tuple[int, str
     return node0, {n: (counts[n], hashes[n].hexdigest()) for n in hashes}
 
 
-def expert_problems(pcap: Path, port: int) -> str:
-    """tshark's expert-info summary, only its Errors and Warnings sections."""
+def expert_problems(pcap: Path, data_port: int | None = None) -> str:
+    """tshark's expert-info summary, only its Errors and Warnings sections
+    (``data_port``: decode that port as plain data, ``as_data``)."""
+    decode = as_data(data_port) if data_port is not None else ()
     out = subprocess.run(
-        ["tshark", "-r", str(pcap), *as_data(port), "-q", "-z", "expert,warn"],
+        ["tshark", "-r", str(pcap), *decode, "-q", "-z", "expert,warn"],
         capture_output=True, timeout=TSHARK_LIMIT, check=True,
     ).stdout.decode()  # fmt: skip
     return "\n".join(ln for ln in out.splitlines() if ln.startswith(("Errors", "Warns")))
@@ -205,3 +210,61 @@ def client_port_of(relay: RelayProcess, server_port: int) -> int:
     (rec,) = relay.wait_records("flow", lambda r: r.get("id.resp_p") == server_port)
     port: int = rec["id.orig_p"]
     return port
+
+
+REQUEST = b"GET /capture HTTP/1.1\r\nHost: capture.example\r\nUser-Agent: test\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_an_http_exchange_reads_back_in_tshark_as_http(
+    topology: Topology, start_relay: Callable[..., RelayProcess], relay_files: Path
+) -> None:
+    """A real client and server over IPv4, selected by a bare CIDR term: tshark's HTTP
+    dissector finds the request and the response in the pcap, and the client's
+    FIN-first close is there in order."""
+    capture_dir = relay_files / "capture"
+    relay = start_relay(
+        args=["--capture-dir", str(capture_dir), "--capture-filter", f"{topology.srv_v4}/32"]
+    )
+    srv = topology.socket("srv", socket.AF_INET)
+    srv.bind((topology.srv_v4, 80))
+    srv.listen(1)
+    srv.settimeout(IO_TIMEOUT)
+    client = connect(topology, socket.AF_INET, 80)
+    conn = accept(srv)
+    client.sendall(REQUEST)
+    got = b""
+    while len(got) < len(REQUEST):
+        got += conn.recv(4096)
+    conn.sendall(RESPONSE)
+    reply = b""
+    while len(reply) < len(RESPONSE):
+        reply += client.recv(4096)
+    client.shutdown(socket.SHUT_WR)  # the client's FIN first
+    assert conn.recv(10) == b""
+    conn.close()
+    assert client.recv(10) == b""
+    client.close()
+    flow = relay.flow_of(client_port_of(relay, 80))
+    uid = flow["uid"]
+    assert (capture_dir / f"{uid}.c2s").read_bytes() == REQUEST
+    assert (capture_dir / f"{uid}.s2c").read_bytes() == RESPONSE
+    pcap = capture_dir / f"{uid}.pcap"
+    fields = subprocess.run(
+        ["tshark", "-r", str(pcap), "-Y", "http", "-T", "fields",
+         "-e", "ip.src", "-e", "http.request.method", "-e", "http.request.uri",
+         "-e", "http.host", "-e", "http.response.code", "-e", "http.file_data"],
+        capture_output=True, timeout=60, check=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    cli, srv_ip = topology.cli_v4, topology.srv_v4
+    assert [ln.split("\t")[:5] for ln in fields] == [
+        [cli, "GET", "/capture", "capture.example", ""],
+        [srv_ip, "", "", "", "200"],
+    ], fields
+    flags = subprocess.run(
+        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "ip.src", "-e", "tcp.flags.str"],
+        capture_output=True, timeout=60, check=True, text=True,
+    ).stdout.split("\n")  # fmt: skip
+    closing = [ln.split("\t") for ln in flags if "F" in ln.split("\t")[-1]]
+    assert [src for src, _ in closing] == [cli, srv_ip]  # the client's FIN, then the server's
+    assert expert_problems(pcap) == ""  # with the HTTP dissector
