@@ -39,9 +39,9 @@ of this worker, logged once; the relay goes on.
 
 Why a thread of its own rather than ``trio.to_thread`` per write: a flow that
 awaited each write waited for the thread hop and the GIL hand-overs too
-(``benchmarks/bench_capture.py``: 250 us for an empty hop, and a p99 write of
-12-16 ms on a busy machine), which capped a captured flow near 0.3 Gbit/s in
-``bench_netns.py`` configuration j.
+(``benchmarks/bench_capture.py``: 110-290 us for an empty hop, and a p99
+write of 8-16 ms on a busy machine), which capped a captured flow near 0.3
+Gbit/s in ``bench_netns.py`` configuration j (benchmarks/README.md).
 
 Cost: with capture every flow has a ``data`` hook, so its client bytes take
 the analyzers' queue rather than the direct write (``TcpFlow.on_data``); flows
