@@ -339,8 +339,8 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
         if logs is not None:
             logs.close()  # writes what the last flows left in its buffers
         if capture is not None:
+            capture.close()  # writes what is still queued
             log.info("capture: %s", capture.stats)
-            capture.close()
         if tun is not None:
             tun.close()
 
