@@ -102,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
         "quic.log; appended to): protocols are detected by content and dissected",
     )
     run.add_argument(
+        "--capture-dir",
+        metavar="DIR",
+        help="write each TCP flow's bytes into DIR as <uid>.c2s, <uid>.s2c and a synthetic "
+        "<uid>.pcap (UDP: the pcap only); DIR is created 0700 for the workers' user",
+    )
+    run.add_argument(
+        "--capture-filter",
+        action="append",
+        default=[],
+        metavar="TERMS",
+        help="capture only flows with an end matching 'port N', 'net CIDR' or a bare CIDR "
+        "(repeatable, or a comma list; any term matches; default: every TCP and UDP flow)",
+    )
+    run.add_argument(
         "--block-domain",
         action="append",
         default=[],
@@ -287,6 +301,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         analyzers=args.analyzer,
         flow_log=args.flow_log,
         log_dir=args.log_dir,
+        capture_dir=args.capture_dir,
+        capture_filter=args.capture_filter,
         block_domains=args.block_domain,
         block_lists=args.block_list,
         mtu=args.mtu,

@@ -29,6 +29,8 @@ def table(tmp_path: Path) -> dict[str, object]:
         "analyzer": ["relay.analysis.digest:StreamDigest"],
         "flow_log": str(tmp_path / "flows.json"),
         "log_dir": str(tmp_path),
+        "capture_dir": str(tmp_path / "capture"),
+        "capture_filter": ["port 443", "net 198.18.0.0/15"],
         "block_domain": ["*.tracker.example", "ads.example"],
         "block_list": [str(blocked)],
         "mtu": 1400,

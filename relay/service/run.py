@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
     # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
+    from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -69,6 +70,8 @@ class RunOptions:
     analyzers: tuple[AnalyzerSpec, ...] = ()
     flow_log: str | None = None
     log_dir: str | None = None  # Zeek-compatible logs (relay.analysis.zeeklog)
+    capture_dir: str | None = None  # per-flow capture files (relay.analysis.capture)
+    capture_filter: tuple[str, ...] = ()  # --capture-filter terms, checked by validate
     # --block-domain and --block-list: (pattern, rule), relay.analysis.blocklist
     block_rules: tuple[tuple[str, str], ...] = ()
     mtu: int = 1500
@@ -98,6 +101,8 @@ def validate(
     analyzers: Sequence[AnalyzerSpec] = (),
     flow_log: str | None = None,
     log_dir: str | None = None,
+    capture_dir: str | None = None,
+    capture_filter: Sequence[str] = (),
     block_domains: Sequence[str] = (),
     block_lists: Sequence[str] = (),
     mtu: int = 1500,
@@ -152,6 +157,7 @@ def validate(
         raise ConfigError("--state-dir: must not be empty")
     if log_dir is not None and not os.path.isdir(log_dir):
         raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
+    _check_capture(capture_dir, capture_filter)
     block_rules = _block_rules(block_domains, block_lists)
     metrics_address = None
     if metrics is not None:
@@ -215,6 +221,8 @@ def validate(
         analyzers=tuple(analyzers),
         flow_log=flow_log,
         log_dir=log_dir,
+        capture_dir=capture_dir,
+        capture_filter=tuple(capture_filter),
         block_rules=block_rules,
         mtu=mtu,
         txqueuelen=txqueuelen,
@@ -397,16 +405,101 @@ def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
         raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
 
 
+def _check_capture(capture_dir: str | None, capture_filter: Sequence[str]) -> None:
+    if capture_filter and capture_dir is None:
+        raise ConfigError("--capture-filter: needs --capture-dir")
+    if capture_dir is None:
+        return
+    if not capture_dir:
+        raise ConfigError("--capture-dir: must not be empty")
+    if os.path.lexists(capture_dir):
+        if os.path.islink(capture_dir) or not os.path.isdir(capture_dir):
+            raise ConfigError(f"--capture-dir: {capture_dir!r} is not a directory")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(capture_dir))):
+        raise ConfigError(f"--capture-dir: the parent of {capture_dir!r} does not exist")
+    from relay.analysis.capture import CaptureFilterError, parse_capture_filter
+
+    try:
+        parse_capture_filter(capture_filter)
+    except CaptureFilterError as exc:
+        raise ConfigError(f"--capture-filter: {exc}") from None
+
+
+def prepare_capture_dir(opts: RunOptions, user: Identity) -> None:
+    """Create ``--capture-dir`` for the workers' ``user`` (by the supervisor, while it
+    may still chown): mode 0700, owned by that user, since it will hold every
+    captured byte. A directory that exists must be that user's already (a
+    previous run's) and writable by no one else; it is used as it is.
+
+    Raises:
+        ConfigError: the directory cannot be created, or belongs to someone else.
+    """
+    path = opts.capture_dir
+    if path is None:
+        return
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise ConfigError(f"--capture-dir: {path!r} is not a directory") from None
+        if st.st_uid != user.uid:
+            raise ConfigError(
+                f"--capture-dir: {path!r} exists and belongs to uid {st.st_uid}, not to the "
+                f"workers' user {user.name!r} (uid {user.uid}): give a new path (it is "
+                f"created) or chown it"
+            ) from None
+        if st.st_mode & 0o022:  # others could plant or swap files among the captures
+            raise ConfigError(
+                f"--capture-dir: {path!r} is writable by others (mode {st.st_mode & 0o777:o})"
+            ) from None
+        return
+    except OSError as exc:
+        raise ConfigError(f"--capture-dir: cannot create {path!r}: {exc.strerror}") from None
+    try:
+        os.chown(path, user.uid, user.gid)
+        os.chmod(path, 0o700)  # whatever the umask
+    except OSError as exc:
+        raise ConfigError(f"--capture-dir: cannot give {path!r} to {user.name!r}: {exc}") from None
+
+
+def open_capture_dir(opts: RunOptions) -> Capture | None:
+    """The ``--capture-dir`` analyzer, its directory opened by a worker before it
+    drops its privileges (the files are then created relative to that descriptor:
+    the path's ancestors need not be open to the workers' user).
+
+    Raises:
+        ConfigError: the directory cannot be opened.
+    """
+    if opts.capture_dir is None:
+        return None
+    from relay.analysis.capture import Capture, DirectorySink, parse_capture_filter
+
+    try:
+        sink = DirectorySink.open(opts.capture_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"--capture-dir: cannot open {opts.capture_dir!r}: {exc.strerror}"
+        ) from None
+    capture = Capture(sink, parse_capture_filter(opts.capture_filter))
+    log.info("capturing %s into %s", capture.selection.describe(), opts.capture_dir)
+    return capture
+
+
 def load_analyzers(
-    opts: RunOptions, flow_log: FlowLog | None = None, logs: ZeekLogs | None = None
+    opts: RunOptions,
+    flow_log: FlowLog | None = None,
+    logs: ZeekLogs | None = None,
+    capture: Capture | None = None,
 ) -> list[object]:
-    """The domain blocker (``--block-domain``, ``--block-list``) first, so its verdict
-    decides; then the ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
+    """``capture`` first, so it sees the bytes before any rewrite; then the domain
+    blocker (``--block-domain``, ``--block-list``), so its verdict decides; then
+    the ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
 
     Raises:
         ConfigError: an analyzer cannot be loaded.
     """
-    analyzers: list[object] = []
+    analyzers: list[object] = [] if capture is None else [capture]
     if opts.block_rules:
         from relay.analysis.blocklist import DomainBlocker
 

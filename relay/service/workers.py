@@ -62,9 +62,11 @@ from relay.service.run import (
     RunOptions,
     load_analyzers,
     localize,
+    open_capture_dir,
     open_flow_log,
     open_log_dir,
     open_queue,
+    prepare_capture_dir,
     relay_queue,
     route_into,
 )
@@ -72,6 +74,7 @@ from relay.service.runstate import RunState
 from relay.service.worklink import Reload, WorkerLink, WorkerView, socket_pair
 
 if TYPE_CHECKING:
+    from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -143,6 +146,7 @@ async def supervise(
             host, port = opts.metrics
             why = f"--metrics: cannot listen on {host} port {port}: {exc.strerror}"
             raise ConfigError(why) from None
+    prepare_capture_dir(opts, user)  # --capture-dir, the workers' user's (ConfigError)
     from relay.host.netconfig import NetConfig  # here: the workers import this module
 
     ctx = multiprocessing.get_context("spawn")
@@ -521,19 +525,21 @@ def _worker_main(
     tun: TunDevice | None = None
     flow_log: FlowLog | None = None
     logs: ZeekLogs | None = None
+    capture: Capture | None = None
     try:
         # What needs privileges, first: the TUN queue, the files named on the command line.
         tun = open_queue(opts, attach=True)
         flow_log = open_flow_log(opts, index)
         logs = open_log_dir(opts, index)
+        capture = open_capture_dir(opts)
         profile = open(opts.profile, "wb") if opts.profile and index == 0 else None  # noqa: SIM115
         _drop(opts, parent)
         # Only now may analyzer code run (load_analyzers, in _worker).
         if profile is None:
-            trio.run(_worker, opts, index, ready, tun, flow_log, logs, link)
+            trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture, link)
         else:
             with profile:
-                _profiled(opts, index, ready, tun, flow_log, logs, link, profile)
+                _profiled(opts, index, ready, tun, flow_log, logs, capture, link, profile)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(_STATUS_CONFIG)
@@ -545,6 +551,9 @@ def _worker_main(
             flow_log.close()
         if logs is not None:
             logs.close()  # writes what the last flows left in its buffers
+        if capture is not None:
+            capture.close()  # writes what is still queued
+            log.info("capture: %s", capture.stats)
         if tun is not None:
             tun.close()
 
@@ -581,6 +590,7 @@ def _profiled(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
     link: socket.socket,
     out: IO[bytes],
 ) -> None:
@@ -589,7 +599,7 @@ def _profiled(
     profile = cProfile.Profile()
     profile.enable()
     try:
-        trio.run(_worker, opts, index, ready, tun, flow_log, logs, link)
+        trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture, link)
     finally:
         profile.disable()
         profile.create_stats()
@@ -603,14 +613,15 @@ async def _worker(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
     link_socket: socket.socket,
 ) -> None:
     counts = FlowCounts()  # for the metrics (relay.service.worklink snapshots)
-    analyzers = [*load_analyzers(opts, flow_log, logs), counts]
+    analyzers = [*load_analyzers(opts, flow_log, logs, capture), counts]
 
     def rebuild(reload: Reload) -> list[object]:
         new = dataclasses.replace(opts, analyzers=reload.analyzers, block_rules=reload.block_rules)
-        return [*load_analyzers(new, flow_log, logs), counts]
+        return [*load_analyzers(new, flow_log, logs, capture), counts]
 
     reopen = [f.reopen for f in (flow_log, logs) if f is not None]
     link = WorkerLink(
