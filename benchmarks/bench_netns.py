@@ -11,8 +11,8 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     a  kernel forwarding in the gateway; the client talks straight to the server
     b  a trio port forwarder (benchmarks/forwarder.py) between two kernel sockets,
        listening in the gateway on 198.18.1.1; the client connects to it
-    c  tunrelay with offloads (``tunrelay run --offload``; n/a if the CLI lacks it)
-    d  tunrelay without offloads (``tunrelay run --tun trb0 --client-net ...``) in the
+    c  tunrelay with offloads (the default; ``--offload`` named; n/a if the CLI lacks it)
+    d  tunrelay without offloads (``tunrelay run --no-offload --tun trb0 ...``) in the
        gateway; the client connects to the server's address and the relay intercepts
        (both with the default ``--workers``, one per CPU: CPU, RSS and fds are summed
        over the supervisor and its workers)
@@ -78,7 +78,7 @@ CONFIGS: dict[str, str] = {
     "a": "kernel forwarding",
     "b": "trio forwarder",
     "c": "tunrelay --offload",
-    "d": "tunrelay",
+    "d": "tunrelay --no-offload",
     "e": "tunrelay --offload --workers 1",
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
@@ -380,8 +380,8 @@ class Lab:
                 "--iif", topo.gw_cli_if, "--state-dir", str(self.log_path.parent),
                 *topo.relay_allow,
             ]  # fmt: skip
-            if self.cfg in OFFLOADED:
-                argv.append("--offload")
+            # Offloads are the default; d is the plain path, asked for by name.
+            argv.append("--offload" if self.cfg in OFFLOADED else "--no-offload")
             if self.cfg == "h":
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)

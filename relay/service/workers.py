@@ -64,6 +64,7 @@ from relay.service.run import (
     open_queue,
     relay_queue,
     route_into,
+    without_offload,
 )
 from relay.service.runstate import RunState
 
@@ -127,6 +128,8 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
         try:
             with net, open_queue(opts, multi_queue=True, exclusive=True) as anchor:
                 anchor.detach()
+                if opts.offload and not anchor.vnet_hdr:  # refused: open_queue warned
+                    opts = without_offload(opts)
                 opts = localize(opts, net)  # the host's addresses: workers have no netlink
                 return await _run(ctx, opts, log_level, net, anchor, signals)
         finally:
@@ -163,8 +166,9 @@ async def _run(
                 log.info(
                     "relaying TCP from %s through %s with %d workers%s; workers run as %s "
                     "(uid %d, gid %d)%s", ", ".join(opts.client_nets), anchor.name, len(workers),
-                    " and offloads" if opts.offload else "", opts.user.name, opts.user.uid,
-                    opts.user.gid, f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
+                    " and offloads" if opts.offload else " without offloads", opts.user.name,
+                    opts.user.uid, opts.user.gid,
+                    f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
                 )  # fmt: skip
                 status = await _first_exit(workers)
             stop.cancel()
