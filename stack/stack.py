@@ -574,9 +574,12 @@ class Stack:
     def get_timer(self) -> float | None:
         """The earliest deadline over all connections, datagram flows and reassembly."""
         deadline = self._tcp_timer()
-        for other in (self._datagrams.get_timer(), self._fragments.get_timer()):
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
+        other = self._datagrams.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        other = self._fragments.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
         return deadline
 
     def _tcp_timer(self) -> float | None:
