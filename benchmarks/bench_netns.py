@@ -159,6 +159,7 @@ class Params:
     latency_count: int = 2000
     offload_flag: bool = False  # the CLI has --offload (configuration c)
     profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
+    relay_args: tuple[str, ...] = ()  # more `tunrelay run` options (--relay-arg)
     measures: tuple[str, ...] = STEPS
 
 
@@ -422,6 +423,7 @@ class Lab:
             ]  # fmt: skip
             # Offloads are the default; d is the plain path, asked for by name.
             argv.append("--offload" if self.cfg in OFFLOADED else "--no-offload")
+            argv += self.params.relay_args
             if self.cfg == "h":
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)
@@ -616,8 +618,10 @@ class Lab:
         try:
             wait_for(lambda: listening(server.pid, IPERF_PORT), 10, "iperf3 server")
             # Long enough to outlast the latency run (bounded by its own timeout).
-            argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", "40", "-J"]
-            argv += ["--connect-timeout", "5000"] + (["-R"] if mode == "down" else [])
+            # Text, one line a second (an interrupted -J run prints no totals).
+            argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", "40", "-i", "1"]
+            argv += ["-f", "g", "--forceflush", "--connect-timeout", "5000"]
+            argv += ["-R"] if mode == "down" else []
             client = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             time.sleep(1.0)  # past slow start
             if client.poll() is not None:
@@ -635,11 +639,16 @@ class Lab:
                 raise MeasureError(f"loaded {mode}: no result: {err.strip()[-300:]}") from None
             if result.get("count", 0) < p.latency_count:
                 raise MeasureError(f"loaded {mode}: only {result.get('count', 0)} round trips")
-            client.send_signal(signal.SIGINT)  # iperf3 reports what it moved so far
+            client.send_signal(signal.SIGINT)
             out, _ = finish(client, 15, f"iperf3 {mode} beside latency")
-            bps = 0.0
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                bps = float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+            # The median of the one-second intervals (the first is slow start).
+            rates = [
+                float(m[1])
+                for m in re.finditer(
+                    r"sec\s+\S+ \w?Bytes\s+([\d.]+) Gbits/sec(?!.*(?:sender|receiver))", out
+                )
+            ]
+            bps = statistics.median(rates[1:] or rates) * 1e9 if rates else 0.0
             self.report.add(self.cfg, f"rtt_bulk_{mode}_p50", float(result["p50_us"]))
             self.report.add(self.cfg, f"rtt_bulk_{mode}_p99", float(result["p99_us"]))
             if bps:
@@ -906,6 +915,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run c/d as one worker under cProfile; one .prof per run in DIR "
         "(read with python -m pstats); slows them, so not for the table",
     )
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more `tunrelay run` argument for c/d/e/h (repeatable; --relay-arg=--rcv-buf "
+        "--relay-arg=262144)",
+    )
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     bad = [c for c in only if c not in CONFIGS]
@@ -937,6 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_limit=max(15.0, idle / 250),
         offload_flag=cli_has_offload(),
         profile_dir=args.profile,
+        relay_args=tuple(args.relay_arg),
         measures=args.measures,
     )
     if args.profile is not None:
