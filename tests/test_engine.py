@@ -25,6 +25,7 @@ import trio.testing
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
+from relay.datapath import fairshare
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy, parse_rule
 from relay.datapath.engine import Relay, raise_nofile_limit
@@ -848,13 +849,16 @@ def test_isn_is_keyed_per_tuple_and_follows_a_4us_clock() -> None:
 # --- fair share of a loop pass -------------------------------------------------
 
 
+@pytest.mark.parametrize("carry_limit", [fairshare.CARRY_BYTES, 1], ids=["reads-on", "waits"])
 async def test_a_request_is_not_received_behind_a_whole_bulk_batch(
-    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, carry_limit: int
 ) -> None:
     # One pass of the packet loop gives each flow at most flow_pass_bytes
     # (relay.datapath.fairshare): a request read in the same batch as a burst of
     # another flow reaches its upstream after a few of the burst's packets, not
-    # after all of them; the rest of the burst follows in order, byte-exact.
+    # after all of them; the rest of the burst follows in order, byte-exact,
+    # whether the loop reads on while packets are carried or waits for them.
+    monkeypatch.setattr(fairshare, "CARRY_BYTES", carry_limit)
     received = [0]
     order: list[tuple[int, int, int]] = []  # (client port, bytes, receives so far)
     stack = Stack()

@@ -296,7 +296,9 @@ class Relay:
             # What went over a flow's share of the last pass (fairshare.split) goes
             # first; kept on self, as the cancel scope may end this call at an await.
             carried, carried_ok = self._carried
-            room = max_batch - len(carried)
+            # Read on while little is carried: a request is read (and served within
+            # one share) even while an upload's carried packets wait for theirs.
+            room = max_batch if not carried or sum(map(len, carried)) < fairshare.CARRY_BYTES else 0
             trusted: list[bool] | None
             if room <= 0:
                 packets, trusted = [], None

@@ -11,7 +11,9 @@ arrived in the same batch waited for all of them to be received first.
 have at most ``budget`` bytes of the batch -- always at least one packet --
 and returns the rest, which the loop gives the stack first on its next pass,
 before what it reads then: the order within a flow is kept, and only packets
-of different flows change places, which TCP and UDP allow. A batch of
+of different flows change places, which TCP and UDP allow. The loop goes on
+reading while less than ``CARRY_BYTES`` is carried, so a request that arrives
+behind an upload's burst in the kernel's queue is read in the next pass. A batch of
 ``budget`` bytes or less is returned as it is, without looking at a header.
 
 A packet whose header cannot be read gets the empty key (one shared flow);
@@ -22,6 +24,10 @@ only moves a packet behind others of its own key, never ahead of them.
 from __future__ import annotations
 
 PROTO_TCP, PROTO_UDP = 6, 17
+# The loop reads no more while this much is carried (a flow's default window is
+# 4 MiB; packets beyond their flows' windows are the stack's to drop, but they
+# too wait here first): the rest stays in the kernel's TUN queue meanwhile.
+CARRY_BYTES = 4 << 20
 
 
 def flow_key(packet: bytes) -> bytes:
