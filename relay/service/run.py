@@ -197,7 +197,7 @@ def validate(
         mss=mtu - 40,
         keepalive=True,
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
-        # way out, or written as one GSO super-segment with --offload.
+        # way out, or written as one GSO super-segment with offloads (the default).
         tso_segments=44,
     )
     return RunOptions(
