@@ -29,9 +29,13 @@ class FakeTunTapDevice:
     """pytun.TunTapDevice without a kernel: a pipe's fd stands for the queue."""
 
     opened: list[int] = []  # noqa: RUF012 (the flags of every open, in order)
+    refuse_vnet_hdr = 0  # an errno for TUNSETIFF with IFF_VNET_HDR (0: accepted)
 
     def __init__(self, name: str, flags: int) -> None:
         FakeTunTapDevice.opened.append(flags)
+        if flags & IFF_VNET_HDR and FakeTunTapDevice.refuse_vnet_hdr:
+            code = FakeTunTapDevice.refuse_vnet_hdr
+            raise tun_module.pytun.Error(code, os.strerror(code))
         self.name = name
         self._r, self._w = os.pipe()
 
@@ -47,6 +51,7 @@ class FakeTunTapDevice:
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     """Fake device and ioctl; yields the ioctls made. Set ``refuse`` to an errno."""
     FakeTunTapDevice.opened = []
+    FakeTunTapDevice.refuse_vnet_hdr = 0
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(tun_module.pytun, "TunTapDevice", FakeTunTapDevice)
     monkeypatch.setattr(tun_module.TunDevice, "_configure_link", lambda *a, **k: None)
@@ -126,3 +131,16 @@ def test_other_errors_are_not_taken_for_a_refusal(fake_kernel: list[tuple[int, i
         open_queue(options(), multi_queue=True, exclusive=True)
     assert info.value.errno == errno.EPERM
     assert len(FakeTunTapDevice.opened) == 1  # no second try
+
+
+def test_a_refused_vnet_header_falls_back_too(
+    fake_kernel: list[tuple[int, int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kernel may refuse IFF_VNET_HDR at TUNSETIFF already (before any TUNSETOFFLOAD).
+    FakeTunTapDevice.refuse_vnet_hdr = errno.EINVAL
+    with caplog.at_level(logging.WARNING, logger="tunrelay"), open_queue(options()) as tun:
+        assert not tun.vnet_hdr and tun.stats.offload == "off(fallback)"
+    assert [bool(f & IFF_VNET_HDR) for f in FakeTunTapDevice.opened] == [True, False]
+    assert fake_kernel == []  # no TUNSETOFFLOAD on the plain device
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "EINVAL" in warning.getMessage()
