@@ -172,9 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--offload",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="TUN offloads: virtio-net headers, checksum offload and TSO (GRO super-segments "
-        "in; checksums the kernel vouches for are not recomputed)",
+        "in, GSO out; checksums the kernel vouches for are not recomputed). On by default; "
+        "a kernel that refuses them gets the plain path and one warning",
     )
     run.add_argument(
         "--workers",

@@ -4,6 +4,7 @@ new option is a new key; this table must name it)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import types
 from pathlib import Path
@@ -46,7 +47,7 @@ def table(tmp_path: Path) -> dict[str, object]:
         "stats_interval": 5.0,
         "metrics": "127.0.0.1:9464",
         "log_format": "json",
-        "offload": True,
+        "offload": False,
         "workers": 1,
         "allow": ["198.19.0.0/16"],
         "deny": ["198.19.1.0/24:443"],
@@ -63,6 +64,9 @@ def argv_of(values: dict[str, object], keys: dict[str, object]) -> list[str]:
     for name, value in values.items():
         option = keys[name].option  # type: ignore[attr-defined]
         if isinstance(value, bool):
+            action = keys[name].action  # type: ignore[attr-defined]
+            if isinstance(action, argparse.BooleanOptionalAction) and not value:
+                option = "--no-" + option.removeprefix("--")  # --offload's off
             argv.append(option)  # --no-fail-closed-routing for False: its key's flag
         elif isinstance(value, list):
             for item in value:

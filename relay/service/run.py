@@ -7,13 +7,17 @@ everything it installed on every exit path.
 
 ``relay.service.workers`` sets the network up in a supervisor process and runs one
 packet loop per TUN queue in unprivileged worker processes (``--workers N``,
-one or more), each doing what ``relay_queue`` does. ``--offload`` opens the
-TUN with virtio-net headers and TSO/checksum offloads (``relay.datapath.tun``).
+one or more), each doing what ``relay_queue`` does. Offloads are on by default
+(``--no-offload`` turns them off): the TUN is opened with virtio-net headers and
+TSO/checksum offloads (``relay.datapath.tun``). A kernel that refuses them
+(``open_queue``) gets the plain path, one warning and ``offload='off(fallback)'``
+in the queue's counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import importlib
 import ipaddress
@@ -79,7 +83,8 @@ class RunOptions:
     table: int = 5197
     priority: int = 5197
     stats_interval: float = 0.0
-    offload: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
+    offload: bool = True  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
+    offload_fallback: bool = False  # asked for, refused by the kernel (without_offload)
     workers: int = 1  # worker processes, one TUN queue each
     iifs: tuple[str, ...] = ()  # the policy rule only for packets arriving on these
     fail_closed_routing: bool = True  # prohibit in the table while the TUN route is gone
@@ -116,7 +121,7 @@ def validate(
     snd_buf: int = 4 << 20,
     fail_closed: bool = False,
     udp_idle_timeout: float = 60.0,
-    offload: bool = False,
+    offload: bool = True,
     workers: int = 1,
     egress_rules: Sequence[tuple[str, str]] = (),
     allow_client_to_client: bool = False,
@@ -212,7 +217,7 @@ def validate(
         mss=mtu - 40,
         keepalive=True,
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
-        # way out, or written as one GSO super-segment with --offload.
+        # way out, or written as one GSO super-segment with offloads (the default).
         tso_segments=44,
     )
     return RunOptions(
@@ -519,25 +524,69 @@ def open_queue(
     link is set up (a worker's queue). ``exclusive``: never attach to a device
     that exists already (another relay's, or anything else of that name).
 
+    When the kernel refuses IFF_VNET_HDR or TUNSETOFFLOAD (``OFFLOAD_REFUSED``)
+    and this is not an attached queue, the device is opened again without them
+    and one warning names the errno; the caller sees ``tun.vnet_hdr`` False and
+    must run the stack without offloads (``without_offload``). An attached
+    queue never falls back alone: IFF_VNET_HDR is the whole device's setting.
+
     Raises:
         OSError: the device cannot be opened or configured.
     """
-    tun = TunDevice.open(
-        opts.tun,
-        mtu=opts.mtu,
-        txqueuelen=opts.txqueuelen,
-        vnet_hdr=opts.offload,
-        multi_queue=multi_queue or attach,
-        configure_link=not attach,
-        exclusive=exclusive,
-    )
-    if opts.offload:
-        try:
-            tun.set_offload(OFFLOADS)
-        except BaseException:
-            tun.close()
+
+    def opened(offload: bool) -> TunDevice:
+        tun = TunDevice.open(
+            opts.tun,
+            mtu=opts.mtu,
+            txqueuelen=opts.txqueuelen,
+            vnet_hdr=offload,
+            multi_queue=multi_queue or attach,
+            configure_link=not attach,
+            exclusive=exclusive,
+        )
+        if offload:
+            try:
+                tun.set_offload(OFFLOADS)
+            except BaseException:
+                tun.close()
+                raise
+        return tun
+
+    if not opts.offload:
+        tun = opened(False)
+        tun.stats.offload = "off(fallback)" if opts.offload_fallback else "off"
+        return tun
+    try:
+        tun = opened(True)
+    except OSError as exc:
+        if attach or exc.errno not in OFFLOAD_REFUSED:
             raise
+        log.warning(
+            "TUN offloads refused by the kernel (%s: %s): relaying without them "
+            "(about a fifth of the throughput)",
+            errno.errorcode.get(exc.errno, exc.errno), exc.strerror,
+        )  # fmt: skip
+        tun = opened(False)
+        tun.stats.offload = "off(fallback)"
+        return tun
+    tun.stats.offload = "on"
     return tun
+
+
+# What a kernel says when it lacks IFF_VNET_HDR or a TUNSETOFFLOAD flag (an
+# unknown flag: EINVAL; no such ioctl, as in some sandboxes: ENOTTY, EOPNOTSUPP).
+OFFLOAD_REFUSED = frozenset({errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def without_offload(opts: RunOptions) -> RunOptions:
+    """``opts`` for a device ``open_queue`` had to open without offloads: the
+    stack writes complete packets, and the workers open their queues plainly."""
+    return dataclasses.replace(
+        opts,
+        offload=False,
+        offload_fallback=True,
+        stack=dataclasses.replace(opts.stack, offload=False),
+    )
 
 
 def route_into(
