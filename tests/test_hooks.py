@@ -112,8 +112,8 @@ def test_hooks_are_looked_up_once_and_must_be_async() -> None:
             raise AttributeError(name)
 
     AnalyzerChain([Counting()])
-    # flow_start, data, flow_end and the record hooks: at registration only
-    assert Counting.lookups == 3 + len(RECORD_HOOKS)
+    # flow_start, data, flow_end, data_finished and the record hooks: at registration only
+    assert Counting.lookups == 4 + len(RECORD_HOOKS)
 
     class SyncHook:
         def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:

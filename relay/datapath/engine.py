@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
+from relay.analysis.streams import adapt_stream_analyzers
 from relay.datapath.config import RelayConfig
 from relay.datapath.datagrams import DatagramRelay
 from relay.datapath.echo import EchoFlow, open_ping_socket
@@ -167,6 +168,11 @@ class Relay:
         )
         self._stack = stack
         self._config = config
+        # Stream analyzers (relay.analysis.streams) join the chain as adapters whose
+        # stream tasks run in this relay's nursery.
+        analyzers, self._stream_adapters = adapt_stream_analyzers(
+            analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
+        )
         chain = AnalyzerChain(
             analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
         )
@@ -235,6 +241,8 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self._datagrams.nursery = nursery
+                for adapter in self._stream_adapters:
+                    adapter.nursery = nursery
                 task_status.started()
                 try:
                     await self._packet_loop()
@@ -243,6 +251,8 @@ class Relay:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._datagrams.nursery = None
+            for adapter in self._stream_adapters:
+                adapter.nursery = None
             self._wait_scope = None
 
     def flush(self) -> None:
