@@ -461,3 +461,38 @@ async def test_shutdown_cancels_the_stream_tasks(autojump_clock: trio.testing.Mo
     async with harness(analyzers=[sleeper]) as h:
         await connected(h)
     assert sleeper.cancelled == [40000]
+
+
+@pytest.mark.parametrize(
+    ("example", "name"), [("stream", "FirstLines"), ("hooks", "FirstLinesHooks")]
+)
+async def test_the_readme_examples_print_the_first_lines(
+    example: str,
+    name: str,
+    capsys: pytest.CaptureFixture[str],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from pathlib import Path
+    from typing import Any
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    _, found, rest = readme.partition(f"<!-- example: {example} -->\n```python\n")
+    assert found, "the README's example is gone"
+    namespace: dict[str, Any] = {}
+    exec(compile(rest.split("```", 1)[0], "README.md", "exec"), namespace)
+    async with harness(analyzers=[namespace[name]()]) as h:
+        c, server = await connected(h)
+        for piece in (b"GET /index.html HT", b"TP/1.1\r\nHost: x\r\n\r\n"):
+            await c.send(piece)
+            await trio.sleep(1)  # two chunks: the line is split across them
+        request = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n"
+        with trio.fail_after(60):
+            assert await recv_exactly(server, len(request)) == request
+        await send_all(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await until(lambda: bytes(c.received).endswith(b"ok"))
+        c.finish()
+        server.shutdown(trio.socket.SHUT_WR)
+        await until(lambda: c.fin)
+        uid = h.tap.starts[40000].uid
+        await h.tap.end_of(40000)
+    assert capsys.readouterr().out == f"{uid} GET /index.html HTTP/1.1 -> HTTP/1.1 200 OK\n"
