@@ -27,6 +27,9 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     h  c with ``--log-dir`` (Zeek-compatible logs: every flow is detected, and
        dissected while its protocol is one of ours; a conn.log row per flow):
        h/c is what the protocol logs cost
+    s  c with a passive stream analyzer that reads every byte of every flow
+       (``relay.lab.analyzers:StreamReader``): s/c is what one costs; not in
+       the default ``--only``
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -35,7 +38,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, f/b and g/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, s/c, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -83,12 +86,13 @@ CONFIGS: dict[str, str] = {
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
     "h": "tunrelay --offload --log-dir",
+    "s": "tunrelay --offload, a stream analyzer",
 }
-USES_RELAY = {"c", "d", "e", "h"}  # tunrelay itself
+USES_RELAY = {"c", "d", "e", "h", "s"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
-OFFLOADED = {"c", "e", "h"}
-HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h"}  # a userspace process whose CPU we measure
+OFFLOADED = {"c", "e", "h", "s"}
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "s"}  # a userspace process whose CPU we measure
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,8 @@ class Lab:
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)
                 argv += ["--log-dir", str(logs)]
+            if self.cfg == "s":
+                argv += ["--analyzer", "relay.lab.analyzers:StreamReader"]
             if self.cfg == "e":
                 argv += ["--workers", "1"]
             elif self.params.profile_dir is not None:
@@ -712,7 +718,15 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     cols = list(CONFIGS)
     pairs = [("d", "b"), ("d", "a")]
     if params.offload_flag:
-        pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
+        pairs += [
+            ("c", "b"),
+            ("c", "a"),
+            ("e", "b"),
+            ("c", "e"),
+            ("e", "f"),
+            ("h", "c"),
+            ("s", "c"),
+        ]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -721,6 +735,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "f": "TUN floor",
         "g": "floor, no trio",
         "h": "offload, --log-dir",
+        "s": "offload, stream analyzer",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]

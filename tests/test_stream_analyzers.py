@@ -162,11 +162,13 @@ async def test_a_passive_analyzer_that_falls_behind_is_detached_and_logged(
         a, b = await opened(chain, 40000), await opened(chain, 40001)
         t0 = trio.current_time()
         await a.data(C2S, b"x" * 600)
+        await a.data(C2S, b"x" * 600)  # the latest chunk does not count
         await b.data(C2S, b"y" * 600)
         with caplog.at_level(logging.WARNING, "relay.analysis.streams"):
             await a.data(S2C, b"z" * 600)  # each direction has its own buffer
+            await a.data(C2S, b"x" * 600)  # 600 waiting besides the latest: fine
             assert not caplog.records
-            await a.data(C2S, b"x" * 600)  # 1,200 bytes unread: over 1,000
+            await a.data(C2S, b"x" * 600)  # 1,200 besides the latest: over 1,000
         assert trio.current_time() == t0  # passive: never waited
         (record,) = caplog.records
         assert info(40000).describe() in record.getMessage()
@@ -176,8 +178,8 @@ async def test_a_passive_analyzer_that_falls_behind_is_detached_and_logged(
         await a.data(C2S, b"more")  # the others go on, whole
         a.finished(C2S)
         await until(lambda: (40000, C2S) in reader.ended)
-        assert reader.got[(40000, C2S)] == b"x" * 1200 + b"more"
-        assert watcher.seen == b"x" * 600 + b"y" * 600 + b"z" * 600 + b"x" * 600 + b"more"
+        assert reader.got[(40000, C2S)] == b"x" * 2400 + b"more"
+        assert watcher.seen == b"x" * 1200 + b"y" * 600 + b"z" * 600 + b"x" * 1200 + b"more"
         await a.end(FIN_END)
         await b.end(FIN_END)
         assert sleeper.cancelled == [40000, 40001] and adapter.active_flows == 0
@@ -189,9 +191,29 @@ async def test_once_detached_the_flow_has_no_data_hooks_left(
 ) -> None:
     async with chain_of(Sleeper()) as (chain, _, _):
         hooks = await opened(chain)
-        assert hooks.has_data_hooks
-        await hooks.data(C2S, b"x" * 1001)
+        for chunk in (b"x" * 1001, b"y"):
+            await hooks.data(C2S, chunk)
+            assert hooks.has_data_hooks
+        await hooks.data(C2S, b"z")  # 1,001 bytes besides the latest: over 1,000
         assert not hooks.has_data_hooks  # the flows' direct paths again
+
+
+async def test_a_reader_that_keeps_up_is_never_detached_whatever_the_chunk_size(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    Limited = type("Limited", (Reader,), {"stream_buffer": 1000})
+    reader = Limited()
+    chunk = bytes(range(256)) * 20  # 5,120 bytes: five times stream_buffer
+    async with chain_of(reader) as (chain, (adapter,), _):
+        hooks = await opened(chain)
+        await trio.sleep(1)  # the relay connects upstream before the first bytes
+        for _ in range(200):
+            await hooks.data(C2S, chunk)
+            await trio.lowlevel.checkpoint()  # as the pump's socket send does
+        assert hooks.has_data_hooks and adapter.active_flows == 1
+        hooks.finished(C2S)
+        await hooks.end(FIN_END)
+    assert reader.got[(40000, C2S)] == chunk * 200
 
 
 async def test_inline_data_waits_until_the_analyzer_read_the_bytes(
@@ -415,8 +437,9 @@ async def test_in_the_relay_a_detached_analyzer_gives_the_direct_path_back(
         await c.send(b"a" * 900)
         assert await recv_exactly(server, 900) == b"a" * 900
         assert direct == []  # a stream analyzer is watching
-        await c.send(b"b" * 200)  # over its 1,000 bytes: detached
-        assert await recv_exactly(server, 200) == b"b" * 200
+        for _ in range(3):  # at the third, 1,100 bytes wait besides the latest: detached
+            await c.send(b"b" * 200)
+            assert await recv_exactly(server, 200) == b"b" * 200
         await until(lambda: sleeper.cancelled == [40000])
         await c.send(b"c" * 100)
         assert await recv_exactly(server, 100) == b"c" * 100

@@ -28,12 +28,16 @@ flows keep their direct paths.
   raises ``trio.BrokenResourceError`` instead, after its buffered bytes: a
   parser can tell a cut stream from a finished one. Letting that exception out
   of ``stream`` is a normal end, not an analyzer error.
-* Passive (the default): each direction buffers up to ``stream_buffer`` bytes
-  (class attribute, default 1 MiB; keep it above the relay's read size, 256
-  KiB) the analyzer has not read yet; ``data`` never waits. An analyzer that
-  falls further behind is detached from that flow (one warning line with the
+* Passive (the default): ``data`` never waits; each direction buffers what the
+  analyzer has not read yet. Once more than ``stream_buffer`` bytes (class
+  attribute, default 1 MiB) wait besides the latest chunk, the analyzer has
+  fallen behind: it is detached from that flow (one warning line with the
   flow; its task is cancelled, it gets no ``flow_end`` for that flow) and the
-  flow goes on at full speed, on its direct path again.
+  flow goes on at full speed, on its direct path again. The latest chunk does
+  not count because a reader that keeps up may be one chunk behind, as trio
+  orders tasks, and one chunk may be large (the client's bytes queued while
+  the upstream socket was full, several MiB with a large window): memory is
+  bounded by ``stream_buffer`` and two of the flow's chunks.
 * ``inline = True``: ``data`` returns only once the analyzer has read the
   chunk, so the analyzer has seen each byte before it goes on, and a slow
   analyzer closes its own flow's TCP window (as a slow ``data`` hook does).
@@ -106,8 +110,9 @@ class FlowStream(trio.abc.ReceiveStream):
     """One direction of one flow, as its stream analyzer reads it.
 
     The relay side (sync, except ``send``) appends chunks and ends it; the
-    analyzer side is the ``ReceiveStream`` API. Chunks keep the relay's
-    boundaries unless ``max_bytes`` cuts one.
+    analyzer side is the ``ReceiveStream`` API: ``receive_some()`` returns
+    everything waiting, ``receive_some(n)`` at most ``n`` bytes of the oldest
+    chunk. (Chunk boundaries are the relay's, and mean nothing.)
     """
 
     def __init__(self, direction: Direction, limit: int) -> None:
@@ -118,6 +123,7 @@ class FlowStream(trio.abc.ReceiveStream):
         self.closed = False  # by the analyzer (aclose) or its task's end
         self._chunks: deque[bytes] = deque()
         self._offset = 0  # into the first chunk: what max_bytes left of it
+        self._latest = 0  # the size of the chunk handed over last
         self._eof = False
         self._broken = False
         self._receiving = False
@@ -127,8 +133,9 @@ class FlowStream(trio.abc.ReceiveStream):
     # --- the relay's side -------------------------------------------------------
 
     def offer(self, data: bytes) -> bool:
-        """Buffer ``data`` unless that would exceed ``limit``; False: it did not fit."""
-        if self.buffered + len(data) > self.limit:
+        """Buffer ``data``, unless more than ``limit`` bytes wait besides the
+        latest chunk (see the module docstring); False: the reader fell behind."""
+        if self.buffered - self._latest > self.limit:
             return False
         self._push(data)
         return True
@@ -145,6 +152,7 @@ class FlowStream(trio.abc.ReceiveStream):
             return
         self._chunks.append(data)
         self.buffered += len(data)
+        self._latest = len(data)
         self._readers.unpark_all()
 
     def finish(self) -> None:
@@ -201,6 +209,14 @@ class FlowStream(trio.abc.ReceiveStream):
                     f"{self.direction.value}: the flow ended without a FIN in this direction"
                 )
             return b""
+        if max_bytes is None and len(self._chunks) > 1:
+            # Everything waiting, at once: a reader one chunk behind catches up
+            # (it reads once per scheduling pass, as the relay hands over at most).
+            first = self._chunks.popleft()
+            out = b"".join([first[self._offset :], *self._chunks])
+            self._chunks.clear()
+            self._offset = 0
+            return self._took(out)
         chunk, start = self._chunks[0], self._offset
         end = len(chunk) if max_bytes is None else min(len(chunk), start + max_bytes)
         out = chunk if start == 0 and end == len(chunk) else chunk[start:end]
@@ -209,6 +225,9 @@ class FlowStream(trio.abc.ReceiveStream):
             self._offset = 0
         else:
             self._offset = end
+        return self._took(out)
+
+    def _took(self, out: bytes) -> bytes:
         self.buffered -= len(out)
         self.taken += len(out)
         self._writers.unpark_all()
@@ -348,8 +367,7 @@ class StreamAdapter:
             log.warning(
                 "stream analyzer %r fell behind on flow %s: %d bytes %s unread, over its"
                 " stream_buffer of %d; detached from this flow",
-                self.analyzer, flow.describe(), stream.buffered + len(data),
-                direction.value, stream.limit,
+                self.analyzer, flow.describe(), stream.buffered, direction.value, stream.limit,
             )  # fmt: skip
             raise Detach
 

@@ -131,7 +131,8 @@ class Relay:
         source: where client packets come from and go to (TUN device, memory).
         stack: the sans-IO stack; this relay is its only caller.
         config: relay settings.
-        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``.
+        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``,
+            or stream analyzers (``relay.analysis.streams``).
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
@@ -143,7 +144,8 @@ class Relay:
     Every flow is judged by ``config.egress`` before any of these is called.
 
     Raises:
-        TypeError: an analyzer has a hook that is not an async method.
+        TypeError: an analyzer has a hook that is not an async method, or a
+            stream analyzer is not a valid one.
     """
 
     def __init__(
