@@ -117,7 +117,7 @@ class FlowStream(trio.abc.ReceiveStream):
 
     def __init__(self, direction: Direction, limit: int) -> None:
         self.direction = direction
-        self.limit = limit  # bytes buffered at most (passive)
+        self.limit = limit  # passive: bytes that may wait besides the latest chunk
         self.buffered = 0  # bytes handed over, not read yet
         self.taken = 0  # bytes read by the analyzer so far
         self.closed = False  # by the analyzer (aclose) or its task's end
