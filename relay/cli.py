@@ -1,5 +1,5 @@
-"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run) and
-``demo`` (the embedded default)."""
+"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run),
+``demo`` (the embedded default) and ``lab`` (a detached lab to try it by hand)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.lab import labcli
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
+from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
 from relay.service.runstate import STATE_DIR, StateError, cleanup
@@ -143,6 +145,18 @@ def _parser() -> argparse.ArgumentParser:
         "--stats-interval", type=float, default=0.0, help="log counters every N seconds (0: off)"
     )
     run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at /metrics and a health check at /healthz on this "
+        "TCP address ([V6]:PORT for IPv6); off by default",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the service's own log on stderr: text lines or JSON lines (default text)",
+    )
+    run.add_argument(
         "--offload",
         action="store_true",
         help="TUN offloads: virtio-net headers, checksum offload and TSO (GRO super-segments "
@@ -236,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
         "client, print what the analyzers saw, and tear everything down.",
     )
     demo.add_argument("--bulk-mib", type=int, default=16, help="size of the bulk transfers")
+    labcli.add_parser(sub)
     return parser
 
 
@@ -295,6 +310,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        metrics=args.metrics,
+        log_format=args.log_format,
     )
     if args.profile and opts.workers != 1:
         raise ConfigError("--profile: needs --workers 1 (one process to profile)")
@@ -332,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(bulk_mib=args.bulk_mib)
     if args.command == "cleanup":
         return _cleanup(args.state_dir, args.tun)
+    if args.command == "lab":
+        return labcli.run(args)
     keys = keys_of(_run_parser(parser))
     if args.command == "check-config":
         return _check_config(args.file, keys)
@@ -352,7 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as bad:
             raise ConfigError(str(bad)) from None
         opts = dataclasses.replace(opts, user=user, profile=args.profile)
-        return trio.run(supervise, opts, args.log_level)
+        configure_logging(args.log_level, opts.log_format)
+        reread = None
+        if args.config is not None:
+
+            def reread() -> RunOptions:  # SIGHUP: the file again, the command line over it
+                fresh = _parser().parse_args(argv)
+                new, _ = _configured(fresh, keys, args.config, given(_parser(), argv))
+                return dataclasses.replace(new, user=user, profile=args.profile)
+
+        return trio.run(functools.partial(supervise, reread=reread), opts, args.log_level)
     except Exception as exc:  # at start above all: one line, never a traceback
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError | StateError):

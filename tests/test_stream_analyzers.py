@@ -11,7 +11,17 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from test_engine import C2S, S2C, connected, harness, pattern, recv_exactly, send_all, until
+from test_engine import (
+    C2S,
+    S2C,
+    Client,
+    connected,
+    harness,
+    pattern,
+    recv_exactly,
+    send_all,
+    until,
+)
 
 from relay.analysis.hooks import (
     AnalyzerChain,
@@ -519,3 +529,24 @@ async def test_the_readme_examples_print_the_first_lines(
         uid = h.tap.starts[40000].uid
         await h.tap.end_of(40000)
     assert capsys.readouterr().out == f"{uid} GET /index.html HTTP/1.1 -> HTTP/1.1 200 OK\n"
+
+
+async def test_a_reload_wraps_new_stream_analyzers_and_open_flows_keep_theirs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    before, after = Reader(), Reader()
+    async with harness(analyzers=[before]) as h:
+        first, server = await connected(h)
+        h.relay.reconfigure(analyzers=[after, h.tap])
+        second = Client(h, port=40001)
+        await second.connect()
+        server2 = await h.connector.server(second.flow)
+        await first.send(b"to the first")
+        await second.send(b"to the second")
+        assert await recv_exactly(server, 12) == b"to the first"
+        assert await recv_exactly(server2, 13) == b"to the second"
+        await until(lambda: (40001, C2S) in after.got and len(after.got[(40001, C2S)]) == 13)
+        await until(lambda: len(before.got.get((40000, C2S), b"")) == 12)
+    assert bytes(before.got[(40000, C2S)]) == b"to the first"
+    assert bytes(after.got[(40001, C2S)]) == b"to the second"
+    assert (40001, C2S) not in before.got and (40000, C2S) not in after.got

@@ -86,6 +86,8 @@ class RunOptions:
     # Capabilities the workers keep: none, or CAP_NET_RAW for --fwmark (SO_MARK).
     worker_caps: frozenset[int] = frozenset()
     profile: str | None = None  # cProfile output of worker 0's packet loop
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT (relay.service.metrics)
+    log_format: str = "text"  # the service's own log: text or json (relay.service.logsetup)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
 
@@ -120,6 +122,8 @@ def validate(
     iifs: Sequence[str] = (),
     fail_closed_routing: bool = True,
     state_dir: str = STATE_DIR,
+    metrics: str | None = None,
+    log_format: str = "text",
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -150,6 +154,16 @@ def validate(
     if log_dir is not None and not os.path.isdir(log_dir):
         raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
     block_rules = _block_rules(block_domains, block_lists)
+    metrics_address = None
+    if metrics is not None:
+        from relay.service.metrics import parse_address
+
+        try:
+            metrics_address = parse_address(metrics)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics: {exc}") from None
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format: {log_format!r} is neither text nor json")
     for analyzer in analyzers:
         spec = analyzer if isinstance(analyzer, str) else analyzer[0]
         if spec.count(":") != 1 or not all(spec.split(":")):
@@ -213,6 +227,8 @@ def validate(
         iifs=tuple(dict.fromkeys(iifs)),
         fail_closed_routing=fail_closed_routing,
         state_dir=state_dir,
+        metrics=metrics_address,
+        log_format=log_format,
         # SO_MARK needs CAP_NET_RAW (or CAP_NET_ADMIN, which would let an analyzer
         # reconfigure the network): the workers keep the lesser one only if asked.
         worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),
@@ -461,13 +477,17 @@ async def relay_queue(
     *,
     on_ready: Callable[[], None],
     logs: ZeekLogs | None = None,
+    on_running: Callable[[trio.Nursery, Relay, Stack, TunDevice, GcStats], None] | None = None,
+    stats_interval: Callable[[], float] | None = None,
 ) -> None:
     """Run the packet loop on one TUN queue until SIGINT/SIGTERM or cancellation.
 
     ``on_ready`` is called once packets are being relayed. ``logs`` (one of
     ``analyzers``) gets its writer task here; its owner closes it, which writes
     what is left. On the way out the stack's, the relay's, the queue's and the
-    garbage collector's counters are logged ("stopped: stack").
+    garbage collector's counters are logged ("stopped: stack"). ``on_running``
+    starts tasks beside the packet loop (the worker's control link);
+    ``stats_interval`` is read before each stats line (a reload may change it).
     """
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
@@ -491,10 +511,11 @@ async def relay_queue(
                 if logs is not None:
                     await nursery.start(logs.run)
                 await nursery.start(relay.run)
-                if opts.stats_interval > 0:
-                    nursery.start_soon(
-                        _log_stats, relay, stack, tun, watch.stats, opts.stats_interval
-                    )
+                if stats_interval is not None or opts.stats_interval > 0:
+                    interval = stats_interval or (lambda: opts.stats_interval)
+                    nursery.start_soon(_log_stats, relay, stack, tun, watch.stats, interval)
+                if on_running is not None:
+                    on_running(nursery, relay, stack, tun, watch.stats)
                 on_ready()
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -510,10 +531,13 @@ async def relay_queue(
 
 
 async def _log_stats(
-    relay: Relay, stack: Stack, tun: TunDevice, gcs: GcStats, interval: float
+    relay: Relay, stack: Stack, tun: TunDevice, gcs: GcStats, interval: Callable[[], float]
 ) -> None:
     while True:
-        await trio.sleep(interval)
+        if interval() <= 0:  # off until a reload sets it
+            await trio.sleep(1.0)
+            continue
+        await trio.sleep(interval())
         log.info(
             "flows=%d stack %s; relay %s; tun %s; gc %s",
             len(stack), stack.stats, relay.stats, tun.stats, gcs,
