@@ -32,6 +32,9 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     j  c with ``--capture-dir`` (every flow's bytes and a synthetic pcap written to
        a directory on the benchmark's temporary file system, removed after each
        lab): j/c is what capture costs, j/i what its writing adds to the inline path
+    s  c with a passive stream analyzer that reads every byte of every flow
+       (``relay.lab.analyzers:StreamReader``): s/c is what one costs; not in
+       the default ``--only``
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -40,7 +43,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, f/b and g/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -91,22 +94,14 @@ CONFIGS: dict[str, str] = {
     "h": "tunrelay --offload --log-dir",
     "i": "tunrelay --offload, pass-through analyzer",
     "j": "tunrelay --offload --capture-dir",
+    "s": "tunrelay --offload, a stream analyzer",
 }
-USES_RELAY = {"c", "d", "e", "h", "i", "j"}  # tunrelay itself
+USES_RELAY = {"c", "d", "e", "h", "i", "j", "s"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
-OFFLOADED = {"c", "e", "h", "i", "j"}
-HAS_PROCESS = {
-    "b",
-    "c",
-    "d",
-    "e",
-    "f",
-    "g",
-    "h",
-    "i",
-    "j",
-}  # a userspace process whose CPU we measure
+OFFLOADED = {"c", "e", "h", "i", "j", "s"}
+# a userspace process whose CPU we measure
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "s"}
 
 
 @dataclass(frozen=True)
@@ -454,6 +449,8 @@ class Lab:
             if self.cfg == "j":
                 # Created by the relay for its workers; removed with the lab (close).
                 argv += ["--capture-dir", str(self.capture_dir)]
+            if self.cfg == "s":
+                argv += ["--analyzer", "relay.lab.analyzers:StreamReader"]
             if self.cfg == "e":
                 argv += ["--workers", "1"]
             elif self.params.profile_dir is not None:
@@ -862,6 +859,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     if params.offload_flag:
         pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
         pairs += [("i", "c"), ("j", "c"), ("j", "i")]
+        pairs += [("s", "c")]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -872,6 +870,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "h": "offload, --log-dir",
         "i": "offload, pass-through",
         "j": "offload, --capture-dir",
+        "s": "offload, stream analyzer",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
+from relay.analysis.streams import adapt_stream_analyzers
 from relay.datapath import fairshare
 from relay.datapath.config import RelayConfig
 from relay.datapath.datagrams import DatagramRelay
@@ -138,7 +139,8 @@ class Relay:
         source: where client packets come from and go to (TUN device, memory).
         stack: the sans-IO stack; this relay is its only caller.
         config: relay settings.
-        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``.
+        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``,
+            or stream analyzers (``relay.analysis.streams``).
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
@@ -150,7 +152,8 @@ class Relay:
     Every flow is judged by ``config.egress`` before any of these is called.
 
     Raises:
-        TypeError: an analyzer has a hook that is not an async method.
+        TypeError: an analyzer has a hook that is not an async method, or a
+            stream analyzer is not a valid one.
     """
 
     def __init__(
@@ -176,6 +179,11 @@ class Relay:
         )
         self._stack = stack
         self._config = config
+        # Stream analyzers (relay.analysis.streams) join the chain as adapters whose
+        # stream tasks run in this relay's nursery.
+        analyzers, self._stream_adapters = adapt_stream_analyzers(
+            analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
+        )
         chain = AnalyzerChain(
             analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
         )
@@ -230,9 +238,18 @@ class Relay:
         already open keep the policy decision and the analyzers they started with.
 
         Raises:
-            TypeError: an analyzer has a hook that is not an async method.
+            TypeError: an analyzer has a hook that is not an async method, or a
+                stream analyzer is not a valid one.
         """
         if analyzers is not None:
+            analyzers, adapters = adapt_stream_analyzers(
+                analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
+            )
+            for adapter in adapters:
+                adapter.nursery = self._nursery
+            # The previous adapters keep serving the flows that started with them (an
+            # adapter keeps its nursery; the list only resets it when the relay stops).
+            self._stream_adapters = adapters + [a for a in self._stream_adapters if a.active_flows]
             chain = AnalyzerChain(
                 analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
             )
@@ -265,6 +282,8 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self._datagrams.nursery = nursery
+                for adapter in self._stream_adapters:
+                    adapter.nursery = nursery
                 task_status.started()
                 try:
                     await self._packet_loop()
@@ -273,6 +292,8 @@ class Relay:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._datagrams.nursery = None
+            for adapter in self._stream_adapters:
+                adapter.nursery = None
             self._wait_scope = None
 
     def flush(self) -> None:

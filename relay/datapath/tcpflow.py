@@ -536,6 +536,7 @@ class TcpFlow:
             except OSError as exc:
                 self._upstream_failed(exc)
                 return
+        self.hooks.finished(_C2S)  # end of the client's stream, for stream analyzers
         self._c2s_done = True
         self._wake.unpark_all()
 
@@ -595,6 +596,7 @@ class TcpFlow:
                         await self._send_reply()
                         return
                     self._mark("f")
+                    self.hooks.finished(_S2C)
                     if self._closed is None:
                         stack.close(flow)
                         flush()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.analysis.flowlog import FlowLog
+from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
 from relay.datapath.config import RelayConfig
 from relay.datapath.echo import enable_ping_sockets
 from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes, parse_rule
@@ -346,11 +347,16 @@ def load_analyzer(spec: str, options: dict[str, object] | None = None) -> object
         raise ConfigError(f"--analyzer: cannot load {spec!r}: {exc}") from None
     if isinstance(obj, type):
         try:
-            return obj(**options) if options else obj()
+            obj = obj(**options) if options else obj()
         except Exception as exc:
             raise ConfigError(f"--analyzer: {spec!r} failed to initialise: {exc}") from None
-    if options:
+    elif options:
         raise ConfigError(f"--analyzer: {spec!r} is not a class, so it takes no options")
+    if is_stream_analyzer(obj):
+        try:
+            check_stream_analyzer(obj)
+        except TypeError as exc:
+            raise ConfigError(f"--analyzer: {spec!r}: {exc}") from None
     return obj
 
 
