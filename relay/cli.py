@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.service import limits
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
@@ -197,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IFACE",
         help="send upstream traffic through IFACE only (SO_BINDTODEVICE)",
     )
+    limits.add_arguments(run)
     run.add_argument(
         "--profile",
         metavar="PATH",
@@ -295,6 +297,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        limits=limits.from_args(args),
     )
     if args.profile and opts.workers != 1:
         raise ConfigError("--profile: needs --workers 1 (one process to profile)")

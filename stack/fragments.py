@@ -75,7 +75,7 @@ class _Datagram:
     )  # fmt: skip
 
     def __init__(self, deadline: float, owner: ClientState) -> None:
-        self.deadline = deadline
+        self.deadline = deadline  # arrival of the first fragment + timeout
         self.owner = owner  # the client's accounting: fragment_bytes
         self.starts: list[int] = []  # fragment offsets, sorted (bisect)
         self.parts: list[tuple[int, bytes]] = []  # (end, data), in the order of starts
