@@ -135,7 +135,10 @@ class ClientState:
 
     __slots__ = ("bucket", "budget", "echo", "fragment_bytes", "key", "pending", "tcp", "udp")
 
-    def __init__(self, key: bytes, quotas: ClientQuotas, parent: MemoryBudget, now: float) -> None:
+    def __init__(
+        self, key: bytes, quotas: ClientQuotas, parent: MemoryBudget, now: float,
+        bucket: TokenBucket | None = None,
+    ) -> None:  # fmt: skip
         self.key = key
         self.tcp = 0  # TCP connections in the Stack's table, any state
         # Connections awaiting the caller's accept/reject, oldest first (an
@@ -144,7 +147,7 @@ class ClientState:
         self.udp = 0
         self.echo = 0
         self.fragment_bytes = 0
-        self.bucket = TokenBucket(quotas.connects_per_second, quotas.connect_burst, now)
+        self.bucket = bucket or TokenBucket(quotas.connects_per_second, quotas.connect_burst, now)
         self.budget = ClientBudget(quotas.memory, parent)
 
     @property
@@ -168,11 +171,14 @@ class ClientStats:
 class ClientTable:
     """Per-client state and refusal counts; see the module docstring.
 
-    A client's entry goes when it holds nothing, and with it its token bucket:
-    the next one starts full. A client that stops holding anything between
-    SYNs could therefore refill early, but holding nothing means every request
-    was refused or finished; the Stack-wide bucket still bounds the total.
+    A client's entry goes when it holds nothing; its token bucket, if not full,
+    is kept in a bounded table of recent buckets (``RECENT``, oldest dropped) and
+    given back when the client returns. Otherwise a client whose requests are
+    refused at once upstream (so it holds nothing between two SYNs) would start
+    every SYN with a full bucket.
     """
+
+    RECENT = 4096
 
     def __init__(self, quotas: ClientQuotas, budget: MemoryBudget) -> None:
         self.quotas = quotas
@@ -180,6 +186,7 @@ class ClientTable:
         self._budget = budget
         self._clients: dict[bytes, ClientState] = {}
         self._top: dict[bytes, int] = {}  # space-saving: client key -> refusals (over-estimate)
+        self._recent: dict[bytes, TokenBucket] = {}  # buckets of clients gone idle, oldest first
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -192,7 +199,8 @@ class ClientTable:
         key = client_key(addr, self.quotas.prefix_v6)
         c = self._clients.get(key)
         if c is None:
-            c = self._clients[key] = ClientState(key, self.quotas, self._budget, now)
+            bucket = self._recent.pop(key, None)
+            c = self._clients[key] = ClientState(key, self.quotas, self._budget, now, bucket)
             self.stats.clients = len(self._clients)
         return c
 
@@ -204,6 +212,12 @@ class ClientTable:
         if c.idle and self._clients.get(c.key) is c:
             del self._clients[c.key]
             self.stats.clients = len(self._clients)
+            bucket = c.bucket
+            if bucket.tokens < bucket.burst:  # (a full one is what a newcomer gets)
+                recent = self._recent
+                if len(recent) >= self.RECENT:
+                    del recent[next(iter(recent))]
+                recent[c.key] = bucket
 
     def refuse(self, c: ClientState | bytes, reason: str) -> None:
         """Count one refusal of ``reason`` for the client (a state or a key)."""

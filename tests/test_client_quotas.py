@@ -150,6 +150,21 @@ def test_new_connections_per_client_are_a_token_bucket_and_dropped_silently() ->
     assert len(requests(stack)) == 2
 
 
+def test_a_client_refused_at_once_upstream_keeps_its_bucket_between_syns() -> None:
+    # Each request is rejected before the next SYN (a port that refuses), so the
+    # client holds nothing in between: its bucket must not start full each time.
+    quotas = ClientQuotas(connects_per_second=1.0, connect_burst=3)
+    stack = Stack(StackConfig(clients=quotas))
+    admitted = 0
+    for port in range(10):
+        stack.receive(syn(sport=port), 0.0)
+        for req in requests(stack):
+            admitted += 1
+            stack.reject(req.flow)
+    assert admitted == 3 and refused(stack, CONNECT_RATE) == 7
+    assert stack.stats.clients.clients == 0  # the entry went; the bucket was kept aside
+
+
 def test_new_connections_of_all_clients_are_bounded_too() -> None:
     stack = Stack(StackConfig(connects_per_second=100.0, connect_burst=5))
     for i in range(10):
