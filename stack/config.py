@@ -104,7 +104,9 @@ class ClientQuotas:
 
     prefix_v6: int = 64
     tcp_flows: int = 4096  # TCP connections, any state (of StackConfig.max_flows: 1/16)
-    pending: int = 128  # awaiting the upstream connect (of max_pending: 1/8); oldest evicted
+    # Awaiting the upstream connect (of max_pending: 1/16); oldest evicted. A page
+    # load may open a couple of hundred at once, all pending until connects finish.
+    pending: int = 256
     connects_per_second: float = 200.0  # new TCP connections = upstream connect() calls
     connect_burst: int = 400
     udp_flows: int = 1024  # of DatagramConfig.max_flows: 1/16
@@ -131,9 +133,9 @@ class StackConfig:
 
     tcp: TcpConfig = field(default_factory=TcpConfig)
     max_flows: int = 65536  # TCP connections in the table, any state
-    max_pending: int = 1024  # connection requests awaiting accept()/reject()
+    max_pending: int = 4096  # connection requests awaiting accept()/reject()
     # Requests awaiting accept() toward one destination address: a silent target
-    # (or one being flooded through us) holds slots only up to here (1/4 of max_pending).
+    # (or one being flooded through us) holds slots only up to here (1/16 of max_pending).
     max_pending_per_destination: int = 256
     # New connections (each one an upstream connect() and SYN) per second, all
     # clients: a token bucket; ClientQuotas has the per-client one.

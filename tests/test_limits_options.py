@@ -20,8 +20,8 @@ def parse(*extra: str) -> RunOptions:
 def test_the_defaults_reach_the_stack_config() -> None:
     opts = validate(tun="tr0", client_nets=NETS)
     stack = opts.stack
-    assert stack.clients.prefix_v6 == 64 and stack.clients.pending == 128
-    assert stack.tcp.synrecv_timeout == 5.0 and stack.max_pending == 1024
+    assert stack.clients.prefix_v6 == 64 and stack.clients.pending == 256
+    assert stack.tcp.synrecv_timeout == 5.0 and stack.max_pending == 4096
     assert opts.limits.flow_log_max_bytes == 1 << 30
     assert stack.tcp.keepalive  # the service's own TcpConfig is kept
 
