@@ -9,6 +9,10 @@ in a heap, so the cost of a batch follows the flows it touched, not the size
 of the table. Deadlines in the heap are checked lazily: an entry whose time no
 longer matches its connection's earliest deadline is skipped.
 
+A SYN (and a new UDP or echo flow, a fragment) is first admitted against the
+shared limits and its client's quotas (``stack.clients``): a client is an IPv4
+address or an IPv6 prefix, and no client may hold more than its share.
+
 Fragments go to ``stack.fragments`` and a reassembled packet comes back through
 ``receive``; UDP and ICMP go to ``stack.datagram`` (flows, replies, ICMP
 errors); ``get_timer``/``handle_timer`` cover both. The packets themselves
