@@ -163,10 +163,6 @@ class ClientStats:
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     clients: int = 0  # clients holding something now
 
-    def __str__(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.refused.items() if v]
-        return f"clients={self.clients} refused({', '.join(parts) or 'none'})"
-
 
 class ClientTable:
     """Per-client state and refusal counts; see the module docstring.
