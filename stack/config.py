@@ -97,9 +97,10 @@ class ClientQuotas:
 
     A client is an IPv4 address or an IPv6 prefix of ``prefix_v6`` bits (a /64 is
     one subscriber: SLAAC and privacy addresses make every host many addresses).
-    Each quota is a fraction of the matching global pool, so a few abusive
-    clients cannot take it all, and high enough that a heavy browser user
-    (hundreds of flows, a burst of a few hundred connections) never meets it.
+    Each quota is a fraction of the matching global pool (1/16 for most), so
+    ten abusive clients cannot take it all, and high enough that a heavy
+    browser user (hundreds of flows, a burst of a few hundred connections)
+    never meets it.
     """
 
     prefix_v6: int = 64
@@ -111,8 +112,11 @@ class ClientQuotas:
     connect_burst: int = 400
     udp_flows: int = 1024  # of DatagramConfig.max_flows: 1/16
     echo_flows: int = 64  # ping flows (client, destination, identifier)
-    fragment_bytes: int = 1 << 20  # fragment data held (of FragmentConfig.max_bytes: 1/4)
-    memory: int = 256 << 20  # TCP buffer bytes (of TcpConfig.memory_budget: 1/4)
+    fragment_bytes: int = 256 << 10  # fragment data held (of FragmentConfig.max_bytes: 1/16)
+    # TCP buffer bytes (of TcpConfig.memory_budget: 1/4, not 1/16: a page load's
+    # few hundred flows start with 320 KiB of buffers each). Past it buffers stop
+    # growing (smaller windows); nothing is refused.
+    memory: int = 256 << 20
     top: int = 16  # clients with the most refusals kept for the stats (space-saving)
 
     def __post_init__(self) -> None:
