@@ -272,6 +272,8 @@ class Reassembler:
 
     def get_timer(self) -> float | None:
         """The earliest reassembly deadline, or None."""
+        if not self._count:  # the usual case, asked on every pass of the relay's loop
+            return None
         deadline = None
         for table in self._tables.values():
             if table:
@@ -282,6 +284,8 @@ class Reassembler:
 
     def handle_timer(self, now: float) -> None:
         """Abandon every datagram whose deadline has passed."""
+        if not self._count:
+            return
         for table in self._tables.values():
             while table:
                 key = next(iter(table))

@@ -585,6 +585,11 @@ class Stack:
         conn = self._by_flow.get(flow)
         return None if conn is None else conn.state
 
+    @property
+    def memory_budget(self) -> MemoryBudget:
+        """The buffer bytes all TCP connections reserve together (``used``, ``limit``)."""
+        return self._tcp_memory
+
     def __len__(self) -> int:
         return len(self._by_key)
 
@@ -636,7 +641,7 @@ class Stack:
     # ----------------------------------------------------------------- timers
 
     def _file_timer(self, conn: TcpConnection) -> None:
-        deadline = conn.get_timer()
+        deadline = conn.timers.earliest()  # conn.get_timer(), one call less per filing
         if deadline is None:
             self._filed.pop(conn, None)
             return
@@ -669,23 +674,26 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """The earliest deadline over all connections, datagram flows and reassembly."""
-        deadline = self._tcp_timer()
-        for other in (self._datagrams.get_timer(), self._fragments.get_timer()):
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
-        return deadline
-
-    def _tcp_timer(self) -> float | None:
+        # The connections' (asked twice per request/response exchange by the relay):
+        # file what was touched since the last output, then drop stale heap tops.
         for conn in self._touched:
             if conn.state is not State.CLOSED:
                 self._file_timer(conn)
-        timers = self._timers
+        timers, filed = self._timers, self._filed
+        deadline = None
         while timers:
-            deadline, _, conn = timers[0]
-            if self._filed.get(conn) == deadline:
-                return deadline
+            top, _, conn = timers[0]
+            if filed.get(conn) == top:
+                deadline = top
+                break
             heapq.heappop(timers)  # stale: re-filed or closed since
-        return None
+        other = self._datagrams.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        other = self._fragments.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         """Run every connection timer that is due; a no-op when none is."""

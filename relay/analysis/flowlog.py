@@ -42,6 +42,8 @@ _warnings = RateLimitedLog(log)
 
 __all__ = ["FlowLog", "flow_record"]
 
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
 
 def flow_record(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict[str, Any]:
     """The flow-log record of one finished flow (with ``worker`` when given)."""
@@ -99,23 +101,9 @@ class FlowLog:
         self.rotations = 0
         if isinstance(target, str | os.PathLike):
             self._path = os.fspath(target)
-            self.reopen()
+            self._fd = os.open(self._path, _FLAGS, 0o644)
         else:
             self._stream = target
-
-    def reopen(self) -> None:
-        """(Re)open the path: the one place the file is opened (start, after a
-        rotation, on a signal from logrotate). A no-op for a stream.
-
-        Raises:
-            OSError: the path cannot be opened (the old file stays in use).
-        """
-        if self._path is None:
-            return
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        old, self._fd = self._fd, fd
-        if old is not None:
-            os.close(old)
 
     def _room(self, fd: int, n: int) -> bool:
         """Whether ``n`` more bytes fit under ``max_bytes`` (rotating if asked)."""
@@ -149,10 +137,25 @@ class FlowLog:
             if self.max_bytes and not self._room(self._fd, len(data)):
                 return
             # One write(2) per line: O_APPEND keeps other processes' lines whole.
-            os.write(self._fd, data)  # (self._fd: _room may have reopened it)
+            os.write(self._fd, data)  # (after a rotation: the new file, same descriptor)
         elif self._stream is not None:
             self._stream.write(line)
             self._stream.flush()
+
+    def reopen(self) -> None:
+        """Open the path again (after a rotation renamed the file); the new file takes
+        the old descriptor (``dup2``). A stream is left alone.
+
+        Raises:
+            OSError: the path cannot be opened (lines still go to the old file).
+        """
+        if self._fd is None or self._path is None:
+            return
+        new = os.open(self._path, _FLAGS, 0o644)
+        try:
+            os.dup2(new, self._fd, inheritable=False)
+        finally:
+            os.close(new)
 
     def close(self) -> None:
         """Close the file if ``FlowLog`` opened it. Safe to call twice."""

@@ -12,6 +12,10 @@ flag plus ``cancel()`` of the cancel scope the loop sleeps in: one wakeup
 owned by the engine, no channel and no extra task, and any number of kicks
 between two iterations coalesce into one flush. When the source stays busy
 (a full batch) the loop yields once per iteration so flow tasks get to run.
+One flow gets at most ``RelayConfig.flow_pass_bytes`` of a pass
+(``relay.datapath.fairshare``); the rest of its packets go first in the next
+pass, so a request read beside a burst of GRO super-segments is not received
+(nor answered) only after all of them.
 
 Two shortcuts save a scheduler pass each on the request/response path: the
 server's bytes, once handed to ``stack.send``, are written by the flow task
@@ -30,6 +34,7 @@ and contained here as well.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import resource
@@ -39,9 +44,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
+from relay.datapath import fairshare
 from relay.datapath.config import RelayConfig
 from relay.datapath.datagrams import DatagramRelay
 from relay.datapath.echo import EchoFlow, open_ping_socket
+from relay.datapath.egress import EgressPolicy
 from relay.datapath.env import (
     Connector,
     DatagramEnv,
@@ -51,6 +58,7 @@ from relay.datapath.env import (
     SocketFactory,
 )
 from relay.datapath.isn import IsnGenerator
+from relay.datapath.looptime import LoopLatency
 from relay.datapath.packet_source import CsumPacketSource, PacketSource
 from relay.datapath.tcpflow import TcpFlow, make_connector
 from relay.datapath.udpflow import UdpFlow, open_udp_socket
@@ -158,6 +166,7 @@ class Relay:
         echo_socket: SocketFactory | None = None,
     ) -> None:
         self.stats = RelayStats()
+        self.loop_latency = LoopLatency()  # seconds per packet-loop pass
         self._source = source
         # TUN offloads: the source marks packets whose checksum the stack must not verify.
         self._drain_csum = (
@@ -185,6 +194,7 @@ class Relay:
         self._flows: dict[FlowId, TcpFlow] = {}
         self._nursery: trio.Nursery | None = None
         self._kicked = False
+        self._carried: tuple[list[bytes], list[bool]] = ([], [])
         self._waiting = False  # the packet loop sleeps in _wait_scope
         self._wait_scope: trio.CancelScope | None = None
         up = config.upstream
@@ -212,6 +222,26 @@ class Relay:
             {"udp": UdpFlow, "icmp": EchoFlow},
         )
         self._handlers.update(self._datagrams.handlers())
+
+    def reconfigure(
+        self, *, egress: EgressPolicy | None = None, analyzers: Sequence[object] | None = None
+    ) -> None:
+        """New flows are judged by ``egress`` and see ``analyzers`` (a reload); flows
+        already open keep the policy decision and the analyzers they started with.
+
+        Raises:
+            TypeError: an analyzer has a hook that is not an async method.
+        """
+        if analyzers is not None:
+            chain = AnalyzerChain(
+                analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
+            )
+            self._env.chain = self._datagrams.env.chain = chain
+            self._env.dissection, self._datagrams.env.dissection = _dissection_factories(chain)
+        if egress is not None:
+            self._config = dataclasses.replace(self._config, egress=egress)
+            self._env.config = self._config
+            self._datagrams.env.egress = egress
 
     @property
     def active_flows(self) -> int:
@@ -283,18 +313,39 @@ class Relay:
         max_batch = self._config.max_batch
         receive = stack.receive
         drain_csum = self._drain_csum
+        latency = self.loop_latency
+        budget = self._config.flow_pass_bytes
         while True:
             self._kicked = False  # everything kicked so far is flushed below
             now = trio.current_time()
-            if drain_csum is None:
-                packets = source.drain(max_batch)
+            # What went over a flow's share of the last pass (fairshare.split) goes
+            # first; kept on self, as the cancel scope may end this call at an await.
+            carried, carried_ok = self._carried
+            # Read on while little is carried: a request is read (and served within
+            # one share) even while an upload's carried packets wait for theirs.
+            room = max_batch if not carried or sum(map(len, carried)) < fairshare.CARRY_BYTES else 0
+            trusted: list[bool] | None
+            if room <= 0:
+                packets, trusted = [], None
+            elif drain_csum is None:
+                packets, trusted = source.drain(room), None
+            else:
+                packets, trusted = drain_csum(room)
+            read = len(packets)
+            if budget and (carried or read > 1):
+                if trusted is None:
+                    trusted = [False] * read
+                packets, trusted, carried, carried_ok = fairshare.split(
+                    carried + packets, carried_ok + trusted, budget
+                )
+                self._carried = carried, carried_ok
+            if trusted is None:
                 for packet in packets:
                     try:
                         receive(packet, now, batch=True)
                     except Exception:
                         self._count_receive_error()
             else:
-                packets, trusted = drain_csum(max_batch)
                 for packet, ok in zip(packets, trusted, strict=True):
                     try:
                         receive(packet, now, csum_ok=ok, batch=True)
@@ -304,12 +355,13 @@ class Relay:
                 stack.end_batch(now)  # the pure ACKs merged per flow (Stack.receive)
             except Exception:
                 self._count_receive_error()
-            stats.packets_in += len(packets)
+            stats.packets_in += read
             stack.handle_timer(now)
             self._dispatch()
             self._write_out(now)
             stats.iterations += 1
-            if len(packets) >= max_batch or self._kicked:
+            latency.observe(trio.current_time() - now)
+            if carried or (room > 0 and read >= room) or self._kicked:
                 await trio.lowlevel.checkpoint()  # busy: let flow tasks run, then go on
                 continue
             # Moved only earlier: a deadline that moved later (the usual case, a

@@ -470,7 +470,7 @@ class TcpSender(ConnectionCore):
         burst = mss * self.config.tso_segments  # new data: several segments at once
         opts = self._tx_opts
         snd_max = self.snd_max
-        sacked = self._sb if self._sb and seq_lt(self.snd_nxt, snd_max) else None
+        sacked = self._sb if seq_lt(self.snd_nxt, snd_max) and self._sb else None
         fin_pending = self._fin_queued and self.state is not State.SYN_RECEIVED
         total = 0
         while True:
