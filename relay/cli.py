@@ -16,6 +16,7 @@ import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
 from relay.lab import labcli
+from relay.service import limits
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
 from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
@@ -227,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IFACE",
         help="send upstream traffic through IFACE only (SO_BINDTODEVICE)",
     )
+    limits.add_arguments(run)
     run.add_argument(
         "--profile",
         metavar="PATH",
@@ -328,6 +330,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        limits=limits.from_args(args),
         metrics=args.metrics,
         log_format=args.log_format,
     )

@@ -420,6 +420,29 @@ async def test_connect_timeout_is_silence(autojump_clock: trio.testing.MockClock
         assert h.stack.state_of(c.flow) is None and h.relay.stats.connect_failed == 1
 
 
+async def test_an_unanswered_syn_ack_resets_the_upstream_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # TcpConfig.synrecv_timeout (5 s): the client (or whoever spoofed it) never
+    # ACKs the SYN-ACK; the upstream connection must not outlive that by a minute.
+    class Unanswering(Client):
+        def on_segment(self, seg: Seg) -> None:
+            self.segments.append(seg)  # and never an ACK
+            if seg.flags & SYN:
+                self.synack = self.synack or seg
+
+    async with harness() as h:
+        c = Unanswering(h)
+        await c.connect()
+        start = trio.current_time()
+        end = await h.tap.end_of(40000)
+        assert end.how == "timeout"
+        assert [s.flags for s in c.segments] == [SYN | ACK] * 3  # at 0, 1 and 3 s, then silence
+        assert trio.current_time() - start == pytest.approx(5.0, abs=0.05)
+        assert h.connector.closed_with_rst(c.flow)  # SO_LINGER 0: an RST to the target
+        assert h.stack.state_of(c.flow) is None
+
+
 async def test_analyzer_verdict_rejects_before_connecting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -41,12 +41,14 @@ import enum
 import inspect
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from relay.analysis.direction import Direction
+from relay.analysis.ratelimit import RateLimitedLog
 from stack import FlowId
 
 if TYPE_CHECKING:
@@ -404,6 +406,7 @@ class AnalyzerChain:
         "_finishes",
         "_starts",
         "data_hooks",
+        "errors",
         "fail_closed",
         "on_error",
         "record_hooks",
@@ -444,6 +447,9 @@ class AnalyzerChain:
         self.record_protocols = frozenset(name.split("_")[0] for name in self.record_hooks)
         self.fail_closed = fail_closed
         self.on_error = on_error
+        # Analyzer failures: one line (and traceback) per analyzer, hook and
+        # exception type per interval; a client can make one raise on every flow.
+        self.errors = RateLimitedLog(log)
 
     def open(self, info: FlowInfo) -> FlowHooks:
         """Per-flow hook state for a new flow."""
@@ -481,8 +487,9 @@ class FlowHooks:
         # Called from inside ``except``: log.exception attaches the traceback.
         self._detach(index)
         action = "failing the flow" if self._chain.fail_closed else "detached for this flow"
-        log.exception(
-            "analyzer %r raised in %s on flow %s; %s", fn, what, self.info.describe(), action
+        key = (index, what, sys.exc_info()[0])  # see AnalyzerChain.errors
+        self._chain.errors.exception(
+            key, "analyzer %r raised in %s on flow %s; %s", fn, what, self.info.describe(), action
         )
         if self._chain.on_error is not None:
             self._chain.on_error()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.analysis.flowlog import FlowLog
+from relay.analysis.ratelimit import set_interval
 from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
 from relay.datapath.config import RelayConfig
 from relay.datapath.echo import enable_ping_sockets
@@ -39,6 +40,7 @@ from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes
 from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
+from relay.service.limits import Limits
 from relay.service.privileges import CAP_NET_RAW, Identity
 from relay.service.runstate import STATE_DIR
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
@@ -98,6 +100,7 @@ class RunOptions:
     log_format: str = "text"  # the service's own log: text or json (relay.service.logsetup)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    limits: Limits = field(default_factory=Limits)  # as given (the stack's are in ``stack``)
 
 
 def validate(
@@ -134,6 +137,7 @@ def validate(
     state_dir: str = STATE_DIR,
     metrics: str | None = None,
     log_format: str = "text",
+    limits: Limits | None = None,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -200,6 +204,11 @@ def validate(
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
         raise ConfigError(f"--stats-interval: {stats_interval} must not be negative")
+    limits = limits or Limits()
+    try:
+        limits.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     rules = []
     for kind, spec in egress_rules:
         try:
@@ -254,13 +263,16 @@ def validate(
             ),
             upstream=upstream,
         ),
-        stack=StackConfig(
-            tcp=tcp,
-            max_flows=max_flows,
-            mtu=mtu,
-            datagram=_datagram(udp_idle_timeout),
-            offload=offload,  # partial checksums and GSO writes (relay.datapath.tun frames them)
+        stack=limits.apply(
+            StackConfig(
+                tcp=tcp,
+                max_flows=max_flows,
+                mtu=mtu,
+                datagram=_datagram(udp_idle_timeout),
+                offload=offload,  # partial checksums, GSO writes (relay.datapath.tun frames them)
+            )
         ),
+        limits=limits,
     )
 
 
@@ -370,7 +382,13 @@ def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
         return None
     try:
         target = sys.stdout if opts.flow_log == "-" else opts.flow_log
-        return FlowLog(target, worker=worker)
+        limits = opts.limits
+        return FlowLog(
+            target,
+            worker=worker,
+            max_bytes=limits.flow_log_max_bytes,
+            rotate=limits.flow_log_rotate,
+        )
     except OSError as exc:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
 
@@ -631,6 +649,7 @@ async def relay_queue(
     starts tasks beside the packet loop (the worker's control link);
     ``stats_interval`` is read before each stats line (a reload may change it).
     """
+    set_interval(opts.limits.error_log_interval)
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
     # What exists now (modules, classes, analyzers) lives as long as the process:
@@ -666,9 +685,9 @@ async def relay_queue(
     finally:
         watch.remove()
     log.info(
-        "stopped: stack %s; relay %s; tun %s; gc %s%s",
+        "stopped: stack %s; relay %s; tun %s; gc %s%s; most refused clients %s",
         stack.stats, relay.stats, tun.stats, watch.stats,
-        "" if logs is None else f"; logs {logs.stats}",
+        "" if logs is None else f"; logs {logs.stats}", _top(stack),
     )  # fmt: skip
 
 
@@ -681,6 +700,11 @@ async def _log_stats(
             continue
         await trio.sleep(interval())
         log.info(
-            "flows=%d stack %s; relay %s; tun %s; gc %s",
-            len(stack), stack.stats, relay.stats, tun.stats, gcs,
+            "flows=%d stack %s; relay %s; tun %s; gc %s; most refused clients %s",
+            len(stack), stack.stats, relay.stats, tun.stats, gcs, _top(stack),
         )  # fmt: skip
+
+
+def _top(stack: Stack) -> str:
+    """The clients refused most by their quotas, for the stats line (bounded)."""
+    return ", ".join(f"{c}={n}" for c, n in stack.top_refused_clients()) or "none"
