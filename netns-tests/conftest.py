@@ -122,7 +122,7 @@ def start_relay_fixture(
         digest_log = relay_files / f"digests{n}.jsonl"
         state_file = relay_files / f"state{n}.txt"
         argv = [
-            *prefix, sys.executable, "-m", "relay.cli", "--log-level", "info", "run",
+            *prefix, sys.executable, "-m", "relay.cli", "run",
             "--tun", TUN,
             "--client-net", topology.client_net_v4, "--client-net", topology.client_net_v6,
             "--flow-log", str(flow_log), "--state-dir", str(state_dir),

@@ -10,6 +10,8 @@
   for it afterwards, while a 32 MiB download started before the reload ends
   byte-exact; a changed ``mtu`` is refused (needs a restart); a file that does
   not parse changes nothing;
+* SIGHUP with ``log_level = "debug"`` in place of ``"info"``: no worker logged a
+  debug line before, each of two workers logs one for its next flows;
 * SIGUSR2 after the flow log was renamed: new lines go to a new file, and
   ``--log-format json`` makes the service log JSON lines.
 
@@ -23,6 +25,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -280,6 +283,7 @@ def test_sighup_blocks_a_domain_and_keeps_a_running_download_byte_exact(
     assert got.sha256 == whole.hexdigest(), "the download is not byte-exact"
     log = relay.log_text()
     assert "reload: --mtu (1500 -> 1400) needs a restart" in log, relay.log_tail()
+    assert "TCP/stack settings" not in log, relay.log_tail()  # the MTU's one line only
     assert "reload: --block-domain/--block-list: 1 rules (+1 -0)" in log, relay.log_tail()
     flow = relay.flow_of(client_port)
     assert flow["ended"] == "fin" and flow["resp_bytes"] == size // 2 + size
@@ -296,6 +300,32 @@ def test_sighup_blocks_a_domain_and_keeps_a_running_download_byte_exact(
     assert f"{config}:" in relay.log_text().split("reload failed: ", 1)[1].splitlines()[0]
     still = run_client(topology, [*dig, name])
     assert still.returncode == 0 and "status: NXDOMAIN" in still.stdout, still
+
+
+def test_sighup_turns_on_debug_logging_in_every_worker(
+    topology: Topology, start_relay: Callable[..., RelayProcess], tmp_path: Path
+) -> None:
+    config = tmp_path / "tunrelay.toml"
+    config.write_text('log_level = "info"\n')
+    relay = start_relay(args=["--config", str(config), "--workers", "2"])
+    srv, _ = listener(topology, socket.AF_INET)
+    debug = re.compile(r" DEBUG relay\.datapath\.tcpflow\[w(\d)\]: flow .* ended: ")
+    with srv:
+        for _ in range(4):
+            relay.flow_of(exchange(topology, srv, 1000, 1000))  # ended, and logged if at all
+        assert " DEBUG " not in relay.log_text(), relay.log_tail()
+        config.write_text('log_level = "debug"\n')
+        os.kill(relay.pid, signal.SIGHUP)
+        wait_for(
+            "the reload logged", lambda: "reload: log level: info -> debug" in relay.log_text()
+        )
+        # The kernel spreads flows over the two queues by their hash: 32 flows reach
+        # both with a probability of 1 - 2**-31.
+        for _ in range(32):
+            relay.flow_of(exchange(topology, srv, 1000, 1000))
+            if set(debug.findall(relay.log_text())) == {"0", "1"}:
+                break
+    assert set(debug.findall(relay.log_text())) == {"0", "1"}, relay.log_tail()
 
 
 def test_sigusr2_reopens_the_flow_log_and_json_log_lines(

@@ -17,7 +17,17 @@ import trio
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
 from relay.lab import labcli
 from relay.service import limits
-from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
+from relay.service.configfile import (
+    ConfigFile,
+    Key,
+    blame,
+    given,
+    keys_of,
+    merge,
+    overridden,
+    read_config,
+)
+from relay.service.logsetup import LOG_LEVELS
 from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
@@ -25,6 +35,7 @@ from relay.service.runstate import STATE_DIR, StateError, cleanup
 from relay.service.workers import supervise
 
 log = logging.getLogger("tunrelay")
+LOG_LEVEL_HELP = "the service's own log level (default info; SIGHUP applies a config file's)"
 NEEDS_CAP = "needs CAP_NET_ADMIN (root, or an ambient capability: see the README's systemd unit)"
 
 
@@ -34,9 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         description="A VPN endpoint that terminates client TCP in userspace, relays it to the "
         "original destination, and lets analyzers see each direction as an ordered stream.",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -170,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         default="text",
         help="the service's own log on stderr: text lines or JSON lines (default text)",
+    )
+    # Also here, so that it is a config file key (log_level) like every run option; the
+    # global form (tunrelay --log-level LEVEL run) stays. SUPPRESS: no default of its
+    # own, which would overwrite the global one's value.
+    run.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
     )
     run.add_argument(
         "--offload",
@@ -333,6 +348,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         limits=limits.from_args(args),
         metrics=args.metrics,
         log_format=args.log_format,
+        log_level=args.log_level,
     )
     if args.profile and opts.workers != 1:
         raise ConfigError("--profile: needs --workers 1 (one process to profile)")
@@ -392,16 +408,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as bad:
             raise ConfigError(str(bad)) from None
         opts = dataclasses.replace(opts, user=user, profile=args.profile)
-        configure_logging(args.log_level, opts.log_format)
+        configure_logging(opts.log_level, opts.log_format)
         reread = None
         if args.config is not None:
 
             def reread() -> RunOptions:  # SIGHUP: the file again, the command line over it
                 fresh = _parser().parse_args(argv)
-                new, _ = _configured(fresh, keys, args.config, given(_parser(), argv))
+                pinned = given(_parser(), argv)
+                new, config = _configured(fresh, keys, args.config, pinned)
+                for what in overridden(config, keys, fresh, pinned):
+                    log.warning("reload: %s; keeping its value", what)
                 return dataclasses.replace(new, user=user, profile=args.profile)
 
-        return trio.run(functools.partial(supervise, reread=reread), opts, args.log_level)
+        return trio.run(functools.partial(supervise, reread=reread), opts, opts.log_level)
     except Exception as exc:  # at start above all: one line, never a traceback
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError | StateError):
@@ -414,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_config(path: str, keys: dict[str, Key]) -> int:
     """``tunrelay check-config FILE``: validate, then print the effective settings."""
-    args = _run_parser(_parser()).parse_args([])
+    args = _run_parser(_parser()).parse_args([], argparse.Namespace(log_level="info"))
     try:
         opts, config = _configured(args, keys, path, set())
     except ConfigError as exc:

@@ -48,6 +48,7 @@ def table(tmp_path: Path) -> dict[str, object]:
         "stats_interval": 5.0,
         "metrics": "127.0.0.1:9464",
         "log_format": "json",
+        "log_level": "debug",
         "offload": False,
         "workers": 1,
         "allow": ["198.19.0.0/16"],
@@ -128,8 +129,8 @@ def test_every_option_round_trips_through_the_config_file(
     # And none of them is the default.
     defaults, _ = started(monkeypatch, ["--tun", "t0", "--client-net", "198.18.0.0/24"])
     for field in ("iifs", "analyzers", "flow_log", "log_dir", "block_rules", "mtu", "metrics",
-                  "log_format", "offload", "stats_interval", "profile", "state_dir", "limits",
-                  "stack"):  # fmt: skip
+                  "log_format", "log_level", "offload", "stats_interval", "profile", "state_dir",
+                  "limits", "stack"):  # fmt: skip
         assert getattr(from_file, field) != getattr(defaults, field), field
     for f in dataclasses.fields(from_file.limits):  # each quota and log option
         assert getattr(from_file.limits, f.name) != getattr(defaults.limits, f.name), f.name

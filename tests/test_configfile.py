@@ -4,8 +4,10 @@ name the file, the line and the key."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,52 @@ def test_command_line_overrides_the_file(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert opts.table == 77  # not on the command line: the file's
 
 
+def test_log_level_key_and_both_command_line_forms(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write(tmp_path, BASE + 'workers = 1\nlog_level = "debug"\n')
+    assert run(monkeypatch, ["--config", path]).log_level == "debug"
+    assert run(monkeypatch, ["--config", path, "--log-level", "warning"]).log_level == "warning"
+    # The global form (before "run") overrides the file too.
+    started: list[RunOptions] = []
+    fake_trio = types.SimpleNamespace(run=lambda _fn, opts, _level: started.append(opts) or 0)
+    monkeypatch.setattr(relay.cli, "trio", fake_trio)
+    assert relay.cli.main(["--log-level", "error", "run", "--config", path]) == 0
+    assert started[0].log_level == "error"
+    assert run(monkeypatch, ["--tun", "t0", "--client-net", "10.8.0.0/24"]).log_level == "info"
+
+
+def test_a_reload_names_a_key_the_command_line_pins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, BASE + 'workers = 1\nlog_level = "info"\nmtu = 1400\n')
+    rereads: list[Callable[[], RunOptions]] = []
+
+    def fake_run(fn: functools.partial[int], opts: RunOptions, level: str) -> int:
+        assert opts.log_level == level == "info"
+        rereads.append(fn.keywords["reread"])
+        return 0
+
+    monkeypatch.setattr(relay.cli, "trio", types.SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(relay.cli, "configure_logging", lambda *_a, **_k: None)
+    monkeypatch.setattr(
+        relay.cli, "current_caps", lambda: types.SimpleNamespace(has=lambda _c: True)
+    )
+    monkeypatch.setattr(relay.cli, "resolve_worker", lambda _user: None)
+    assert relay.cli.main(["run", "--config", path]) == 0
+    assert relay.cli.main(["run", "--config", path, "--log-level", "info"]) == 0
+    unpinned, pinned = rereads
+    write(tmp_path, BASE + 'workers = 1\nlog_level = "debug"\nmtu = 1400\n')
+    with caplog.at_level("WARNING", logger="tunrelay"):
+        assert unpinned().log_level == "debug"
+        assert caplog.messages == []
+        assert pinned().log_level == "info"
+    assert caplog.messages == [
+        f"reload: {path}:4: log_level: overridden by --log-level on the command line; "
+        "keeping its value"
+    ]
+
+
 def test_offload_key_and_both_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # --offload/--no-offload share one key; either flag overrides the file.
     off = write(tmp_path, BASE + "workers = 1\noffload = false\n")
@@ -140,6 +188,7 @@ def test_plain_analyzer_array(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         ("offload = 1\n", ":3: offload: expected true or false, got 1"),
         ('iif = "wg0"\n', ':3: iif: expected an array, got "wg0"'),
         ("\n\nmtu = 5\n", ":5: mtu: 5 is outside 1280..65535"),
+        ('log_level = "loud"\n', ':3: log_level: "loud" is not one of debug, info, warning, error'),
         ('allow = ["10.0.0.0/33"]\n', ":3: allow: "),
         ('tun = "again"\n', ":3:14: Cannot overwrite a value"),
         (

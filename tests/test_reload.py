@@ -4,6 +4,7 @@ settings then running; and the worker's side of it (``Relay.reconfigure``)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 from relay.service.reload import plan
@@ -46,7 +47,7 @@ def test_what_needs_a_restart_is_refused_and_keeps_its_running_value() -> None:
     old = opts()
     new = opts(
         tun="tun1", client_nets=["198.18.1.0/24"], workers=2, mtu=1400,
-        connect_timeout=3.0, block_domains=["x.example"],
+        connect_timeout=3.0, max_flows=1000, block_domains=["x.example"],
     )  # fmt: skip
     p = plan(old, new)
     refused = "\n".join(p.refused)
@@ -73,3 +74,49 @@ def test_only_the_hosts_addresses_changed_is_said_so() -> None:
     p = plan(old, new)
     assert p.live == ("egress policy: the host's addresses, read again",)
     assert p.command is not None and p.command.egress == new.relay.egress
+
+
+def test_a_changed_mtu_is_one_refusal_naming_it() -> None:
+    # The stack's copies of --mtu (its mtu, the MSS) and of --offload are no second change.
+    p = plan(opts(), opts(mtu=1400, offload=False))
+    assert p.refused == ("--mtu (1500 -> 1400)", "--offload (True -> False)")
+    assert p.live == () and p.command is None
+
+
+def test_the_log_level_changes_live() -> None:
+    p = plan(opts(), opts(log_level="debug", mtu=1400))
+    assert p.live == ("log level: info -> debug",)
+    assert p.refused == ("--mtu (1500 -> 1400)",)
+    assert p.command is not None and p.command.log_level == "debug"
+    assert p.running == opts(log_level="debug")
+    # Any live change carries the running level to the workers, unchanged.
+    p = plan(opts(log_level="warning"), opts(log_level="warning", stats_interval=1.0))
+    assert p.command is not None and p.command.log_level == "warning"
+
+
+def test_a_worker_sets_its_log_level_on_a_reload() -> None:
+    import logging
+    import socket
+
+    from relay.analysis.flowcounts import FlowCounts
+    from relay.service.worklink import WorkerLink
+
+    reconfigured: list[object] = []
+    relay = types.SimpleNamespace(reconfigure=lambda **kw: reconfigured.append(kw))
+    ours, theirs = socket.socketpair()
+    root = logging.getLogger()
+    level = root.level
+    try:
+        link = WorkerLink(ours, 0, FlowCounts(), lambda _r: [], [], 0.0, True)
+        command = plan(opts(), opts(log_level="debug")).command
+        assert command is not None
+        assert link._reload(relay, command) is None  # type: ignore[arg-type]
+        assert root.level == logging.DEBUG and len(reconfigured) == 1
+        command = plan(opts(log_level="debug"), opts(log_level="error")).command
+        assert command is not None
+        assert link._reload(relay, command) is None  # type: ignore[arg-type]
+        assert root.level == logging.ERROR
+    finally:
+        root.setLevel(level)
+        ours.close()
+        theirs.close()

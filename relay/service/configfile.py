@@ -270,6 +270,21 @@ def merge(args: argparse.Namespace, config: ConfigFile, on_command_line: set[str
             setattr(args, dest, value)
 
 
+def overridden(
+    config: ConfigFile, keys: Mapping[str, Key], args: argparse.Namespace, on_command_line: set[str]
+) -> list[str]:
+    """``FILE:LINE: key: overridden by --option on the command line`` for each key
+    ``config`` gives a value other than the command line's, which wins (``merge``):
+    a reload says so, since an edit of such a key changes nothing."""
+    out = []
+    options = {key.dest: key.option for key in keys.values()}
+    for dest, value in config.values.items():
+        if dest in on_command_line and getattr(args, dest, value) != value:
+            where = config.where(config.key_of[dest])
+            out.append(f"{where}: overridden by {options[dest]} on the command line")
+    return out
+
+
 def blame(
     exc: ConfigError, keys: Mapping[str, Key], config: ConfigFile, on_command_line: set[str]
 ) -> ConfigError:

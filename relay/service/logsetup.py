@@ -12,9 +12,10 @@ import json
 import logging
 import sys
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "configure", "set_level"]
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,4 +54,9 @@ def configure(level: str, fmt: str = "text", worker: int | None = None) -> None:
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Set the root logger's level (a name, ``debug``): at start, and on a reload."""
+    logging.getLogger().setLevel(level.upper())

@@ -2,17 +2,20 @@
 
 Live: the analyzers and their options (``analyzer``), the domain block rules
 (``block_domain``, ``block_list``, whose files are read again), the egress
-policy (``allow``, ``deny``, ``allow_client_to_client``) and
-``stats_interval``. Each worker builds its new analyzer chain and policy and
-gives them to the engine (``Relay.reconfigure``): new flows get them, flows
-already open keep the decision and the analyzers they started with, so no
-established flow is touched.
+policy (``allow``, ``deny``, ``allow_client_to_client``), ``stats_interval``
+and ``log_level`` (the supervisor's and every worker's). Each worker builds
+its new analyzer chain and policy and gives them to the engine
+(``Relay.reconfigure``): new flows get them, flows already open keep the
+decision and the analyzers they started with, so no established flow is
+touched.
 
 Everything else (the TUN device, client networks, workers, buffers, routing
 table, ...) is wired into the device, the routing or each stack at start: a
 change there is refused with a message naming the option, and the running
 value stays, while the live changes of the same file are applied. A file that
-does not parse or validate changes nothing.
+does not parse or validate changes nothing. An option given on the command line
+pins its value: the re-read file cannot change it (``configfile.overridden``
+names such keys).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 from relay.service.run import RunOptions
 from relay.service.worklink import Reload
+from stack import StackConfig
 
 __all__ = ["ReloadPlan", "plan"]
 
@@ -30,6 +34,7 @@ _LIVE = {
     "analyzers": "--analyzer",
     "block_rules": "--block-domain/--block-list",
     "stats_interval": "--stats-interval",
+    "log_level": "log level",
 }
 # Fields named after their option where the name differs from "--" + field.
 _OPTION = {
@@ -91,8 +96,9 @@ def plan(old: RunOptions, new: RunOptions) -> ReloadPlan:
                 live.append(_describe(f.name, before, after))
                 running = dataclasses.replace(running, **{f.name: after})
             elif f.name == "stack":
-                refused.append("TCP/stack settings (--max-flows, --rcv-buf, --snd-buf, --mtu, "
-                               "--udp-idle-timeout)")  # fmt: skip
+                if _stack_changed(before, after):
+                    refused.append("TCP/stack settings (--max-flows, --rcv-buf, --snd-buf, "
+                                   "--udp-idle-timeout)")  # fmt: skip
             else:
                 refused.append(f"{_option(f.name)} ({_short(before)} -> {_short(after)})")
     command = None
@@ -102,8 +108,21 @@ def plan(old: RunOptions, new: RunOptions) -> ReloadPlan:
             block_rules=running.block_rules,
             egress=running.relay.egress,
             stats_interval=running.stats_interval,
+            log_level=running.log_level,
         )
     return ReloadPlan(tuple(live), tuple(dict.fromkeys(refused)), running, command)
+
+
+def _stack_changed(before: StackConfig, after: StackConfig) -> bool:
+    """Whether the stack changed beyond its copies of --mtu (the MSS too) and
+    --offload, which are refused by their own names."""
+    same = dataclasses.replace(
+        before,
+        mtu=after.mtu,
+        offload=after.offload,
+        tcp=dataclasses.replace(before.tcp, mss=after.tcp.mss),
+    )
+    return same != after
 
 
 def _relay_fields(before: object, after: object) -> list[str]:
@@ -121,6 +140,8 @@ def _describe(name: str, before: object, after: object) -> str:
         added = len(set(after) - set(before))
         removed = len(set(before) - set(after))
         return f"{_LIVE[name]}: {len(after)} rules (+{added} -{removed})"
+    if name == "log_level":
+        return f"log level: {before} -> {after}"
     return f"{_LIVE[name]}: {_short(before)} -> {_short(after)}"
 
 

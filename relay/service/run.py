@@ -41,6 +41,7 @@ from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
 from relay.service.limits import Limits
+from relay.service.logsetup import LOG_LEVELS
 from relay.service.privileges import CAP_NET_RAW, Identity
 from relay.service.runstate import STATE_DIR
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
@@ -98,6 +99,7 @@ class RunOptions:
     profile: str | None = None  # cProfile output of worker 0's packet loop
     metrics: tuple[str, int] | None = None  # --metrics HOST:PORT (relay.service.metrics)
     log_format: str = "text"  # the service's own log: text or json (relay.service.logsetup)
+    log_level: str = "info"  # and its level (logsetup.LOG_LEVELS; SIGHUP changes it)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     limits: Limits = field(default_factory=Limits)  # as given (the stack's are in ``stack``)
@@ -137,6 +139,7 @@ def validate(
     state_dir: str = STATE_DIR,
     metrics: str | None = None,
     log_format: str = "text",
+    log_level: str = "info",
     limits: Limits | None = None,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
@@ -179,6 +182,8 @@ def validate(
             raise ConfigError(f"--metrics: {exc}") from None
     if log_format not in ("text", "json"):
         raise ConfigError(f"--log-format: {log_format!r} is neither text nor json")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for analyzer in analyzers:
         spec = analyzer if isinstance(analyzer, str) else analyzer[0]
         if spec.count(":") != 1 or not all(spec.split(":")):
@@ -251,6 +256,7 @@ def validate(
         state_dir=state_dir,
         metrics=metrics_address,
         log_format=log_format,
+        log_level=log_level,
         # SO_MARK needs CAP_NET_RAW (or CAP_NET_ADMIN, which would let an analyzer
         # reconfigure the network): the workers keep the lesser one only if asked.
         worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),

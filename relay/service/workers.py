@@ -56,6 +56,7 @@ from relay.analysis.flowlog import FlowLog
 from relay.datapath.tun import TunDevice
 from relay.service import privileges, sdnotify
 from relay.service.logsetup import configure as configure_logging
+from relay.service.logsetup import set_level
 from relay.service.privileges import CAP_KILL, CAP_NET_ADMIN, Identity
 from relay.service.run import (
     ConfigError,
@@ -446,6 +447,7 @@ async def _reload(running: _Running, service: _Service) -> None:
         log.error("reload: %d workers refused the new settings; see their log lines", errors)
         return
     running.opts = p.running
+    set_level(p.running.log_level)  # the workers have theirs; now the supervisor's
     service.notify(STATUS=f"reloaded: {'; '.join(p.live)}"[:200])
 
 

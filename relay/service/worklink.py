@@ -40,6 +40,7 @@ import trio
 
 from relay.analysis.flowcounts import FlowCounts
 from relay.datapath.egress import EgressPolicy
+from relay.service.logsetup import set_level
 
 if TYPE_CHECKING:
     from relay.datapath.engine import Relay
@@ -79,6 +80,7 @@ class Reload:
     block_rules: tuple[tuple[str, str], ...]
     egress: EgressPolicy  # already with the host's addresses (run.localize)
     stats_interval: float
+    log_level: str  # the root logger's (relay.service.logsetup.LOG_LEVELS)
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -231,6 +233,7 @@ class WorkerLink:
             log.error("reload: %s; keeping the running settings", exc)
             return str(exc)
         self.stats_interval = reload.stats_interval
+        set_level(reload.log_level)
         return None
 
     def reopen(self) -> str | None:
