@@ -254,7 +254,7 @@ class Lab:
         """The ``tunrelay run`` command line (without the nsexec prefix)."""
         topo, opts = self.topology, self.options
         argv = [
-            sys.executable, "-m", "relay.cli", "--log-level", "info", "run", "--tun", TUN,
+            sys.executable, "-m", "relay.cli", "run", "--tun", TUN,
             "--client-net", topo.client_net_v4, "--client-net", topo.client_net_v6,
             "--flow-log", str(self.flow_log), "--state-dir", str(self.state_dir / "run"),
             *opts.rules, *topo.relay_allow,
