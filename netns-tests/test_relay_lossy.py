@@ -45,10 +45,11 @@ well over an hour). ``TUNRELAY_LOSSY_MEASURE=1`` lets a slow relay run on
 past the bound (up to 15 min) so that the failure says how long it really
 took.
 
-Each case prints the baseline and relay times, the bound, and the wire's
-counters for both runs (frames lost, duplicated, held; any frame lost
-outside the model, e.g. a full socket buffer, is printed as kernel_drops /
-queue_drops).
+Each case prints the baseline and relay times, the bound, the client's sender
+counters (RTOs, loss probes) and the relay worker's CPU time and its time
+waiting for a CPU (/proc/PID/schedstat), and the wire's counters for both
+runs (frames lost, duplicated, held; any frame lost outside the model, e.g. a
+full socket buffer, is printed as kernel_drops / queue_drops).
 """
 
 from __future__ import annotations
@@ -180,6 +181,13 @@ KNOWN_FAILURES: dict[str, list[Any]] = {
     # mode (connection.py) takes out most of the remaining loss probes.
 }
 CASES = _params(_full_cases() if FULL else _ci_cases())
+# loss5-c2g-0ms on a busy machine: a CUBIC client at 5% loss keeps a flight of 2-5
+# segments, so a lost fast retransmit with nothing sent after it ends in an RTO
+# (>= 200 ms), and its rate follows the ACK delay. The kernel receiver ACKs from
+# softirq; the relay's worker must get a CPU for each ACK. At load 6-10 on two
+# cores it waited 4.2-6.1 s for a CPU while running 1.7-2.1 s in an 11-15 s
+# transfer, and the client met 17-20 RTOs against 4-7 through kernel forwarding
+# (same run, same seed). A case that misses the bound prints both numbers.
 
 
 # --- one transfer ------------------------------------------------------------------------
@@ -198,6 +206,18 @@ class Transfer:
 
 class Stalled(AssertionError):
     pass
+
+
+def cpu_wait(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of ``pid`` so far.
+
+    From /proc/PID/schedstat. The relay's ACKs need its worker on a CPU, the
+    kernel's do not (softirq): on a busy machine the wait, not the relay's work,
+    is what stretches the client's ACK clock, so each case prints both.
+    """
+    with open(f"/proc/{pid}/schedstat") as f:
+        ran, waited, _ = f.read().split()
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def transfer(
@@ -317,9 +337,21 @@ def test_lossy_32mib_each_way(
     wire.start(c2g, g2c, seed=case.seed)
     relay_wire: list[WireStats] = []
 
+    worker = relay.worker_pid
+    cpu_before = cpu_wait(worker)
+
+    def worker_cpu() -> str:
+        ran, waited = (b - a for a, b in zip(cpu_before, cpu_wait(worker), strict=True))
+        return f"relay worker: on a CPU {ran:.2f} s, waiting for one {waited:.2f} s"
+
     def on_stall() -> str:
         relay_wire.append(wire.stop())
-        return f"{relay_wire[0].summary()}\n{relay.state_dump()}\n{relay.describe()}"
+        # How the client got slow (RTOs, loss probes) and whether the worker starved.
+        sender = counters_delta(client_before, tcp_counters(topology, "cli"))
+        return (
+            f"{relay_wire[0].summary()}\nclient kernel: {sender}\n{worker_cpu()}\n"
+            f"{relay.state_dump()}\n{relay.describe()}"
+        )
 
     size = case.size
     digest: dict[str, Any] | None = None
@@ -342,7 +374,8 @@ def test_lossy_32mib_each_way(
     print(
         f"  relay:  {rate(got)}; bound {bound:.2f} s ({got.seconds / base.seconds:.2f}x kernel)"
         f"\n  {relay_wire[0].summary()}"
-        f"\n  client kernel: {counters_delta(client_before, client_after)}",
+        f"\n  client kernel: {counters_delta(client_before, client_after)}"
+        f"\n  {worker_cpu()}",
         flush=True,
     )
     try:
