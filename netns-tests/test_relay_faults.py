@@ -9,6 +9,12 @@
 * The worker killed with SIGKILL mid-transfer (one worker): the service stops
   with status 1 and removes its TUN device, policy rules, routes and
   forwarding sysctls (the gateway is as it was before it started).
+* The upstream vanishes mid-transfer (an nftables rule in the server's
+  namespace drops everything): with ``--upstream-timeout 2`` the relay's
+  upstream socket fails once its bytes stay unacknowledged 2 s, and the
+  client's connection is reset within ``UPSTREAM_GONE_LIMIT`` (10 s) of the
+  drop, counted as an upstream error; without the option the kernel would
+  retransmit for ~15 minutes and the client would hang that long.
 """
 
 from __future__ import annotations
@@ -21,19 +27,25 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import pytest
+
 from relay.lab.topology import Topology
 
 from relay_harness import (
     IO_TIMEOUT,
+    MIB,
     STOP_TIMEOUT,
     WORKER_USER,
     RelayProcess,
     addrs,
     gateway_leftovers,
     listener,
+    run_in,
 )
 
 SPARE_FDS = 2  # descriptors left to the worker: two upstream sockets
+UPSTREAM_TIMEOUT = 2.0
+UPSTREAM_GONE_LIMIT = 10.0
 PAYLOAD = b"x" * 100_000
 
 
@@ -166,3 +178,37 @@ def test_worker_killed_mid_transfer_stops_the_service_and_cleans_up(
     assert not relay.run_state.exists()
     client.close()
     conn.close()
+
+
+def test_an_upstream_that_vanishes_resets_the_client_within_the_timeout(
+    topology: Topology, start_relay: Callable[..., RelayProcess]
+) -> None:
+    family = socket.AF_INET
+    relay = start_relay(args=["--upstream-timeout", str(UPSTREAM_TIMEOUT)])
+    srv, port = listener(topology, family)
+    client = topology.socket("cli", family)
+    client.settimeout(IO_TIMEOUT)
+    client.connect((addrs(topology, family)[1], port))
+    conn, _ = srv.accept()
+    conn.settimeout(IO_TIMEOUT)
+    _echo_once(client, conn, PAYLOAD)  # the flow works, then the server's namespace goes dark
+    for rule in (
+        "add table inet gone",
+        "add chain inet gone in { type filter hook input priority 0 ; policy drop ; }",
+    ):
+        out = run_in(topology, "srv", ["nft", rule])
+        assert out == "", out
+    t0 = time.monotonic()
+    chunk = b"y" * 65536
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        for _ in range(64 * MIB // len(chunk)):  # bounded: the client's window closes first
+            client.sendall(chunk)
+            assert time.monotonic() - t0 < UPSTREAM_GONE_LIMIT, "still sending"
+        client.recv(1)  # the window closed: wait for the reset
+    took = time.monotonic() - t0
+    assert UPSTREAM_TIMEOUT <= took < UPSTREAM_GONE_LIMIT, took
+    client.close()
+    conn.close()
+    relay.check_running()
+    relay.stop()
+    assert relay.counter("upstream_errors") >= 1

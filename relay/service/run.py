@@ -104,6 +104,7 @@ def validate(
     priority: int = 5197,
     stats_interval: float = 0.0,
     connect_timeout: float = 10.0,
+    upstream_timeout: float = 0.0,
     max_flows: int = 65536,
     rcv_buf: int = 4 << 20,
     snd_buf: int = 4 << 20,
@@ -170,6 +171,10 @@ def validate(
         raise ConfigError(f"--table: {table} is a reserved table (default, main, local)")
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout: {connect_timeout} must be positive")
+    if not 0 <= upstream_timeout <= 2**31 // 1000:
+        raise ConfigError(
+            f"--upstream-timeout: {upstream_timeout} must be 0 (the kernel's) or positive seconds"
+        )
     if udp_idle_timeout <= 0:
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
@@ -217,6 +222,7 @@ def validate(
         worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),
         relay=RelayConfig(
             connect_timeout=connect_timeout,
+            upstream_timeout=upstream_timeout,
             fail_closed=fail_closed,
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
             egress=EgressPolicy(
