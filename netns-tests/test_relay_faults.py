@@ -15,6 +15,10 @@
   client's connection is reset within ``UPSTREAM_GONE_LIMIT`` (10 s) of the
   drop, counted as an upstream error; without the option the kernel would
   retransmit for ~15 minutes and the client would hang that long.
+* The client vanishes mid-transfer (its namespace drops everything): with
+  ``--client-idle-timeout 2`` the flow is reset and its upstream socket closed
+  (the server's send fails) within ``CLIENT_GONE_LIMIT`` (10 s), and the flow
+  log has the flow; without it, keepalive would find the client after 2 h.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from relay_harness import (
 SPARE_FDS = 2  # descriptors left to the worker: two upstream sockets
 UPSTREAM_TIMEOUT = 2.0
 UPSTREAM_GONE_LIMIT = 10.0
+CLIENT_IDLE_TIMEOUT = 2.0
+CLIENT_GONE_LIMIT = 10.0
 PAYLOAD = b"x" * 100_000
 
 
@@ -212,3 +218,40 @@ def test_an_upstream_that_vanishes_resets_the_client_within_the_timeout(
     relay.check_running()
     relay.stop()
     assert relay.counter("upstream_errors") >= 1
+
+
+def test_a_client_that_vanishes_frees_its_flow_and_upstream_socket(
+    topology: Topology, start_relay: Callable[..., RelayProcess]
+) -> None:
+    family = socket.AF_INET6
+    relay = start_relay(args=["--client-idle-timeout", str(CLIENT_IDLE_TIMEOUT)])
+    srv, port = listener(topology, family)
+    client = topology.socket("cli", family)
+    client.settimeout(IO_TIMEOUT)
+    client.connect((addrs(topology, family)[1], port))
+    client_port = client.getsockname()[1]
+    conn, _ = srv.accept()
+    conn.settimeout(CLIENT_GONE_LIMIT + 5.0)
+    _echo_once(client, conn, PAYLOAD)
+    for rule in (
+        "add table inet gone",
+        "add chain inet gone in { type filter hook input priority 0 ; policy drop ; }",
+        "add chain inet gone out { type filter hook output priority 0 ; policy drop ; }",
+    ):
+        out = run_in(topology, "cli", ["nft", rule])
+        assert out == "", out
+    t0 = time.monotonic()
+    chunk = b"z" * 65536
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        for _ in range(256 * MIB // len(chunk)):  # bounded; the relay's window closes first
+            conn.sendall(chunk)  # the server goes on sending to the vanished client
+            assert time.monotonic() - t0 < CLIENT_GONE_LIMIT, "upstream still open"
+    took = time.monotonic() - t0
+    # The idle clock started at the client's last ACK, a little before the drop.
+    assert CLIENT_IDLE_TIMEOUT / 2 <= took < CLIENT_GONE_LIMIT, took
+    record = relay.flow_of(client_port)  # the flow ended and was logged
+    assert record["id.orig_p"] == client_port
+    conn.close()
+    client.close()
+    relay.check_running()
+    relay.stop()

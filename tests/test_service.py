@@ -37,6 +37,14 @@ def test_upstream_timeout_is_validated_and_reaches_the_relay_config() -> None:
             validate(tun="tr0", client_nets=NETS, upstream_timeout=bad)
 
 
+def test_client_idle_timeout_is_off_by_default_and_validated() -> None:
+    assert validate(tun="tr0", client_nets=NETS).stack.tcp.idle_timeout is None
+    opts = validate(tun="tr0", client_nets=NETS, client_idle_timeout=30)
+    assert opts.stack.tcp.idle_timeout == 30
+    with pytest.raises(ConfigError, match=r"^--client-idle-timeout: "):
+        validate(tun="tr0", client_nets=NETS, client_idle_timeout=-1)
+
+
 def test_options_survive_pickling_for_spawned_workers() -> None:
     # multiprocessing's 'spawn' pickles the options into each worker.
     opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=2, flow_log="/x")

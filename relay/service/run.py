@@ -105,6 +105,7 @@ def validate(
     stats_interval: float = 0.0,
     connect_timeout: float = 10.0,
     upstream_timeout: float = 0.0,
+    client_idle_timeout: float = 0.0,
     max_flows: int = 65536,
     rcv_buf: int = 4 << 20,
     snd_buf: int = 4 << 20,
@@ -171,6 +172,10 @@ def validate(
         raise ConfigError(f"--table: {table} is a reserved table (default, main, local)")
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout: {connect_timeout} must be positive")
+    if client_idle_timeout < 0:
+        raise ConfigError(
+            f"--client-idle-timeout: {client_idle_timeout} must be 0 (off) or positive seconds"
+        )
     if not 0 <= upstream_timeout <= 2**31 // 1000:
         raise ConfigError(
             f"--upstream-timeout: {upstream_timeout} must be 0 (the kernel's) or positive seconds"
@@ -196,6 +201,9 @@ def validate(
         ooo_limit=rcv_buf,
         mss=mtu - 40,
         keepalive=True,
+        # A client that vanished mid-transfer answers no keepalive either, but the
+        # retransmissions come first; this ends its flow after a silence that long.
+        idle_timeout=client_idle_timeout or None,
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
         # way out, or written as one GSO super-segment with --offload.
         tso_segments=44,
