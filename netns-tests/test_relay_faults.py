@@ -19,6 +19,11 @@
   ``--client-idle-timeout 2`` the flow is reset and its upstream socket closed
   (the server's send fails) within ``CLIENT_GONE_LIMIT`` (10 s), and the flow
   log has the flow; without it, keepalive would find the client after 2 h.
+* The memory budget reached: ``--memory-budget`` 1 MiB (the least allowed)
+  for ``BUDGET_FLOWS`` (8) flows moving ``BUDGET_BYTES`` (4 MiB) each way at
+  once: buffers cannot grow past their initial sizes, so data waits (windows
+  close) but every stream arrives byte-exact within ``BUDGET_LIMIT`` (120 s)
+  and the relay goes on.
 """
 
 from __future__ import annotations
@@ -42,9 +47,13 @@ from relay_harness import (
     WORKER_USER,
     RelayProcess,
     addrs,
+    expected_digest,
     gateway_leftovers,
     listener,
+    recv_stream,
     run_in,
+    run_threads,
+    send_pattern,
 )
 
 SPARE_FDS = 2  # descriptors left to the worker: two upstream sockets
@@ -52,6 +61,9 @@ UPSTREAM_TIMEOUT = 2.0
 UPSTREAM_GONE_LIMIT = 10.0
 CLIENT_IDLE_TIMEOUT = 2.0
 CLIENT_GONE_LIMIT = 10.0
+BUDGET_FLOWS = 8
+BUDGET_BYTES = 4 * MIB
+BUDGET_LIMIT = 120.0
 PAYLOAD = b"x" * 100_000
 
 
@@ -253,5 +265,45 @@ def test_a_client_that_vanishes_frees_its_flow_and_upstream_socket(
     assert record["id.orig_p"] == client_port
     conn.close()
     client.close()
+    relay.check_running()
+    relay.stop()
+
+
+def test_a_reached_memory_budget_slows_flows_but_loses_nothing(
+    topology: Topology, start_relay: Callable[..., RelayProcess]
+) -> None:
+    family = socket.AF_INET
+    relay = start_relay(args=["--memory-budget", str(1 << 20)])
+    srv, port = listener(topology, family)
+    pairs = []
+    for _ in range(BUDGET_FLOWS):
+        client = topology.socket("cli", family)
+        client.settimeout(BUDGET_LIMIT)
+        client.connect((addrs(topology, family)[1], port))
+        conn, _ = srv.accept()
+        conn.settimeout(BUDGET_LIMIT)
+        pairs.append((client, conn))
+    jobs: list[Callable[[], object]] = []
+    for i, (client, conn) in enumerate(pairs):
+        jobs += [
+            lambda c=client, i=i: send_pattern(c, 100 + i, BUDGET_BYTES),
+            lambda c=conn, i=i: send_pattern(c, 200 + i, BUDGET_BYTES),
+            lambda c=conn: recv_stream(c),
+            lambda c=client: recv_stream(c),
+        ]
+    results, errors, stuck = run_threads(*jobs, timeout=BUDGET_LIMIT)
+    assert not stuck, f"not done in {BUDGET_LIMIT} s: {stuck}\n{relay.state_dump()}"
+    assert errors == [None] * len(jobs), errors
+    for i in range(BUDGET_FLOWS):
+        got_c2s, got_s2c = results[4 * i + 2], results[4 * i + 3]
+        assert (got_c2s.count, got_c2s.sha256) == (
+            BUDGET_BYTES, expected_digest(100 + i, BUDGET_BYTES),
+        )  # fmt: skip
+        assert (got_s2c.count, got_s2c.sha256) == (
+            BUDGET_BYTES, expected_digest(200 + i, BUDGET_BYTES),
+        )  # fmt: skip
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
     relay.check_running()
     relay.stop()

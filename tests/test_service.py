@@ -45,6 +45,14 @@ def test_client_idle_timeout_is_off_by_default_and_validated() -> None:
         validate(tun="tr0", client_nets=NETS, client_idle_timeout=-1)
 
 
+def test_memory_budget_reaches_the_stack_and_is_validated() -> None:
+    assert validate(tun="tr0", client_nets=NETS).stack.tcp.memory_budget == 1 << 30
+    opts = validate(tun="tr0", client_nets=NETS, memory_budget=4 << 20)
+    assert opts.stack.tcp.memory_budget == 4 << 20
+    with pytest.raises(ConfigError, match=r"^--memory-budget: "):
+        validate(tun="tr0", client_nets=NETS, memory_budget=1000)
+
+
 def test_options_survive_pickling_for_spawned_workers() -> None:
     # multiprocessing's 'spawn' pickles the options into each worker.
     opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=2, flow_log="/x")
