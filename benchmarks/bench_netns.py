@@ -2,7 +2,7 @@
 
 Run (root): ``sudo .venv/bin/python benchmarks/bench_netns.py [--quick] [--repeat N]
 [--only a,b,d] [--measures up,down] [--seconds T] [--idle N] [--time-limit S]
-[--json PATH] [--log-dir DIR] [--profile DIR]``
+[--json PATH] [--log-dir DIR] [--profile DIR] [--capture-in DIR]``
 
 Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client ns
 198.18.1.2 -> gateway ns -> server ns 198.18.2.2; nothing outside
@@ -27,6 +27,11 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     h  c with ``--log-dir`` (Zeek-compatible logs: every flow is detected, and
        dissected while its protocol is one of ours; a conn.log row per flow):
        h/c is what the protocol logs cost
+    i  c with a pass-through inline analyzer (``relay.lab.analyzers:PassThrough``,
+       whose ``data`` returns each chunk unchanged): i/c is what the inline path costs
+    j  c with ``--capture-dir`` (every flow's bytes and a synthetic pcap written to
+       a directory on the benchmark's temporary file system, removed after each
+       lab): j/c is what capture costs, j/i what its writing adds to the inline path
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -35,7 +40,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, f/b and g/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -51,6 +56,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -83,12 +89,24 @@ CONFIGS: dict[str, str] = {
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
     "h": "tunrelay --offload --log-dir",
+    "i": "tunrelay --offload, pass-through analyzer",
+    "j": "tunrelay --offload --capture-dir",
 }
-USES_RELAY = {"c", "d", "e", "h"}  # tunrelay itself
+USES_RELAY = {"c", "d", "e", "h", "i", "j"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
-OFFLOADED = {"c", "e", "h"}
-HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h"}  # a userspace process whose CPU we measure
+OFFLOADED = {"c", "e", "h", "i", "j"}
+HAS_PROCESS = {
+    "b",
+    "c",
+    "d",
+    "e",
+    "f",
+    "g",
+    "h",
+    "i",
+    "j",
+}  # a userspace process whose CPU we measure
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,7 @@ class Params:
     latency_count: int = 2000
     offload_flag: bool = False  # the CLI has --offload (configuration c)
     profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
+    capture_in: Path | None = None  # where j's capture directory goes (default: the run's tmp)
     measures: tuple[str, ...] = STEPS
 
 
@@ -340,6 +359,8 @@ class Lab:
         self.proc: subprocess.Popen[bytes] | None = None  # relay or forwarder
         self.server: subprocess.Popen[bytes] | None = None  # the echo server
         self.log_path = tmp / f"{where.replace(' ', '-')}.log"
+        # Configuration j's capture directory (created by the relay; removed by close).
+        self.capture_dir = (params.capture_in or tmp) / f"capture-{where.replace(' ', '-')}"
 
     # set-up
 
@@ -386,6 +407,11 @@ class Lab:
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)
                 argv += ["--log-dir", str(logs)]
+            if self.cfg == "i":
+                argv += ["--analyzer", "relay.lab.analyzers:PassThrough"]
+            if self.cfg == "j":
+                # Created by the relay for its workers; removed with the lab (close).
+                argv += ["--capture-dir", str(self.capture_dir)]
             if self.cfg == "e":
                 argv += ["--workers", "1"]
             elif self.params.profile_dir is not None:
@@ -632,6 +658,11 @@ class Lab:
         rc = stop(self.proc, 10.0)
         if rc not in (0, -signal.SIGTERM):
             self.report.note(self.where, f"tunrelay exited with status {rc} on SIGTERM")
+        if self.capture_dir.exists():
+            files = list(self.capture_dir.iterdir())
+            size = sum(f.stat().st_size for f in files)
+            self.report.note(self.where, f"captured {len(files)} files, {size / 1e6:,.0f} MB")
+            shutil.rmtree(self.capture_dir, ignore_errors=True)
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         bad = [ln for ln in text.splitlines() if re.search(r"WARNING|ERROR|CRITICAL|Traceback", ln)]
         for ln in bad[:5]:
@@ -713,6 +744,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     pairs = [("d", "b"), ("d", "a")]
     if params.offload_flag:
         pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
+        pairs += [("i", "c"), ("j", "c"), ("j", "i")]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -721,6 +753,8 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "f": "TUN floor",
         "g": "floor, no trio",
         "h": "offload, --log-dir",
+        "i": "offload, pass-through",
+        "j": "offload, --capture-dir",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
@@ -780,12 +814,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d,e,f,g,h", help="configurations, e.g. a,b,d")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g,h,i,j", help="configurations, e.g. a,b,d")
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")
     parser.add_argument("--json", type=Path, help="also write all samples and notes here")
     parser.add_argument("--log-dir", type=Path, help="keep tunrelay's logs here (default: discard)")
+    parser.add_argument(
+        "--capture-in",
+        type=Path,
+        metavar="DIR",
+        help="put configuration j's capture directory in DIR (e.g. /dev/shm, to leave the "
+        "disk out); default: the run's temporary directory",
+    )
     parser.add_argument(
         "--measures",
         default=",".join(STEPS),
@@ -829,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_limit=max(15.0, idle / 250),
         offload_flag=cli_has_offload(),
         profile_dir=args.profile,
+        capture_in=args.capture_in,
         measures=args.measures,
     )
     if args.profile is not None:

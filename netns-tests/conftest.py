@@ -4,6 +4,10 @@
 ``start_relay``  a factory that runs ``tunrelay run`` in the lab's gateway and
                  checks it, and the gateway, at tear-down (``relay_harness``);
 ``relay``        ``start_relay()`` with the default test set-up.
+
+Tests ported to the installed pytest plugin use its ``tunrelay_lab`` instead
+(`relay.lab.pytest_plugin`), with this suite's defaults from
+``tunrelay_lab_options`` below, and ``RelayProcess.of(lab)`` for the checks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +35,7 @@ from relay.lab.topology import Topology, remove_stale_namespaces  # noqa: E402
 
 from relay_harness import (  # noqa: E402
     DEFAULT_ANALYZERS,
+    LAB_OPTIONS,
     READY_MARK,
     READY_TIMEOUT,
     TUN,
@@ -48,6 +54,12 @@ def netns_root() -> None:
         pytest.skip(NEEDS_ROOT)
     # Only `tr-<pid>-*` names whose process is gone (SIGKILL, OOM, power loss).
     remove_stale_namespaces()
+
+
+@pytest.fixture
+def tunrelay_lab_options() -> dict[str, Any]:
+    """The plugin's lab with this suite's analyzers and logs (``LAB_OPTIONS``)."""
+    return dict(LAB_OPTIONS)
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
 """`tunrelay run` in the lab's gateway namespace, for end-to-end relay tests.
 
-Two fixtures, defined in ``conftest.py`` on top of ``RelayProcess`` and
+Tests ported to the installed pytest plugin request its ``tunrelay_lab``
+(`relay.lab.pytest_plugin`; ``conftest.py`` gives it this suite's defaults in
+``tunrelay_lab_options``) and look at its relay through ``RelayProcess.of(lab)``,
+which adds the checks below to the lab's tear-down. The others use the
+fixtures defined in ``conftest.py`` on top of ``RelayProcess`` and
 ``gateway_snapshot`` below; any test here requests them by name, and a test
 module imports from this module only the helpers it calls:
 
@@ -68,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.host import netns
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
 __all__ = [
@@ -104,6 +109,18 @@ READY_MARK = "relaying TCP"
 WORKER_USER = "nobody"  # the relay's default when started as root
 # Sysctls a relay changes while it runs (and must restore).
 SYSCTLS = ("ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv4/ping_group_range")
+# This suite's defaults for the plugin's labs (``tunrelay_lab_options`` in conftest.py).
+LAB_OPTIONS: dict[str, Any] = {
+    "analyzers": list(DEFAULT_ANALYZERS),
+    "env": {
+        "TUNRELAY_DIGEST_LOG": "{files}/digests.jsonl",
+        "TUNRELAY_STATE_DUMP": "{files}/state.txt",
+    },
+    # The tests count the flow log's records: no probe flow in it. "relaying TCP"
+    # means ready here, as for ``start_relay``.
+    "probe": False,
+    "setup": lambda lab: lab.notes.update(gateway_before=gateway_snapshot(lab.topology)),
+}
 
 
 # --- the relay process ---------------------------------------------------------------
@@ -126,6 +143,34 @@ class RelayProcess:
     stopped: bool = False
     exit_status: int | None = None
     _ready_seconds: float = field(default=0.0)
+
+    @classmethod
+    def of(cls, lab: Lab) -> RelayProcess:
+        """The relay of a ``tunrelay_lab`` (built with ``LAB_OPTIONS``); at the lab's
+        tear-down it is checked like ``start_relay``'s (running, no traceback, exit
+        status 0 on SIGTERM, nothing left in the gateway)."""
+        if "relay_process" in lab.notes:
+            found: RelayProcess = lab.notes["relay_process"]
+            return found
+        assert lab.relay_proc is not None, "the lab has no relay (relay=False)"
+        relay = cls(
+            lab.topology, lab.relay_proc, lab.log_path, lab.flow_log,
+            lab.files / "digests.jsonl", lab.files / "state.txt",
+            lab.state_dir / "run" / f"{TUN}.json", time.monotonic(),
+            gateway_before=lab.notes.get("gateway_before"),
+        )  # fmt: skip
+        lab.notes["relay_process"] = relay
+
+        def check() -> None:
+            try:
+                if not relay.stopped:
+                    relay.check_running()
+            finally:
+                relay.stop()  # the lab's own stop then finds it gone
+                lab.exit_status = relay.exit_status
+
+        lab.at_teardown(check)
+        return relay
 
     @property
     def pid(self) -> int:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from relay.lab.topology import Topology
+from relay.lab.lab import Lab
 
 from relay_harness import (
     IO_TIMEOUT,
@@ -43,9 +43,8 @@ C2S_STREAM, S2C_STREAM = 1, 2
 @pytest.mark.parametrize(
     ("c2s", "s2c"), [(SIZE, 0), (0, SIZE), (SIZE, SIZE)], ids=["upload", "download", "both"]
 )
-def test_bulk_64mib_byte_exact(
-    topology: Topology, relay: RelayProcess, family: int, c2s: int, s2c: int
-) -> None:
+def test_bulk_64mib_byte_exact(tunrelay_lab: Lab, family: int, c2s: int, s2c: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     srv, port = listener(topology, family)
     client = topology.socket("cli", family)
     client.settimeout(IO_TIMEOUT)

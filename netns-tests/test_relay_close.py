@@ -18,6 +18,7 @@ import time
 import pytest
 
 from relay.host import netns
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
 from relay_harness import (
@@ -57,9 +58,8 @@ def connected_pair(topo: Topology, family: int) -> tuple[socket.socket, socket.s
 
 
 @V4_V6
-def test_client_half_close_server_still_sends_1mib(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_client_half_close_server_still_sends_1mib(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     client, conn = connected_pair(topology, family)
 
     def client_side() -> Received:
@@ -85,9 +85,8 @@ def test_client_half_close_server_still_sends_1mib(
 
 
 @V4_V6
-def test_server_half_close_client_still_sends_1mib(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_server_half_close_client_still_sends_1mib(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     client, conn = connected_pair(topology, family)
 
     def server_side() -> Received:
@@ -134,9 +133,8 @@ def read_until_error(sock: socket.socket, limit: float) -> tuple[str, int, float
 
 
 @V4_V6
-def test_server_abort_resets_the_client(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_server_abort_resets_the_client(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     client, conn = connected_pair(topology, family)
     enough = threading.Event()
     aborted_at: list[float] = []
@@ -170,9 +168,8 @@ def test_server_abort_resets_the_client(
 
 
 @V4_V6
-def test_client_abort_resets_the_server(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_client_abort_resets_the_server(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     client, conn = connected_pair(topology, family)
     enough = threading.Event()
     aborted_at: list[float] = []
@@ -208,11 +205,10 @@ def test_client_abort_resets_the_server(
 # --- the relay's exit ------------------------------------------------------------------
 
 
-def test_relay_exit_removes_its_tun_rule_and_routes(
-    topology: Topology, relay: RelayProcess
-) -> None:
+def test_relay_exit_removes_its_tun_rule_and_routes(tunrelay_lab: Lab) -> None:
     """While `tunrelay run` runs, its TUN, rules and routes exist in the gateway;
     after SIGTERM (exit status 0) they are gone, and the namespace is still there."""
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     before = relay_installed(topology)
     assert before["tun"], before
     assert {r[0] for r in before["rules"]} == {socket.AF_INET, socket.AF_INET6}, before

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
 from relay_harness import (
@@ -55,9 +56,8 @@ def closed_port(topo: Topology, family: int) -> int:
 
 
 @V4_V6
-def test_closed_port_is_refused_within_1s(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_closed_port_is_refused_within_1s(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     server = addrs(topology, family)[1]
     port = closed_port(topology, family)
     client = topology.socket("cli", family)
@@ -74,8 +74,9 @@ def test_closed_port_is_refused_within_1s(
 
 @V4_V6
 def test_unrouted_destination_is_unreachable_never_connected(
-    topology: Topology, relay: RelayProcess, family: int
+    tunrelay_lab: Lab, family: int
 ) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     target = UNROUTED[family]
     client = topology.socket("cli", family)
     client.settimeout(UNREACH_TIMEOUT)
@@ -129,11 +130,10 @@ class Conn:
         )
 
 
-async def test_200_concurrent_connections_1mib_each_way(
-    topology: Topology, relay: RelayProcess
-) -> None:
+async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> None:
     """200 connections open at the same time (a barrier: no byte moves until all are
     connected), each sending 1 MiB each way, every stream byte-exact."""
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     family = socket.AF_INET
     server_addr = addrs(topology, family)[1]
     lsock, port = listener(topology, family, backlog=CONCURRENT + 16)

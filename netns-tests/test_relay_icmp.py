@@ -23,6 +23,7 @@ import pytest
 
 from relay.datapath.echo import PING_GROUP_RANGE, enable_ping_sockets
 from relay.host import netns
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
 from relay_harness import (
@@ -68,9 +69,8 @@ def gw_ping_range(topo: Topology) -> str:
 
 
 @V4_V6
-def test_ping_is_relayed_to_the_real_destination(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_ping_is_relayed_to_the_real_destination(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     server = addrs(topology, family)[1]
     status, out = ping(topology, server, "-c", "3", "-i", "0.2", "-W", "2")
     assert status == 0 and received(out) == 3, out
@@ -84,9 +84,8 @@ def test_ping_is_relayed_to_the_real_destination(
 
 
 @V4_V6
-def test_large_ping_is_reassembled_and_its_reply_fragmented(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_large_ping_is_reassembled_and_its_reply_fragmented(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     server = addrs(topology, family)[1]
     status, out = ping(topology, server, "-c", "2", "-i", "0.2", "-W", "2", "-s", "4000")
     assert status == 0 and received(out) == 2, out
@@ -97,8 +96,10 @@ def test_large_ping_is_reassembled_and_its_reply_fragmented(
 
 @V4_V6
 def test_ping_to_an_unrouted_address_fails_as_without_a_relay(
-    topology: Topology, relay: RelayProcess, family: int
+    tunrelay_lab: Lab, family: int
 ) -> None:
+    topology = tunrelay_lab.topology
+    RelayProcess.of(tunrelay_lab)  # checked at tear-down
     status, out = ping(topology, UNROUTED[family], "-c", "2", "-i", "0.2", "-W", "1")
     # Kernel forwarding: "From 198.18.1.1 icmp_seq=1 Destination Net Unreachable" (v6:
     # "Destination unreachable: No route"), "+2 errors", exit status 1.
@@ -109,9 +110,11 @@ def test_ping_to_an_unrouted_address_fails_as_without_a_relay(
     assert "+2 errors" in out
 
 
-def test_ping_to_a_silent_address_gets_no_reply(topology: Topology, relay: RelayProcess) -> None:
+def test_ping_to_a_silent_address_gets_no_reply(tunrelay_lab: Lab) -> None:
     # On the server's link but nobody there: the neighbour lookup fails. The relay
     # never answers an echo itself.
+    topology = tunrelay_lab.topology
+    RelayProcess.of(tunrelay_lab)  # checked at tear-down
     status, out = ping(topology, "198.18.2.99", "-c", "1", "-W", "1")
     assert status != 0 and received(out) == 0, out
     assert "bytes from" not in out
@@ -129,9 +132,11 @@ def _nobody_can_open_icmp_socket(topo: Topology) -> bool:
     return proc.wait(timeout=10) == 0
 
 
+@pytest.mark.tunrelay(relay=False)
 def test_enable_ping_sockets_serves_a_service_user_and_is_undone(
-    topology: Topology, monkeypatch: pytest.MonkeyPatch
+    tunrelay_lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    topology = tunrelay_lab.topology
     assert gw_ping_range(topology) == "1 0"
     assert not _nobody_can_open_icmp_socket(topology)
     net = topology.netconfig("gw")

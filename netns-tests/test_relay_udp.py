@@ -22,7 +22,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dns.message
@@ -30,6 +30,7 @@ import dns.query
 import pytest
 
 from relay.host import netns
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
 from relay_harness import (
@@ -125,24 +126,17 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
 # --- DNS -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def dns_relay(
-    topology: Topology, start_relay: Callable[..., RelayProcess], relay_files: Path
-) -> Iterator[tuple[RelayProcess, Path]]:
-    start_dnsmasq(topology)
-    udp_log = relay_files / "udp.jsonl"  # written by the workers (nobody)
-    relay = start_relay(
-        analyzers=["udp_analyzers:DnsRecorder"],
-        env={"PYTHONPATH": str(HERE), "TUNRELAY_UDP_LOG": str(udp_log)},
-    )
-    yield relay, udp_log
-
-
 @V4_V6
+@pytest.mark.tunrelay(
+    analyzers=["udp_analyzers:DnsRecorder"],  # from this directory (the plugin's pythonpath)
+    env={"TUNRELAY_UDP_LOG": "{files}/udp.jsonl"},  # written by the workers (nobody)
+    setup=lambda lab: start_dnsmasq(lab.topology),
+)
 def test_dns_resolves_through_the_relay_and_the_analyzer_sees_the_name(
-    topology: Topology, dns_relay: tuple[RelayProcess, Path], family: int
+    tunrelay_lab: Lab, family: int
 ) -> None:
-    relay, udp_log = dns_relay
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
+    udp_log = tunrelay_lab.files / "udp.jsonl"
     server = addrs(topology, family)[1]
     name = f"host-{family}.example.test"
     proc = topology.spawn(
@@ -176,9 +170,8 @@ def test_dns_resolves_through_the_relay_and_the_analyzer_sees_the_name(
 
 
 @V4_V6
-def test_10000_datagrams_echoed_exactly(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_10000_datagrams_echoed_exactly(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     port = echo_server(topology, family)
     client = udp_socket(topology, "cli", family)
     client.connect((addrs(topology, family)[1], port))
@@ -223,9 +216,8 @@ def test_10000_datagrams_echoed_exactly(
 
 
 @V4_V6
-def test_4000_byte_datagram_is_reassembled_both_ways(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_4000_byte_datagram_is_reassembled_both_ways(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     server_sock = udp_socket(topology, "srv", family)
     server_sock.bind((addrs(topology, family)[1], 0))
     client = udp_socket(topology, "cli", family)
@@ -246,9 +238,8 @@ def test_4000_byte_datagram_is_reassembled_both_ways(
 
 
 @V4_V6
-def test_closed_port_refuses_the_connected_client_socket(
-    topology: Topology, relay: RelayProcess, family: int
-) -> None:
+def test_closed_port_refuses_the_connected_client_socket(tunrelay_lab: Lab, family: int) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     with netns.entered(topology.srv):
         holder = socket.socket(family, socket.SOCK_DGRAM)
     holder.bind((addrs(topology, family)[1], 0))
@@ -268,10 +259,9 @@ def test_closed_port_refuses_the_connected_client_socket(
 # --- flow clean-up ---------------------------------------------------------------------------
 
 
-def test_1000_flows_idle_out_without_leaking_sockets(
-    topology: Topology, start_relay: Callable[..., RelayProcess]
-) -> None:
-    relay = start_relay(args=["--udp-idle-timeout", str(IDLE)])
+@pytest.mark.tunrelay(args=["--udp-idle-timeout", str(IDLE)])
+def test_1000_flows_idle_out_without_leaking_sockets(tunrelay_lab: Lab) -> None:
+    topology, relay = tunrelay_lab.topology, RelayProcess.of(tunrelay_lab)
     port = echo_server(topology, socket.AF_INET)
     server = topology.srv_v4
     fds_before = fd_count(relay.worker_pid)

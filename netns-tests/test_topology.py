@@ -1,4 +1,5 @@
-"""Tests of the netns harness itself, the TUN device and the relay's routing.
+"""Tests of the netns harness itself (the plugin's ``tunrelay_lab`` without a relay), the
+TUN device and the relay's routing.
 
 (a) plain kernel forwarding through the gateway works (the baseline);
 (b) with a TUN device and `route_client_nets_into_tun` the gateway hands the
@@ -27,8 +28,11 @@ import trio.testing
 from relay.datapath.tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TunDevice
 from relay.host import netns
 from relay.host.netconfig import NetConfig, route_client_nets_into_tun
+from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 
+# The plugin's lab without a relay: these test the namespaces, the TUN and routing.
+pytestmark = pytest.mark.tunrelay(relay=False)
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 TABLE = 5197
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
@@ -60,7 +64,8 @@ def listener(topo: Topology, family: int) -> tuple[socket.socket, int]:
 
 
 @V4_V6
-def test_kernel_forwarding_baseline(topology: Topology, family: int) -> None:
+def test_kernel_forwarding_baseline(tunrelay_lab: Lab, family: int) -> None:
+    topology = tunrelay_lab.topology
     topology.enable_forwarding()
     cli_addr, srv_addr = addrs(topology, family)
     srv, port = listener(topology, family)
@@ -79,7 +84,8 @@ def test_kernel_forwarding_baseline(topology: Topology, family: int) -> None:
 
 @pytest.mark.skipif(shutil.which("ping") is None, reason="ping (iputils-ping) not installed")
 @V4_V6
-def test_spawned_ping_crosses_the_gateway(topology: Topology, family: int) -> None:
+def test_spawned_ping_crosses_the_gateway(tunrelay_lab: Lab, family: int) -> None:
+    topology = tunrelay_lab.topology
     topology.enable_forwarding()
     flag = "-4" if family == socket.AF_INET else "-6"
     proc = topology.spawn(
@@ -92,7 +98,8 @@ def test_spawned_ping_crosses_the_gateway(topology: Topology, family: int) -> No
     assert proc.returncode == 0, out
 
 
-def test_spawn_runs_inside_the_namespace(topology: Topology) -> None:
+def test_spawn_runs_inside_the_namespace(tunrelay_lab: Lab) -> None:
+    topology = tunrelay_lab.topology
     code = "import os; print(os.stat('/proc/self/ns/net').st_ino)"
     for role in ("cli", "gw", "srv"):
         proc = topology.spawn(role, [sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -163,8 +170,9 @@ def open_tun_with_routing(topology: Topology, rp_filter: int = 0) -> tuple[TunDe
 
 @FAMILY_RP
 async def test_tun_gets_client_syn_and_delivers_rst(
-    topology: Topology, family: int, rp_filter: int
+    tunrelay_lab: Lab, family: int, rp_filter: int
 ) -> None:
+    topology = tunrelay_lab.topology
     tun, _ = open_tun_with_routing(topology, rp_filter)
     cli_addr, srv_addr = addrs(topology, family)
     # A real listener on the server: if the SYN were forwarded there instead
@@ -190,8 +198,9 @@ async def test_tun_gets_client_syn_and_delivers_rst(
 
 
 @V4_V6
-def test_gateway_own_sockets_bypass_the_tun(topology: Topology, family: int) -> None:
+def test_gateway_own_sockets_bypass_the_tun(tunrelay_lab: Lab, family: int) -> None:
     """The relay's upstream sockets (source = gateway address) use the main table."""
+    topology = tunrelay_lab.topology
     tun, _ = open_tun_with_routing(topology)
     srv, port = listener(topology, family)
     srv.settimeout(5)
@@ -252,7 +261,8 @@ def table_routes(ipr: Any, family: int) -> list[Any]:
     return list(ipr.get_routes(family=family, table=TABLE))
 
 
-def test_netconfig_close_undoes_everything(topology: Topology) -> None:
+def test_netconfig_close_undoes_everything(tunrelay_lab: Lab) -> None:
+    topology = tunrelay_lab.topology
     with netns.entered(topology.gw):
         tun = TunDevice.open("tun0", mtu=1500, txqueuelen=4000)
     topology.defer(tun.close)
@@ -296,8 +306,9 @@ def test_netconfig_close_undoes_everything(topology: Topology) -> None:
 
 
 def test_netconfig_undo_tolerates_objects_already_gone(
-    topology: Topology, caplog: pytest.LogCaptureFixture
+    tunrelay_lab: Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
+    topology = tunrelay_lab.topology
     with netns.entered(topology.gw):
         tun = TunDevice.open("tun0")
     topology.defer(tun.close)
@@ -316,10 +327,11 @@ def test_netconfig_undo_tolerates_objects_already_gone(
 
 @FAMILY_RP
 def test_clients_still_reach_the_gateway_itself(
-    topology: Topology, family: int, rp_filter: int
+    tunrelay_lab: Lab, family: int, rp_filter: int
 ) -> None:
     """The gateway's own address inside the client net (a VPN server's usual
     set-up) must not have its replies to clients routed into the TUN."""
+    topology = tunrelay_lab.topology
     tun, _ = open_tun_with_routing(topology, rp_filter)
     gw_addr = topology.gw_cli_v4 if family == socket.AF_INET else topology.gw_cli_v6
     service = topology.socket("gw", family)
@@ -336,7 +348,8 @@ def test_clients_still_reach_the_gateway_itself(
     assert [seg for p in tun.drain(max_batch=1000) if (seg := parse_tcp(p))] == []
 
 
-async def test_tun_device_options(topology: Topology) -> None:
+async def test_tun_device_options(tunrelay_lab: Lab) -> None:
+    topology = tunrelay_lab.topology
     with netns.entered(topology.gw):
         tun = TunDevice.open("tun0", mtu=1400, txqueuelen=3000)
         topology.defer(tun.close)

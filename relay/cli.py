@@ -1,5 +1,5 @@
-"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run) and
-``demo`` (the embedded default)."""
+"""The ``tunrelay`` command line: ``run`` (the service), ``cleanup`` (after a dead run),
+``demo`` (the embedded default) and ``lab`` (a detached lab to try it by hand)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
+from relay.lab import labcli
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
+from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
 from relay.service.runstate import STATE_DIR, StateError, cleanup
@@ -100,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
         "quic.log; appended to): protocols are detected by content and dissected",
     )
     run.add_argument(
+        "--capture-dir",
+        metavar="DIR",
+        help="write each TCP flow's bytes into DIR as <uid>.c2s, <uid>.s2c and a synthetic "
+        "<uid>.pcap (UDP: the pcap only); DIR is created 0700 for the workers' user",
+    )
+    run.add_argument(
+        "--capture-filter",
+        action="append",
+        default=[],
+        metavar="TERMS",
+        help="capture only flows with an end matching 'port N', 'net CIDR' or a bare CIDR "
+        "(repeatable, or a comma list; any term matches; default: every TCP and UDP flow)",
+    )
+    run.add_argument(
         "--block-domain",
         action="append",
         default=[],
@@ -162,6 +178,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--stats-interval", type=float, default=0.0, help="log counters every N seconds (0: off)"
+    )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at /metrics and a health check at /healthz on this "
+        "TCP address ([V6]:PORT for IPv6); off by default",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the service's own log on stderr: text lines or JSON lines (default text)",
     )
     run.add_argument(
         "--offload",
@@ -257,6 +285,7 @@ def _parser() -> argparse.ArgumentParser:
         "client, print what the analyzers saw, and tear everything down.",
     )
     demo.add_argument("--bulk-mib", type=int, default=16, help="size of the bulk transfers")
+    labcli.add_parser(sub)
     return parser
 
 
@@ -293,6 +322,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         analyzers=args.analyzer,
         flow_log=args.flow_log,
         log_dir=args.log_dir,
+        capture_dir=args.capture_dir,
+        capture_filter=args.capture_filter,
         block_domains=args.block_domain,
         block_lists=args.block_list,
         mtu=args.mtu,
@@ -319,6 +350,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        metrics=args.metrics,
+        log_format=args.log_format,
     )
     if args.profile and opts.workers != 1:
         raise ConfigError("--profile: needs --workers 1 (one process to profile)")
@@ -356,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(bulk_mib=args.bulk_mib)
     if args.command == "cleanup":
         return _cleanup(args.state_dir, args.tun)
+    if args.command == "lab":
+        return labcli.run(args)
     keys = keys_of(_run_parser(parser))
     if args.command == "check-config":
         return _check_config(args.file, keys)
@@ -376,7 +411,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as bad:
             raise ConfigError(str(bad)) from None
         opts = dataclasses.replace(opts, user=user, profile=args.profile)
-        return trio.run(supervise, opts, args.log_level)
+        configure_logging(args.log_level, opts.log_format)
+        reread = None
+        if args.config is not None:
+
+            def reread() -> RunOptions:  # SIGHUP: the file again, the command line over it
+                fresh = _parser().parse_args(argv)
+                new, _ = _configured(fresh, keys, args.config, given(_parser(), argv))
+                return dataclasses.replace(new, user=user, profile=args.profile)
+
+        return trio.run(functools.partial(supervise, reread=reread), opts, args.log_level)
     except Exception as exc:  # at start above all: one line, never a traceback
         leaf = _leaf(exc)
         if isinstance(leaf, ConfigError | StateError):

@@ -489,6 +489,11 @@ class Stack:
         conn = self._by_flow.get(flow)
         return None if conn is None else conn.state
 
+    @property
+    def memory_budget(self) -> MemoryBudget:
+        """The buffer bytes all TCP connections reserve together (``used``, ``limit``)."""
+        return self._tcp_memory
+
     def __len__(self) -> int:
         return len(self._by_key)
 

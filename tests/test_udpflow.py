@@ -315,8 +315,9 @@ async def test_idle_flows_close_their_sockets(private_netns: dict[int, str]) -> 
     async with running([tap], udp_socket=factory) as (client, relay, stack, _):
         for i in range(200):
             client.send(server_ip, 20000 + i, port, b"hi")
+        # Each flow opened its socket; no count of flows open at once is asserted,
+        # since the first may idle out (0.3 s) before the last opens on a busy machine.
         await until(lambda: len(sockets) == 200)
-        assert relay.active_datagram_flows == 200
         await until(lambda: len(tap.ends) == 200)
         assert relay.active_datagram_flows == 0 and stack.datagram_flows == 0
         assert relay.stats.datagram_flows_active == 0

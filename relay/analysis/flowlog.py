@@ -28,6 +28,8 @@ from relay.analysis.hooks import FlowEnd, FlowInfo
 
 __all__ = ["FlowLog", "flow_record"]
 
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
 
 def flow_record(flow: FlowInfo, end: FlowEnd, worker: int | None = None) -> dict[str, Any]:
     """The flow-log record of one finished flow (with ``worker`` when given)."""
@@ -71,8 +73,10 @@ class FlowLog:
         self._worker = worker
         self._fd: int | None = None
         self._stream: IO[str] | None = None
+        self._path: str | os.PathLike[str] | None = None
         if isinstance(target, str | os.PathLike):
-            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._path = target
+            self._fd = os.open(target, _FLAGS, 0o644)
         else:
             self._stream = target
 
@@ -84,6 +88,21 @@ class FlowLog:
         elif self._stream is not None:
             self._stream.write(line)
             self._stream.flush()
+
+    def reopen(self) -> None:
+        """Open the path again (after a rotation renamed the file); the new file takes
+        the old descriptor (``dup2``). A stream is left alone.
+
+        Raises:
+            OSError: the path cannot be opened (lines still go to the old file).
+        """
+        if self._fd is None or self._path is None:
+            return
+        new = os.open(self._path, _FLAGS, 0o644)
+        try:
+            os.dup2(new, self._fd, inheritable=False)
+        finally:
+            os.close(new)
 
     def close(self) -> None:
         """Close the file if ``FlowLog`` opened it. Safe to call twice."""

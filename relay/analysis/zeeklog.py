@@ -105,6 +105,7 @@ if TYPE_CHECKING:
 __all__ = ["LOGS", "LogStats", "ZeekLogs", "conn_state"]
 
 log = logging.getLogger(__name__)
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 LOGS: Final = ("conn", "ssl", "http", "dns", "quic")  # DIR/<name>.log
 _CONN, _SSL, _HTTP, _DNS, _QUIC = range(len(LOGS))
@@ -318,11 +319,10 @@ class ZeekLogs:
         self._flush_at = flush_at
         self._interval = flush_interval
         self._fds: list[int] = []
+        self._paths = [os.path.join(directory, f"{name}.log") for name in LOGS]
         try:
-            for name in LOGS:
-                path = os.path.join(directory, f"{name}.log")
-                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                self._fds.append(os.open(path, flags, 0o644))
+            for path in self._paths:
+                self._fds.append(os.open(path, _FLAGS, 0o644))
         except BaseException:
             self.close()
             raise
@@ -443,6 +443,21 @@ class ZeekLogs:
                     log.warning(
                         "--log-dir: write failed (%d so far): %s", self.stats.write_errors, exc
                     )
+
+    def reopen(self) -> None:
+        """Open the files by name again (after a rotation renamed them). ``dup2`` puts
+        each new file under the old descriptor, so a write in flight in the writer
+        thread goes whole to one file or the other.
+
+        Raises:
+            OSError: a file cannot be opened (the rest still go to the old files).
+        """
+        for fd, path in zip(self._fds, self._paths, strict=True):
+            new = os.open(path, _FLAGS, 0o644)
+            try:
+                os.dup2(new, fd, inheritable=False)
+            finally:
+                os.close(new)
 
     def close(self) -> None:
         """Write what waits (blocking: at exit) and close the files. Safe to call twice."""

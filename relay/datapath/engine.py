@@ -33,6 +33,7 @@ handler (``dispatch_errors``: that flow is reset); the loop goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import resource
@@ -45,6 +46,7 @@ from relay.analysis.hooks import AnalyzerChain
 from relay.datapath.config import RelayConfig
 from relay.datapath.datagrams import DatagramRelay
 from relay.datapath.echo import EchoFlow, open_ping_socket
+from relay.datapath.egress import EgressPolicy
 from relay.datapath.env import (
     Connector,
     DatagramEnv,
@@ -54,6 +56,7 @@ from relay.datapath.env import (
     SocketFactory,
 )
 from relay.datapath.isn import IsnGenerator
+from relay.datapath.looptime import LoopLatency
 from relay.datapath.packet_source import CsumPacketSource, PacketSource
 from relay.datapath.tcpflow import TcpFlow, make_connector
 from relay.datapath.udpflow import UdpFlow, open_udp_socket
@@ -161,6 +164,7 @@ class Relay:
         echo_socket: SocketFactory | None = None,
     ) -> None:
         self.stats = RelayStats()
+        self.loop_latency = LoopLatency()  # seconds per packet-loop pass
         self._source = source
         # TUN offloads: the source marks packets whose checksum the stack must not verify.
         self._drain_csum = (
@@ -215,6 +219,26 @@ class Relay:
             {"udp": UdpFlow, "icmp": EchoFlow},
         )
         self._handlers.update(self._datagrams.handlers())
+
+    def reconfigure(
+        self, *, egress: EgressPolicy | None = None, analyzers: Sequence[object] | None = None
+    ) -> None:
+        """New flows are judged by ``egress`` and see ``analyzers`` (a reload); flows
+        already open keep the policy decision and the analyzers they started with.
+
+        Raises:
+            TypeError: an analyzer has a hook that is not an async method.
+        """
+        if analyzers is not None:
+            chain = AnalyzerChain(
+                analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
+            )
+            self._env.chain = self._datagrams.env.chain = chain
+            self._env.dissection, self._datagrams.env.dissection = _dissection_factories(chain)
+        if egress is not None:
+            self._config = dataclasses.replace(self._config, egress=egress)
+            self._env.config = self._config
+            self._datagrams.env.egress = egress
 
     @property
     def active_flows(self) -> int:
@@ -296,6 +320,7 @@ class Relay:
         max_batch = self._config.max_batch
         receive = stack.receive
         drain_csum = self._drain_csum
+        latency = self.loop_latency
         while True:
             self._kicked = False  # everything kicked so far is flushed below
             now = trio.current_time()
@@ -327,6 +352,7 @@ class Relay:
             self._dispatch()
             self._write_out(now)
             stats.iterations += 1
+            latency.observe(trio.current_time() - now)
             if len(packets) >= max_batch or self._kicked:
                 await trio.lowlevel.checkpoint()  # busy: let flow tasks run, then go on
                 continue

@@ -1,10 +1,13 @@
-"""Analyzers that misbehave on purpose, for the relay's isolation tests.
+"""Analyzers that misbehave on purpose, for the relay's isolation tests (and one
+that does nothing, for the benchmarks).
 
 * ``Failing`` raises ``InjectedFailure`` from ``data``: the relay must log it,
   detach the analyzer from that flow and carry on (or reset the flow when
   fail-closed).
 * ``Slow`` sleeps in ``data`` on flows to one port: only those flows may be
   slowed down (their window closes), never the others.
+* ``PassThrough`` returns every chunk unchanged from ``data``: the inline path
+  (``benchmarks/bench_netns.py`` configuration i) with nothing to judge.
 * ``StateDump`` has no hooks: on SIGUSR1 it writes the TCP state of every
   connection in the stack to a file (``TUNRELAY_STATE_DUMP``), for tests that
   need to show why a flow stalled.
@@ -33,7 +36,7 @@ import trio
 
 from relay.analysis.hooks import Direction, FlowInfo
 
-__all__ = ["Failing", "InjectedFailure", "Slow", "StateDump"]
+__all__ = ["Failing", "InjectedFailure", "PassThrough", "Slow", "StateDump"]
 
 FAILING_PORT_ENV = "TUNRELAY_FAILING_PORT"
 SLOW_PORT_ENV = "TUNRELAY_SLOW_PORT"
@@ -91,6 +94,19 @@ class Slow:
         if self.port is None or flow.server_port == self.port:
             self.calls += 1
             await trio.sleep(self.seconds)
+
+
+class PassThrough:
+    """Returns each chunk as it came: the very object, so ``FlowHooks.data`` reports it
+    unchanged and the flow keeps the unchanged-bytes accounting (the client's window
+    reopens as the kernel takes the bytes). What it costs is the inline path itself:
+    every client chunk through the c2s queue and task instead of the direct write,
+    and a hook call per chunk each way. (A copy would add the rewrite path's
+    accounting, which holds a chunk's window until all of it is upstream, and a
+    memcpy.)"""
+
+    async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> bytes:
+        return data
 
 
 STATE_DUMP_ENV = "TUNRELAY_STATE_DUMP"

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
     # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
+    from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -69,6 +70,8 @@ class RunOptions:
     analyzers: tuple[AnalyzerSpec, ...] = ()
     flow_log: str | None = None
     log_dir: str | None = None  # Zeek-compatible logs (relay.analysis.zeeklog)
+    capture_dir: str | None = None  # per-flow capture files (relay.analysis.capture)
+    capture_filter: tuple[str, ...] = ()  # --capture-filter terms, checked by validate
     # --block-domain and --block-list: (pattern, rule), relay.analysis.blocklist
     block_rules: tuple[tuple[str, str], ...] = ()
     mtu: int = 1500
@@ -85,6 +88,8 @@ class RunOptions:
     # Capabilities the workers keep: none, or CAP_NET_RAW for --fwmark (SO_MARK).
     worker_caps: frozenset[int] = frozenset()
     profile: str | None = None  # cProfile output of worker 0's packet loop
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT (relay.service.metrics)
+    log_format: str = "text"  # the service's own log: text or json (relay.service.logsetup)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
 
@@ -96,6 +101,8 @@ def validate(
     analyzers: Sequence[AnalyzerSpec] = (),
     flow_log: str | None = None,
     log_dir: str | None = None,
+    capture_dir: str | None = None,
+    capture_filter: Sequence[str] = (),
     block_domains: Sequence[str] = (),
     block_lists: Sequence[str] = (),
     mtu: int = 1500,
@@ -122,6 +129,8 @@ def validate(
     iifs: Sequence[str] = (),
     fail_closed_routing: bool = True,
     state_dir: str = STATE_DIR,
+    metrics: str | None = None,
+    log_format: str = "text",
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -151,7 +160,18 @@ def validate(
         raise ConfigError("--state-dir: must not be empty")
     if log_dir is not None and not os.path.isdir(log_dir):
         raise ConfigError(f"--log-dir: {log_dir!r} is not a directory")
+    _check_capture(capture_dir, capture_filter)
     block_rules = _block_rules(block_domains, block_lists)
+    metrics_address = None
+    if metrics is not None:
+        from relay.service.metrics import parse_address
+
+        try:
+            metrics_address = parse_address(metrics)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics: {exc}") from None
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format: {log_format!r} is neither text nor json")
     for analyzer in analyzers:
         spec = analyzer if isinstance(analyzer, str) else analyzer[0]
         if spec.count(":") != 1 or not all(spec.split(":")):
@@ -220,6 +240,8 @@ def validate(
         analyzers=tuple(analyzers),
         flow_log=flow_log,
         log_dir=log_dir,
+        capture_dir=capture_dir,
+        capture_filter=tuple(capture_filter),
         block_rules=block_rules,
         mtu=mtu,
         txqueuelen=txqueuelen,
@@ -231,6 +253,8 @@ def validate(
         iifs=tuple(dict.fromkeys(iifs)),
         fail_closed_routing=fail_closed_routing,
         state_dir=state_dir,
+        metrics=metrics_address,
+        log_format=log_format,
         # SO_MARK needs CAP_NET_RAW (or CAP_NET_ADMIN, which would let an analyzer
         # reconfigure the network): the workers keep the lesser one only if asked.
         worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),
@@ -401,16 +425,101 @@ def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
         raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
 
 
+def _check_capture(capture_dir: str | None, capture_filter: Sequence[str]) -> None:
+    if capture_filter and capture_dir is None:
+        raise ConfigError("--capture-filter: needs --capture-dir")
+    if capture_dir is None:
+        return
+    if not capture_dir:
+        raise ConfigError("--capture-dir: must not be empty")
+    if os.path.lexists(capture_dir):
+        if os.path.islink(capture_dir) or not os.path.isdir(capture_dir):
+            raise ConfigError(f"--capture-dir: {capture_dir!r} is not a directory")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(capture_dir))):
+        raise ConfigError(f"--capture-dir: the parent of {capture_dir!r} does not exist")
+    from relay.analysis.capture import CaptureFilterError, parse_capture_filter
+
+    try:
+        parse_capture_filter(capture_filter)
+    except CaptureFilterError as exc:
+        raise ConfigError(f"--capture-filter: {exc}") from None
+
+
+def prepare_capture_dir(opts: RunOptions, user: Identity) -> None:
+    """Create ``--capture-dir`` for the workers' ``user`` (by the supervisor, while it
+    may still chown): mode 0700, owned by that user, since it will hold every
+    captured byte. A directory that exists must be that user's already (a
+    previous run's) and writable by no one else; it is used as it is.
+
+    Raises:
+        ConfigError: the directory cannot be created, or belongs to someone else.
+    """
+    path = opts.capture_dir
+    if path is None:
+        return
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise ConfigError(f"--capture-dir: {path!r} is not a directory") from None
+        if st.st_uid != user.uid:
+            raise ConfigError(
+                f"--capture-dir: {path!r} exists and belongs to uid {st.st_uid}, not to the "
+                f"workers' user {user.name!r} (uid {user.uid}): give a new path (it is "
+                f"created) or chown it"
+            ) from None
+        if st.st_mode & 0o022:  # others could plant or swap files among the captures
+            raise ConfigError(
+                f"--capture-dir: {path!r} is writable by others (mode {st.st_mode & 0o777:o})"
+            ) from None
+        return
+    except OSError as exc:
+        raise ConfigError(f"--capture-dir: cannot create {path!r}: {exc.strerror}") from None
+    try:
+        os.chown(path, user.uid, user.gid)
+        os.chmod(path, 0o700)  # whatever the umask
+    except OSError as exc:
+        raise ConfigError(f"--capture-dir: cannot give {path!r} to {user.name!r}: {exc}") from None
+
+
+def open_capture_dir(opts: RunOptions) -> Capture | None:
+    """The ``--capture-dir`` analyzer, its directory opened by a worker before it
+    drops its privileges (the files are then created relative to that descriptor:
+    the path's ancestors need not be open to the workers' user).
+
+    Raises:
+        ConfigError: the directory cannot be opened.
+    """
+    if opts.capture_dir is None:
+        return None
+    from relay.analysis.capture import Capture, DirectorySink, parse_capture_filter
+
+    try:
+        sink = DirectorySink.open(opts.capture_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"--capture-dir: cannot open {opts.capture_dir!r}: {exc.strerror}"
+        ) from None
+    capture = Capture(sink, parse_capture_filter(opts.capture_filter))
+    log.info("capturing %s into %s", capture.selection.describe(), opts.capture_dir)
+    return capture
+
+
 def load_analyzers(
-    opts: RunOptions, flow_log: FlowLog | None = None, logs: ZeekLogs | None = None
+    opts: RunOptions,
+    flow_log: FlowLog | None = None,
+    logs: ZeekLogs | None = None,
+    capture: Capture | None = None,
 ) -> list[object]:
-    """The domain blocker (``--block-domain``, ``--block-list``) first, so its verdict
-    decides; then the ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
+    """``capture`` first, so it sees the bytes before any rewrite; then the domain
+    blocker (``--block-domain``, ``--block-list``), so its verdict decides; then
+    the ``--analyzer`` objects, then ``flow_log`` and ``logs`` if given.
 
     Raises:
         ConfigError: an analyzer cannot be loaded.
     """
-    analyzers: list[object] = []
+    analyzers: list[object] = [] if capture is None else [capture]
     if opts.block_rules:
         from relay.analysis.blocklist import DomainBlocker
 
@@ -475,13 +584,17 @@ async def relay_queue(
     *,
     on_ready: Callable[[], None],
     logs: ZeekLogs | None = None,
+    on_running: Callable[[trio.Nursery, Relay, Stack, TunDevice, GcStats], None] | None = None,
+    stats_interval: Callable[[], float] | None = None,
 ) -> None:
     """Run the packet loop on one TUN queue until SIGINT/SIGTERM or cancellation.
 
     ``on_ready`` is called once packets are being relayed. ``logs`` (one of
     ``analyzers``) gets its writer task here; its owner closes it, which writes
     what is left. On the way out the stack's, the relay's, the queue's and the
-    garbage collector's counters are logged ("stopped: stack").
+    garbage collector's counters are logged ("stopped: stack"). ``on_running``
+    starts tasks beside the packet loop (the worker's control link);
+    ``stats_interval`` is read before each stats line (a reload may change it).
     """
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
@@ -505,10 +618,11 @@ async def relay_queue(
                 if logs is not None:
                     await nursery.start(logs.run)
                 await nursery.start(relay.run)
-                if opts.stats_interval > 0:
-                    nursery.start_soon(
-                        _log_stats, relay, stack, tun, watch.stats, opts.stats_interval
-                    )
+                if stats_interval is not None or opts.stats_interval > 0:
+                    interval = stats_interval or (lambda: opts.stats_interval)
+                    nursery.start_soon(_log_stats, relay, stack, tun, watch.stats, interval)
+                if on_running is not None:
+                    on_running(nursery, relay, stack, tun, watch.stats)
                 on_ready()
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -524,10 +638,13 @@ async def relay_queue(
 
 
 async def _log_stats(
-    relay: Relay, stack: Stack, tun: TunDevice, gcs: GcStats, interval: float
+    relay: Relay, stack: Stack, tun: TunDevice, gcs: GcStats, interval: Callable[[], float]
 ) -> None:
     while True:
-        await trio.sleep(interval)
+        if interval() <= 0:  # off until a reload sets it
+            await trio.sleep(1.0)
+            continue
+        await trio.sleep(interval())
         log.info(
             "flows=%d stack %s; relay %s; tun %s; gc %s",
             len(stack), stack.stats, relay.stats, tun.stats, gcs,

@@ -42,32 +42,39 @@ import marshal
 import multiprocessing
 import os
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import IO, TYPE_CHECKING
 
 import trio
 
+from relay.analysis.flowcounts import FlowCounts
 from relay.analysis.flowlog import FlowLog
 from relay.datapath.tun import TunDevice
-from relay.service import privileges
+from relay.service import privileges, sdnotify
+from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_KILL, CAP_NET_ADMIN, Identity
 from relay.service.run import (
     ConfigError,
     RunOptions,
     load_analyzers,
     localize,
+    open_capture_dir,
     open_flow_log,
     open_log_dir,
     open_queue,
+    prepare_capture_dir,
     relay_queue,
     route_into,
 )
 from relay.service.runstate import RunState
+from relay.service.worklink import Reload, WorkerLink, WorkerView, socket_pair
 
 if TYPE_CHECKING:
+    from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -80,18 +87,30 @@ STOP_TIMEOUT = 15.0  # after SIGTERM; above RelayConfig.flow_end_timeout (5 s)
 _STATUS_CONFIG = 2  # a worker's exit status for a ConfigError (as the CLI's)
 
 
+COMMAND_TIMEOUT = 10.0  # for every worker to answer a reload or a reopen
+
+
 class _Worker:
-    def __init__(self, index: int, process: BaseProcess, ready: Connection) -> None:
+    def __init__(
+        self, index: int, process: BaseProcess, ready: Connection, view: WorkerView
+    ) -> None:
         self.index = index
         self.process = process
         self.ready = ready  # read end; the worker writes once it relays
+        self.view = view  # its control link: snapshots, commands (relay.service.worklink)
 
     def __repr__(self) -> str:
         return f"worker {self.index} (pid {self.process.pid})"
 
 
-async def supervise(opts: RunOptions, log_level: str = "info") -> int:
+async def supervise(
+    opts: RunOptions,
+    log_level: str = "info",
+    reread: Callable[[], RunOptions] | None = None,
+) -> int:
     """Set up the device and routing, run ``opts.workers`` workers, tear down.
+
+    ``reread`` reads the config file again (SIGHUP: ``relay.service.reload``).
 
     Returns:
         The exit status: 0 after SIGINT/SIGTERM with every worker stopping
@@ -116,30 +135,73 @@ async def supervise(opts: RunOptions, log_level: str = "info") -> int:
     probe = open_log_dir(opts)  # the same for --log-dir (a ConfigError naming it)
     if probe is not None:
         probe.close()
+    notifier = sdnotify.from_environment()  # and out of the workers' environment
+    listener = None
+    if opts.metrics is not None:
+        from relay.service.metrics import open_listener
+
+        try:  # now, while any port may be bound
+            listener = open_listener(opts.metrics)
+        except OSError as exc:
+            host, port = opts.metrics
+            why = f"--metrics: cannot listen on {host} port {port}: {exc.strerror}"
+            raise ConfigError(why) from None
+    prepare_capture_dir(opts, user)  # --capture-dir, the workers' user's (ConfigError)
     from relay.host.netconfig import NetConfig  # here: the workers import this module
 
     ctx = multiprocessing.get_context("spawn")
     opts = _replace_user(opts, user)
     # Signals are ours from here on: none may kill the supervisor half set up.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
-        state = RunState.claim(opts.state_dir, opts.tun)
-        net = NetConfig(journal=state.record)
-        try:
-            with net, open_queue(opts, multi_queue=True, exclusive=True) as anchor:
-                anchor.detach()
-                opts = localize(opts, net)  # the host's addresses: workers have no netlink
-                return await _run(ctx, opts, log_level, net, anchor, signals)
-        finally:
-            if net.undo_failures:
-                log.error("could not undo everything: run `tunrelay cleanup --tun %s`", opts.tun)
-            else:
-                state.remove()
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+    service = _Service(notifier, listener, reread, log_level)
+    try:
+        with trio.open_signal_receiver(*handled) as signals:
+            state = RunState.claim(opts.state_dir, opts.tun)
+            net = NetConfig(journal=state.record)
+            try:
+                with net, open_queue(opts, multi_queue=True, exclusive=True) as anchor:
+                    anchor.detach()
+                    opts = localize(opts, net)  # the host's addresses: workers have no netlink
+                    return await _run(ctx, opts, service, net, anchor, signals)
+            finally:
+                if net.undo_failures:
+                    log.error(
+                        "could not undo everything: run `tunrelay cleanup --tun %s`", opts.tun
+                    )
+                else:
+                    state.remove()
+    finally:
+        if listener is not None:
+            listener.close()
+        if notifier is not None:
+            notifier.close()
+
+
+class _Service:
+    """The supervisor's roles beside the workers: systemd notification, metrics,
+    reload."""
+
+    def __init__(
+        self,
+        notifier: sdnotify.Notifier | None,
+        listener: socket.socket | None,
+        reread: Callable[[], RunOptions] | None,
+        log_level: str,
+    ) -> None:
+        self.notifier = notifier
+        self.listener = listener
+        self.reread = reread
+        self.log_level = log_level
+
+    def notify(self, **fields: str | int) -> None:
+        if self.notifier is not None:
+            self.notifier.notify(**fields)
 
 
 async def _run(
     ctx: multiprocessing.context.SpawnContext,
     opts: RunOptions,
-    log_level: str,
+    service: _Service,
     net: NetConfig,
     anchor: TunDevice,
     signals: AsyncIterator[int],
@@ -147,12 +209,17 @@ async def _run(
     assert opts.user is not None
     workers: list[_Worker] = []
     status = 0
+    service.notify(STATUS="starting workers")
     try:
         async with trio.open_nursery() as nursery:
             stop = nursery.cancel_scope
-            nursery.start_soon(_forward_signals, signals, workers, stop)
+            running = _Running(opts, workers, net)
+            nursery.start_soon(_forward_signals, signals, running, service, nursery)
             for index in range(opts.workers):
-                workers.append(_start(ctx, opts, index, log_level))
+                workers.append(_start(ctx, opts, index, service.log_level))
+                nursery.start_soon(workers[-1].view.run)
+            if service.listener is not None:
+                _serve_metrics(nursery, service.listener, workers)
             # The workers have exec'd with our credentials; from here on this process
             # needs only to undo the routing and to signal workers of another uid.
             keep = {CAP_NET_ADMIN} | ({CAP_KILL} if opts.user.uid != os.geteuid() else set())
@@ -166,12 +233,84 @@ async def _run(
                     " and offloads" if opts.offload else "", opts.user.name, opts.user.uid,
                     opts.user.gid, f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
                 )  # fmt: skip
-                status = await _first_exit(workers)
+                turning = await _turning(workers)
+                if turning is True:
+                    service.notify(
+                        READY=1, STATUS=f"relaying on {anchor.name} with {len(workers)} workers"
+                    )
+                    if service.notifier is not None and service.notifier.watchdog:
+                        nursery.start_soon(_watchdog, service.notifier, workers)
+                # A worker that went meanwhile is _first_exit's to report.
+                status = await _first_exit(workers) if turning is not None else 1
             stop.cancel()
     finally:
+        service.notify(STOPPING=1, STATUS="stopping")
         with trio.CancelScope(shield=True):
             status = max(status, await _stop(workers))
     return status
+
+
+class _Running:
+    """The settings the workers run with (a reload changes the live ones)."""
+
+    def __init__(self, opts: RunOptions, workers: list[_Worker], net: NetConfig) -> None:
+        self.opts = opts
+        self.workers = workers
+        self.net = net
+        self.commands = trio.Lock()  # one reload or reopen at a time
+
+
+def _alive(workers: list[_Worker]) -> Callable[[int], bool]:
+    def alive(index: int) -> bool:
+        return workers[index].process.exitcode is None
+
+    return alive
+
+
+def _health(workers: list[_Worker]) -> str | None:
+    from relay.service.metrics import health
+
+    return health([w.view for w in workers], _alive(workers), trio.current_time())
+
+
+async def _turning(workers: list[_Worker]) -> bool | None:
+    """Wait (bounded) for a snapshot from every worker sent after this call: each
+    packet loop turns, with the routing in place. False when a worker's link
+    closed first (it is exiting), None (logged) when they took too long."""
+    seen = [w.view.snapshots for w in workers]
+    with trio.move_on_after(READY_TIMEOUT):
+        while any(w.view.snapshots <= n for w, n in zip(workers, seen, strict=True)):
+            if any(w.view.closed for w in workers):
+                return False
+            await trio.sleep(0.05)
+        return True
+    log.error("workers did not report their packet loops turning: %s", _health(workers))
+    return None
+
+
+async def _watchdog(notifier: sdnotify.Notifier, workers: list[_Worker]) -> None:
+    """WATCHDOG=1 every half $WATCHDOG_USEC, only while every worker's loop turns."""
+    assert notifier.watchdog is not None
+    last_problem = None
+    while True:
+        problem = _health(workers)
+        if problem is None:
+            notifier.notify(WATCHDOG=1)
+        elif problem != last_problem:
+            log.warning("watchdog: not pinging systemd: %s", problem)
+        last_problem = problem
+        await trio.sleep(notifier.watchdog / 2)
+
+
+def _serve_metrics(nursery: trio.Nursery, listener: socket.socket, workers: list[_Worker]) -> None:
+    from relay.service.metrics import RelayCollector, registry_for, serve
+
+    collector = RelayCollector(lambda: [w.view for w in workers], trio.current_time)
+    nursery.start_soon(serve, listener, registry_for(collector), lambda: _health(workers))
+    host, port = listener.getsockname()[:2]
+    log.info(
+        "metrics at http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    )
 
 
 def _replace_user(opts: RunOptions, user: Identity) -> RunOptions:
@@ -195,15 +334,17 @@ def _start(
 ) -> _Worker:
     _no_resource_tracker()
     reader, writer = ctx.Pipe(duplex=False)
+    ours, theirs = socket_pair()
     process = ctx.Process(
         target=_worker_main,
-        args=(opts, index, writer, level, os.getpid()),
+        args=(opts, index, writer, level, os.getpid(), theirs),
         name=f"tunrelay-worker-{index}",
     )
     process.start()
     writer.close()  # the worker holds the other copy: EOF here if it dies before "ready"
+    theirs.close()
     log.debug("started worker %d (pid %d)", index, process.pid)
-    return _Worker(index, process, reader)
+    return _Worker(index, process, reader, WorkerView(index, ours))
 
 
 async def _wait_ready(workers: list[_Worker]) -> int:
@@ -245,16 +386,92 @@ async def _first_exit(workers: list[_Worker]) -> int:
 
 
 async def _forward_signals(
-    signals: AsyncIterator[int], workers: list[_Worker], stop: trio.CancelScope
+    signals: AsyncIterator[int], running: _Running, service: _Service, nursery: trio.Nursery
 ) -> None:
+    workers = running.workers
     async for signum in signals:
         if signum == signal.SIGUSR1:  # diagnostics: every worker dumps its state
             for w in workers:
                 _signal(w, signal.SIGUSR1)
             continue
+        if signum in (signal.SIGHUP, signal.SIGUSR2):
+            # In a task of its own: a SIGTERM meanwhile is not kept waiting for the answers.
+            nursery.start_soon(_reload_and_reopen, running, service, signum == signal.SIGHUP)
+            continue
         log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(workers))
-        stop.cancel()
+        nursery.cancel_scope.cancel()
         return
+
+
+async def _reload_and_reopen(running: _Running, service: _Service, reload: bool) -> None:
+    async with running.commands:
+        if reload:
+            await _reload(running, service)
+        else:
+            log.info("received SIGUSR2: reopening the log files")
+        await _command(running.workers, "reopen")
+
+
+async def _reload(running: _Running, service: _Service) -> None:
+    """SIGHUP: re-read the config file and apply what can change live."""
+    from relay.datapath.egress import host_routes
+    from relay.service.reload import plan
+
+    if service.reread is None:
+        log.warning("received SIGHUP: no --config file to re-read; reopening the log files")
+        return
+    log.info("received SIGHUP: reloading the config file")
+    try:
+        new = service.reread()
+        egress = new.relay.egress.with_host(host_routes(running.net.ipr))
+        new = dataclasses.replace(new, relay=dataclasses.replace(new.relay, egress=egress))
+    except Exception as exc:  # whatever the file holds, the running relay goes on
+        log.error("reload failed: %s; keeping the running settings", exc)
+        return
+    p = plan(running.opts, new)
+    for what in p.refused:
+        log.warning("reload: %s needs a restart; keeping the running value", what)
+    for what in p.live:
+        log.info("reload: %s", what)
+    if p.command is None:
+        if not p.refused:
+            log.info("reload: no change")
+        return
+    errors = await _command(running.workers, "reload", p.command)
+    if errors:
+        log.error("reload: %d workers refused the new settings; see their log lines", errors)
+        return
+    running.opts = p.running
+    service.notify(STATUS=f"reloaded: {'; '.join(p.live)}"[:200])
+
+
+async def _command(workers: list[_Worker], *command: object) -> int:
+    """Send ``command`` to every worker and wait (bounded) for their answers; the
+    number that failed or did not answer."""
+    sent = []
+    for w in workers:
+        if w.view.closed:
+            continue
+        while True:  # answers to an earlier command that timed out
+            try:
+                w.view.answers.receive_nowait()
+            except trio.WouldBlock:
+                break
+        try:
+            await w.view.command(*command)
+            sent.append(w)
+        except OSError as exc:
+            log.error("%s: cannot send %s: %s", w, command[0], exc)
+    failed = len(workers) - len(sent)
+    with trio.move_on_after(COMMAND_TIMEOUT) as scope:
+        for w in sent:
+            answer = await w.view.answers.receive()
+            if answer.get("error") is not None:
+                failed += 1
+    if scope.cancelled_caught:
+        log.error("workers did not answer %s within %.0f s", command[0], COMMAND_TIMEOUT)
+        failed = len(workers)
+    return failed
 
 
 async def _stop(workers: list[_Worker]) -> int:
@@ -274,6 +491,7 @@ async def _stop(workers: list[_Worker]) -> int:
             w.process.kill()
             w.process.join()
         w.ready.close()
+        w.view.close()
         code = w.process.exitcode
         if code not in (0, -signal.SIGTERM):
             log.warning("%s exited with status %s", w, code)
@@ -293,7 +511,9 @@ def _signal(w: _Worker, signum: int) -> None:
 # --- in the worker process -------------------------------------------------------------
 
 
-def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, parent: int) -> None:
+def _worker_main(
+    opts: RunOptions, index: int, ready: Connection, level: str, parent: int, link: socket.socket
+) -> None:
     # SIGTERM when the supervisor dies, even by SIGKILL; it may have died already.
     privileges.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:
@@ -301,26 +521,25 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
     # Out of the terminal's process group: Ctrl-C reaches the supervisor only, which
     # stops the workers; so a worker exiting on its own is always a failure.
     os.setpgid(0, 0)
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s",
-    )
+    configure_logging(level, opts.log_format, worker=index)
     tun: TunDevice | None = None
     flow_log: FlowLog | None = None
     logs: ZeekLogs | None = None
+    capture: Capture | None = None
     try:
         # What needs privileges, first: the TUN queue, the files named on the command line.
         tun = open_queue(opts, attach=True)
         flow_log = open_flow_log(opts, index)
         logs = open_log_dir(opts, index)
+        capture = open_capture_dir(opts)
         profile = open(opts.profile, "wb") if opts.profile and index == 0 else None  # noqa: SIM115
         _drop(opts, parent)
         # Only now may analyzer code run (load_analyzers, in _worker).
         if profile is None:
-            trio.run(_worker, opts, index, ready, tun, flow_log, logs)
+            trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture, link)
         else:
             with profile:
-                _profiled(opts, index, ready, tun, flow_log, logs, profile)
+                _profiled(opts, index, ready, tun, flow_log, logs, capture, link, profile)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(_STATUS_CONFIG)
@@ -332,6 +551,9 @@ def _worker_main(opts: RunOptions, index: int, ready: Connection, level: str, pa
             flow_log.close()
         if logs is not None:
             logs.close()  # writes what the last flows left in its buffers
+        if capture is not None:
+            capture.close()  # writes what is still queued
+            log.info("capture: %s", capture.stats)
         if tun is not None:
             tun.close()
 
@@ -368,6 +590,8 @@ def _profiled(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
+    link: socket.socket,
     out: IO[bytes],
 ) -> None:
     import cProfile
@@ -375,7 +599,7 @@ def _profiled(
     profile = cProfile.Profile()
     profile.enable()
     try:
-        trio.run(_worker, opts, index, ready, tun, flow_log, logs)
+        trio.run(_worker, opts, index, ready, tun, flow_log, logs, capture, link)
     finally:
         profile.disable()
         profile.create_stats()
@@ -389,12 +613,27 @@ async def _worker(
     tun: TunDevice,
     flow_log: FlowLog | None,
     logs: ZeekLogs | None,
+    capture: Capture | None,
+    link_socket: socket.socket,
 ) -> None:
-    analyzers = load_analyzers(opts, flow_log, logs)
+    counts = FlowCounts()  # for the metrics (relay.service.worklink snapshots)
+    analyzers = [*load_analyzers(opts, flow_log, logs, capture), counts]
+
+    def rebuild(reload: Reload) -> list[object]:
+        new = dataclasses.replace(opts, analyzers=reload.analyzers, block_rules=reload.block_rules)
+        return [*load_analyzers(new, flow_log, logs, capture), counts]
+
+    reopen = [f.reopen for f in (flow_log, logs) if f is not None]
+    link = WorkerLink(
+        link_socket, index, counts, rebuild, reopen, opts.stats_interval, opts.relay.fail_closed
+    )
 
     def on_ready() -> None:
         log.info("worker %d (pid %d) relaying on a queue of %s", index, os.getpid(), tun.name)
         ready.send_bytes(b"ready")
         ready.close()
 
-    await relay_queue(opts, tun, analyzers, on_ready=on_ready, logs=logs)
+    await relay_queue(
+        opts, tun, analyzers, on_ready=on_ready, logs=logs, on_running=link.start,
+        stats_interval=lambda: link.stats_interval,
+    )  # fmt: skip
