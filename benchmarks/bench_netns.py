@@ -11,8 +11,8 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     a  kernel forwarding in the gateway; the client talks straight to the server
     b  a trio port forwarder (benchmarks/forwarder.py) between two kernel sockets,
        listening in the gateway on 198.18.1.1; the client connects to it
-    c  tunrelay with offloads (``tunrelay run --offload``; n/a if the CLI lacks it)
-    d  tunrelay without offloads (``tunrelay run --tun trb0 --client-net ...``) in the
+    c  tunrelay with offloads (the default; ``--offload`` named; n/a if the CLI lacks it)
+    d  tunrelay without offloads (``tunrelay run --no-offload --tun trb0 ...``) in the
        gateway; the client connects to the server's address and the relay intercepts
        (both with the default ``--workers``, one per CPU: CPU, RSS and fds are summed
        over the supervisor and its workers)
@@ -32,6 +32,9 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     j  c with ``--capture-dir`` (every flow's bytes and a synthetic pcap written to
        a directory on the benchmark's temporary file system, removed after each
        lab): j/c is what capture costs, j/i what its writing adds to the inline path
+    s  c with a passive stream analyzer that reads every byte of every flow
+       (``relay.lab.analyzers:StreamReader``): s/c is what one costs; not in
+       the default ``--only``
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
 4 streams up, connections/s, request/response latency (median and p99), the
@@ -40,7 +43,7 @@ before and with N idle connections open, and (from its exit lines) how many
 full garbage collections it ran in the round and the longest. Every measurement is repeated
 (``--repeat``, default 3; rounds interleave the configurations, so a burst
 of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, f/b and g/b. See
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, f/b and g/b. See
 benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -84,29 +88,21 @@ CONFIGS: dict[str, str] = {
     "a": "kernel forwarding",
     "b": "trio forwarder",
     "c": "tunrelay --offload",
-    "d": "tunrelay",
+    "d": "tunrelay --no-offload",
     "e": "tunrelay --offload --workers 1",
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
     "h": "tunrelay --offload --log-dir",
     "i": "tunrelay --offload, pass-through analyzer",
     "j": "tunrelay --offload --capture-dir",
+    "s": "tunrelay --offload, a stream analyzer",
 }
-USES_RELAY = {"c", "d", "e", "h", "i", "j"}  # tunrelay itself
+USES_RELAY = {"c", "d", "e", "h", "i", "j", "s"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
-OFFLOADED = {"c", "e", "h", "i", "j"}
-HAS_PROCESS = {
-    "b",
-    "c",
-    "d",
-    "e",
-    "f",
-    "g",
-    "h",
-    "i",
-    "j",
-}  # a userspace process whose CPU we measure
+OFFLOADED = {"c", "e", "h", "i", "j", "s"}
+# a userspace process whose CPU we measure
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "s"}
 
 
 @dataclass(frozen=True)
@@ -137,6 +133,14 @@ MEASURES: list[Measure] = [
     Measure("rtt_p50", "req/resp median, µs", _int),
     Measure("rtt_p99", "req/resp p99, µs", _int),
     Measure("cpu_rt", "relay CPU per req/resp, µs", _int),
+    # The same request/response connection while one bulk stream (iperf3, up or
+    # down) runs through the same process (e: one worker; b: the forwarder).
+    Measure("rtt_bulk_up_p50", "req/resp median beside 1 up, µs", _int),
+    Measure("rtt_bulk_up_p99", "req/resp p99 beside 1 up, µs", _int),
+    Measure("bulk_up_gbit", "the up stream meanwhile, Gbit/s", _g),
+    Measure("rtt_bulk_down_p50", "req/resp median beside 1 down, µs", _int),
+    Measure("rtt_bulk_down_p99", "req/resp p99 beside 1 down, µs", _int),
+    Measure("bulk_down_gbit", "the down stream meanwhile, Gbit/s", _g),
     Measure("cpu_up", "relay CPU % (1 up)", _int),
     Measure("cpu_down", "relay CPU % (1 down)", _int),
     Measure("cpu_up4", "relay CPU % (4 up)", _int),
@@ -145,6 +149,9 @@ MEASURES: list[Measure] = [
     Measure("rss_base", "relay RSS before idle, MiB", _one),
     Measure("rss_idle", "relay RSS + {idle} idle conns, MiB", _one),
     Measure("rss_per_conn", "relay RSS per idle conn, KiB", _one),
+    Measure("pss_base", "relay PSS before idle, MiB", _one),
+    Measure("pss_idle", "relay PSS + {idle} idle conns, MiB", _one),
+    Measure("pss_per_conn", "relay PSS per idle conn, KiB", _one),
     # From the relay's exit lines (relay.service.gcstats), over all of a round's measures.
     Measure("gc_full", "relay full GCs per round", _int),
     Measure("gc_pause_max", "relay longest full GC, ms", _one),
@@ -153,7 +160,7 @@ MEASURES: list[Measure] = [
 Sample: TypeAlias = dict[str, float]
 
 
-STEPS = ("up", "down", "up4", "connrate", "latency", "idle")
+STEPS = ("up", "down", "up4", "connrate", "latency", "loaded", "idle")
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,7 @@ class Params:
     offload_flag: bool = False  # the CLI has --offload (configuration c)
     profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
     capture_in: Path | None = None  # where j's capture directory goes (default: the run's tmp)
+    relay_args: tuple[str, ...] = ()  # more `tunrelay run` options (--relay-arg)
     measures: tuple[str, ...] = STEPS
 
 
@@ -250,6 +258,35 @@ def rss_kib(pid: int) -> float:
     if total is None:
         raise MeasureError(f"no VmRSS for pid {pid}")
     return total
+
+
+def rollup_kib(pid: int) -> dict[int, tuple[float, float]]:
+    """pid -> (Rss, Pss) in KiB from ``/proc/PID/smaps_rollup``, for `pid` and its
+    descendants. PSS shares each shared page among the processes that map it, so
+    the sum over a process tree counts the interpreter and the libraries once."""
+    found: dict[int, tuple[float, float]] = {}
+    for p in process_tree(pid):
+        rss = pss = None
+        with contextlib.suppress(OSError), open(f"/proc/{p}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = float(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = float(line.split()[1])
+        if rss is not None and pss is not None:
+            found[p] = (rss, pss)
+    if not found:
+        raise MeasureError(f"no smaps_rollup for pid {pid}")
+    return found
+
+
+def _per_process(pid: int, sizes: dict[int, tuple[float, float]]) -> str:
+    """Each process: "top R/P, pid N R/P", RSS/PSS in MiB (the supervisor first)."""
+    names = {pid: "top"}
+    return ", ".join(
+        f"{names.get(p, f'pid {p}')} {r / 1024:.1f}/{q / 1024:.1f}"
+        for p, (r, q) in sorted(sizes.items(), key=lambda kv: kv[0] != pid)
+    )
 
 
 def fd_count(pid: int) -> int:
@@ -401,8 +438,11 @@ class Lab:
                 "--iif", topo.gw_cli_if, "--state-dir", str(self.log_path.parent),
                 *topo.relay_allow,
             ]  # fmt: skip
-            if self.cfg in OFFLOADED:
-                argv.append("--offload")
+            # Offloads are the default; d is the plain path, asked for by name.
+            argv.append("--offload" if self.cfg in OFFLOADED else "--no-offload")
+            argv += self.params.relay_args
+            if cli_has_quotas():
+                argv += QUOTAS_OFF
             if self.cfg == "h":
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)
@@ -412,6 +452,8 @@ class Lab:
             if self.cfg == "j":
                 # Created by the relay for its workers; removed with the lab (close).
                 argv += ["--capture-dir", str(self.capture_dir)]
+            if self.cfg == "s":
+                argv += ["--analyzer", "relay.lab.analyzers:StreamReader"]
             if self.cfg == "e":
                 argv += ["--workers", "1"]
             elif self.params.profile_dir is not None:
@@ -582,11 +624,76 @@ class Lab:
             summary += f", process CPU {per_rt:.0f} µs per round trip"
         return summary
 
+    def loaded(self) -> str:
+        """Request/response latency beside one bulk stream, up then down: what an
+        interactive flow pays for sharing the process with a bulk one."""
+        parts = []
+        for mode in ("up", "down"):
+            parts.append(f"{mode}: {self._loaded(mode)}")
+        return "; ".join(parts)
+
+    def _loaded(self, mode: str) -> str:
+        p = self.params
+        server = self.topo.spawn(
+            "srv",
+            ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client: subprocess.Popen[bytes] | None = None
+        try:
+            wait_for(lambda: listening(server.pid, IPERF_PORT), 10, "iperf3 server")
+            # Long enough to outlast the latency run (bounded by its own timeout).
+            # Text, one line a second (an interrupted -J run prints no totals).
+            argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", "40", "-i", "1"]
+            argv += ["-f", "g", "--forceflush", "--connect-timeout", "5000"]
+            argv += ["-R"] if mode == "down" else []
+            client = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            time.sleep(1.0)  # past slow start
+            if client.poll() is not None:
+                raise MeasureError(f"loaded {mode}: iperf3 exited ({client.returncode})")
+            lat = [
+                sys.executable, str(LOADGEN), "latency", "--host", self.host,
+                "--port", str(ECHO_PORT), "--count", str(p.latency_count), "--size", "64",
+                "--timeout", "30",
+            ]  # fmt: skip
+            proc = self.topo.spawn("cli", lat, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = finish(proc, 40, f"latency beside {mode}")
+            try:
+                result = json.loads(out)
+            except json.JSONDecodeError:
+                raise MeasureError(f"loaded {mode}: no result: {err.strip()[-300:]}") from None
+            if result.get("count", 0) < p.latency_count:
+                raise MeasureError(f"loaded {mode}: only {result.get('count', 0)} round trips")
+            client.send_signal(signal.SIGINT)
+            out, _ = finish(client, 15, f"iperf3 {mode} beside latency")
+            # The median of the one-second intervals (the first is slow start).
+            rates = [
+                float(m[1])
+                for m in re.finditer(
+                    r"sec\s+\S+ \w?Bytes\s+([\d.]+) Gbits/sec(?!.*(?:sender|receiver))", out
+                )
+            ]
+            bps = statistics.median(rates[1:] or rates) * 1e9 if rates else 0.0
+            self.report.add(self.cfg, f"rtt_bulk_{mode}_p50", float(result["p50_us"]))
+            self.report.add(self.cfg, f"rtt_bulk_{mode}_p99", float(result["p99_us"]))
+            if bps:
+                self.report.add(self.cfg, f"bulk_{mode}_gbit", bps / 1e9)
+            return (
+                f"median {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs "
+                f"beside {bps / 1e9:.2f} Gbit/s"
+            )
+        finally:
+            if client is not None and client.poll() is None:
+                stop(client, 2.0)
+            stop(server, 2.0)
+
     def idle(self) -> str:
         p = self.params
         assert self.proc is not None and self.server is not None
         pid, server_pid = self.proc.pid, self.server.pid
         base, base_fds, server_fds = rss_kib(pid), fd_count(pid), fd_count(server_pid)
+        base_rollup = rollup_kib(pid)
         argv = [
             sys.executable, str(LOADGEN), "idle", "--host", self.host,
             "--port", str(ECHO_PORT), "--count", str(p.idle),
@@ -613,6 +720,7 @@ class Lab:
                 time.sleep(0.1)
             self.alive()
             held, held_fds = rss_kib(pid), fd_count(pid)
+            held_rollup = rollup_kib(pid)
             at_server = fd_count(server_pid) - server_fds
             if opened < p.idle or at_server < opened:
                 limit = nofile_limit(pid)
@@ -625,13 +733,21 @@ class Lab:
                     f"open, RLIMIT_NOFILE {limit}",
                 )
             self.report.add(self.cfg, "rss_base", base / 1024)
+            pss_base = sum(q for _, q in base_rollup.values())
+            pss_held = sum(q for _, q in held_rollup.values())
+            self.report.add(self.cfg, "pss_base", pss_base / 1024)
             if opened:
                 self.report.add(self.cfg, "rss_idle", held / 1024)
+                self.report.add(self.cfg, "pss_idle", pss_held / 1024)
                 # Per connection that reached the server, i.e. that the process holds.
                 self.report.add(self.cfg, "rss_per_conn", (held - base) / max(1, at_server))
+                self.report.add(self.cfg, "pss_per_conn", (pss_held - pss_base) / max(1, at_server))
             summary = (
                 f"{opened:,} open in {result['seconds']:.1f} s ({at_server:,} at the server); "
-                f"RSS {base / 1024:.1f} -> {held / 1024:.1f} MiB; fds {base_fds} -> {held_fds}"
+                f"RSS {base / 1024:.1f} -> {held / 1024:.1f} MiB, PSS {pss_base / 1024:.1f} "
+                f"-> {pss_held / 1024:.1f} MiB; per process RSS/PSS MiB before: "
+                f"{_per_process(pid, base_rollup)}; with them: {_per_process(pid, held_rollup)}; "
+                f"fds {base_fds} -> {held_fds}"
             )
         finally:
             # communicate() closes the client's stdin: it closes its connections and exits.
@@ -701,6 +817,7 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
             ("up4", lambda: lab.iperf("up4")),
             ("connrate", lab.connrate),
             ("latency", lab.latency),
+            ("loaded", lab.loaded),
         ]
         if cfg in HAS_PROCESS and cfg not in LATENCY_ONLY:
             steps.append(("idle", lab.idle))
@@ -745,6 +862,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     if params.offload_flag:
         pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
         pairs += [("i", "c"), ("j", "c"), ("j", "i")]
+        pairs += [("s", "c")]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -755,6 +873,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "h": "offload, --log-dir",
         "i": "offload, pass-through",
         "j": "offload, --capture-dir",
+        "s": "offload, stream analyzer",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
@@ -793,6 +912,25 @@ def print_samples(report: Report) -> None:
 
 def cli_has_offload() -> bool:
     """Does ``tunrelay run`` accept ``--offload`` yet (configuration c)?"""
+    return b"--offload" in run_help()
+
+
+# A benchmark measures capacity, not policy: from one client address, connrate
+# opens thousands of connections a second, far past the per-client default.
+QUOTAS_OFF = [
+    "--client-connect-rate", "1000000", "--client-connect-burst", "1000000",
+    "--connect-rate", "1000000", "--connect-burst", "1000000",
+]  # fmt: skip
+
+
+def cli_has_quotas() -> bool:
+    """Does ``tunrelay run`` have per-client connection quotas (to lift)?"""
+    return b"--client-connect-rate" in run_help()
+
+
+@functools.cache
+def run_help() -> bytes:
+    """``tunrelay run --help`` of the tree under test."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     try:
@@ -804,8 +942,8 @@ def cli_has_offload() -> bool:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return False
-    return b"--offload" in out.stdout
+        return b""
+    return out.stdout
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -839,6 +977,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run c/d as one worker under cProfile; one .prof per run in DIR "
         "(read with python -m pstats); slows them, so not for the table",
     )
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more `tunrelay run` argument for c/d/e/h (repeatable; --relay-arg=--rcv-buf "
+        "--relay-arg=262144)",
+    )
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     bad = [c for c in only if c not in CONFIGS]
@@ -871,6 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         offload_flag=cli_has_offload(),
         profile_dir=args.profile,
         capture_in=args.capture_in,
+        relay_args=tuple(args.relay_arg),
         measures=args.measures,
     )
     if args.profile is not None:

@@ -63,7 +63,7 @@ LIMITS = StackConfig(
     max_flows=32,
     max_pending=8,
     max_time_wait=64,
-    datagram=DatagramConfig(max_flows=16, max_flows_per_client=8),
+    datagram=DatagramConfig(max_flows=16),
     fragments=FragmentConfig(max_bytes=64 << 10, max_datagrams=16, max_fragments=32),
 )
 CHECK_EVERY = 1000

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import itertools
 import json
 import os
@@ -141,6 +142,7 @@ class RelayProcess:
     expected_tracebacks: tuple[str, ...] = ()
     gateway_before: set[str] | None = None  # gateway_snapshot() before it started
     stopped: bool = False
+    spoofed_nets: tuple[str, ...] = ()  # client addresses a test sends from besides the lab's
     exit_status: int | None = None
     _ready_seconds: float = field(default=0.0)
 
@@ -310,9 +312,16 @@ class RelayProcess:
         return rec
 
     def foreign_flows(self) -> list[dict[str, Any]]:
-        """Flow-log records whose client is not the lab's client (there should be none)."""
+        """Flow-log records whose client is not the lab's client (there should be none),
+        nor in ``spoofed_nets`` (a test that sends from other client addresses)."""
         clients = (self.topo.cli_v4, self.topo.cli_v6)
-        return [r for r in self.flow_records() if r.get("id.orig_h") not in clients]
+        nets = [ipaddress.ip_network(n) for n in self.spoofed_nets]
+        return [
+            r
+            for r in self.flow_records()
+            if r.get("id.orig_h") not in clients
+            and not any(ipaddress.ip_address(r["id.orig_h"]) in n for n in nets)
+        ]
 
     def describe(self) -> str:
         """For assertion messages: pid, state, exit line, warnings, log tail."""

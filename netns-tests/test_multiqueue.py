@@ -17,7 +17,7 @@ and be answered with a reset, so besides byte-exact transfers the test checks
   those as well, so it alone cannot tell a misrouted packet from them.)
 * both workers served flows, and each logged its own "stopped" line.
 
-With and without ``--offload``. Bounds: each batch within ``BATCH_LIMIT``
+With offloads (the default) and with ``--no-offload``. Bounds: each batch within ``BATCH_LIMIT``
 (60 s), any socket operation ``IO_TIMEOUT`` (20 s).
 
 Also the supervisor's failure handling: a worker killed with SIGKILL stops
@@ -162,7 +162,7 @@ def one_flow(topology: Topology, family: int, i: int, client_port: int) -> Calla
 def test_each_flow_is_served_whole_by_one_worker(
     topology: Topology, start_relay: Callable[..., RelayProcess], offload: bool
 ) -> None:
-    args = ["--workers", str(WORKERS)] + (["--offload"] if offload else [])
+    args = ["--workers", str(WORKERS)] + ([] if offload else ["--no-offload"])
     relay = start_relay(args=args)
     ready = re.findall(r"worker (\d+) \(pid \d+\) relaying", relay.log_text())
     assert sorted(map(int, ready)) == list(range(WORKERS)), relay.describe()

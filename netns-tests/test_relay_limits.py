@@ -222,6 +222,8 @@ async def test_failing_and_slow_analyzers_affect_only_their_flows(
             analyzers=["relay.lab.analyzers:Failing", "relay.lab.analyzers:Slow"],
             env={"TUNRELAY_SLOW_PORT": str(slow_port), "TUNRELAY_SLOW_SECONDS": str(SLOW_SECONDS)},
             expected_tracebacks=[INJECTED],
+            # Every failure logged: the count below checks one per flow (detached after).
+            args=["--error-log-interval", "0"],
         )
     )
     flows = [Flow(0, slow_port, SLOW_SIZE)]

@@ -1,4 +1,4 @@
-"""``tunrelay run --offload``: GRO super-segments in, byte-exact relaying, v4 and v6.
+"""TUN offloads on (the default) and off (``--no-offload``): byte-exact relaying, v4 and v6.
 
 With IFF_VNET_HDR and TSO/checksum offloads the client's segments reach the
 relay coalesced into super-segments (up to ~64 KiB) with partial checksums.
@@ -7,7 +7,9 @@ receiver computed must equal what the sender sent and what ``StreamDigest``
 saw, and the relay's exit line must show that it really received
 super-segments (``gso_packets_in``) and trusted the kernel's checksums
 (``csum_trusted_in``) without a single checksum error, and that runs of the
-client's pure ACKs were merged (``acks_merged``) while downloading.
+client's pure ACKs were merged (``acks_merged``) while downloading. With
+``--no-offload`` the same transfers must pass with none of those counters
+moving (``offload='off'``): the plain path stays tested.
 
 Bounds: the transfer within ``TRANSFER_LIMIT`` (60 s), any one socket
 operation ``IO_TIMEOUT`` (20 s). Throughput is printed (pytest -s).
@@ -83,17 +85,20 @@ def transfer(topology: Topology, family: int, c2s: int, s2c: int) -> tuple[int, 
     return client.getsockname()[1], ", ".join(rates)
 
 
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
 @pytest.mark.parametrize(
     ("c2s", "s2c"), [(SIZE, 0), (0, SIZE), (SIZE, SIZE)], ids=["upload", "download", "both"]
 )
 def test_offload_64mib_byte_exact(
-    topology: Topology, start_relay: object, family: int, c2s: int, s2c: int
+    topology: Topology, start_relay: object, family: int, c2s: int, s2c: int, offload: bool
 ) -> None:
-    relay: RelayProcess = start_relay(args=["--offload"])  # type: ignore[operator]
+    # No flag: offloads are the default.
+    args = [] if offload else ["--no-offload"]
+    relay: RelayProcess = start_relay(args=args)  # type: ignore[operator]
     t0 = time.perf_counter()
     client_port, rates = transfer(topology, family, c2s, s2c)
-    name = "v4" if family == socket.AF_INET else "v6"
+    name = f"{'v4' if family == socket.AF_INET else 'v6'} {'on' if offload else 'off'}"
     print(f"\n[offload {name} c2s={c2s >> 20} MiB s2c={s2c >> 20} MiB] {rates}; "
           f"total {time.perf_counter() - t0:.2f} s")  # fmt: skip
 
@@ -112,6 +117,11 @@ def test_offload_64mib_byte_exact(
         f"gso_packets_out={gso_out} acks_merged={merged}"
     )
     assert relay.counter("checksum_errors") == 0
+    said = "on" if offload else "off"
+    assert all(f"offload='{said}'" in line for line in relay.exit_lines()), relay.exit_lines()
+    if not offload:  # every packet whole and checked: nothing came or went as a super-segment
+        assert (gso, trusted, gso_out) == (0, 0, 0)
+        return
     assert trusted > 0
     if c2s:  # client data arrives coalesced: far fewer packets than 1448-byte segments
         assert gso > 0

@@ -141,7 +141,11 @@ def test_metrics_count_the_traffic_and_healthz_follows_a_stopped_worker(
     assert value(snap, "tunrelay_flows_active", proto="tcp") == 0
     assert value(snap, "tunrelay_payload_bytes_total", direction="c2s") == 3 * up
     assert value(snap, "tunrelay_payload_bytes_total", direction="s2c") == 3 * down
-    assert value(snap, "tunrelay_tun_packets_total", direction="in") > 3 * up / 1500
+    # Every client byte came in through the TUN, with its headers; with offloads (the
+    # default) one packet may carry a GRO super-segment, so packets only have a floor:
+    # each connection's handshake, data and FIN (at least 3 packets each).
+    assert value(snap, "tunrelay_tun_bytes_total", direction="in") > 3 * up
+    assert value(snap, "tunrelay_tun_packets_total", direction="in") >= 3 * 3
     assert value(snap, "tunrelay_parse_errors_total") == 0
     assert value(snap, "tunrelay_checksum_errors_total") == 0
     assert value(snap, "tunrelay_tcp_memory_limit_bytes") > 0

@@ -16,6 +16,7 @@ import trio
 
 from relay.datapath.tun import DEFAULT_TXQUEUELEN
 from relay.lab import labcli
+from relay.service import limits
 from relay.service.configfile import ConfigFile, Key, blame, given, keys_of, merge, read_config
 from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
@@ -193,9 +194,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--offload",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="TUN offloads: virtio-net headers, checksum offload and TSO (GRO super-segments "
-        "in; checksums the kernel vouches for are not recomputed)",
+        "in, GSO out; checksums the kernel vouches for are not recomputed). On by default; "
+        "a kernel that refuses them gets the plain path and one warning",
     )
     run.add_argument(
         "--workers",
@@ -246,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IFACE",
         help="send upstream traffic through IFACE only (SO_BINDTODEVICE)",
     )
+    limits.add_arguments(run)
     run.add_argument(
         "--profile",
         metavar="PATH",
@@ -350,6 +354,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         iifs=args.iif,
         fail_closed_routing=args.fail_closed_routing,
         state_dir=args.state_dir,
+        limits=limits.from_args(args),
         metrics=args.metrics,
         log_format=args.log_format,
     )

@@ -1,6 +1,6 @@
 """tunrelay's sans-IO TCP/IP stack: bytes and ``now`` in; packets, events and deadlines out."""
 
-from stack.config import DatagramConfig, FragmentConfig, StackConfig, TcpConfig
+from stack.config import ClientQuotas, DatagramConfig, FragmentConfig, StackConfig, TcpConfig
 from stack.datagram import DatagramStats, unreachable_code
 from stack.errors import (
     BadHeaderError,
@@ -39,6 +39,7 @@ __all__ = [
     "BadHeaderError",
     "BadLengthError",
     "ChecksumError",
+    "ClientQuotas",
     "CloseReason",
     "Closed",
     "Connected",

@@ -51,6 +51,11 @@ class TcpConfig:
     keepalive_interval: float = 75.0  # between unanswered probes (Linux: 75 s)
     keepalive_probes: int = 9  # unanswered probes before closing TIMED_OUT (Linux: 9)
     idle_timeout: float | None = None  # no segment from the peer this long: RST, IDLE
+    # SYN-RECEIVED at most this long from the first SYN-ACK, then CLOSED(TIMED_OUT)
+    # silently. A relay connects upstream before it accepts, so a client that never
+    # ACKs the SYN-ACK would otherwise hold an established upstream connection for
+    # the whole SYN-ACK retransmission schedule (about a minute). None: no bound.
+    synrecv_timeout: float | None = 5.0
     nagle: bool = False  # a relay forwards what it has (RFC 9293 3.7.4 makes Nagle a SHOULD)
     challenge_ack_limit: int = 10  # RFC 5961 10: challenge ACKs per second per connection
     ttl: int = 64
@@ -68,7 +73,7 @@ class DatagramConfig:
     dns_idle_timeout: float = 10.0  # the same for flows to port 53: one query, one answer
     echo_idle_timeout: float = 10.0  # an echo flow (one ping run) with no request or reply
     max_flows: int = 16384  # UDP and echo flows in the table, all clients
-    max_flows_per_client: int = 1024  # the same per client address
+    # (per client: ClientQuotas.udp_flows and echo_flows)
     # RFC 1812 4.3.2.8, RFC 4443 2.4 (f): ICMP errors toward clients are rate-limited
     # (a token bucket, like Linux's icmp_msgs_per_sec and icmp_msgs_burst).
     icmp_errors_per_second: float = 1000.0
@@ -87,12 +92,60 @@ class FragmentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientQuotas:
+    """What one client may hold of the Stack's shared limits (``stack.clients``).
+
+    A client is an IPv4 address or an IPv6 prefix of ``prefix_v6`` bits (a /64 is
+    one subscriber: SLAAC and privacy addresses make every host many addresses).
+    Each quota is a fraction of the matching global pool (1/16 for most), so
+    ten abusive clients cannot take it all, and high enough that a heavy
+    browser user (hundreds of flows, a burst of a few hundred connections)
+    never meets it.
+    """
+
+    prefix_v6: int = 64
+    tcp_flows: int = 4096  # TCP connections, any state (of StackConfig.max_flows: 1/16)
+    # Awaiting the upstream connect (of max_pending: 1/16); oldest evicted. A page
+    # load may open a couple of hundred at once, all pending until connects finish.
+    pending: int = 256
+    connects_per_second: float = 200.0  # new TCP connections = upstream connect() calls
+    connect_burst: int = 400
+    udp_flows: int = 1024  # of DatagramConfig.max_flows: 1/16
+    echo_flows: int = 64  # ping flows (client, destination, identifier)
+    fragment_bytes: int = 256 << 10  # fragment data held (of FragmentConfig.max_bytes: 1/16)
+    # TCP buffer bytes (of TcpConfig.memory_budget: 1/4, not 1/16: a page load's
+    # few hundred flows start with 320 KiB of buffers each). Past it buffers stop
+    # growing (smaller windows); nothing is refused.
+    memory: int = 256 << 20
+    top: int = 16  # clients with the most refusals kept for the stats (space-saving)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_v6 <= 128:
+            raise ValueError(f"prefix_v6 {self.prefix_v6} outside 0..128")
+        for name in ("tcp_flows", "pending", "connect_burst", "udp_flows", "echo_flows", "top"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.connects_per_second <= 0:
+            raise ValueError("connects_per_second must be positive")
+        if self.fragment_bytes < 0 or self.memory < 0:
+            raise ValueError("fragment_bytes and memory must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
 class StackConfig:
     """Settings for the demultiplexer and every connection it makes."""
 
     tcp: TcpConfig = field(default_factory=TcpConfig)
     max_flows: int = 65536  # TCP connections in the table, any state
-    max_pending: int = 1024  # connection requests awaiting accept()/reject()
+    max_pending: int = 4096  # connection requests awaiting accept()/reject()
+    # Requests awaiting accept() toward one destination address: a silent target
+    # (or one being flooded through us) holds slots only up to here (1/16 of max_pending).
+    max_pending_per_destination: int = 256
+    # New connections (each one an upstream connect() and SYN) per second, all
+    # clients: a token bucket; ClientQuotas has the per-client one.
+    connects_per_second: float = 5000.0
+    connect_burst: int = 5000
+    clients: ClientQuotas = field(default_factory=ClientQuotas)
     max_time_wait: int = 65536  # 4-tuples kept in TIME-WAIT (Linux tcp_max_tw_buckets)
     mtu: int = 1500  # the clients' path MTU: larger UDP replies are fragmented to it
     # TCP out as OffloadPackets (stack.wire.tcp): partial checksums, and runs of

@@ -39,7 +39,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from stack.config import DatagramConfig
+from stack.clients import ECHO_FLOWS, UDP_FLOWS, ClientState, ClientTable
+from stack.config import ClientQuotas, DatagramConfig
 from stack.events import (
     CloseReason,
     DatagramFlowClosed,
@@ -51,6 +52,7 @@ from stack.events import (
     Unreachable,
 )
 from stack.fragments import fragment
+from stack.tcp.buffers import MemoryBudget
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.icmp import (
     ADMIN_PROHIBITED,
@@ -105,7 +107,7 @@ class DatagramStats:
     fragments_out: int = 0  # fragments sent for packets over the MTU
     flows_opened: int = 0
     flows_closed: int = 0
-    flow_limit: int = 0  # dropped: would open a flow over max_flows or max_flows_per_client
+    flow_limit: int = 0  # dropped: would open a flow over max_flows or the client's quota
     refused: int = 0  # dropped: on a refused flow (answered with ICMP, or silently)
     multicast: int = 0  # dropped: to a multicast or broadcast address
     invalid: int = 0  # dropped: port 0, echo request with a nonzero code
@@ -118,12 +120,16 @@ class DatagramStats:
 class _Flow:
     """One UDP or echo flow."""
 
-    __slots__ = ("client", "closed", "echo", "flow", "key", "last", "refused", "server", "timeout")
+    __slots__ = (
+        "client", "closed", "echo", "flow", "key", "last", "owner", "refused", "server", "timeout",
+    )  # fmt: skip
 
     def __init__(
-        self, flow: FlowId, key: bytes, client: bytes, server: bytes, timeout: float, now: float
-    ) -> None:
+        self, flow: FlowId, key: bytes, client: bytes, server: bytes, timeout: float, now: float,
+        owner: ClientState,
+    ) -> None:  # fmt: skip
         self.flow = flow
+        self.owner = owner  # the client's accounting (stack.clients)
         self.key = key  # src + dst + ports (UDP, 12/36 bytes) or + identifier (echo, 10/34)
         self.client = client  # raw client address
         self.server = server  # raw original-destination address
@@ -149,6 +155,7 @@ class Datagrams:
         events: deque[Event],
         stats: DatagramStats,
         ttl: int = 64,
+        clients: ClientTable | None = None,
     ) -> None:
         self.config = config
         self.stats = stats
@@ -157,7 +164,9 @@ class Datagrams:
         self._events = events
         self._by_key: dict[bytes, _Flow] = {}
         self._by_flow: dict[FlowId, _Flow] = {}
-        self._per_client: dict[bytes, int] = {}
+        if clients is None:  # standalone (tests): a table of its own
+            clients = ClientTable(ClientQuotas(), MemoryBudget(0))
+        self._clients = clients
         self._timers: list[tuple[float, int, _Flow]] = []
         self._timer_seq = 0
         self._tokens = float(config.icmp_error_burst)
@@ -250,9 +259,20 @@ class Datagrams:
         self, key: bytes, ip: IpHeader, cport: int, sport: int, proto: str, now: float
     ) -> _Flow | None:
         cfg, src, dst = self.config, ip.src, ip.dst
-        per_client = self._per_client.get(src, 0)
-        if len(self._by_key) >= cfg.max_flows or per_client >= cfg.max_flows_per_client:
+        if len(self._by_key) >= cfg.max_flows:
             self.stats.flow_limit += 1
+            return None
+        clients = self._clients
+        owner = clients.get(src, now)
+        echo = proto == "icmp"
+        quotas = clients.quotas
+        if owner.echo >= quotas.echo_flows if echo else owner.udp >= quotas.udp_flows:
+            # Dropped silently: an ICMP error to a source that may be spoofed would
+            # make the relay a reflector (RFC 1812 4.3.2.7 spirit); the client's
+            # own retries find room once its flows idle out.
+            clients.refuse(owner, ECHO_FLOWS if echo else UDP_FLOWS)
+            self.stats.flow_limit += 1
+            clients.done(owner)
             return None
         client, server = str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst))
         flow = FlowId(ip.version, client, cport, server, sport, proto)
@@ -260,10 +280,13 @@ class Datagrams:
             timeout = cfg.echo_idle_timeout
         else:
             timeout = cfg.dns_idle_timeout if sport == 53 else cfg.udp_idle_timeout
-        f = _Flow(flow, key, src, dst, timeout, now)
+        f = _Flow(flow, key, src, dst, timeout, now, owner)
         self._by_key[key] = f
         self._by_flow[flow] = f
-        self._per_client[src] = per_client + 1
+        if echo:
+            owner.echo += 1
+        else:
+            owner.udp += 1
         self._file(f, now + timeout)
         self.stats.flows_opened += 1
         self._events.append(DatagramFlowOpened(flow))
@@ -430,10 +453,11 @@ class Datagrams:
         f.closed = True
         del self._by_key[f.key]
         del self._by_flow[f.flow]
-        n = self._per_client[f.client] - 1
-        if n:
-            self._per_client[f.client] = n
+        owner = f.owner
+        if f.echo:
+            owner.echo -= 1
         else:
-            del self._per_client[f.client]
+            owner.udp -= 1
+        self._clients.done(owner)
         self.stats.flows_closed += 1
         self._events.append(DatagramFlowClosed(f.flow, reason))

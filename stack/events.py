@@ -8,7 +8,7 @@ order things happened.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stack.wire.tcp import TcpOptions
 
@@ -29,6 +29,23 @@ class FlowId:
     server_ip: str
     server_port: int
     proto: str = "tcp"  # "tcp", "udp" or "icmp" (ICMP or ICMPv6 echo)
+    # The hash, computed once: the relay and the Stack look a flow up by its
+    # FlowId several times per request (Stack.send, send_space, consumed, the
+    # relay's own table), and the generated __hash__ builds a 6-tuple each time.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        h = hash((self.version, self.client_ip, self.client_port, self.server_ip,
+                  self.server_port, self.proto))  # fmt: skip
+        object.__setattr__(self, "_hash", h)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[FlowId], tuple[int, str, int, str, int, str]]:
+        # Rebuilt, not copied: a string's hash differs between processes.
+        return (FlowId, (self.version, self.client_ip, self.client_port, self.server_ip,
+                         self.server_port, self.proto))  # fmt: skip
 
 
 class CloseReason(enum.Enum):

@@ -33,8 +33,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stack.config import FragmentConfig
+from stack.clients import FRAGMENTS, ClientState, ClientTable
+from stack.config import ClientQuotas, FragmentConfig
 from stack.errors import ParseError
+from stack.tcp.buffers import MemoryBudget
 from stack.wire.checksum import checksum, pseudo_sum_v6
 from stack.wire.icmp import ICMP6_TIME_EXCEEDED, TIME_EXCEEDED
 from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, IpHeader, ipv4_header, ipv6_header, parse_ip
@@ -62,15 +64,19 @@ class FragmentStats:
     late: int = 0  # fragments of an abandoned datagram, dropped until its timeout
     timeouts: int = 0  # datagrams abandoned incomplete at their timeout
     evicted: int = 0  # datagrams dropped to stay within the memory bounds
+    client_quota: int = 0  # fragments dropped: their client's share of max_bytes is full
 
 
 class _Datagram:
     """One datagram being reassembled."""
 
-    __slots__ = ("dead", "deadline", "first", "nparts", "parts", "received", "starts", "total")
+    __slots__ = (
+        "dead", "deadline", "first", "nparts", "owner", "parts", "received", "starts", "total",
+    )  # fmt: skip
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, owner: ClientState) -> None:
         self.deadline = deadline  # arrival of the first fragment + timeout
+        self.owner = owner  # the client's accounting: fragment_bytes
         self.starts: list[int] = []  # fragment offsets, sorted (bisect)
         self.parts: list[tuple[int, bytes]] = []  # (end, data), in the order of starts
         self.received = 0  # bytes held; == total when complete (no overlaps)
@@ -96,8 +102,13 @@ class Reassembler:
         config: FragmentConfig | None = None,
         on_timeout: Callable[[bytes, float], None] | None = None,
         stats: FragmentStats | None = None,
+        *,
+        clients: ClientTable | None = None,
     ) -> None:
         self.config = config or FragmentConfig()
+        if clients is None:  # standalone (tests): a table of its own
+            clients = ClientTable(ClientQuotas(), MemoryBudget(0))
+        self._clients = clients
         self.stats = stats if stats is not None else FragmentStats()
         self._tables: dict[int, dict[bytes, _Datagram]] = {4: {}, 6: {}}
         self._bytes = 0
@@ -148,12 +159,21 @@ class Reassembler:
         if d is not None and d.dead:
             stats.late += 1
             return None
+        owner = d.owner if d is not None else self._clients.get(ip.src, now)
+        if owner.fragment_bytes + len(data) > self._clients.quotas.fragment_bytes:
+            # This client's share is full: its own datagrams wait or time out,
+            # nobody else's is evicted for it.
+            stats.client_quota += 1
+            self._clients.refuse(owner, FRAGMENTS)
+            self._clients.done(owner)
+            return None
         if not self._make_room(len(data), d):
             stats.evicted += 1
+            self._clients.done(owner)
             return None
         if d is None:
             timeout = self.config.timeout_v6 if ip.version == 6 else self.config.timeout_v4
-            d = table[key] = _Datagram(now + timeout)
+            d = table[key] = _Datagram(now + timeout, owner)
             self._count += 1
         if not self._insert(d, start, end, data, frag.more):
             return None
@@ -164,7 +184,7 @@ class Reassembler:
         # Complete.
         del table[key]
         self._count -= 1
-        self._bytes -= d.received
+        self._uncharge(d)
         first, parts = d.first, [p[1] for p in d.parts]
         if ip.version == 4:
             whole = self._assemble4(first, d.total, parts)
@@ -199,11 +219,19 @@ class Reassembler:
         d.nparts += 1
         d.received += len(data)
         self._bytes += len(data)
+        d.owner.fragment_bytes += len(data)
         return True
+
+    def _uncharge(self, d: _Datagram) -> None:
+        """``d``'s bytes leave the pool (it completed, died or went)."""
+        self._bytes -= d.received
+        owner = d.owner
+        owner.fragment_bytes -= d.received
+        self._clients.done(owner)
 
     def _kill(self, d: _Datagram, why: str) -> bool:
         setattr(self.stats, why, getattr(self.stats, why) + 1)
-        self._bytes -= d.received
+        self._uncharge(d)
         d.dead = True
         d.starts, d.parts, d.first, d.received = [], [], None, 0
         return False
@@ -222,7 +250,7 @@ class Reassembler:
             table, key = oldest
             d = table.pop(key)
             self._count -= 1
-            self._bytes -= d.received
+            self._uncharge(d)
             if not d.dead:
                 self.stats.evicted += 1
         return True
@@ -244,6 +272,8 @@ class Reassembler:
 
     def get_timer(self) -> float | None:
         """The earliest reassembly deadline, or None."""
+        if not self._count:  # the usual case, asked on every pass of the relay's loop
+            return None
         deadline = None
         for table in self._tables.values():
             if table:
@@ -254,6 +284,8 @@ class Reassembler:
 
     def handle_timer(self, now: float) -> None:
         """Abandon every datagram whose deadline has passed."""
+        if not self._count:
+            return
         for table in self._tables.values():
             while table:
                 key = next(iter(table))
@@ -264,7 +296,7 @@ class Reassembler:
                 self._count -= 1
                 if d.dead:
                     continue
-                self._bytes -= d.received
+                self._uncharge(d)
                 self.stats.timeouts += 1
                 # RFC 792 / RFC 8200 4.5: Time Exceeded only if the first fragment came.
                 if d.first is not None and self._on_timeout is not None:

@@ -9,6 +9,10 @@ in a heap, so the cost of a batch follows the flows it touched, not the size
 of the table. Deadlines in the heap are checked lazily: an entry whose time no
 longer matches its connection's earliest deadline is skipped.
 
+A SYN (and a new UDP or echo flow, a fragment) is first admitted against the
+shared limits and its client's quotas (``stack.clients``): a client is an IPv4
+address or an IPv6 prefix, and no client may hold more than its share.
+
 Fragments go to ``stack.fragments`` and a reassembled packet comes back through
 ``receive``; UDP and ICMP go to ``stack.datagram`` (flows, replies, ICMP
 errors); ``get_timer``/``handle_timer`` cover both. The packets themselves
@@ -22,6 +26,17 @@ import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 
+from stack.clients import (
+    CONNECT_RATE,
+    CONNECT_RATE_ALL,
+    DESTINATION,
+    PENDING,
+    TCP_FLOWS,
+    ClientState,
+    ClientStats,
+    ClientTable,
+    TokenBucket,
+)
 from stack.config import StackConfig
 from stack.datagram import Datagrams, DatagramStats
 from stack.emit import answer, build_segments, build_segments_offload, reject_icmp
@@ -68,11 +83,13 @@ class StackStats:
     not_tcp: int = 0  # neither TCP, UDP nor ICMP: dropped
     rst_sent: int = 0  # answers to segments for no connection
     syn_dropped: int = 0  # a SYN over the pending or flow limit
+    quota_rst_limited: int = 0  # quota refusals not answered with RST: over the rate limit
     connections_opened: int = 0
     connections_closed: int = 0
     acks_merged: int = 0  # pure ACKs folded into a later one of the same batch
     datagram: DatagramStats = field(default_factory=DatagramStats)  # UDP and ICMP
     reassembly: FragmentStats = field(default_factory=FragmentStats)
+    clients: ClientStats = field(default_factory=ClientStats)  # per-client quotas
 
 
 class PacketCounts:
@@ -106,13 +123,14 @@ class _Connection(TcpConnection):
 class _Entry:
     """Per-connection bookkeeping the connection itself does not need."""
 
-    __slots__ = ("client", "key", "packets", "server", "syn_packet")
+    __slots__ = ("client", "key", "owner", "packets", "server", "syn_packet")
 
     def __init__(
         self, key: bytes, client: bytes, server: bytes, syn_packet: bytes | None,
-        packets: PacketCounts,
+        packets: PacketCounts, owner: ClientState,
     ) -> None:  # fmt: skip
         self.key = key  # dict key: client addr + server addr + ports
+        self.owner = owner  # the client's accounting (stack.clients)
         self.client = client  # raw client address
         self.server = server  # raw original-destination address
         self.syn_packet = syn_packet  # kept for an ICMP reject, until decided
@@ -153,15 +171,28 @@ class Stack:
         self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
         self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
         self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget)  # all connections' buffers
+        cfg = self.config
+        self._clients = ClientTable(cfg.clients, self._tcp_memory)
+        self._clients.stats = self.stats.clients
+        self._connects = TokenBucket(cfg.connects_per_second, cfg.connect_burst)
+        self._dst_pending: dict[bytes, int] = {}  # pending requests per destination address
+        # RSTs for quota refusals share the ICMP errors' rate: a spoofed flood gets
+        # no more answers than it would get ICMP errors.
+        dcfg = cfg.datagram
+        self._quota_rsts = TokenBucket(dcfg.icmp_errors_per_second, dcfg.icmp_error_burst)
         self._datagrams = Datagrams(
             self.config.datagram,
             mtu=self.config.mtu,
             events=self._events,
             stats=self.stats.datagram,
             ttl=self.config.tcp.ttl,
+            clients=self._clients,
         )
         self._fragments = Reassembler(
-            self.config.fragments, self._reassembly_timed_out, self.stats.reassembly
+            self.config.fragments,
+            self._reassembly_timed_out,
+            self.stats.reassembly,
+            clients=self._clients,
         )
 
     # ------------------------------------------------------------------ input
@@ -220,7 +251,9 @@ class Stack:
         if conn is None:
             if key in self._time_wait and self._in_time_wait(key, tcp, ip.src, ip.dst, now):
                 return
-            self._no_connection(packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len)
+            self._no_connection(
+                packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len, now
+            )
             return
         conn.packets.received += 1
         start = off + tcp.header_len
@@ -312,8 +345,9 @@ class Stack:
         self._orphans.pop(conn, None)
 
     def _no_connection(
-        self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes, payload_len: int
-    ) -> None:
+        self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes,
+        payload_len: int, now: float,
+    ) -> None:  # fmt: skip
         flags = tcp.flags
         if flags & RST:
             return  # RFC 9293 3.10.7.1: an RST for no connection is dropped
@@ -322,7 +356,9 @@ class Stack:
             if self._pending >= cfg.max_pending or len(self._by_key) >= cfg.max_flows:
                 self.stats.syn_dropped += 1
                 return
-            self._open(packet, src, dst, tcp, key)
+            client = self._admit(src, dst, tcp, now)
+            if client is not None:
+                self._open(packet, src, dst, tcp, key, client)
             return
         # RFC 9293 3.10.7.1: answer anything else with a reset.
         if flags & ACK:
@@ -333,7 +369,51 @@ class Stack:
         self._raw_out.append(answer(src, dst, tcp, seq, ack, rflags, 0))
         self.stats.rst_sent += 1
 
-    def _open(self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes) -> None:
+    def _admit(self, src: bytes, dst: bytes, tcp: TcpHeader, now: float) -> ClientState | None:
+        """The per-client and per-destination checks on a new SYN (``stack.clients``).
+
+        Over a count (the client's TCP flows) the SYN is refused as a busy server
+        refuses it: RST, within the ICMP errors' rate. Over a rate or the
+        destination's pending share it is dropped silently, as by a full SYN
+        queue: the client's SYN retransmission tries again a second later. At
+        its pending quota the client's *oldest* request is reset to make room,
+        so a client flooding silent destinations only ever evicts itself.
+        """
+        clients = self._clients
+        c = clients.get(src, now)
+        quotas = clients.quotas
+        if c.tcp >= quotas.tcp_flows:
+            clients.refuse(c, TCP_FLOWS)
+            if self._quota_rsts.take(now):
+                self._raw_out.append(answer(src, dst, tcp, 0, seq_add(tcp.seq, 1), RST | ACK, 0))
+                self.stats.rst_sent += 1
+            else:
+                self.stats.quota_rst_limited += 1
+            return None
+        if self._dst_pending.get(dst, 0) >= self.config.max_pending_per_destination:
+            clients.refuse(c, DESTINATION)
+            clients.done(c)
+            return None
+        if not c.bucket.ready(now):
+            clients.refuse(c, CONNECT_RATE)
+            clients.done(c)
+            return None
+        if not self._connects.take(now):
+            clients.refuse(c, CONNECT_RATE_ALL)
+            clients.done(c)
+            return None
+        c.bucket.take(now)
+        if len(c.pending) >= quotas.pending:
+            clients.refuse(c, PENDING)
+            oldest = next(iter(c.pending))
+            assert isinstance(oldest, TcpConnection)
+            self.reject(self._flow_of(oldest), Reject.RST)
+        return c
+
+    def _open(
+        self, packet: bytes, src: bytes, dst: bytes, tcp: TcpHeader, key: bytes,
+        client: ClientState,
+    ) -> None:  # fmt: skip
         version = 4 if len(src) == 4 else 6
         flow = FlowId(
             version,
@@ -351,7 +431,7 @@ class Stack:
             mss=cfg.mss if version == 4 else cfg.mss - 20,  # the IPv6 header is 20 bytes longer
             events=self._events,
             readable=self._readable,
-            budget=self._tcp_memory,
+            budget=client.budget,
         )
         conn.listen(
             TcpSegment(
@@ -369,8 +449,11 @@ class Stack:
         packets.received = 1  # the SYN
         self._by_key[key] = conn
         self._by_flow[flow] = conn
-        self._entries[conn] = _Entry(key, src, dst, bytes(packet), packets)
+        self._entries[conn] = _Entry(key, src, dst, bytes(packet), packets, client)
         self._pending += 1
+        client.tcp += 1
+        client.pending[conn] = None
+        self._dst_pending[dst] = self._dst_pending.get(dst, 0) + 1
         self.stats.connections_opened += 1
         self._events.append(ConnectionRequest(flow, tcp.options))
 
@@ -379,7 +462,9 @@ class Stack:
         if entry is None:
             return
         if entry.syn_packet is not None:
-            self._pending -= 1
+            self._unpend(conn, entry)
+        entry.owner.tcp -= 1
+        self._clients.done(entry.owner)
         del self._by_key[entry.key]
         del self._by_flow[self._flow_of(conn)]
         self._filed.pop(conn, None)
@@ -422,7 +507,18 @@ class Stack:
         entry = self._entries[conn]
         if entry.syn_packet is not None:
             entry.syn_packet = None
-            self._pending -= 1
+            self._unpend(conn, entry)
+
+    def _unpend(self, conn: TcpConnection, entry: _Entry) -> None:
+        """The request was decided or went: out of the pending counts."""
+        self._pending -= 1
+        entry.owner.pending.pop(conn, None)
+        dst = entry.server
+        n = self._dst_pending[dst] - 1
+        if n:
+            self._dst_pending[dst] = n
+        else:
+            del self._dst_pending[dst]
 
     def send(self, flow: FlowId, data: bytes | bytearray | memoryview) -> int:
         """Queue server-to-client bytes; returns how many the send buffer took."""
@@ -545,7 +641,7 @@ class Stack:
     # ----------------------------------------------------------------- timers
 
     def _file_timer(self, conn: TcpConnection) -> None:
-        deadline = conn.get_timer()
+        deadline = conn.timers.earliest()  # conn.get_timer(), one call less per filing
         if deadline is None:
             self._filed.pop(conn, None)
             return
@@ -578,23 +674,26 @@ class Stack:
 
     def get_timer(self) -> float | None:
         """The earliest deadline over all connections, datagram flows and reassembly."""
-        deadline = self._tcp_timer()
-        for other in (self._datagrams.get_timer(), self._fragments.get_timer()):
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
-        return deadline
-
-    def _tcp_timer(self) -> float | None:
+        # The connections' (asked twice per request/response exchange by the relay):
+        # file what was touched since the last output, then drop stale heap tops.
         for conn in self._touched:
             if conn.state is not State.CLOSED:
                 self._file_timer(conn)
-        timers = self._timers
+        timers, filed = self._timers, self._filed
+        deadline = None
         while timers:
-            deadline, _, conn = timers[0]
-            if self._filed.get(conn) == deadline:
-                return deadline
+            top, _, conn = timers[0]
+            if filed.get(conn) == top:
+                deadline = top
+                break
             heapq.heappop(timers)  # stale: re-filed or closed since
-        return None
+        other = self._datagrams.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        other = self._fragments.get_timer()
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         """Run every connection timer that is due; a no-op when none is."""
@@ -668,6 +767,10 @@ class Stack:
     def end_datagram_flow(self, flow: FlowId) -> None:
         """Remove a UDP or echo flow now; ``DatagramFlowClosed(ABORTED)`` follows."""
         self._datagrams.end(flow)
+
+    def top_refused_clients(self, n: int = 5) -> list[tuple[str, int]]:
+        """The clients refused most by their quotas (bounded table, upper bounds)."""
+        return self._clients.top_refused(n)
 
     @property
     def datagram_flows(self) -> int:

@@ -4,6 +4,8 @@ new option is a new key; this table must name it)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -49,7 +51,7 @@ def table(tmp_path: Path) -> dict[str, object]:
         "stats_interval": 5.0,
         "metrics": "127.0.0.1:9464",
         "log_format": "json",
-        "offload": True,
+        "offload": False,
         "workers": 1,
         "allow": ["198.19.0.0/16"],
         "deny": ["198.19.1.0/24:443"],
@@ -58,6 +60,23 @@ def table(tmp_path: Path) -> dict[str, object]:
         "bind_address": ["198.19.0.1"],
         "bind_interface": "eth1",
         "profile": str(tmp_path / "p.prof"),
+        "client_prefix_v6": 56,
+        "client_tcp_flows": 100,
+        "client_pending": 10,
+        "client_connect_rate": 20.5,
+        "client_connect_burst": 30,
+        "client_udp_flows": 40,
+        "client_echo_flows": 5,
+        "client_fragment_bytes": 65536,
+        "client_memory": 1 << 24,
+        "max_pending": 500,
+        "max_pending_per_destination": 50,
+        "connect_rate": 100.0,
+        "connect_burst": 150,
+        "synrecv_timeout": 2.0,
+        "flow_log_max_bytes": 1 << 20,
+        "flow_log_rotate": True,
+        "error_log_interval": 1.0,
     }
 
 
@@ -66,6 +85,9 @@ def argv_of(values: dict[str, object], keys: dict[str, object]) -> list[str]:
     for name, value in values.items():
         option = keys[name].option  # type: ignore[attr-defined]
         if isinstance(value, bool):
+            action = keys[name].action  # type: ignore[attr-defined]
+            if isinstance(action, argparse.BooleanOptionalAction) and not value:
+                option = "--no-" + option.removeprefix("--")  # --offload's off
             argv.append(option)  # --no-fail-closed-routing for False: its key's flag
         elif isinstance(value, list):
             for item in value:
@@ -109,5 +131,8 @@ def test_every_option_round_trips_through_the_config_file(
     # And none of them is the default.
     defaults, _ = started(monkeypatch, ["--tun", "t0", "--client-net", "198.18.0.0/24"])
     for field in ("iifs", "analyzers", "flow_log", "log_dir", "block_rules", "mtu", "metrics",
-                  "log_format", "offload", "stats_interval", "profile", "state_dir"):  # fmt: skip
+                  "log_format", "offload", "stats_interval", "profile", "state_dir", "limits",
+                  "stack"):  # fmt: skip
         assert getattr(from_file, field) != getattr(defaults, field), field
+    for f in dataclasses.fields(from_file.limits):  # each quota and log option
+        assert getattr(from_file.limits, f.name) != getattr(defaults.limits, f.name), f.name

@@ -65,7 +65,7 @@ def test_scalar_bool_and_repeatable_keys(monkeypatch: pytest.MonkeyPatch, tmp_pa
     path = write(tmp_path, BASE + """iif = ["wg0", "wg1"]
 max_flows = 100000
 connect_timeout = 3
-offload = true
+offload = false
 fail_closed_routing = false
 workers = 1
 allow = ["10.0.0.0/8"]
@@ -77,7 +77,8 @@ fwmark = 0x10
     assert opts.iifs == ("wg0", "wg1")
     assert opts.stack.max_flows == 100000
     assert opts.relay.connect_timeout == 3.0
-    assert opts.offload is True and opts.fail_closed_routing is False
+    assert opts.offload is False and opts.fail_closed_routing is False
+    assert opts.stack.offload is False
     assert [r.allow for r in opts.relay.egress.rules] == [True, False]
     assert opts.relay.upstream.fwmark == 16
 
@@ -87,6 +88,15 @@ def test_command_line_overrides_the_file(monkeypatch: pytest.MonkeyPatch, tmp_pa
     opts = run(monkeypatch, ["--config", path, "--mtu", "1400", "--iif", "wg9", "--tun", "t1"])
     assert opts.mtu == 1400 and opts.iifs == ("wg9",) and opts.tun == "t1"
     assert opts.table == 77  # not on the command line: the file's
+
+
+def test_offload_key_and_both_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # --offload/--no-offload share one key; either flag overrides the file.
+    off = write(tmp_path, BASE + "workers = 1\noffload = false\n")
+    assert run(monkeypatch, ["--config", off]).offload is False
+    assert run(monkeypatch, ["--config", off, "--offload"]).offload is True
+    on = write(tmp_path, BASE + "workers = 1\noffload = true\n")
+    assert run(monkeypatch, ["--config", on, "--no-offload"]).offload is False
 
 
 def test_a_bad_command_line_value_is_blamed_on_the_option(

@@ -25,6 +25,7 @@ import trio.testing
 
 from relay.analysis.flowlog import FlowLog
 from relay.analysis.hooks import Direction, FlowEnd, FlowInfo, Verdict
+from relay.datapath import fairshare
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy, parse_rule
 from relay.datapath.engine import Relay, raise_nofile_limit
@@ -417,6 +418,29 @@ async def test_connect_timeout_is_silence(autojump_clock: trio.testing.MockClock
         await trio.sleep(10)
         assert c.segments == [] and c.icmp == []
         assert h.stack.state_of(c.flow) is None and h.relay.stats.connect_failed == 1
+
+
+async def test_an_unanswered_syn_ack_resets_the_upstream_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # TcpConfig.synrecv_timeout (5 s): the client (or whoever spoofed it) never
+    # ACKs the SYN-ACK; the upstream connection must not outlive that by a minute.
+    class Unanswering(Client):
+        def on_segment(self, seg: Seg) -> None:
+            self.segments.append(seg)  # and never an ACK
+            if seg.flags & SYN:
+                self.synack = self.synack or seg
+
+    async with harness() as h:
+        c = Unanswering(h)
+        await c.connect()
+        start = trio.current_time()
+        end = await h.tap.end_of(40000)
+        assert end.how == "timeout"
+        assert [s.flags for s in c.segments] == [SYN | ACK] * 3  # at 0, 1 and 3 s, then silence
+        assert trio.current_time() - start == pytest.approx(5.0, abs=0.05)
+        assert h.connector.closed_with_rst(c.flow)  # SO_LINGER 0: an RST to the target
+        assert h.stack.state_of(c.flow) is None
 
 
 async def test_analyzer_verdict_rejects_before_connecting(
@@ -843,3 +867,87 @@ def test_isn_is_keyed_per_tuple_and_follows_a_4us_clock() -> None:
     assert gen(a) == (first + 1000) & 0xFFFFFFFF
     with pytest.raises(ValueError):
         IsnGenerator(b"short")
+
+
+# --- fair share of a loop pass -------------------------------------------------
+
+
+@pytest.mark.parametrize("carry_limit", [fairshare.CARRY_BYTES, 1], ids=["reads-on", "waits"])
+async def test_a_request_is_not_received_behind_a_whole_bulk_batch(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, carry_limit: int
+) -> None:
+    # One pass of the packet loop gives each flow at most flow_pass_bytes
+    # (relay.datapath.fairshare): a request read in the same batch as a burst of
+    # another flow reaches its upstream after a few of the burst's packets, not
+    # after all of them; the rest of the burst follows in order, byte-exact,
+    # whether the loop reads on while packets are carried or waits for them.
+    monkeypatch.setattr(fairshare, "CARRY_BYTES", carry_limit)
+    received = [0]
+    order: list[tuple[int, int, int]] = []  # (client port, bytes, receives so far)
+    stack = Stack()
+    receive = stack.receive
+
+    def counted(packet: bytes, now: float, **kw: bool) -> None:
+        received[0] += 1
+        receive(packet, now, **kw)
+
+    monkeypatch.setattr(stack, "receive", counted)
+    on_data = TcpFlow.on_data
+
+    def seen(flow: TcpFlow, data: bytes) -> None:
+        order.append((flow.flow.client_port, len(data), received[0]))
+        on_data(flow, data)
+
+    monkeypatch.setattr(TcpFlow, "on_data", seen)
+    config = RelayConfig(egress=OPEN, flow_pass_bytes=4000)
+    burst = pattern(20 * 1000, 3)
+    async with harness(config, stack=stack, data_hooks=False) as h:
+        bulk, bulk_server = await connected(h)
+        chat = Client(h, port=40001)
+        await chat.connect()
+        chat_server = await h.connector.server(chat.flow)
+        start = received[0]
+        for i in range(20):  # one batch: the loop has not run between these
+            bulk.inject(ACK | PSH, burst[i * 1000 : (i + 1) * 1000])
+        chat.inject(ACK | PSH, b"request")
+        assert await recv_exactly(chat_server, 7) == b"request"
+        assert await recv_exactly(bulk_server, len(burst)) == burst
+    (chat_at,) = [n - start for port, _, n in order if port == 40001]
+    # Four of the burst's 1,040-byte packets fill its share, then the request: 5 receives.
+    assert chat_at <= 6, order
+    assert [size for port, size, _ in order if port == 40000 and size] != [len(burst)]
+
+
+async def test_without_a_flow_bound_the_request_waits_for_the_whole_batch(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The same burst with flow_pass_bytes=0: what the bound above changes.
+    received = [0]
+    order: list[tuple[int, int]] = []
+    stack = Stack()
+    receive = stack.receive
+
+    def counted(packet: bytes, now: float, **kw: bool) -> None:
+        received[0] += 1
+        receive(packet, now, **kw)
+
+    monkeypatch.setattr(stack, "receive", counted)
+    on_data = TcpFlow.on_data
+
+    def seen(flow: TcpFlow, data: bytes) -> None:
+        order.append((flow.flow.client_port, received[0]))
+        on_data(flow, data)
+
+    monkeypatch.setattr(TcpFlow, "on_data", seen)
+    async with harness(RelayConfig(egress=OPEN, flow_pass_bytes=0), stack=stack) as h:
+        bulk, _ = await connected(h)
+        chat = Client(h, port=40001)
+        await chat.connect()
+        chat_server = await h.connector.server(chat.flow)
+        start = received[0]
+        for _ in range(20):
+            bulk.inject(ACK | PSH, bytes(1000))
+        chat.inject(ACK | PSH, b"request")
+        assert await recv_exactly(chat_server, 7) == b"request"
+    (chat_at,) = [n - start for port, n in order if port == 40001]
+    assert chat_at >= 21  # after every packet of the burst

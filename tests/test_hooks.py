@@ -12,6 +12,7 @@ import trio.testing
 from relay.analysis.hooks import (
     RECORD_HOOKS,
     AnalyzerChain,
+    Detach,
     Direction,
     EndReason,
     FlowEnd,
@@ -112,8 +113,8 @@ def test_hooks_are_looked_up_once_and_must_be_async() -> None:
             raise AttributeError(name)
 
     AnalyzerChain([Counting()])
-    # flow_start, data, flow_end and the record hooks: at registration only
-    assert Counting.lookups == 3 + len(RECORD_HOOKS)
+    # flow_start, data, flow_end, data_finished and the record hooks: at registration only
+    assert Counting.lookups == 4 + len(RECORD_HOOKS)
 
     class SyncHook:
         def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
@@ -200,3 +201,36 @@ async def test_cancellation_is_not_an_analyzer_error(
     with trio.move_on_after(1):
         await hooks.data(C2S, b"x")
     assert errors == [] and hooks.has_data_hooks
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+async def test_detach_leaves_the_flow_quietly(
+    fail_closed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FirstChunkOnly:
+        def __init__(self) -> None:
+            self.seen: list[bytes] = []
+
+        async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
+            if self.seen:
+                raise Detach
+            self.seen.append(data)
+
+        async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
+            self.seen.append(b"end")
+
+    errors: list[int] = []
+    first, rec = FirstChunkOnly(), Recorder()
+    chain = AnalyzerChain([first], fail_closed=fail_closed, on_error=lambda: errors.append(1))
+    hooks = chain.open(info())
+    with caplog.at_level(logging.DEBUG, "relay.analysis.hooks"):
+        assert await hooks.data(C2S, b"a") == b"a"
+        assert hooks.has_data_hooks
+        assert await hooks.data(C2S, b"b") == b"b"  # not Halt.FAILED, even fail-closed
+        assert not hooks.has_data_hooks  # the flow may take its direct path again
+        await hooks.end(END)
+    assert first.seen == [b"a"] and errors == [] and not caplog.records
+    chain = AnalyzerChain([first, rec])
+    hooks = chain.open(info())
+    assert await hooks.data(S2C, b"c") == b"c"
+    assert hooks.has_data_hooks and rec.calls == [("data", (S2C, b"c"))]

@@ -17,10 +17,10 @@ NETS = ["198.18.1.0/24", "fd00:1::/64"]
 
 
 def test_offload_and_workers_are_validated_and_kept() -> None:
-    opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=3)
-    assert (opts.offload, opts.workers) == (True, 3)
-    plain = validate(tun="tr0", client_nets=NETS)
-    assert (plain.offload, plain.workers) == (False, 1)
+    opts = validate(tun="tr0", client_nets=NETS, offload=False, workers=3)
+    assert (opts.offload, opts.stack.offload, opts.workers) == (False, False, 3)
+    default = validate(tun="tr0", client_nets=NETS)
+    assert (default.offload, default.stack.offload, default.workers) == (True, True, 1)
     for bad in (0, -1, MAX_WORKERS + 1):
         with pytest.raises(ConfigError, match="--workers"):
             validate(tun="tr0", client_nets=NETS, workers=bad)
@@ -96,11 +96,13 @@ def test_log_dir_is_checked_and_named(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_cli_flags() -> None:
     args = _parser().parse_args(["run", "--tun", "tr0", "--client-net", NETS[0]])
-    assert (args.offload, args.workers) == (False, None)  # None: one worker per CPU
+    assert (args.offload, args.workers) == (True, None)  # None: one worker per CPU
     args = _parser().parse_args(
-        ["run", "--tun", "tr0", "--client-net", NETS[0], "--offload", "--workers", "4"]
+        ["run", "--tun", "tr0", "--client-net", NETS[0], "--no-offload", "--workers", "4"]
     )
-    assert (args.offload, args.workers) == (True, 4)
+    assert (args.offload, args.workers) == (False, 4)
+    args = _parser().parse_args(["run", "--tun", "tr0", "--client-net", NETS[0], "--offload"])
+    assert args.offload is True  # the explicit form of the default
     assert 1 <= default_workers() <= MAX_WORKERS
 
 

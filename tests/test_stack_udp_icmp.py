@@ -17,6 +17,7 @@ from scapy.layers.inet6 import (
 )
 
 from stack import (
+    ClientQuotas,
     DatagramConfig,
     DatagramFlowClosed,
     DatagramFlowOpened,
@@ -200,8 +201,8 @@ def test_dns_and_echo_flows_idle_sooner() -> None:
 
 
 def test_flow_limits_per_client_and_in_total() -> None:
-    cfg = DatagramConfig(max_flows=5, max_flows_per_client=3)
-    stack = Stack(StackConfig(datagram=cfg))
+    cfg = DatagramConfig(max_flows=5)
+    stack = Stack(StackConfig(datagram=cfg, clients=ClientQuotas(udp_flows=3)))
     for port in range(10):
         stack.receive(udp_packet(4, sport=1000 + port), 0.0)
     assert stack.datagram_flows == 3

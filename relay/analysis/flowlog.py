@@ -16,15 +16,29 @@ cheaper than a thread hop. To a path, the file is opened ``O_APPEND`` and each
 line is one ``write(2)``, so the worker processes of ``tunrelay run --workers
 N`` can share one log without their lines ever interleaving; each line then
 says which ``worker`` served the flow.
+
+Size cap (``max_bytes``, ``tunrelay run --flow-log-max-bytes``): before each
+line the file's size is checked (one ``fstat``). Past the cap, by default,
+lines are dropped and counted (``dropped``) until the file shrinks: rotated
+by logrotate and reopened (``reopen``), or truncated (``copytruncate``). With
+``rotate``, the file is renamed to ``FILE.1`` (replacing it) and a new one
+started, so the log takes at most twice the cap. Several workers share the
+file: one that finds the path no longer names its file (another rotated it)
+reopens instead of rotating again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import IO, Any
 
 from relay.analysis.hooks import FlowEnd, FlowInfo
+from relay.analysis.ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+_warnings = RateLimitedLog(log)
 
 __all__ = ["FlowLog", "flow_record"]
 
@@ -62,29 +76,68 @@ class FlowLog:
         target: a path (opened ``O_APPEND``, owned and closed by ``close()``)
             or an open text stream (left open; written and flushed per line).
         worker: the worker index to record in every line, if any.
+        max_bytes: the file's size cap (0: none); see the module docstring.
+        rotate: past the cap, rename to ``FILE.1`` and start anew (default: stop).
 
     Raises:
         OSError: the path cannot be opened.
     """
 
     def __init__(
-        self, target: str | os.PathLike[str] | IO[str], *, worker: int | None = None
+        self,
+        target: str | os.PathLike[str] | IO[str],
+        *,
+        worker: int | None = None,
+        max_bytes: int = 0,
+        rotate: bool = False,
     ) -> None:
         self._worker = worker
         self._fd: int | None = None
         self._stream: IO[str] | None = None
-        self._path: str | os.PathLike[str] | None = None
+        self._path: str | None = None
+        self.max_bytes = max_bytes
+        self.rotate = rotate
+        self.dropped = 0  # lines not written: over max_bytes (stop mode)
+        self.rotations = 0
         if isinstance(target, str | os.PathLike):
-            self._path = target
-            self._fd = os.open(target, _FLAGS, 0o644)
+            self._path = os.fspath(target)
+            self._fd = os.open(self._path, _FLAGS, 0o644)
         else:
             self._stream = target
+
+    def _room(self, fd: int, n: int) -> bool:
+        """Whether ``n`` more bytes fit under ``max_bytes`` (rotating if asked)."""
+        if os.fstat(fd).st_size + n <= self.max_bytes:
+            return True
+        if not self.rotate:
+            self.dropped += 1
+            _warnings.warning(
+                "full", "flow log %s reached %d bytes: lines are dropped (%d so far)",
+                self._path, self.max_bytes, self.dropped,
+            )  # fmt: skip
+            return False
+        assert self._path is not None
+        try:
+            mine = os.fstat(fd)
+            there = os.stat(self._path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.replace(self._path, self._path + ".1")
+                self.rotations += 1
+            self.reopen()  # a new file, or the one another worker started
+        except OSError as exc:
+            self.dropped += 1
+            _warnings.warning("rotate", "flow log %s: cannot rotate: %s", self._path, exc)
+            return False
+        return True
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
         line = json.dumps(flow_record(flow, end, self._worker), separators=(",", ":")) + "\n"
         if self._fd is not None:
+            data = line.encode()
+            if self.max_bytes and not self._room(self._fd, len(data)):
+                return
             # One write(2) per line: O_APPEND keeps other processes' lines whole.
-            os.write(self._fd, line.encode())
+            os.write(self._fd, data)  # (after a rotation: the new file, same descriptor)
         elif self._stream is not None:
             self._stream.write(line)
             self._stream.flush()

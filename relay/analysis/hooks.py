@@ -23,7 +23,16 @@ An analyzer exception never leaves ``FlowHooks``: it is logged with the flow
 and a traceback, and the analyzer gets no more calls for that flow (not even
 ``flow_end``). With ``fail_closed`` the methods report the failure to the flow
 instead, which aborts (or rejects) the connection. Cancellation
-(``trio.Cancelled`` is a ``BaseException``) passes through untouched.
+(``trio.Cancelled`` is a ``BaseException``) passes through untouched. A hook
+that raises ``Detach`` is detached the same way, quietly: no log, no error,
+never fail-closed (the stream adapter of ``relay.analysis.streams`` leaves a
+flow so).
+
+End of a direction: an analyzer may have a *sync* ``data_finished(flow,
+direction)``, called once that direction's sender finished (TCP: its FIN, after
+the last ``data`` call of that direction). It runs in the packet loop or the
+flow's task, so it must only note the fact; ``relay.analysis.streams`` uses it
+for its end of stream.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ import enum
 import inspect
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from relay.analysis.direction import Direction
+from relay.analysis.ratelimit import RateLimitedLog
 from stack import FlowId
 
 if TYPE_CHECKING:
@@ -61,6 +72,7 @@ __all__ = [
     "Analyzer",
     "AnalyzerChain",
     "Block",
+    "Detach",
     "Direction",
     "EndReason",
     "FlowEnd",
@@ -122,6 +134,11 @@ class Block:
     rule: str  # logged as the flow's "rule", e.g. "block-domain *.example.com"
     reply: bytes = b""
     keep_open: bool = False
+
+
+class Detach(Exception):
+    """Raised by a hook: leave this analyzer out of this flow from now on (no
+    more calls, ``flow_end`` included), quietly and whatever ``fail_closed`` says."""
 
 
 class Halt(enum.Enum):
@@ -250,6 +267,11 @@ class Analyzer(Protocol):
         the policy decides before the analyzers are asked."""
         ...
 
+    def data_finished(self, flow: FlowInfo, direction: Direction) -> None:
+        """Sync: that direction's sender finished (TCP: its FIN), after its last
+        ``data``. It runs in the packet loop or the flow's task: note it, never wait."""
+        ...
+
     # Records of the protocol dissectors (relay.analysis.dissect). The protocol is
     # detected by content, never by port; each hook runs as soon as its record is
     # complete, in the flow's task. A record the client's bytes completed is seen
@@ -355,6 +377,16 @@ def _lookup(analyzer: object, name: str) -> _Hook | None:
     return hook
 
 
+def _lookup_sync(analyzer: object, name: str) -> Callable[..., object] | None:
+    fn = getattr(analyzer, name, None)
+    if fn is None:
+        return None
+    if inspect.iscoroutinefunction(fn) or not callable(fn):
+        raise TypeError(f"{analyzer!r}.{name} must be a plain (not async) method")
+    sync: Callable[..., object] = fn
+    return sync
+
+
 class AnalyzerChain:
     """The registered analyzers, with their hook methods looked up once.
 
@@ -371,8 +403,10 @@ class AnalyzerChain:
 
     __slots__ = (
         "_ends",
+        "_finishes",
         "_starts",
         "data_hooks",
+        "errors",
         "fail_closed",
         "on_error",
         "record_hooks",
@@ -389,6 +423,7 @@ class AnalyzerChain:
         self._starts: list[tuple[int, _Hook]] = []
         self.data_hooks: list[tuple[int, _Hook]] = []
         self._ends: list[tuple[int, _Hook]] = []
+        self._finishes: list[tuple[int, Callable[..., object]]] = []
         for i, analyzer in enumerate(analyzers):
             for name, hooks in (
                 ("flow_start", self._starts),
@@ -398,6 +433,9 @@ class AnalyzerChain:
                 fn = _lookup(analyzer, name)
                 if fn is not None:
                     hooks.append((i, fn))
+            finished = _lookup_sync(analyzer, "data_finished")
+            if finished is not None:
+                self._finishes.append((i, finished))
         # Only the record hooks some analyzer has: a name absent here is never called.
         self.record_hooks: dict[str, list[tuple[int, _Hook]]] = {}
         for name in RECORD_HOOKS:
@@ -409,6 +447,9 @@ class AnalyzerChain:
         self.record_protocols = frozenset(name.split("_")[0] for name in self.record_hooks)
         self.fail_closed = fail_closed
         self.on_error = on_error
+        # Analyzer failures: one line (and traceback) per analyzer, hook and
+        # exception type per interval; a client can make one raise on every flow.
+        self.errors = RateLimitedLog(log)
 
     def open(self, info: FlowInfo) -> FlowHooks:
         """Per-flow hook state for a new flow."""
@@ -436,15 +477,19 @@ class FlowHooks:
         self._detached: frozenset[int] | set[int] = _NONE_DETACHED
         self.has_data_hooks = bool(chain.data_hooks)
 
-    def _failed(self, index: int, fn: _Hook, what: str) -> None:
-        # Called from inside ``except``: log.exception attaches the traceback.
+    def _detach(self, index: int) -> None:
         if not isinstance(self._detached, set):
             self._detached = set()
         self._detached.add(index)  # from every hook of this flow, records' included
         self.has_data_hooks = any(i not in self._detached for i, _ in self._chain.data_hooks)
+
+    def _failed(self, index: int, fn: Callable[..., object], what: str) -> None:
+        # Called from inside ``except``: log.exception attaches the traceback.
+        self._detach(index)
         action = "failing the flow" if self._chain.fail_closed else "detached for this flow"
-        log.exception(
-            "analyzer %r raised in %s on flow %s; %s", fn, what, self.info.describe(), action
+        key = (index, what, sys.exc_info()[0])  # see AnalyzerChain.errors
+        self._chain.errors.exception(
+            key, "analyzer %r raised in %s on flow %s; %s", fn, what, self.info.describe(), action
         )
         if self._chain.on_error is not None:
             self._chain.on_error()
@@ -459,6 +504,9 @@ class FlowHooks:
                 v = await fn(self.info)
                 if v is not None and not isinstance(v, Verdict):
                     raise TypeError(f"flow_start returned {v!r}, not a Verdict or None")
+            except Detach:
+                self._detach(i)
+                continue
             except Exception:
                 self._failed(i, fn, "flow_start")
                 if self._chain.fail_closed:
@@ -492,6 +540,9 @@ class FlowHooks:
                     out = bytes(out)
                 if not isinstance(out, bytes):
                     raise TypeError(f"data returned {out!r}, not bytes, Verdict.RESET or None")
+            except Detach:
+                self._detach(i)
+                continue
             except Exception:
                 self._failed(i, fn, "data")
                 if self._chain.fail_closed:
@@ -530,6 +581,8 @@ class FlowHooks:
                                 f"{name} returned {v!r}, not Verdict.RESET, a Block or None"
                             )
                         stop = v
+                except Detach:
+                    self._detach(i)
                 except Exception:
                     self._failed(i, fn, name)
                     if self._chain.fail_closed:
@@ -545,5 +598,18 @@ class FlowHooks:
                 continue
             try:
                 await fn(self.info, end)
+            except Detach:
+                pass
             except Exception:
                 self._failed(i, fn, "flow_end")
+
+    def finished(self, direction: Direction) -> None:
+        """That direction's sender finished (TCP: FIN, after its last ``data``):
+        tell the attached analyzers with a ``data_finished``; errors only detach."""
+        for i, fn in self._chain._finishes:
+            if i in self._detached:
+                continue
+            try:
+                fn(self.info, direction)
+            except Exception:
+                self._failed(i, fn, "data_finished")

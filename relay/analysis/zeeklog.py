@@ -17,7 +17,7 @@ Rows:
   ``quic``), ``conn_state``, ``history``, ``missed_bytes`` (always 0: the
   relay sees every byte, in order), ``orig_pkts`` and ``resp_pkts`` (TCP:
   packets from and to the client on its connection with the relay, counted by
-  the stack; with ``--offload`` a GRO super-segment or GSO write counts once.
+  the stack; with TUN offloads (the default) a GRO super-segment or GSO write counts once.
   UDP: datagrams).
 * ssl.log, one per TLS connection, once the handshake completed (or at the
   flow's end if it never did): ``version``, ``cipher``, ``curve``,

@@ -42,6 +42,10 @@ class RelayConfig:
     # is reset toward the client instead of hanging on an upstream that vanished.
     upstream_timeout: float = 0.0
     max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
+    # Bytes of one client flow the stack takes per loop pass (relay.datapath.fairshare;
+    # at least one packet; 0: no bound): with GRO a batch could hold megabytes of one
+    # upload, and a request read beside them waited for all. As much as recv_size.
+    flow_pass_bytes: int = 256 * 1024
     # Upper bound of one upstream recv (server -> client). 256 KiB lets one loop
     # iteration write four 64 KiB GSO super-segments: measured with bench_netns
     # (offload, 1 stream down): 64 KiB 1.9, 128 KiB ~2.9, 256 KiB 4.3-5.0,
@@ -67,5 +71,7 @@ class RelayConfig:
             raise ValueError("max_batch must be at least 1")
         if self.recv_size < 1:
             raise ValueError("recv_size must be at least 1")
+        if self.flow_pass_bytes < 0:
+            raise ValueError("flow_pass_bytes must not be negative")
         if self.max_c2s_queue < 1:
             raise ValueError("max_c2s_queue must be at least 1")

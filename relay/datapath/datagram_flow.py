@@ -46,12 +46,14 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import sys
 import time
 from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
 from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
+from relay.analysis.ratelimit import RateLimitedLog
 from relay.datapath.env import DatagramEnv, end_reason
 from relay.datapath.icmp_errors import LOCAL_ERRORS, read_socket_errors
 from stack import CloseReason, FlowId, Unreachable
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["DatagramFlow"]
 
 log = logging.getLogger(__name__)
+_errors = RateLimitedLog(log)  # lines a client can provoke: one per kind per interval
 
 RECV_SIZE = 65536  # the largest datagram
 RECV_BATCH = 64  # datagrams read per wakeup before letting other tasks run
@@ -163,7 +166,11 @@ class DatagramFlow:
                 await self._serve()
         except Exception:
             stats.flow_errors += 1  # a bug, not traffic: contain it to this flow
-            log.exception("flow %s failed; ending it", self.hooks.info.describe())
+            _errors.exception(
+                ("failed", sys.exc_info()[0]),
+                "flow %s failed; ending it",
+                self.hooks.info.describe(),
+            )
             self._end(EndReason.ERROR)
         finally:
             stats.datagram_flows_active -= 1

@@ -31,6 +31,7 @@ might raise, so malformed traffic ends dissection and never the flow.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Collection
 
 from relay.analysis.dissect import (
@@ -46,6 +47,7 @@ from relay.analysis.dissect import (
     stream_dissector,
 )
 from relay.analysis.hooks import Direction
+from relay.analysis.ratelimit import RateLimitedLog
 
 __all__ = [
     "DATAGRAM_PROTOCOLS",
@@ -56,6 +58,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_errors = RateLimitedLog(log)  # lines a client can provoke: one per kind per interval
 
 _C2S = Direction.CLIENT_TO_SERVER
 
@@ -120,7 +123,10 @@ class StreamDissection:
                 return _NONE
             return self._took(dissector, dissector.feed(direction, data, now))
         except Exception:  # a bug in detection: this flow goes undissected, not down
-            log.exception("stream dissection failed; the flow goes on without it")
+            _errors.exception(
+                ("stream", sys.exc_info()[0]),
+                "stream dissection failed; the flow goes on without it",
+            )
             self._detector = self._dissector = None
             return _NONE
 
@@ -187,7 +193,10 @@ class DatagramDissection:
                 self._dissector = None
             return self._confirm(dissector, records)
         except Exception:  # a bug in detection: this flow goes undissected, not down
-            log.exception("datagram dissection failed; the flow goes on without it")
+            _errors.exception(
+                ("datagram", sys.exc_info()[0]),
+                "datagram dissection failed; the flow goes on without it",
+            )
             self._undecided, self._dissector = False, None
             return _NONE
 

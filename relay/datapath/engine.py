@@ -12,6 +12,10 @@ flag plus ``cancel()`` of the cancel scope the loop sleeps in: one wakeup
 owned by the engine, no channel and no extra task, and any number of kicks
 between two iterations coalesce into one flush. When the source stays busy
 (a full batch) the loop yields once per iteration so flow tasks get to run.
+One flow gets at most ``RelayConfig.flow_pass_bytes`` of a pass
+(``relay.datapath.fairshare``); the rest of its packets go first in the next
+pass, so a request read beside a burst of GRO super-segments is not received
+(nor answered) only after all of them.
 
 Two shortcuts save a scheduler pass each on the request/response path: the
 server's bytes, once handed to ``stack.send``, are written by the flow task
@@ -43,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay.analysis.hooks import AnalyzerChain
+from relay.analysis.streams import adapt_stream_analyzers
+from relay.datapath import fairshare
 from relay.datapath.config import RelayConfig
 from relay.datapath.datagrams import DatagramRelay
 from relay.datapath.echo import EchoFlow, open_ping_socket
@@ -136,7 +142,8 @@ class Relay:
         source: where client packets come from and go to (TUN device, memory).
         stack: the sans-IO stack; this relay is its only caller.
         config: relay settings.
-        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``.
+        analyzers: objects implementing some of ``relay.analysis.hooks.Analyzer``,
+            or stream analyzers (``relay.analysis.streams``).
         connector: opens the upstream socket for a flow; the default connects
             a kernel TCP socket to the original destination.
         isn: initial sequence numbers; defaults to RFC 6528 (``IsnGenerator``).
@@ -148,7 +155,8 @@ class Relay:
     Every flow is judged by ``config.egress`` before any of these is called.
 
     Raises:
-        TypeError: an analyzer has a hook that is not an async method.
+        TypeError: an analyzer has a hook that is not an async method, or a
+            stream analyzer is not a valid one.
     """
 
     def __init__(
@@ -174,6 +182,11 @@ class Relay:
         )
         self._stack = stack
         self._config = config
+        # Stream analyzers (relay.analysis.streams) join the chain as adapters whose
+        # stream tasks run in this relay's nursery.
+        analyzers, self._stream_adapters = adapt_stream_analyzers(
+            analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
+        )
         chain = AnalyzerChain(
             analyzers, fail_closed=config.fail_closed, on_error=self._count_analyzer_error
         )
@@ -192,6 +205,7 @@ class Relay:
         self._flows: dict[FlowId, TcpFlow] = {}
         self._nursery: trio.Nursery | None = None
         self._kicked = False
+        self._carried: tuple[list[bytes], list[bool]] = ([], [])
         self._waiting = False  # the packet loop sleeps in _wait_scope
         self._wait_scope: trio.CancelScope | None = None
         up = config.upstream
@@ -227,9 +241,18 @@ class Relay:
         already open keep the policy decision and the analyzers they started with.
 
         Raises:
-            TypeError: an analyzer has a hook that is not an async method.
+            TypeError: an analyzer has a hook that is not an async method, or a
+                stream analyzer is not a valid one.
         """
         if analyzers is not None:
+            analyzers, adapters = adapt_stream_analyzers(
+                analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
+            )
+            for adapter in adapters:
+                adapter.nursery = self._nursery
+            # The previous adapters keep serving the flows that started with them (an
+            # adapter keeps its nursery; the list only resets it when the relay stops).
+            self._stream_adapters = adapters + [a for a in self._stream_adapters if a.active_flows]
             chain = AnalyzerChain(
                 analyzers, fail_closed=self._config.fail_closed, on_error=self._count_analyzer_error
             )
@@ -262,6 +285,8 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self._datagrams.nursery = nursery
+                for adapter in self._stream_adapters:
+                    adapter.nursery = nursery
                 task_status.started()
                 try:
                     await self._packet_loop()
@@ -270,6 +295,8 @@ class Relay:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._datagrams.nursery = None
+            for adapter in self._stream_adapters:
+                adapter.nursery = None
             self._wait_scope = None
 
     def flush(self) -> None:
@@ -321,18 +348,38 @@ class Relay:
         receive = stack.receive
         drain_csum = self._drain_csum
         latency = self.loop_latency
+        budget = self._config.flow_pass_bytes
         while True:
             self._kicked = False  # everything kicked so far is flushed below
             now = trio.current_time()
-            if drain_csum is None:
-                packets = source.drain(max_batch)
+            # What went over a flow's share of the last pass (fairshare.split) goes
+            # first; kept on self, as the cancel scope may end this call at an await.
+            carried, carried_ok = self._carried
+            # Read on while little is carried: a request is read (and served within
+            # one share) even while an upload's carried packets wait for theirs.
+            room = max_batch if not carried or sum(map(len, carried)) < fairshare.CARRY_BYTES else 0
+            trusted: list[bool] | None
+            if room <= 0:
+                packets, trusted = [], None
+            elif drain_csum is None:
+                packets, trusted = source.drain(room), None
+            else:
+                packets, trusted = drain_csum(room)
+            read = len(packets)
+            if budget and (carried or read > 1):
+                if trusted is None:
+                    trusted = [False] * read
+                packets, trusted, carried, carried_ok = fairshare.split(
+                    carried + packets, carried_ok + trusted, budget
+                )
+                self._carried = carried, carried_ok
+            if trusted is None:
                 for packet in packets:
                     try:
                         receive(packet, now, batch=True)
                     except Exception:
                         self._count_receive_error()
             else:
-                packets, trusted = drain_csum(max_batch)
                 for packet, ok in zip(packets, trusted, strict=True):
                     try:
                         receive(packet, now, csum_ok=ok, batch=True)
@@ -342,7 +389,7 @@ class Relay:
                 stack.end_batch(now)  # the pure ACKs merged per flow (Stack.receive)
             except Exception:
                 self._count_receive_error()
-            stats.packets_in += len(packets)
+            stats.packets_in += read
             try:
                 stack.handle_timer(now)
             except Exception:
@@ -353,7 +400,7 @@ class Relay:
             self._write_out(now)
             stats.iterations += 1
             latency.observe(trio.current_time() - now)
-            if len(packets) >= max_batch or self._kicked:
+            if carried or (room > 0 and read >= room) or self._kicked:
                 await trio.lowlevel.checkpoint()  # busy: let flow tasks run, then go on
                 continue
             # Moved only earlier: a deadline that moved later (the usual case, a

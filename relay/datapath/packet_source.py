@@ -79,6 +79,7 @@ class PacketStats:
     gso_packets_in: int = 0  # GRO super-segments (TUN offloads)
     gso_packets_out: int = 0  # GSO super-segments written (TUN offloads)
     csum_trusted_in: int = 0  # checksum partial or verified by the kernel (TUN offloads)
+    offload: str = "off"  # TUN offloads: "on", "off" (--no-offload), "off(fallback)" (refused)
 
 
 class MemoryPacketSource:

@@ -51,12 +51,14 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo, Stop, Verdict
+from relay.analysis.ratelimit import RateLimitedLog
 from relay.datapath.config import RelayConfig
 from relay.datapath.env import Connector, FlowEnv, end_reason
 from stack import CloseReason, FlowId, Reject, Unreachable
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["TcpFlow", "classify_connect_error", "make_connector"]
 
 log = logging.getLogger(__name__)
+_errors = RateLimitedLog(log)  # lines a client can provoke: one per kind per interval
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _C2S = Direction.CLIENT_TO_SERVER
@@ -240,7 +243,11 @@ class TcpFlow:
             self._env.kick()
             return
         if self._c2s_held + n > self._env.config.max_c2s_queue:
-            log.warning("flow %s: client->server queue over its limit", self.hooks.info.describe())
+            _errors.warning(
+                "c2s_queue",
+                "flow %s: client->server queue over its limit",
+                self.hooks.info.describe(),
+            )
             self._abort(EndReason.LIMIT)
             return
         dx = self._dx
@@ -349,7 +356,11 @@ class TcpFlow:
         except Exception:
             # A bug, not traffic: contain it to this flow.
             stats.flow_errors += 1
-            log.exception("flow %s failed; aborting it", self.hooks.info.describe())
+            _errors.exception(
+                ("failed", sys.exc_info()[0]),
+                "flow %s failed; aborting it",
+                self.hooks.info.describe(),
+            )
             self._hint = self._hint or EndReason.ERROR
             if self._closed is None:
                 if self._accepted:
@@ -539,6 +550,7 @@ class TcpFlow:
             except OSError as exc:
                 self._upstream_failed(exc)
                 return
+        self.hooks.finished(_C2S)  # end of the client's stream, for stream analyzers
         self._c2s_done = True
         self._wake.unpark_all()
 
@@ -598,6 +610,7 @@ class TcpFlow:
                         await self._send_reply()
                         return
                     self._mark("f")
+                    self.hooks.finished(_S2C)
                     if self._closed is None:
                         stack.close(flow)
                         flush()

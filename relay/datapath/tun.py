@@ -87,7 +87,7 @@ TUN_F_TSO_ECN = 0x08
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 IFNAMSIZ = 16
-# What `tunrelay run --offload` asks for: GRO super-segments in, partial checksums.
+# What `tunrelay run` asks for (unless --no-offload): GRO super-segments in, partial checksums.
 # (TSO needs CSUM, else EINVAL; TSO_ECN and USO are not handled.)
 OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 _TRUSTED = NEEDS_CSUM | DATA_VALID

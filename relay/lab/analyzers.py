@@ -8,6 +8,9 @@ that does nothing, for the benchmarks).
   slowed down (their window closes), never the others.
 * ``PassThrough`` returns every chunk unchanged from ``data``: the inline path
   (``benchmarks/bench_netns.py`` configuration i) with nothing to judge.
+* ``StreamReader`` is a stream analyzer (``relay.analysis.streams``) that reads
+  both directions of every TCP flow to the end and counts the bytes: what a
+  passive stream analyzer costs a flow (``benchmarks/bench_netns.py``, s).
 * ``StateDump`` has no hooks: on SIGUSR1 it writes the TCP state of every
   connection in the stack to a file (``TUNRELAY_STATE_DUMP``), for tests that
   need to show why a flow stalled.
@@ -207,3 +210,21 @@ class StateDump:
                 f"touched={conn in touched} {fields}"
             )
         return lines
+
+
+class StreamReader:
+    """A passive stream analyzer that reads everything and only counts it."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def stream(
+        self, flow: FlowInfo, c2s: trio.abc.ReceiveStream, s2c: trio.abc.ReceiveStream
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._count, c2s)
+            nursery.start_soon(self._count, s2c)
+
+    async def _count(self, side: trio.abc.ReceiveStream) -> None:
+        async for chunk in side:
+            self.bytes += len(chunk)

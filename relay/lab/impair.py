@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.host import netns
-from relay.lab.topology import add_address, stop_process
+from relay.lab.topology import add_address, stop_process, wait_link_local
 
 __all__ = [
     "CLEAN",
@@ -698,6 +698,7 @@ class Wire:
                 for cidr in cidrs:
                     add_address(ipr, index, cidr)
                 ipr.link("set", index=index, state="up")
+                wait_link_local(ipr, index)
                 if name == topo.cli:
                     ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=topo.gw_cli_v4)
                     ipr.route(

@@ -146,6 +146,10 @@ class Topology:
                     index = ipr.link_lookup(ifname=ifname)[0]
                     add_address(ipr, index, cidr)
                     ipr.link("set", index=index, state="up")
+            for name, addrs in plan.items():
+                for ifname in dict(addrs):
+                    ipr = iprs[name]
+                    wait_link_local(ipr, ipr.link_lookup(ifname=ifname)[0])
             cli, srv = iprs[self.cli], iprs[self.srv]
             cli.route("add", dst="0.0.0.0", dst_len=0, gateway=self.gw_cli_v4)
             cli.route("add", dst="::", dst_len=0, gateway=self.gw_cli_v6, family=socket.AF_INET6)
@@ -292,6 +296,24 @@ def add_address(ipr: Any, index: int, cidr: str) -> None:
         family=socket.AF_INET6 if v6 else socket.AF_INET,
         flags=IFA_F_NODAD if v6 else 0,
     )
+
+
+def wait_link_local(ipr: Any, index: int, timeout: float = 5.0) -> None:
+    """Wait until link ``index`` has its ``fe80::/64`` route.
+
+    The kernel adds it when the link's carrier comes on, which a veth learns
+    through the deferred link-watch work, up to a second after both ends are up.
+    Waiting here keeps it from appearing later, inside whatever a test does
+    next (a relay's before-and-after check of the gateway's routes saw it).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for route in ipr.get_routes(family=socket.AF_INET6, table=254):
+            if route.get_attr("RTA_DST") == "fe80::" and route.get_attr("RTA_OIF") == index:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"link {index}: no fe80::/64 route after {timeout} s")
+        time.sleep(0.01)
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> int:

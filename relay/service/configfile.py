@@ -43,6 +43,8 @@ class Key:
 
     @property
     def option(self) -> str:
+        if isinstance(self.action, argparse.BooleanOptionalAction):
+            return self.action.option_strings[0]  # --offload, not --no-offload
         return max(self.action.option_strings, key=len)
 
     @property
@@ -51,6 +53,8 @@ class Key:
 
     @property
     def flag(self) -> bool:
+        if isinstance(self.action, argparse.BooleanOptionalAction):
+            return True  # --offload/--no-offload: offload = true|false
         return self.action.nargs == 0 and isinstance(self.action.const, bool)
 
 

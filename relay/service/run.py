@@ -7,13 +7,17 @@ everything it installed on every exit path.
 
 ``relay.service.workers`` sets the network up in a supervisor process and runs one
 packet loop per TUN queue in unprivileged worker processes (``--workers N``,
-one or more), each doing what ``relay_queue`` does. ``--offload`` opens the
-TUN with virtio-net headers and TSO/checksum offloads (``relay.datapath.tun``).
+one or more), each doing what ``relay_queue`` does. Offloads are on by default
+(``--no-offload`` turns them off): the TUN is opened with virtio-net headers and
+TSO/checksum offloads (``relay.datapath.tun``). A kernel that refuses them
+(``open_queue``) gets the plain path, one warning and ``offload='off(fallback)'``
+in the queue's counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import importlib
 import ipaddress
@@ -28,12 +32,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.analysis.flowlog import FlowLog
+from relay.analysis.ratelimit import set_interval
+from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
 from relay.datapath.config import RelayConfig
 from relay.datapath.echo import enable_ping_sockets
 from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes, parse_rule
 from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
+from relay.service.limits import Limits
 from relay.service.privileges import CAP_NET_RAW, Identity
 from relay.service.runstate import STATE_DIR
 from stack import DatagramConfig, Stack, StackConfig, TcpConfig
@@ -79,7 +86,8 @@ class RunOptions:
     table: int = 5197
     priority: int = 5197
     stats_interval: float = 0.0
-    offload: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
+    offload: bool = True  # IFF_VNET_HDR + TUNSETOFFLOAD(CSUM, TSO4, TSO6)
+    offload_fallback: bool = False  # asked for, refused by the kernel (without_offload)
     workers: int = 1  # worker processes, one TUN queue each
     iifs: tuple[str, ...] = ()  # the policy rule only for packets arriving on these
     fail_closed_routing: bool = True  # prohibit in the table while the TUN route is gone
@@ -92,6 +100,7 @@ class RunOptions:
     log_format: str = "text"  # the service's own log: text or json (relay.service.logsetup)
     relay: RelayConfig = field(default_factory=RelayConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    limits: Limits = field(default_factory=Limits)  # as given (the stack's are in ``stack``)
 
 
 def validate(
@@ -119,7 +128,7 @@ def validate(
     snd_buf: int = 4 << 20,
     fail_closed: bool = False,
     udp_idle_timeout: float = 60.0,
-    offload: bool = False,
+    offload: bool = True,
     workers: int = 1,
     egress_rules: Sequence[tuple[str, str]] = (),
     allow_client_to_client: bool = False,
@@ -131,6 +140,7 @@ def validate(
     state_dir: str = STATE_DIR,
     metrics: str | None = None,
     log_format: str = "text",
+    limits: Limits | None = None,
 ) -> RunOptions:
     """Check every setting and build ``RunOptions``.
 
@@ -207,6 +217,11 @@ def validate(
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
         raise ConfigError(f"--stats-interval: {stats_interval} must not be negative")
+    limits = limits or Limits()
+    try:
+        limits.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     rules = []
     for kind, spec in egress_rules:
         try:
@@ -231,7 +246,7 @@ def validate(
         # their initial sizes (windows close, data waits): slower, never lost.
         memory_budget=memory_budget,
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
-        # way out, or written as one GSO super-segment with --offload.
+        # way out, or written as one GSO super-segment with offloads (the default).
         tso_segments=44,
     )
     return RunOptions(
@@ -268,13 +283,16 @@ def validate(
             ),
             upstream=upstream,
         ),
-        stack=StackConfig(
-            tcp=tcp,
-            max_flows=max_flows,
-            mtu=mtu,
-            datagram=_datagram(udp_idle_timeout),
-            offload=offload,  # partial checksums and GSO writes (relay.datapath.tun frames them)
+        stack=limits.apply(
+            StackConfig(
+                tcp=tcp,
+                max_flows=max_flows,
+                mtu=mtu,
+                datagram=_datagram(udp_idle_timeout),
+                offload=offload,  # partial checksums, GSO writes (relay.datapath.tun frames them)
+            )
         ),
+        limits=limits,
     )
 
 
@@ -361,11 +379,16 @@ def load_analyzer(spec: str, options: dict[str, object] | None = None) -> object
         raise ConfigError(f"--analyzer: cannot load {spec!r}: {exc}") from None
     if isinstance(obj, type):
         try:
-            return obj(**options) if options else obj()
+            obj = obj(**options) if options else obj()
         except Exception as exc:
             raise ConfigError(f"--analyzer: {spec!r} failed to initialise: {exc}") from None
-    if options:
+    elif options:
         raise ConfigError(f"--analyzer: {spec!r} is not a class, so it takes no options")
+    if is_stream_analyzer(obj):
+        try:
+            check_stream_analyzer(obj)
+        except TypeError as exc:
+            raise ConfigError(f"--analyzer: {spec!r}: {exc}") from None
     return obj
 
 
@@ -379,7 +402,13 @@ def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
         return None
     try:
         target = sys.stdout if opts.flow_log == "-" else opts.flow_log
-        return FlowLog(target, worker=worker)
+        limits = opts.limits
+        return FlowLog(
+            target,
+            worker=worker,
+            max_bytes=limits.flow_log_max_bytes,
+            rotate=limits.flow_log_rotate,
+        )
     except OSError as exc:
         raise ConfigError(f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}") from None
 
@@ -539,25 +568,69 @@ def open_queue(
     link is set up (a worker's queue). ``exclusive``: never attach to a device
     that exists already (another relay's, or anything else of that name).
 
+    When the kernel refuses IFF_VNET_HDR or TUNSETOFFLOAD (``OFFLOAD_REFUSED``)
+    and this is not an attached queue, the device is opened again without them
+    and one warning names the errno; the caller sees ``tun.vnet_hdr`` False and
+    must run the stack without offloads (``without_offload``). An attached
+    queue never falls back alone: IFF_VNET_HDR is the whole device's setting.
+
     Raises:
         OSError: the device cannot be opened or configured.
     """
-    tun = TunDevice.open(
-        opts.tun,
-        mtu=opts.mtu,
-        txqueuelen=opts.txqueuelen,
-        vnet_hdr=opts.offload,
-        multi_queue=multi_queue or attach,
-        configure_link=not attach,
-        exclusive=exclusive,
-    )
-    if opts.offload:
-        try:
-            tun.set_offload(OFFLOADS)
-        except BaseException:
-            tun.close()
+
+    def opened(offload: bool) -> TunDevice:
+        tun = TunDevice.open(
+            opts.tun,
+            mtu=opts.mtu,
+            txqueuelen=opts.txqueuelen,
+            vnet_hdr=offload,
+            multi_queue=multi_queue or attach,
+            configure_link=not attach,
+            exclusive=exclusive,
+        )
+        if offload:
+            try:
+                tun.set_offload(OFFLOADS)
+            except BaseException:
+                tun.close()
+                raise
+        return tun
+
+    if not opts.offload:
+        tun = opened(False)
+        tun.stats.offload = "off(fallback)" if opts.offload_fallback else "off"
+        return tun
+    try:
+        tun = opened(True)
+    except OSError as exc:
+        if attach or exc.errno not in OFFLOAD_REFUSED:
             raise
+        log.warning(
+            "TUN offloads refused by the kernel (%s: %s): relaying without them "
+            "(about a fifth of the throughput)",
+            errno.errorcode.get(exc.errno, exc.errno), exc.strerror,
+        )  # fmt: skip
+        tun = opened(False)
+        tun.stats.offload = "off(fallback)"
+        return tun
+    tun.stats.offload = "on"
     return tun
+
+
+# What a kernel says when it lacks IFF_VNET_HDR or a TUNSETOFFLOAD flag (an
+# unknown flag: EINVAL; no such ioctl, as in some sandboxes: ENOTTY, EOPNOTSUPP).
+OFFLOAD_REFUSED = frozenset({errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def without_offload(opts: RunOptions) -> RunOptions:
+    """``opts`` for a device ``open_queue`` had to open without offloads: the
+    stack writes complete packets, and the workers open their queues plainly."""
+    return dataclasses.replace(
+        opts,
+        offload=False,
+        offload_fallback=True,
+        stack=dataclasses.replace(opts.stack, offload=False),
+    )
 
 
 def route_into(
@@ -596,6 +669,7 @@ async def relay_queue(
     starts tasks beside the packet loop (the worker's control link);
     ``stats_interval`` is read before each stats line (a reload may change it).
     """
+    set_interval(opts.limits.error_log_interval)
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)
     # What exists now (modules, classes, analyzers) lives as long as the process:
@@ -631,9 +705,9 @@ async def relay_queue(
     finally:
         watch.remove()
     log.info(
-        "stopped: stack %s; relay %s; tun %s; gc %s%s",
+        "stopped: stack %s; relay %s; tun %s; gc %s%s; most refused clients %s",
         stack.stats, relay.stats, tun.stats, watch.stats,
-        "" if logs is None else f"; logs {logs.stats}",
+        "" if logs is None else f"; logs {logs.stats}", _top(stack),
     )  # fmt: skip
 
 
@@ -646,6 +720,11 @@ async def _log_stats(
             continue
         await trio.sleep(interval())
         log.info(
-            "flows=%d stack %s; relay %s; tun %s; gc %s",
-            len(stack), stack.stats, relay.stats, tun.stats, gcs,
+            "flows=%d stack %s; relay %s; tun %s; gc %s; most refused clients %s",
+            len(stack), stack.stats, relay.stats, tun.stats, gcs, _top(stack),
         )  # fmt: skip
+
+
+def _top(stack: Stack) -> str:
+    """The clients refused most by their quotas, for the stats line (bounded)."""
+    return ", ".join(f"{c}={n}" for c, n in stack.top_refused_clients()) or "none"

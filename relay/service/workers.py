@@ -69,6 +69,7 @@ from relay.service.run import (
     prepare_capture_dir,
     relay_queue,
     route_into,
+    without_offload,
 )
 from relay.service.runstate import RunState
 from relay.service.worklink import Reload, WorkerLink, WorkerView, socket_pair
@@ -161,6 +162,8 @@ async def supervise(
             try:
                 with net, open_queue(opts, multi_queue=True, exclusive=True) as anchor:
                     anchor.detach()
+                    if opts.offload and not anchor.vnet_hdr:  # refused: open_queue warned
+                        opts = without_offload(opts)
                     opts = localize(opts, net)  # the host's addresses: workers have no netlink
                     return await _run(ctx, opts, service, net, anchor, signals)
             finally:
@@ -230,8 +233,9 @@ async def _run(
                 log.info(
                     "relaying TCP from %s through %s with %d workers%s; workers run as %s "
                     "(uid %d, gid %d)%s", ", ".join(opts.client_nets), anchor.name, len(workers),
-                    " and offloads" if opts.offload else "", opts.user.name, opts.user.uid,
-                    opts.user.gid, f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
+                    " and offloads" if opts.offload else " without offloads", opts.user.name,
+                    opts.user.uid, opts.user.gid,
+                    f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
                 )  # fmt: skip
                 turning = await _turning(workers)
                 if turning is True:

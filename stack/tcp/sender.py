@@ -149,6 +149,8 @@ class TcpSender(ConnectionCore):
         cfg = self.config
         if cfg.idle_timeout is not None:
             self.timers.set_idle(self._last_rcv + cfg.idle_timeout)
+        else:
+            self.timers.clear_idle()  # SYN-RECEIVED's bound, if it ran
         if cfg.keepalive:
             self.timers.set_keepalive(self._keepalive_due())
 
@@ -163,6 +165,14 @@ class TcpSender(ConnectionCore):
     def _on_idle_timeout(self, now: float) -> None:
         timeout = self.config.idle_timeout
         self.timers.clear_idle()
+        if self.state is State.SYN_RECEIVED:
+            # TcpConfig.synrecv_timeout: the handshake never completed. Silently,
+            # as Linux drops a request whose SYN-ACKs went unanswered: the client
+            # (or whoever spoofed it) hears nothing more, and the caller's Closed
+            # lets it drop what it holds for the flow (the relay: the upstream
+            # connection, with an RST).
+            self._close(CloseReason.TIMED_OUT)
+            return
         if self.state not in LINGERING or timeout is None:
             return  # the other states have their own timers
         if now - self._last_rcv >= timeout:
@@ -208,6 +218,10 @@ class TcpSender(ConnectionCore):
             return out
         if self._syn_due:
             self._syn_due = False
+            if state is State.SYN_RECEIVED and self.timers.idle is None:
+                bound = self.config.synrecv_timeout
+                if bound is not None:
+                    self.timers.set_idle(now + bound)  # from the first SYN-ACK
             self._send_syn(out, now)
             return out
         if (state is State.ESTABLISHED or state is State.CLOSE_WAIT) and self._quiet(now):
@@ -456,7 +470,7 @@ class TcpSender(ConnectionCore):
         burst = mss * self.config.tso_segments  # new data: several segments at once
         opts = self._tx_opts
         snd_max = self.snd_max
-        sacked = self._sb if self._sb and seq_lt(self.snd_nxt, snd_max) else None
+        sacked = self._sb if seq_lt(self.snd_nxt, snd_max) and self._sb else None
         fin_pending = self._fin_queued and self.state is not State.SYN_RECEIVED
         total = 0
         while True:

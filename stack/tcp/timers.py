@@ -11,7 +11,8 @@ the connection's ``get_timer()``. What happens when a deadline passes is
 * ``ack``: delayed ACK (RFC 9293 3.8.6.3, RFC 5681 4.2).
 * ``persist``: zero-window probe and SWS override (RFC 9293 3.8.6.1, 3.8.6.2.1).
 * ``keepalive``: keepalive probe (RFC 9293 3.8.4, RFC 1122 4.2.3.6).
-* ``idle``: the idle timeout, counted from the last segment heard.
+* ``idle``: the idle timeout, counted from the last segment heard; in
+  SYN-RECEIVED, the bound on the handshake (``TcpConfig.synrecv_timeout``).
 * ``time_wait``: the end of TIME-WAIT (2 MSL, RFC 9293 3.10.7.4).
 * ``fin_wait_2``: the FIN-WAIT-2 timeout, counted from the last data received
   (RFC 9293 3.10.7.4 leaves it to the implementation; Linux's tcp_fin_timeout).
