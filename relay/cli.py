@@ -149,6 +149,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--connect-timeout", type=float, default=10.0, help="upstream connect timeout, seconds"
     )
+    run.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=0.0,
+        help="seconds an upstream may leave sent bytes unacknowledged before its flow is "
+        "reset (TCP_USER_TIMEOUT; default 0: the kernel's, ~15 min)",
+    )
+    run.add_argument(
+        "--client-idle-timeout",
+        type=float,
+        default=0.0,
+        help="reset a TCP flow whose client sent nothing for this many seconds "
+        "(default 0: off; keepalive still finds idle clients that vanished, after 2 h)",
+    )
+    run.add_argument(
+        "--memory-budget",
+        type=int,
+        default=1 << 30,
+        help="TCP buffer bytes all flows of one worker may grow to together (default 1 GiB); "
+        "past it buffers keep their initial sizes",
+    )
     run.add_argument("--max-flows", type=int, default=65536, help="TCP flows at most")
     run.add_argument(
         "--rcv-buf", type=int, default=4 << 20, help="per-flow receive buffer cap, bytes"
@@ -330,6 +351,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
         priority=args.priority,
         stats_interval=args.stats_interval,
         connect_timeout=args.connect_timeout,
+        upstream_timeout=args.upstream_timeout,
+        client_idle_timeout=args.client_idle_timeout,
+        memory_budget=args.memory_budget,
         max_flows=args.max_flows,
         rcv_buf=args.rcv_buf,
         snd_buf=args.snd_buf,

@@ -26,6 +26,33 @@ def test_offload_and_workers_are_validated_and_kept() -> None:
             validate(tun="tr0", client_nets=NETS, workers=bad)
 
 
+def test_upstream_timeout_is_validated_and_reaches_the_relay_config() -> None:
+    assert validate(tun="tr0", client_nets=NETS).relay.upstream_timeout == 0.0  # the kernel's
+    opts = validate(tun="tr0", client_nets=NETS, upstream_timeout=2.5)
+    assert opts.relay.upstream_timeout == 2.5
+    args = _parser().parse_args(["run", "--tun", "tr0", "--upstream-timeout", "7"])
+    assert args.upstream_timeout == 7.0
+    for bad in (-1.0, 1e9):
+        with pytest.raises(ConfigError, match=r"^--upstream-timeout: "):
+            validate(tun="tr0", client_nets=NETS, upstream_timeout=bad)
+
+
+def test_client_idle_timeout_is_off_by_default_and_validated() -> None:
+    assert validate(tun="tr0", client_nets=NETS).stack.tcp.idle_timeout is None
+    opts = validate(tun="tr0", client_nets=NETS, client_idle_timeout=30)
+    assert opts.stack.tcp.idle_timeout == 30
+    with pytest.raises(ConfigError, match=r"^--client-idle-timeout: "):
+        validate(tun="tr0", client_nets=NETS, client_idle_timeout=-1)
+
+
+def test_memory_budget_reaches_the_stack_and_is_validated() -> None:
+    assert validate(tun="tr0", client_nets=NETS).stack.tcp.memory_budget == 1 << 30
+    opts = validate(tun="tr0", client_nets=NETS, memory_budget=4 << 20)
+    assert opts.stack.tcp.memory_budget == 4 << 20
+    with pytest.raises(ConfigError, match=r"^--memory-budget: "):
+        validate(tun="tr0", client_nets=NETS, memory_budget=1000)
+
+
 def test_options_survive_pickling_for_spawned_workers() -> None:
     # multiprocessing's 'spawn' pickles the options into each worker.
     opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=2, flow_log="/x")

@@ -90,3 +90,28 @@ def test_hostile_packets_never_raise_and_stay_bounded(packets: list[bytes], acce
         + stack.stats.not_tcp
     )
     assert counted <= stack.stats.packets_in
+
+
+# --- at scale: benchmarks/fuzz_stack.py's generator, CI-sized --------------------------
+# (The full run, a million packets, and its result are in benchmarks/README.md.)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fifty_thousand_generated_packets_never_raise_and_stay_bounded(seed: int) -> None:
+    from benchmarks.fuzz_stack import run
+
+    result = run(10_000, seed)  # x 5 examples; raises with the seed and packet index
+    assert result.packets >= 10_000
+    assert result.connections_opened > 0  # the generator reaches the connection code
+    assert 0 < result.parse_errors < result.packets  # and the parsers' error paths
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_mutated_conversations_never_raise_out_of_the_dissectors(seed: int) -> None:
+    from benchmarks.fuzz_stack import fuzz_dissectors
+
+    _, reached = fuzz_dissectors(1_000, seed)
+    # Every dissector was reached, so each one met mutated input.
+    assert set(reached) >= {"TlsDissector", "HttpDissector", "DnsTcpDissector", "QuicDissector"}

@@ -335,3 +335,23 @@ def test_data_after_peer_fin_is_ignored() -> None:
     send(c, data(1, b"late"), 0.2)  # beyond the FIN: cannot be real
     assert drain(c) == []
     assert c.rcv_nxt == IRS + 2
+
+
+def test_data_after_a_silence_longer_than_rto_min_is_acked_at_once() -> None:
+    # Linux's tcp_event_data_recv ("too long gap"): a sender that timed out sends one
+    # segment (RFC 5681 3.1); a delayed ACK would hold it 40 ms on every timeout.
+    c = established()
+    send(c, replace(TEMPLATE, flags=ACK | PSH, payload=b"a"), 0.0)
+    t = deadline(c)
+    c.handle_timer(t)
+    assert recv(c, t)[0].ack == IRS + 2
+    send(c, replace(TEMPLATE, seq=IRS + 2, flags=ACK | PSH, payload=b"b"), 0.1)
+    recv_nothing(c, 0.1)  # within rto_min of the last data: the usual delayed ACK
+    t = deadline(c)
+    assert t == pytest.approx(0.1 + c.config.delayed_ack)
+    c.handle_timer(t)
+    assert recv(c, t)[0].ack == IRS + 3
+    later = 0.1 + c.config.rto_min + 0.01
+    send(c, replace(TEMPLATE, seq=IRS + 3, flags=ACK | PSH, payload=b"c"), later)
+    (ack,) = recv(c, later)  # at once
+    assert ack.ack == IRS + 4

@@ -37,6 +37,10 @@ class RelayConfig:
     """
 
     connect_timeout: float = 10.0  # upstream connect; on expiry the SYN is dropped silently
+    # TCP_USER_TIMEOUT of upstream sockets, seconds (0: the kernel's, ~15 min of
+    # retransmissions): bytes unacknowledged this long fail the socket, and the flow
+    # is reset toward the client instead of hanging on an upstream that vanished.
+    upstream_timeout: float = 0.0
     max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
     # Bytes of one client flow the stack takes per loop pass (relay.datapath.fairshare;
     # at least one packet; 0: no bound): with GRO a batch could hold megabytes of one
@@ -61,6 +65,8 @@ class RelayConfig:
     def __post_init__(self) -> None:
         if self.connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive")
+        if not 0 <= self.upstream_timeout <= 2**31 // 1000:
+            raise ValueError("upstream_timeout must be 0 (the kernel's) or positive seconds")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if self.recv_size < 1:

@@ -29,7 +29,10 @@ Events become sync calls on the flow's ``TcpFlow`` (UDP and echo events go to
 (connect, socket I/O, analyzers) runs in that flow's tasks, in the engine's
 nursery. Malformed packets are the stack's business (it counts and drops
 them); an exception out of ``stack.receive`` is a stack bug, and is counted
-and contained here as well.
+and contained here as well. So is one out of the stack's timers
+(``timer_errors``), out of building or writing a batch toward the clients
+(``write_errors``: that batch is lost, which TCP repairs), or out of an event
+handler (``dispatch_errors``: that flow is reset); the loop goes on.
 """
 
 from __future__ import annotations
@@ -307,10 +310,20 @@ class Relay:
                 scope.deadline = deadline
 
     def _write_out(self, now: float) -> None:
-        out = self._stack.packets_to_send(now)
+        # Both steps are contained to the batch: a lost batch is a loss TCP repairs,
+        # where an exception here would end the packet loop (or a flow task that
+        # flushed), i.e. the service.
+        try:
+            out = self._stack.packets_to_send(now)
+        except Exception:
+            self._count_loop_error("write_errors", "stack.packets_to_send")
+            return
         if out:
             self.stats.packets_out += len(out)
-            self._source.write_all(out)
+            try:
+                self._source.write_all(out)
+            except Exception:
+                self._count_loop_error("write_errors", "the packet source's write_all")
 
     def kick(self) -> None:
         """Wake the packet loop to flush the stack's output; cheap, coalescing."""
@@ -377,7 +390,12 @@ class Relay:
             except Exception:
                 self._count_receive_error()
             stats.packets_in += read
-            stack.handle_timer(now)
+            try:
+                stack.handle_timer(now)
+            except Exception:
+                # A stack bug: the timer that raised was taken off the heap, so the
+                # next pass does not meet it again; the others run then.
+                self._count_loop_error("timer_errors", "stack.handle_timer")
             self._dispatch()
             self._write_out(now)
             stats.iterations += 1
@@ -402,13 +420,38 @@ class Relay:
 
     def _dispatch(self) -> None:
         next_event, handlers, stats = self._stack.next_event, self._handlers, self.stats
-        while (event := next_event()) is not None:
+        while True:
+            try:
+                event = next_event()
+            except Exception:
+                self._count_loop_error("dispatch_errors", "stack.next_event")
+                return  # the rest waits for the next pass
+            if event is None:
+                return
             stats.events += 1
             handler = handlers.get(type(event))
             if handler is None:
                 log.debug("ignoring event %r", event)
                 continue
-            handler(event)
+            try:
+                handler(event)
+            except Exception:
+                self._count_loop_error("dispatch_errors", f"the handler of {type(event).__name__}")
+                self._end_flow_of(event)
+
+    def _end_flow_of(self, event: Event) -> None:
+        """Contain a failed event handler to its flow: the client gets an RST (a
+        datagram flow is ended) and the flow's Closed event ends its task."""
+        flow = getattr(event, "flow", None)
+        if not isinstance(flow, FlowId):
+            return
+        try:
+            if flow.proto == "tcp":
+                self._stack.abort(flow)  # also for a request not decided yet
+            else:
+                self._stack.end_datagram_flow(flow)
+        except Exception:
+            self._count_loop_error("dispatch_errors", "ending the flow of a failed handler")
 
     def _flow(self, event: Event) -> TcpFlow | None:
         flow = self._flows.get(event.flow)
@@ -457,6 +500,13 @@ class Relay:
 
     def _count_analyzer_error(self) -> None:
         self.stats.analyzer_errors += 1
+
+    def _count_loop_error(self, counter: str, where: str) -> None:
+        """Count an exception the packet loop contained; log it at 1, 2, 4, 8... ."""
+        n = getattr(self.stats, counter) + 1
+        setattr(self.stats, counter, n)
+        if n & (n - 1) == 0:
+            log.exception("%s raised (%s: %d so far); the service goes on", where, counter, n)
 
     def _count_receive_error(self) -> None:
         self.stats.receive_errors += 1

@@ -129,6 +129,9 @@ class RelayStats:
     packets_in: int = 0
     packets_out: int = 0
     receive_errors: int = 0  # exceptions out of stack.receive (a stack bug); packet dropped
+    timer_errors: int = 0  # exceptions out of stack.handle_timer (a stack bug), contained
+    write_errors: int = 0  # building or writing a batch to the clients failed; batch dropped
+    dispatch_errors: int = 0  # an event handler raised (a bug); that flow was reset
     events: int = 0
     stray_events: int = 0  # events for a flow the relay does not know
     flows_requested: int = 0

@@ -121,6 +121,9 @@ def make_connector(config: RelayConfig) -> Connector:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.upstream_sndbuf)
             if config.upstream_rcvbuf is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.upstream_rcvbuf)
+            if config.upstream_timeout:
+                ms = max(1, int(config.upstream_timeout * 1000))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
             await trio.lowlevel.checkpoint_if_cancelled()
             err = sock.connect_ex((flow.server_ip, flow.server_port))
             if err == errno.EINPROGRESS:

@@ -122,6 +122,9 @@ def validate(
     priority: int = 5197,
     stats_interval: float = 0.0,
     connect_timeout: float = 10.0,
+    upstream_timeout: float = 0.0,
+    client_idle_timeout: float = 0.0,
+    memory_budget: int = 1 << 30,
     max_flows: int = 65536,
     rcv_buf: int = 4 << 20,
     snd_buf: int = 4 << 20,
@@ -205,6 +208,16 @@ def validate(
         raise ConfigError(f"--table: {table} is a reserved table (default, main, local)")
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout: {connect_timeout} must be positive")
+    if memory_budget < 1 << 20:
+        raise ConfigError(f"--memory-budget: {memory_budget} must be at least 1 MiB (1048576)")
+    if client_idle_timeout < 0:
+        raise ConfigError(
+            f"--client-idle-timeout: {client_idle_timeout} must be 0 (off) or positive seconds"
+        )
+    if not 0 <= upstream_timeout <= 2**31 // 1000:
+        raise ConfigError(
+            f"--upstream-timeout: {upstream_timeout} must be 0 (the kernel's) or positive seconds"
+        )
     if udp_idle_timeout <= 0:
         raise ConfigError(f"--udp-idle-timeout: {udp_idle_timeout} must be positive")
     if stats_interval < 0:
@@ -231,6 +244,12 @@ def validate(
         ooo_limit=rcv_buf,
         mss=mtu - 40,
         keepalive=True,
+        # A client that vanished mid-transfer answers no keepalive either, but the
+        # retransmissions come first; this ends its flow after a silence that long.
+        idle_timeout=client_idle_timeout or None,
+        # Buffer growth of all flows of a worker together; past it buffers stay at
+        # their initial sizes (windows close, data waits): slower, never lost.
+        memory_budget=memory_budget,
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
         # way out, or written as one GSO super-segment with offloads (the default).
         tso_segments=44,
@@ -262,6 +281,7 @@ def validate(
         worker_caps=frozenset({CAP_NET_RAW}) if upstream.fwmark is not None else frozenset(),
         relay=RelayConfig(
             connect_timeout=connect_timeout,
+            upstream_timeout=upstream_timeout,
             fail_closed=fail_closed,
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
             egress=EgressPolicy(

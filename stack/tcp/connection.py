@@ -523,6 +523,13 @@ class TcpConnection(TcpRecovery):
         ):
             self._ooo.limit = min(self.config.ooo_limit, self.buf.rcv)  # auto-tuned
         self._unacked_segments += 1
+        if now - self._last_data > self.config.rto_min:
+            # Data after a silence longer than any RTO (Linux's tcp_event_data_recv,
+            # "too long gap"): the sender has most likely just timed out and sends
+            # with a window of one segment (RFC 5681 3.1); a delayed ACK would hold
+            # it 40 ms per timeout, then again for each segment of its slow start.
+            self._quickacks = QUICKACKS
+        self._last_data = now
         if self._quickacks:
             # Quick-ACK mode (Linux's tcp_enter_quickack_mode): after an out-of-order
             # segment, a duplicate or a filled hole, the sender is recovering with a

@@ -100,6 +100,7 @@ class ConnectionCore:
         "_inflate",
         "_ka_probes",
         "_ka_sent_at",
+        "_last_data",
         "_last_progress",
         "_last_rcv",
         "_max_wnd",
@@ -261,6 +262,8 @@ class ConnectionCore:
         self._tlp_armed_at = -1.0  # when the probe timer was last armed
         self._last_progress = 0.0  # when data last went out or was acknowledged
         self._last_rcv = 0.0  # when the peer last sent anything (keepalive, idle timeout)
+        # When in-order data last arrived (the quick-ACK after a gap); none yet: +inf.
+        self._last_data = float("inf")
         self._ka_probes = 0  # keepalive probes sent since the peer was last heard
         self._ka_sent_at = 0.0  # when the last keepalive probe went
 
