@@ -51,12 +51,10 @@ digest records 10 s (a flow is logged when the stack forgets it, up to its
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import ipaddress
 import itertools
-import json
 import os
 import random
 import re
@@ -73,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.host import netns
-from relay.lab.lab import Lab
+from relay.lab.lab import Lab, read_jsonl
 from relay.lab.topology import Topology
 
 __all__ = [
@@ -274,10 +272,10 @@ class RelayProcess:
     # --- its logs ---
 
     def flow_records(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.flow_log)
+        return read_jsonl(self.flow_log)
 
     def digest_records(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.digest_log)
+        return read_jsonl(self.digest_log)
 
     def wait_records(
         self,
@@ -457,15 +455,6 @@ def diagnose(topo: Topology, client_port: int, upstream_port: int | None = None)
         )
     )  # fmt: skip
     return "\n".join(parts)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return records
 
 
 def relay_installed(topo: Topology) -> dict[str, Any]:

@@ -563,6 +563,7 @@ class Lab:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a JSON-lines log; a line cut short by a writer is skipped."""
     records = []
     if path.exists():
         for line in path.read_text(errors="replace").splitlines():
