@@ -328,8 +328,10 @@ class TcpFlow:
             scope = self._nursery.cancel_scope
             deadline = trio.current_time() + self._env.config.close_drain_timeout
             scope.deadline = min(scope.deadline, deadline)
-        else:
+        elif self._done_at is None:
             self._cancel()
+        # else both directions finished cleanly and the task only waits for Closed,
+        # woken above: a cancel would raise through it for nothing (per connection).
 
     def _cancel(self) -> None:
         if self._nursery is not None:
@@ -563,7 +565,9 @@ class TcpFlow:
         pending = b""  # read but not yet taken by the stack
         records: list[Named] | None = None  # completed by what was just read
         waited = False  # since the last read: that wait was this read's checkpoint
-        drained = False  # the last read came back short: the socket had no more then
+        # The last read came back short: the socket had no more then. A new upstream
+        # connection has usually nothing yet (the client speaks first): wait first.
+        drained = True
         while self._closed is None:
             space = stack.send_space(flow)
             if space <= 0:
