@@ -124,6 +124,10 @@ def _one(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _two(v: float) -> str:
+    return f"{v:.2f}"
+
+
 MEASURES: list[Measure] = [
     Measure("up", "1 stream up, Gbit/s", _g),
     Measure("down", "1 stream down, Gbit/s", _g),
@@ -144,6 +148,11 @@ MEASURES: list[Measure] = [
     Measure("cpu_up", "relay CPU % (1 up)", _int),
     Measure("cpu_down", "relay CPU % (1 down)", _int),
     Measure("cpu_up4", "relay CPU % (4 up)", _int),
+    # CPU % over the steady part divided by the run's rate: what a byte costs the
+    # relay (all its processes), hence what one core's worth of workers can carry.
+    Measure("cpu_gb_up", "relay CPU s per GB (1 up)", _two),
+    Measure("cpu_gb_down", "relay CPU s per GB (1 down)", _two),
+    Measure("cpu_gb_up4", "relay CPU s per GB (4 up)", _two),
     Measure("iperf_up4", "iperf3 CPU % (4 up)", _int),
     Measure("idle_up4", "machine idle % (4 up)", _int),
     Measure("rss_base", "relay RSS before idle, MiB", _one),
@@ -551,6 +560,10 @@ class Lab:
             if cpu is not None:
                 self.report.add(self.cfg, f"cpu_{mode}", cpu)
                 summary += f", process CPU {cpu:.0f}%"
+                if bps > 0:
+                    per_gb = (cpu / 100.0) / (bps / 8e9)
+                    self.report.add(self.cfg, f"cpu_gb_{mode}", per_gb)
+                    summary += f" ({per_gb:.2f} CPU s per GB)"
             if load is not None:
                 # What else ran: with 2 cores, 200 % minus the relay's share is all a
                 # second worker could ever get (the c/e target needs 160 % or more).

@@ -70,7 +70,7 @@ from stack.wire.icmp import (
     build_icmp_unreachable,
     parse_icmp,
 )
-from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, IpHeader
+from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, IpHeader, address_text
 from stack.wire.udp import build_udp_packet, parse_udp
 
 __all__ = ["DatagramStats", "Datagrams", "unreachable_code"]
@@ -274,7 +274,7 @@ class Datagrams:
             self.stats.flow_limit += 1
             clients.done(owner)
             return None
-        client, server = str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst))
+        client, server = address_text(src), address_text(dst)
         flow = FlowId(ip.version, client, cport, server, sport, proto)
         if proto == "icmp":
             timeout = cfg.echo_idle_timeout

@@ -22,7 +22,6 @@ are built by ``stack.emit``.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,7 +55,7 @@ from stack.tcp.core import MAX_WINDOW, ConnectionCore
 from stack.tcp.segment import TcpSegment
 from stack.tcp.timewait import TimeWaitTable
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
-from stack.wire.ip import PROTO_TCP, parse_ip
+from stack.wire.ip import PROTO_TCP, address_text, parse_ip
 from stack.wire.tcp import (
     ACK,
     FIN,
@@ -417,9 +416,9 @@ class Stack:
         version = 4 if len(src) == 4 else 6
         flow = FlowId(
             version,
-            str(ipaddress.ip_address(src)),
+            address_text(src),
             tcp.src_port,
-            str(ipaddress.ip_address(dst)),
+            address_text(dst),
             tcp.dst_port,
         )
         cfg = self.config.tcp

@@ -32,6 +32,7 @@ from stack.wire import (
     PROTO_TCP,
     PROTO_UDP,
     Fragment,
+    address_text,
     checksum,
     ipv4_header,
     ipv6_header,
@@ -356,3 +357,8 @@ def test_builder_argument_errors() -> None:
         ipv6_header(SRC4, DST6, 6, 0)
     with pytest.raises(ValueError):
         pack_ipv6_header_into(bytearray(40), 0, SRC6, DST6, 6, 0x10000)
+
+
+@given(st.binary(min_size=4, max_size=4) | st.binary(min_size=16, max_size=16))
+def test_address_text_is_what_ipaddress_writes(raw: bytes) -> None:
+    assert address_text(raw) == str(ipaddress.ip_address(raw))

@@ -42,6 +42,8 @@ _warnings = RateLimitedLog(log)
 
 __all__ = ["FlowLog", "flow_record"]
 
+# json.dumps(..., separators=...) builds an encoder per call; this is the same one, once.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
@@ -131,7 +133,7 @@ class FlowLog:
         return True
 
     async def flow_end(self, flow: FlowInfo, end: FlowEnd) -> None:
-        line = json.dumps(flow_record(flow, end, self._worker), separators=(",", ":")) + "\n"
+        line = _encode(flow_record(flow, end, self._worker)) + "\n"
         if self._fd is not None:
             data = line.encode()
             if self.max_bytes and not self._room(self._fd, len(data)):

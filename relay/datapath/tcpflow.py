@@ -331,8 +331,10 @@ class TcpFlow:
             scope = self._nursery.cancel_scope
             deadline = trio.current_time() + self._env.config.close_drain_timeout
             scope.deadline = min(scope.deadline, deadline)
-        else:
+        elif self._done_at is None:
             self._cancel()
+        # else both directions finished cleanly and the task only waits for Closed,
+        # woken above: a cancel would raise through it for nothing (per connection).
 
     def _cancel(self) -> None:
         if self._nursery is not None:
@@ -566,8 +568,24 @@ class TcpFlow:
         pending = b""  # read but not yet taken by the stack
         records: list[Named] | None = None  # completed by what was just read
         waited = False  # since the last read: that wait was this read's checkpoint
-        drained = False  # the last read came back short: the socket had no more then
+        # The last read came back short: the socket had no more then. A new upstream
+        # connection has usually nothing yet (the client speaks first): wait first.
+        drained = True
         while self._closed is None:
+            if drained and not pending:
+                # After a short read the socket was empty, so the wait comes first:
+                # the read that would fail with EAGAIN (a syscall and an exception,
+                # ~2.5 us per response) is skipped; bytes that came meanwhile make
+                # the wait return at once. Ahead of send_space, which is then asked
+                # once per response, not twice.
+                drained = False
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError as exc:
+                    self._upstream_failed(exc)
+                    return
+                waited = True
+                continue
             space = stack.send_space(flow)
             if space <= 0:
                 await lot.park()  # a 0 from send_space() arms the SendSpace event
@@ -576,23 +594,18 @@ class TcpFlow:
                 # sock.recv, unrolled: an idle flow waits here, and trio's socket
                 # wrappers add frames (memory) to every waiting flow. The reads
                 # and the checkpoints are theirs: a read that had to wait has had
-                # its checkpoint (one scheduler pass less per response). After a
-                # short read the socket was empty, so the wait comes first: the
-                # read that would fail with EAGAIN (a syscall and an exception,
-                # ~2.5 us per response) is skipped; bytes that came meanwhile
-                # make the wait return at once. The wait is outside the except
-                # clause, which would keep the exception and its traceback alive.
-                blocked = drained
+                # its checkpoint (one scheduler pass less per response). The wait
+                # is outside the except clause, which would keep the exception and
+                # its traceback alive.
+                blocked = False
                 want = min(space, recv_size)
-                if not drained:
-                    try:
-                        pending = os.read(fd, want)
-                    except BlockingIOError:
-                        blocked = True
-                    except OSError as exc:
-                        self._upstream_failed(exc)
-                        return
-                drained = False
+                try:
+                    pending = os.read(fd, want)
+                except BlockingIOError:
+                    blocked = True
+                except OSError as exc:
+                    self._upstream_failed(exc)
+                    return
                 if blocked:
                     try:
                         await trio.lowlevel.wait_readable(fd)

