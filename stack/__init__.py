@@ -30,7 +30,7 @@ from stack.events import (
     Unreachable,
 )
 from stack.fragments import FragmentStats
-from stack.stack import PacketCounts, Stack, StackStats
+from stack.stack import PacketCounts, Stack, StackGauges, StackStats
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import TcpOptions
@@ -65,6 +65,7 @@ __all__ = [
     "Stack",
     "StackConfig",
     "StackError",
+    "StackGauges",
     "StackStats",
     "State",
     "TcpConfig",

@@ -86,9 +86,25 @@ class StackStats:
     connections_opened: int = 0
     connections_closed: int = 0
     acks_merged: int = 0  # pure ACKs folded into a later one of the same batch
+    # Buffer reservations the Stack-wide TcpConfig.memory_budget cut short: a new
+    # connection's initial buffers shrunk, a receive or send buffer's growth refused.
+    memory_budget_reached: int = 0
     datagram: DatagramStats = field(default_factory=DatagramStats)  # UDP and ICMP
     reassembly: FragmentStats = field(default_factory=FragmentStats)
     clients: ClientStats = field(default_factory=ClientStats)  # per-client quotas
+
+
+@dataclass(frozen=True, slots=True)
+class StackGauges:
+    """What the stack holds now (``Stack.gauges``); unlike ``StackStats``, these go
+    back down: all are 0 once every connection is gone."""
+
+    connections: int  # TCP connections in the table (TIME-WAIT's compact table apart)
+    timer_heap: int  # entries in the connection timer heap, stale ones included
+    timers: int  # connections with a deadline filed (the heap's live entries)
+    buffered: int  # bytes held in send, receive and reassembly buffers (TcpConnection.buffered)
+    reserved: int  # buffer bytes reserved from the memory budget (sizes, not contents)
+    limit: int  # the memory budget
 
 
 class PacketCounts:
@@ -169,7 +185,8 @@ class Stack:
         self._pending = 0  # connections in LISTEN
         self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
         self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
-        self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget)  # all connections' buffers
+        # All connections' buffers; reservations it cuts short count in the stats.
+        self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget, self.stats)
         cfg = self.config
         self._clients = ClientTable(cfg.clients, self._tcp_memory)
         self._clients.stats = self.stats.clients
@@ -588,6 +605,22 @@ class Stack:
     def memory_budget(self) -> MemoryBudget:
         """The buffer bytes all TCP connections reserve together (``used``, ``limit``)."""
         return self._tcp_memory
+
+    def gauges(self) -> StackGauges:
+        """The timer heap's size and the bytes buffered and reserved now.
+
+        Walks every connection (about 1 ms for 10,000): for a stats line or a
+        snapshot once a second, not for the packet path.
+        """
+        budget = self._tcp_memory
+        return StackGauges(
+            connections=len(self._by_key),
+            timer_heap=len(self._timers),
+            timers=len(self._filed),
+            buffered=ConnectionCore.buffered_total(self._by_key.values()),
+            reserved=budget.used,
+            limit=budget.limit,
+        )
 
     def __len__(self) -> int:
         return len(self._by_key)

@@ -81,6 +81,11 @@ async def test_a_workers_snapshot_renders_as_the_traffic_it_carried(
     assert got["tunrelay_payload_bytes_total", (("direction", "c2s"), w)] == len(up)
     assert got["tunrelay_tun_packets_total", (("direction", "in"), w)] == h.source.stats.packets_in
     assert got["tunrelay_loop_iteration_seconds_count", (w,)] == h.relay.stats.iterations > 0
+    # The flow is gone: nothing buffered, reserved or timed is left of it.
+    assert got["tunrelay_tcp_buffered_bytes", (w,)] == 0
+    assert got["tunrelay_tcp_memory_used_bytes", (w,)] == 0
+    assert got["tunrelay_timers_live", (w,)] == 0
+    assert got["tunrelay_memory_budget_reached_total", (w,)] == 0
 
 
 def _view(text: str) -> WorkerView:

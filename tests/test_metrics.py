@@ -30,12 +30,13 @@ def snap(worker: int, **over: Any) -> dict[str, Any]:
         "worker": worker,
         "relay": {"bytes_c2s": 100, "bytes_s2c": 2000, "flows_denied": 2, "flows_blocked": 1,
                   "analyzer_errors": 3, "datagrams_c2s": 4, "iterations": 9},
-        "stack": {"parse_errors": 5, "checksum_errors": 6},
+        "stack": {"parse_errors": 5, "checksum_errors": 6, "memory_budget_reached": 8},
         "tun": {"packets_in": 10, "drops_in": 7, "drops_out": 1},
         "gc": {"full_collections": 0},
         "opened": {"tcp": 4, "udp": 2},
         "ended": [["tcp", "fin", 3], ["udp", "denied", 2]],
-        "memory": {"used": 4096, "limit": 1 << 20},
+        "memory": {"used": 4096, "limit": 1 << 20, "buffered": 1500},
+        "timers": {"heap": 7, "live": 3},
         "loop": {"counts": [1] * (len(LOOP_BUCKETS) + 1), "sum": 0.5},
         "fail_closed": False,
     }  # fmt: skip
@@ -86,6 +87,10 @@ def test_the_collector_exposes_every_worker_with_its_label() -> None:
     assert got["tunrelay_analyzer_detaches_total", L(worker="0")] == 3
     assert got["tunrelay_tcp_memory_used_bytes", L(worker="0")] == 4096
     assert got["tunrelay_tcp_memory_limit_bytes", L(worker="0")] == 1 << 20
+    assert got["tunrelay_tcp_buffered_bytes", L(worker="0")] == 1500
+    assert got["tunrelay_memory_budget_reached_total", L(worker="0")] == 8
+    assert got["tunrelay_timer_heap_entries", L(worker="0")] == 7
+    assert got["tunrelay_timers_live", L(worker="0")] == 3
     assert got["tunrelay_worker_snapshot_age_seconds", L(worker="1")] == 1.5
     # The histogram: cumulative buckets, +Inf equal to the count.
     n = len(LOOP_BUCKETS) + 1
@@ -107,6 +112,8 @@ def test_a_malformed_snapshot_is_read_as_zeros_not_an_error() -> None:
     assert got["tunrelay_payload_bytes_total", L(worker="0", direction="c2s")] == 0
     assert got["tunrelay_flows_ended_total", L(worker="0", proto="t", reason="f")] == 0
     assert got["tunrelay_tcp_memory_used_bytes", L(worker="0")] == 0
+    assert got["tunrelay_tcp_buffered_bytes", L(worker="0")] == 0
+    assert got["tunrelay_timer_heap_entries", L(worker="0")] == 0
     assert not any(name.startswith("tunrelay_loop_iteration_seconds") for name, _ in got)
 
 

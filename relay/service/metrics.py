@@ -129,6 +129,9 @@ _COUNTERS: tuple[tuple[str, str, str, str | None, dict[str, str]], ...] = (
     ("checksum_errors", "packets with a bad checksum (dropped)", "stack", None,
      {"": "checksum_errors"}),
     ("syn_dropped", "SYNs over the pending or flow limit", "stack", None, {"": "syn_dropped"}),
+    ("memory_budget_reached",
+     "TCP buffer reservations the memory budget cut short (initial sizes shrunk, growth refused)",
+     "stack", None, {"": "memory_budget_reached"}),
     ("analyzer_errors", "exceptions raised by analyzers", "relay", None,
      {"": "analyzer_errors"}),
     ("policy_denials", "flows the egress policy denied", "relay", None, {"": "flows_denied"}),
@@ -207,6 +210,19 @@ def families(snaps: Sequence[tuple[str, dict[str, Any], float | None]]) -> Itera
     mem_limit = GaugeMetricFamily(
         "tunrelay_tcp_memory_limit_bytes", "TCP buffer memory budget", labels=["worker"]
     )
+    buffered = GaugeMetricFamily(
+        "tunrelay_tcp_buffered_bytes",
+        "bytes held in TCP send, receive and reassembly buffers",
+        labels=["worker"],
+    )
+    timer_heap = GaugeMetricFamily(
+        "tunrelay_timer_heap_entries",
+        "entries in the stack's connection timer heap (stale ones included)",
+        labels=["worker"],
+    )
+    timers = GaugeMetricFamily(
+        "tunrelay_timers_live", "TCP connections with a deadline filed", labels=["worker"]
+    )
     age = GaugeMetricFamily(
         "tunrelay_worker_snapshot_age_seconds",
         "seconds since the worker's last snapshot (its heartbeat)",
@@ -239,6 +255,10 @@ def families(snaps: Sequence[tuple[str, dict[str, Any], float | None]]) -> Itera
         memory = _section(snap, "memory")
         mem_used.add_metric([worker], _num(memory.get("used")))
         mem_limit.add_metric([worker], _num(memory.get("limit")))
+        buffered.add_metric([worker], _num(memory.get("buffered")))
+        heap = _section(snap, "timers")
+        timer_heap.add_metric([worker], _num(heap.get("heap")))
+        timers.add_metric([worker], _num(heap.get("live")))
         if snap_age is not None:
             age.add_metric([worker], snap_age)
         hist = _section(snap, "loop")
@@ -249,7 +269,8 @@ def families(snaps: Sequence[tuple[str, dict[str, Any], float | None]]) -> Itera
                 total += _num(n)
                 buckets.append((bound, total))
             loop.add_metric([worker], buckets, _num(hist.get("sum")))
-    yield from (opened, ended, active, detaches, mem_used, mem_limit, age, loop)
+    yield from (opened, ended, active, detaches, mem_used, mem_limit, buffered, timer_heap, timers)
+    yield from (age, loop)
 
 
 def registry_for(collector: Collector) -> CollectorRegistry:

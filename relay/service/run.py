@@ -725,9 +725,12 @@ async def _log_stats(
             await trio.sleep(1.0)
             continue
         await trio.sleep(interval())
+        held = stack.gauges()
         log.info(
-            "flows=%d stack %s; relay %s; tun %s; gc %s; most refused clients %s",
-            len(stack), stack.stats, relay.stats, tun.stats, gcs, _top(stack),
+            "flows=%d timer_heap=%d timers=%d buffered=%d reserved=%d stack %s; relay %s; "
+            "tun %s; gc %s; most refused clients %s",
+            held.connections, held.timer_heap, held.timers, held.buffered, held.reserved,
+            stack.stats, relay.stats, tun.stats, gcs, _top(stack),
         )  # fmt: skip
 
 

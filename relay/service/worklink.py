@@ -5,7 +5,8 @@ stream). Frames are a 4-byte big-endian length and a payload, both ways:
 
 * worker → supervisor: JSON objects. Every ``SNAPSHOT_INTERVAL`` the worker
   sends a *snapshot*: a small dict of the counters it already keeps (the
-  engine's ``RelayStats``, the stack's ``StackStats`` and memory budget, the
+  engine's ``RelayStats``, the stack's ``StackStats``, memory budget and
+  ``StackGauges`` (timer heap, bytes buffered: a walk over the connections), the
   TUN queue's ``PacketStats``, the flow counts of ``FlowCounts``, the
   packet-loop pass histogram, GC counters). The snapshot task runs in the
   worker's trio run, on the thread of the packet loop, which yields to the
@@ -132,7 +133,7 @@ def snapshot(
     fail_closed: bool,
 ) -> dict[str, Any]:
     """The worker's counters as one JSON-able dict (what ``relay.service.metrics`` reads)."""
-    budget = stack.memory_budget
+    held = stack.gauges()
     return {
         "type": "snapshot",
         "worker": index,
@@ -143,7 +144,9 @@ def snapshot(
         "gc": dataclasses.asdict(gc),
         "opened": dict(counts.opened),
         "ended": [[proto, how, n] for (proto, how), n in counts.ended.items()],
-        "memory": {"used": budget.used, "limit": budget.limit},
+        # used: bytes reserved (buffer sizes); buffered: bytes the buffers hold now
+        "memory": {"used": held.reserved, "limit": held.limit, "buffered": held.buffered},
+        "timers": {"heap": held.timer_heap, "live": held.timers},
         "loop": {"counts": list(relay.loop_latency.counts), "sum": relay.loop_latency.total},
         "fail_closed": fail_closed,
     }

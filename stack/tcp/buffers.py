@@ -33,6 +33,8 @@ the unconsumed bytes leave, so the reservation covers what it really costs.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from stack.config import TcpConfig
 from stack.seq import seq_add, seq_sub
 
@@ -49,18 +51,31 @@ def wscale_for(cap: int) -> int:
     return shift
 
 
+class BudgetCounts(Protocol):
+    """Where a budget counts the reservations its limit cut short (``StackStats``)."""
+
+    memory_budget_reached: int
+
+
 class MemoryBudget:
-    """Buffer bytes all connections of one Stack may reserve together."""
+    """Buffer bytes all connections of one Stack may reserve together.
 
-    __slots__ = ("limit", "used")
+    ``counts``, when given, counts each reservation the limit cut short: a new
+    connection's initial buffers shrunk, or a buffer's growth refused or cut.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("counts", "limit", "used")
+
+    def __init__(self, limit: int, counts: BudgetCounts | None = None) -> None:
         self.limit = limit  # bytes
         self.used = 0  # bytes reserved now (may exceed limit by the per-connection floors)
+        self.counts = counts
 
     def reserve(self, want: int) -> int:
         """Reserve up to ``want`` bytes; returns how many were granted (maybe 0)."""
         grant = min(want, self.limit - self.used)
+        if grant < want and want > 0 and self.counts is not None:
+            self.counts.memory_budget_reached += 1
         if grant <= 0:
             return 0
         self.used += grant
