@@ -16,14 +16,21 @@ runs it longer) client threads loop over a mix of flows, each bounded by
   (lost ones are counted, not failed: UDP).
 
 During the middle third the client's link drops 5% of its frames
-(relay.lab.impair.Wire). Every ``SAMPLE_SECONDS`` the worker's RSS and open
-fds and the relay's own counters (``--stats-interval``: connections in the
-table, flow tasks, UDP flows) are sampled and printed.
+(relay.lab.impair.Wire). Every ``SAMPLE_SECONDS`` are sampled and printed:
+RSS, PSS (/proc/PID/smaps_rollup) and open fds of every process of the relay
+(the supervisor and its worker), and the worker's own figures from its last
+``--stats-interval`` line: connections in the table, flow tasks, UDP flows,
+the stack's timer heap (entries, stale ones included, and live timers), the
+bytes its TCP buffers hold and reserve, and how often the memory budget cut a
+reservation short.
 
 Pass: every checked transfer byte-exact; after the load, within
 ``IDLE_WITHIN`` (30 s), no connection, flow task or UDP flow is left in the
-relay; the worker's RSS at the end within ``RSS_SLACK`` (10%) of its RSS at
-the end of the first third (after warm-up).
+relay, its timer heap is back to ``IDLE_TIMER_HEAP`` entries (0: a stack
+with no connection has no deadline; the heap drops stale entries when the
+packet loop asks for the next deadline) and no byte is buffered or reserved;
+the worker's RSS at the end within ``RSS_SLACK`` (10%) of its RSS at the end
+of the first third (after warm-up).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ SECONDS = float(os.environ.get("TUNRELAY_SOAK_SECONDS", CI_SECONDS))
 SAMPLE_SECONDS = 10.0
 CLIENT_THREADS = 6
 IDLE_WITHIN = 30.0
+IDLE_TIMER_HEAP = 0
 RSS_SLACK = 0.10
 BULK = 256 * 1024
 LOSS = Impairment(loss=0.05)
@@ -124,17 +132,40 @@ def _exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+# From the stats line: the stack's gauges (timer heap, buffered and reserved bytes),
+# the memory budget's refusals, the relay's flow tasks and UDP flows.
+STATS_FIELDS = (
+    "timer_heap", "timers", "buffered", "reserved", "memory_budget_reached", "flows_active",
+    "datagram_flows_active",
+)  # fmt: skip
+
+
 def _stats(relay: RelayProcess) -> dict[str, int]:
-    """The relay's last ``--stats-interval`` line: connections, flow tasks, UDP flows."""
+    """The relay's last ``--stats-interval`` line: connections and ``STATS_FIELDS``."""
     lines = [ln for ln in relay.log_text().splitlines() if " flows=" in ln]
     if not lines:
         return {}
     last = lines[-1]
     found = {"connections": int(re.search(r" flows=(\d+)", last).group(1))}  # type: ignore[union-attr]
-    for name in ("flows_active", "datagram_flows_active"):
+    for name in STATS_FIELDS:
         m = re.search(rf"\b{name}=(\d+)", last)
         found[name] = int(m.group(1)) if m else -1
     return found
+
+
+def _memory(relay: RelayProcess) -> dict[str, tuple[int, int, int]]:
+    """(RSS KiB, PSS KiB, open fds) of the supervisor and of each worker."""
+    found = {}
+    for name, pid in (("supervisor", relay.pid), *(("worker", p) for p in relay.worker_pids())):
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            rollup = dict((k, v.split()[0]) for k, _, v in (ln.partition(":") for ln in f) if v)
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        found[f"{name} {pid}"] = (int(rollup["Rss"]), int(rollup["Pss"]), fds)
+    return found
+
+
+def _show(memory: dict[str, tuple[int, int, int]]) -> str:
+    return ", ".join(f"{who} rss={r} pss={p} KiB fds={n}" for who, (r, p, n) in memory.items())
 
 
 def test_soak_mixed_load_stays_exact_returns_to_idle_and_keeps_its_memory(
@@ -213,7 +244,7 @@ def test_soak_mixed_load_stays_exact_returns_to_idle_and_keeps_its_memory(
                 with lock:
                     failures.append(f"{exc!r}")
 
-    samples: list[tuple[float, int, int, dict[str, int]]] = []
+    samples: list[tuple[float, dict[str, tuple[int, int, int]], dict[str, int]]] = []
     threads = [
         threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENT_THREADS)
     ]
@@ -234,12 +265,11 @@ def test_soak_mixed_load_stays_exact_returns_to_idle_and_keeps_its_memory(
                 wire.stop()
                 wire.start(Impairment(), Impairment(), seed=7)
                 loss_on = False
-            pid = relay.worker_pid
-            sample = (elapsed, relay.rss_kib(), len(os.listdir(f"/proc/{pid}/fd")), _stats(relay))
+            sample = (elapsed, _memory(relay), _stats(relay))
             samples.append(sample)
             if not warm_rss and elapsed >= third:
-                warm_rss = sample[1]
-            print(f"  soak t={sample[0]:.0f}s rss={sample[1]} KiB fds={sample[2]} {sample[3]}")
+                warm_rss = relay.rss_kib()
+            print(f"  soak t={elapsed:.0f}s {_show(sample[1])}; {sample[2]}")
         for t in threads:
             t.join(timeout=IO_TIMEOUT + 5)
         assert not any(t.is_alive() for t in threads), "a client thread hung"
@@ -249,17 +279,23 @@ def test_soak_mixed_load_stays_exact_returns_to_idle_and_keeps_its_memory(
     assert not failures, failures[:10]
     assert not server_errors, server_errors
     assert outcomes["short"] > 0 and outcomes["bulk"] > 0
-    # Back to idle: nothing left in the relay once the clients are gone.
+    # Back to idle: nothing left in the relay once the clients are gone: no
+    # connection, flow task, UDP flow, deadline, buffered or reserved byte.
     idle_by = time.monotonic() + IDLE_WITHIN
+    idle_after = 0.0
     while True:
         now = _stats(relay)
         idle = now and now["connections"] == 0 and now["flows_active"] == 0
-        if idle and now["datagram_flows_active"] == 0:
+        idle = idle and now["datagram_flows_active"] == 0
+        idle = idle and now["timer_heap"] == IDLE_TIMER_HEAP and now["timers"] == 0
+        if idle and now["buffered"] == 0 and now["reserved"] == 0:
+            idle_after = time.monotonic() - deadline
             break
         if time.monotonic() > idle_by:
             raise AssertionError(f"not idle {IDLE_WITHIN} s after the load: {now}")
         time.sleep(1.0)
     end_rss = relay.rss_kib()
+    print(f"  soak idle {idle_after:.0f} s after the load: {_show(_memory(relay))}; {now}")
     print(f"  soak: RSS after warm-up {warm_rss} KiB, at the end {end_rss} KiB")
     assert warm_rss and end_rss <= warm_rss * (1 + RSS_SLACK), (warm_rss, end_rss, samples)
     relay.check_running()
