@@ -23,7 +23,8 @@
   for ``BUDGET_FLOWS`` (8) flows moving ``BUDGET_BYTES`` (4 MiB) each way at
   once: buffers cannot grow past their initial sizes, so data waits (windows
   close) but every stream arrives byte-exact within ``BUDGET_LIMIT`` (120 s)
-  and the relay goes on.
+  and the relay goes on; its exit line counts the refusals
+  (``memory_budget_reached``).
 """
 
 from __future__ import annotations
@@ -309,3 +310,4 @@ def test_a_reached_memory_budget_slows_flows_but_loses_nothing(
             sock.close()
     relay.check_running()
     relay.stop()
+    assert relay.counter("memory_budget_reached") > 0, relay.exit_line()
