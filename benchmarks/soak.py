@@ -4,11 +4,14 @@
 
 Mixed load (short request/response, 256 KiB bulk, abandoned connections,
 upstreams that reset or never read, UDP echo; 5% loss on the client's link
-during the middle third), the worker's RSS, fds and the relay's flow counts
-printed every 10 s. Passes when every checked transfer is byte-exact, the
-relay is idle again within 30 s after the load, and the worker's RSS at the
-end is within 10% of its RSS after the first third. Bounded: the run is
-killed at ``--duration`` + 180 s.
+during the middle third); printed every 10 s: RSS, PSS and fds of the
+supervisor and the worker, and the worker's connections, flow tasks, UDP
+flows, timer heap (entries and live timers), bytes buffered and reserved, and
+memory-budget refusals. Passes when every checked transfer is byte-exact, the
+relay is idle again within 30 s after the load (nothing left: no connection,
+flow, deadline or buffered byte), and the worker's RSS at the end is within
+10% of its RSS after the first third. Bounded: the run is killed at
+``--duration`` + 180 s.
 """
 
 from __future__ import annotations
