@@ -568,16 +568,17 @@ class TcpFlow:
         pending = b""  # read but not yet taken by the stack
         records: list[Named] | None = None  # completed by what was just read
         waited = False  # since the last read: that wait was this read's checkpoint
-        # The last read came back short: the socket had no more then. A new upstream
-        # connection has usually nothing yet (the client speaks first): wait first.
+        # The socket had no more at the last read (a short read, or EAGAIN). A new
+        # upstream connection has usually nothing yet (the client speaks first):
+        # wait first.
         drained = True
         while self._closed is None:
             if drained and not pending:
-                # After a short read the socket was empty, so the wait comes first:
-                # the read that would fail with EAGAIN (a syscall and an exception,
-                # ~2.5 us per response) is skipped; bytes that came meanwhile make
-                # the wait return at once. Ahead of send_space, which is then asked
-                # once per response, not twice.
+                # The one place this pump waits for the upstream. After a short read
+                # the socket was empty, so the wait comes first: the read that would
+                # fail with EAGAIN (a syscall and an exception, ~2.5 us per response)
+                # is skipped; bytes that came meanwhile make the wait return at once.
+                # Ahead of send_space, which is then asked once per response, not twice.
                 drained = False
                 try:
                     await trio.lowlevel.wait_readable(fd)
@@ -595,25 +596,17 @@ class TcpFlow:
                 # wrappers add frames (memory) to every waiting flow. The reads
                 # and the checkpoints are theirs: a read that had to wait has had
                 # its checkpoint (one scheduler pass less per response). The wait
-                # is outside the except clause, which would keep the exception and
-                # its traceback alive.
-                blocked = False
+                # is the loop's, outside the except clause, which would keep the
+                # exception and its traceback alive while the flow waits.
                 want = min(space, recv_size)
                 try:
                     pending = os.read(fd, want)
                 except BlockingIOError:
-                    blocked = True
+                    drained = True  # the wait at the top of the loop, then this read again
+                    continue
                 except OSError as exc:
                     self._upstream_failed(exc)
                     return
-                if blocked:
-                    try:
-                        await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError as exc:
-                        self._upstream_failed(exc)
-                        return
-                    waited = True
-                    continue
                 if not waited:  # a busy upstream: let the other tasks run
                     await trio.lowlevel.checkpoint()
                 waited = False
