@@ -510,8 +510,9 @@ class Lab:
 
     # measures
 
-    def iperf(self, mode: str) -> str:
-        p = self.params
+    def _iperf_server(self) -> subprocess.Popen[bytes]:
+        """A one-test iperf3 server (``-1``) in the server namespace, listening; the
+        caller stops it."""
         server = self.topo.spawn(
             "srv",
             ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
@@ -520,6 +521,15 @@ class Lab:
         )
         try:
             wait_for(lambda: listening(server.pid, IPERF_PORT), 10, "iperf3 server")
+        except BaseException:
+            stop(server, 2.0)
+            raise
+        return server
+
+    def iperf(self, mode: str) -> str:
+        p = self.params
+        server = self._iperf_server()
+        try:
             argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", f"{p.seconds:g}"]
             argv += ["-J", "--connect-timeout", "5000"]
             argv += {"up": [], "down": ["-R"], "up4": ["-P", "4"]}[mode]
@@ -647,15 +657,9 @@ class Lab:
 
     def _loaded(self, mode: str) -> str:
         p = self.params
-        server = self.topo.spawn(
-            "srv",
-            ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = self._iperf_server()
         client: subprocess.Popen[bytes] | None = None
         try:
-            wait_for(lambda: listening(server.pid, IPERF_PORT), 10, "iperf3 server")
             # Long enough to outlast the latency run (bounded by its own timeout).
             # Text, one line a second (an interrupted -J run prints no totals).
             argv = ["iperf3", "-c", self.host, "-p", str(IPERF_PORT), "-t", "40", "-i", "1"]
