@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -51,3 +52,19 @@ def test_command_line_options_are_applied() -> None:
 def test_a_bad_value_names_its_option(field: str, value: float, option: str) -> None:
     with pytest.raises(ConfigError, match=f"^{option}: "):
         validate(tun="tr0", client_nets=NETS, limits=Limits(**{field: value}))
+
+
+def test_every_limit_is_an_option_with_help_and_a_checked_range() -> None:
+    from relay.service.limits import _OPTIONS  # the table the options are made from
+
+    names = [f.name for f in dataclasses.fields(Limits)]
+    assert list(_OPTIONS) == names  # one entry per field, in the field order
+    for name in names:
+        option = _OPTIONS[name]
+        assert option.help
+        default = getattr(Limits(), name)
+        if isinstance(default, bool):
+            assert option.lo is None and option.hi is None
+        else:
+            assert option.lo is not None and option.hi is not None
+            assert option.lo <= default <= option.hi, name  # the default passes its check

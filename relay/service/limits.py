@@ -46,27 +46,12 @@ class Limits:
 
     def check(self) -> None:
         """Raises: ValueError, naming the option."""
-        ranges: list[tuple[str, float, float, float]] = [
-            ("--client-prefix-v6", self.client_prefix_v6, 1, 128),
-            ("--client-tcp-flows", self.client_tcp_flows, 1, 1 << 22),
-            ("--client-pending", self.client_pending, 1, 1 << 20),
-            ("--client-connect-rate", self.client_connect_rate, 0.001, 1e7),
-            ("--client-connect-burst", self.client_connect_burst, 1, 1 << 24),
-            ("--client-udp-flows", self.client_udp_flows, 1, 1 << 22),
-            ("--client-echo-flows", self.client_echo_flows, 1, 1 << 22),
-            ("--client-fragment-bytes", self.client_fragment_bytes, 0, 1 << 30),
-            ("--client-memory", self.client_memory, 0, 1 << 40),
-            ("--max-pending", self.max_pending, 1, 1 << 20),
-            ("--max-pending-per-destination", self.max_pending_per_destination, 1, 1 << 20),
-            ("--connect-rate", self.connect_rate, 0.001, 1e7),
-            ("--connect-burst", self.connect_burst, 1, 1 << 24),
-            ("--synrecv-timeout", self.synrecv_timeout, 0.1, 600.0),
-            ("--flow-log-max-bytes", self.flow_log_max_bytes, 0, 1 << 50),
-            ("--error-log-interval", self.error_log_interval, 0.0, 86400.0),
-        ]
-        for name, value, lo, hi in ranges:
-            if not lo <= value <= hi:
-                raise ValueError(f"{name}: {value} is outside {lo:g}..{hi:g}")
+        for name, option in _OPTIONS.items():
+            if option.lo is None or option.hi is None:
+                continue  # a flag
+            value = getattr(self, name)
+            if not option.lo <= value <= option.hi:
+                raise ValueError(f"{_flag(name)}: {value} is outside {option.lo:g}..{option.hi:g}")
 
     def apply(self, stack: StackConfig) -> StackConfig:
         """``stack`` with these limits."""
@@ -92,31 +77,77 @@ class Limits:
         )
 
 
-_HELP = {
-    "client_prefix_v6": "IPv6 prefix length that makes one client (default %(default)s: a /64)",
-    "client_tcp_flows": "TCP flows per client, any state; past it SYNs get RST",
-    "client_pending": "connections per client awaiting their upstream connect; past it the "
-    "client's oldest is reset",
-    "client_connect_rate": "new TCP connections (upstream connects) per second per client; "
-    "past it SYNs are dropped (the client retries)",
-    "client_connect_burst": "burst of --client-connect-rate",
-    "client_udp_flows": "UDP flows per client; past it new flows are dropped",
-    "client_echo_flows": "ping flows per client; past it new ones are dropped",
-    "client_fragment_bytes": "fragment bytes held per client; past it fragments are dropped",
-    "client_memory": "TCP buffer bytes per client, within the stack's memory budget",
-    "max_pending": "connections awaiting their upstream connect, all clients",
-    "max_pending_per_destination": "connections awaiting an upstream connect to one "
-    "destination address; past it SYNs to it are dropped",
-    "connect_rate": "new TCP connections (upstream connects) per second, all clients",
-    "connect_burst": "burst of --connect-rate",
-    "synrecv_timeout": "seconds a client may take to answer our SYN-ACK before the flow and "
-    "its upstream connection are dropped (RST upstream)",
-    "flow_log_max_bytes": "size cap of --flow-log, bytes (0: none); past it lines are dropped "
-    "until the file is rotated, or see --flow-log-rotate",
-    "flow_log_rotate": "past --flow-log-max-bytes, rename the flow log to FILE.1 and start anew",
-    "error_log_interval": "seconds between two log lines of one kind of error a client can "
-    "provoke (analyzer exceptions, failed flows); the next line counts those suppressed",
-}
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """One option's help text and accepted range (none for a flag)."""
+
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+
+
+# Every field of Limits, in its order (the order the checks run in).
+_OPTIONS = {
+    "client_prefix_v6": _Option(
+        "IPv6 prefix length that makes one client (default %(default)s: a /64)", 1, 128
+    ),
+    "client_tcp_flows": _Option(
+        "TCP flows per client, any state; past it SYNs get RST", 1, 1 << 22
+    ),
+    "client_pending": _Option(
+        "connections per client awaiting their upstream connect; past it the "
+        "client's oldest is reset", 1, 1 << 20,
+    ),
+    "client_connect_rate": _Option(
+        "new TCP connections (upstream connects) per second per client; "
+        "past it SYNs are dropped (the client retries)", 0.001, 1e7,
+    ),
+    "client_connect_burst": _Option("burst of --client-connect-rate", 1, 1 << 24),
+    "client_udp_flows": _Option(
+        "UDP flows per client; past it new flows are dropped", 1, 1 << 22
+    ),
+    "client_echo_flows": _Option(
+        "ping flows per client; past it new ones are dropped", 1, 1 << 22
+    ),
+    "client_fragment_bytes": _Option(
+        "fragment bytes held per client; past it fragments are dropped", 0, 1 << 30
+    ),
+    "client_memory": _Option(
+        "TCP buffer bytes per client, within the stack's memory budget", 0, 1 << 40
+    ),
+    "max_pending": _Option(
+        "connections awaiting their upstream connect, all clients", 1, 1 << 20
+    ),
+    "max_pending_per_destination": _Option(
+        "connections awaiting an upstream connect to one "
+        "destination address; past it SYNs to it are dropped", 1, 1 << 20,
+    ),
+    "connect_rate": _Option(
+        "new TCP connections (upstream connects) per second, all clients", 0.001, 1e7
+    ),
+    "connect_burst": _Option("burst of --connect-rate", 1, 1 << 24),
+    "synrecv_timeout": _Option(
+        "seconds a client may take to answer our SYN-ACK before the flow and "
+        "its upstream connection are dropped (RST upstream)", 0.1, 600.0,
+    ),
+    "flow_log_max_bytes": _Option(
+        "size cap of --flow-log, bytes (0: none); past it lines are dropped "
+        "until the file is rotated, or see --flow-log-rotate", 0, 1 << 50,
+    ),
+    "flow_log_rotate": _Option(
+        "past --flow-log-max-bytes, rename the flow log to FILE.1 and start anew"
+    ),
+    "error_log_interval": _Option(
+        "seconds between two log lines of one kind of error a client can "
+        "provoke (analyzer exceptions, failed flows); the next line counts those suppressed",
+        0.0, 86400.0,
+    ),
+}  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    """The option of a ``Limits`` field: ``client_tcp_flows`` -> ``--client-tcp-flows``."""
+    return "--" + name.replace("_", "-")
 
 
 def add_arguments(run: argparse.ArgumentParser) -> None:
@@ -129,18 +160,16 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         "meets.",
     )
     for f in dataclasses.fields(Limits):
-        option = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_ = _HELP[f.name]
+        default, help_ = f.default, _OPTIONS[f.name].help
         if isinstance(default, bool):
-            group.add_argument(option, action="store_true", help=help_)
+            group.add_argument(_flag(f.name), action="store_true", help=help_)
             continue
-        kind = type(default)
-        assert kind in (int, float)
+        assert type(default) in (int, float)
+        if "%(default)s" not in help_:
+            help_ += " (default %(default)s)"
         group.add_argument(
-            option, type=kind, default=default, metavar="N", help=f"{help_} (default %(default)s)"
-            if "%(default)s" not in help_ else help_,
-        )  # fmt: skip
+            _flag(f.name), type=type(default), default=default, metavar="N", help=help_
+        )
 
 
 def from_args(args: argparse.Namespace) -> Limits:
