@@ -98,3 +98,17 @@ def test_without_root_a_lab_test_skips_saying_why(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 skipped" in done.stdout and NOT_ROOT in done.stdout, done.stdout
+
+
+def test_the_lab_puts_the_directory_holding_relay_on_the_childrens_path() -> None:
+    """``Topology.spawn`` adds ``REPO_ROOT`` to PYTHONPATH: ``import relay`` must then
+    find this tree's package even without site-packages (``-S``: no installed copy)."""
+    from relay.lab.topology import REPO_ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", "import relay; print(relay.__file__)"],
+        capture_output=True, text=True, timeout=30, env=env, cwd="/", check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == ROOT / "relay" / "__init__.py"

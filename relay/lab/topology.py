@@ -43,7 +43,9 @@ from typing import Any
 from relay.host import netns
 from relay.host.netconfig import IFA_F_NODAD, NetConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The directory that holds the ``relay`` package (a checkout's root; for an
+# installed package, its site-packages): the PYTHONPATH entry ``spawn`` adds.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME_PREFIX = "tr-"
 _counter = itertools.count(1)
 
