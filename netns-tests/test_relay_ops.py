@@ -152,6 +152,11 @@ def test_metrics_count_the_traffic_and_healthz_follows_a_stopped_worker(
     assert value(snap, "tunrelay_parse_errors_total") == 0
     assert value(snap, "tunrelay_checksum_errors_total") == 0
     assert value(snap, "tunrelay_tcp_memory_limit_bytes") > 0
+    # The three connections are gone: nothing of them buffered, reserved or timed.
+    assert value(snap, "tunrelay_tcp_buffered_bytes") == 0
+    assert value(snap, "tunrelay_tcp_memory_used_bytes") == 0
+    assert value(snap, "tunrelay_timers_live") == 0
+    assert value(snap, "tunrelay_memory_budget_reached_total") == 0
     passes = value(snap, "tunrelay_loop_iteration_seconds_count")
     assert passes > 0 and value(snap, "tunrelay_loop_iteration_seconds_bucket", le="+Inf") == passes
 
