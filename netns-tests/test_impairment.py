@@ -367,6 +367,43 @@ def test_delay_adds_the_rtt(topology: Topology, wire: Wire, family: int) -> None
     assert stats.c2g["max_queue"] >= 1 and stats.g2c["max_queue"] >= 1
 
 
+def test_sub_millisecond_delay_is_kept(topology: Topology, wire: Wire) -> None:
+    """200 us each way adds 0.4 ms to the RTT, not the 2 ms that epoll's millisecond
+    timeout would make of it (relay.lab.impair.FINE_DELAY_BELOW)."""
+    tx, rx, dst = udp_pair(topology, socket.AF_INET, "c2g")
+    rx.settimeout(2.0)
+    tx.settimeout(2.0)
+
+    def rtts() -> list[float]:
+        found = []
+        for i in range(41):
+            t0 = time.monotonic()
+            tx.sendto(SEQ.pack(i), dst)
+            data, peer = rx.recvfrom(2048)
+            rx.sendto(data, peer)
+            assert tx.recv(2048) == data
+            found.append(time.monotonic() - t0)
+        return found[1:]  # the first waits for ARP too
+
+    wire.start(Impairment(), Impairment(), seed=0)
+    try:
+        plain = rtts()
+    finally:
+        wire.stop()
+    wire.start(Impairment(delay=0.0002), Impairment(delay=0.0002), seed=0)
+    try:
+        delayed = rtts()
+    finally:
+        wire.stop()
+    added = statistics.median(delayed) - statistics.median(plain)
+    print(
+        f"\n[delay] 2 x 200 us: RTT median {statistics.median(plain) * 1e6:.0f} -> "
+        f"{statistics.median(delayed) * 1e6:.0f} us (+{added * 1e6:.0f})"
+    )
+    assert min(delayed) >= 0.0004
+    assert 0.0003 <= added < 0.0012, (plain, delayed)
+
+
 def test_delay_queue_is_bounded(topology: Topology, wire: Wire) -> None:
     tx, rx, dst = udp_pair(topology, socket.AF_INET, "c2g")
     wire.start()
