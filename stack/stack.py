@@ -170,6 +170,9 @@ class Stack:
         self._orphans: dict[TcpConnection, _Entry] = {}  # closed, output not yet taken
         self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
         self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget)  # all connections' buffers
+        # All connections' receive buffers, hence the windows they advertise (0: unbounded).
+        window_budget = self.config.tcp.rcv_window_budget
+        self._rcv_windows = MemoryBudget(window_budget) if window_budget else None
         cfg = self.config
         self._clients = ClientTable(cfg.clients, self._tcp_memory)
         self._clients.stats = self.stats.clients
@@ -431,6 +434,7 @@ class Stack:
             events=self._events,
             readable=self._readable,
             budget=client.budget,
+            rcv_budget=self._rcv_windows,
         )
         conn.listen(
             TcpSegment(
