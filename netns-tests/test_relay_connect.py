@@ -4,6 +4,12 @@ Bounds: a closed port is refused at the client within ``REFUSE_WITHIN`` (1 s);
 an unrouted destination gets EHOSTUNREACH/ENETUNREACH or a timeout of the
 client's own ``UNREACH_TIMEOUT`` (3 s), never a connection; 200 concurrent
 connections each move 1 MiB both ways within ``CONCURRENT_LIMIT`` (60 s).
+
+The 200 connections print their slowest five and, when one is still unfinished
+``TAIL_AFTER`` s after 90% were done, its state (``ss``, capture, the relay's
+dump): such a tail was a Linux client's BBR taking losses at the full TUN queue
+for a policer and pacing at a few kbit/s, which the relay's receive-window
+budget (``relay.service.run.window_budget``) now keeps from happening.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from relay_harness import (
     expected_digest,
     listener,
     pattern_chunks,
+    tcp_counters,
 )
 
 V4_V6 = pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
@@ -42,6 +49,7 @@ UNROUTED = {socket.AF_INET: "198.18.99.1", socket.AF_INET6: "fd00:99::1"}
 CONCURRENT = 200
 CONCURRENT_LIMIT = 60.0
 CONNECT_ALL_LIMIT = 20.0
+TAIL_AFTER = 3.0  # a connection unfinished this long after 90% finished: dump its state
 STALL_LIMIT = 10.0  # no byte moving on any connection for this long is a stall
 HEADER = struct.Struct("!I")  # the connection's number, first on the wire
 
@@ -122,6 +130,10 @@ class Conn:
 
     def finished(self) -> bool:
         return not (math.isnan(self.done_at) or math.isnan(self.server_done_at))
+
+    def finished_at(self) -> float:
+        """When both sides were done (``inf`` while either is not)."""
+        return math.inf if not self.finished() else max(self.done_at, self.server_done_at)
 
     def progress(self) -> str:
         return (
@@ -235,6 +247,25 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
             state = await trio.to_thread.run_sync(relay.state_dump, port)
             slow.append(f"{where}\n{state}")
 
+    tail: list[str] = []
+
+    async def tail_dump() -> None:
+        # A long tail is the flake's signal even when the test passes: once most
+        # connections are done, a straggler TAIL_AFTER s later gets its state captured.
+        while sum(c.finished() for c in conns) < CONCURRENT * 9 // 10:
+            await trio.sleep(0.1)
+        await trio.sleep(TAIL_AFTER)
+        stuck = [c for c in conns if not c.finished()]
+        if stuck:
+            port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
+            where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
+            state = await trio.to_thread.run_sync(relay.state_dump, port)
+            tail.append(
+                f"{len(stuck)} unfinished {TAIL_AFTER} s after 90% finished:\n"
+                + "\n".join(s.progress() for s in stuck[:10])
+                + f"\n{where}\n{state}"
+            )
+
     cpu0, relay_cpu0 = os.times(), relay.cpu_seconds()
     t0 = time.perf_counter()
     t_connected = math.nan
@@ -242,6 +273,7 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
         async with trio.open_nursery() as outer:
             outer.start_soon(watchdog, outer.cancel_scope)
             outer.start_soon(deadline_dump)
+            outer.start_soon(tail_dump)
             async with trio.open_nursery() as servers:
                 servers.start_soon(accept_loop, servers)
                 async with trio.open_nursery() as clients:
@@ -264,7 +296,18 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
         f"{relay_cpu:.2f}, test process {test_cpu:.2f}"
     )
     summary += f"; TUN queue drops {topology.tx_dropped('gw', TUN)}"
+    sender = tcp_counters(topology, "cli")  # the namespace is this test's: counts from 0
+    summary += (
+        f"; client segments out {sender.get('OutSegs', 0)}, retransmitted "
+        f"{sender.get('RetransSegs', 0)}, RTOs {sender.get('TCPTimeouts', 0)}"
+    )
+    slowest = sorted(conns, key=Conn.finished_at, reverse=True)[:5]
+    summary += "\nslowest: " + "; ".join(
+        f"{c.finished_at() - t0:.2f} s {c.progress()}" for c in slowest
+    )
     print(f"\n[concurrency] {summary}")
+    if tail:
+        print(f"[concurrency] long tail: {tail[0]}")
     if stall:
         pytest.fail(f"stalled: {summary}\n{stall[0]}\n{relay.describe()}")
     if timer.cancelled_caught:

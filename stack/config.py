@@ -32,6 +32,11 @@ class TcpConfig:
     ooo_limit: int = 4 << 20
     ooo_max_runs: int = 1024
     memory_budget: int = 1 << 30  # buffer bytes all connections of one Stack may reserve
+    # Receive-buffer bytes all connections of one Stack may hold together (0: no
+    # bound but memory_budget). The windows advertised never add up to more than
+    # this (beyond the per-connection floors), so what clients may have in flight
+    # toward a reader that falls behind fits the queue in front of it (buffers.py).
+    rcv_window_budget: int = 0
     # Options, each used only when the peer's SYN (or SYN-ACK) carries it too.
     window_scaling: bool = True  # RFC 7323 2: windows beyond 64 KiB
     timestamps: bool = True  # RFC 7323 3-5: RTT measurement on every ACK, and PAWS
@@ -63,6 +68,8 @@ class TcpConfig:
     def __post_init__(self) -> None:
         if self.congestion not in ("cubic", "newreno"):
             raise ValueError(f"congestion {self.congestion!r}: 'cubic' or 'newreno'")
+        if self.rcv_window_budget < 0:
+            raise ValueError(f"rcv_window_budget {self.rcv_window_budget}: must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

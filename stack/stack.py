@@ -187,6 +187,9 @@ class Stack:
         self._time_wait = TimeWaitTable(self.config.tcp.time_wait, self.config.max_time_wait)
         # All connections' buffers; reservations it cuts short count in the stats.
         self._tcp_memory = MemoryBudget(self.config.tcp.memory_budget, self.stats)
+        # All connections' receive buffers, hence the windows they advertise (0: unbounded).
+        window_budget = self.config.tcp.rcv_window_budget
+        self._rcv_windows = MemoryBudget(window_budget) if window_budget else None
         cfg = self.config
         self._clients = ClientTable(cfg.clients, self._tcp_memory)
         self._clients.stats = self.stats.clients
@@ -448,6 +451,7 @@ class Stack:
             events=self._events,
             readable=self._readable,
             budget=client.budget,
+            rcv_budget=self._rcv_windows,
         )
         conn.listen(
             TcpSegment(

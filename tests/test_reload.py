@@ -83,6 +83,12 @@ def test_a_changed_mtu_is_one_refusal_naming_it() -> None:
     assert p.live == () and p.command is None
 
 
+def test_a_changed_txqueuelen_is_one_refusal_naming_it() -> None:
+    # The window budget derived from it (and --mtu) is no second change.
+    p = plan(opts(), opts(txqueuelen=4000))
+    assert p.refused == ("--txqueuelen (16384 -> 4000)",)
+
+
 def test_the_log_level_changes_live() -> None:
     p = plan(opts(), opts(log_level="debug", mtu=1400))
     assert p.live == ("log level: info -> debug",)

@@ -53,6 +53,13 @@ def test_memory_budget_reaches_the_stack_and_is_validated() -> None:
         validate(tun="tr0", client_nets=NETS, memory_budget=1000)
 
 
+def test_window_budget_is_half_the_tun_queue_of_full_segments() -> None:
+    # The clients' windows together fit the TUN queue, with room left for their ACKs.
+    assert validate(tun="tr0", client_nets=NETS).stack.tcp.rcv_window_budget == 16384 * 1460 // 2
+    opts = validate(tun="tr0", client_nets=NETS, txqueuelen=4000, mtu=1400)
+    assert opts.stack.tcp.rcv_window_budget == 4000 * 1360 // 2
+
+
 def test_options_survive_pickling_for_spawned_workers() -> None:
     # multiprocessing's 'spawn' pickles the options into each worker.
     opts = validate(tun="tr0", client_nets=NETS, offload=True, workers=2, flow_log="/x")

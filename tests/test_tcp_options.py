@@ -363,8 +363,12 @@ def test_send_buffer_grows_for_a_caller_that_offers_only_the_free_space() -> Non
 # --------------------------------------------------------------- the budget
 
 
-def _conn(budget: MemoryBudget, cfg: TcpConfig = CFG) -> tuple[TcpConnection, TcpSegment]:
-    c = TcpConnection(local_port=LPORT, remote_port=RPORT, config=cfg, budget=budget)
+def _conn(
+    budget: MemoryBudget, cfg: TcpConfig = CFG, rcv_budget: MemoryBudget | None = None
+) -> tuple[TcpConnection, TcpSegment]:
+    c = TcpConnection(
+        local_port=LPORT, remote_port=RPORT, config=cfg, budget=budget, rcv_budget=rcv_budget
+    )
     c.listen(TcpSegment(RPORT, LPORT, IRS, 0, SYN, 65535, b"", ALL_OPTIONS._replace(mss=1460)))
     c.accept(isn=ISS)
     (synack,) = recv(c, 0.0)
@@ -427,6 +431,84 @@ def test_stack_connections_share_one_budget() -> None:
     # 100000 bytes for 64 KiB + 256 KiB wanted: the first flow's buffers get the
     # floors (4 MSS each) plus half the rest each; the second gets just the floors.
     assert windows == [5840 + (100_000 - 2 * 5840) // 2, 5840]
+
+
+# ------------------------------------------------- the receive-window budget
+
+
+def _open_flows(stack: Stack, ports: range) -> list[int]:
+    """Open one connection per client port; the windows of their SYN-ACKs."""
+    windows = []
+    for port in ports:
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN_FLAG, sport=port,
+                          options=encode_options(mss=1460, wscale=7)), 0.0)  # fmt: skip
+        (req,) = stack_events(stack)
+        stack.accept(req.flow, isn=SERVER_ISN)  # type: ignore[attr-defined]
+        (p,) = sent_tcp(stack)
+        windows.append(p.tcp.window)
+    return windows
+
+
+def test_windows_of_many_flows_add_up_to_the_window_budget_not_more() -> None:
+    # 200 clients uploading at once toward a reader that falls behind: what they
+    # may have in flight is the sum of the windows, and a queue in front of the
+    # reader (a TUN device's) that is smaller loses packets at its tail. With the
+    # budget, the sum stays within it (a new flow gets what is left, or its floor).
+    budget = 3_000_000
+    stack = Stack(StackConfig(tcp=TcpConfig(rcv_window_budget=budget)))
+    windows = _open_flows(stack, range(40000, 40200))
+    floor = 4 * 1460
+    assert windows[:45] == [65535] * 45  # 45 * 65536 fit
+    assert windows[45] == budget - 45 * 65536
+    assert windows[46:] == [floor] * 154
+    assert sum(windows) <= budget + 154 * floor
+    # Without one, the windows add up to 200 full initial windows (13 MB).
+    assert _open_flows(Stack(StackConfig()), range(40000, 40200)) == [65535] * 200
+
+
+def test_receive_buffer_grows_only_within_the_window_budget() -> None:
+    windows = MemoryBudget(200_000)
+    c, _ = _conn(MemoryBudget(1 << 30), rcv_budget=windows)
+    send(c, replace(TEMPLATE, options=TcpOptions(timestamps=(PEER_TS, 0))), 0.0)
+    grown = _fill_rounds(c, 8, 1.0)
+    assert grown[0] == 65536 and grown[-1] == 200_000 - 200_000 % 128, grown
+    assert c.buf.rcv == windows.used == 200_000
+    # The same connection without the window budget grows past it.
+    free, _ = _conn(MemoryBudget(1 << 30))
+    send(free, replace(TEMPLATE, options=TcpOptions(timestamps=(PEER_TS, 0))), 0.0)
+    assert _fill_rounds(free, 8, 1.0)[-1] >= 1 << 20
+    c.abort()
+    assert windows.used == 0  # closing gives the window budget back
+
+
+def test_receive_buffers_shrink_while_the_window_budget_is_over_committed() -> None:
+    windows = MemoryBudget(100_000)
+    c, _ = _conn(MemoryBudget(1 << 30), rcv_budget=windows)  # 65536 of it
+    send(c, replace(TEMPLATE, options=TcpOptions(timestamps=(PEER_TS, 0))), 0.0)
+    right = c.rcv_adv
+    d, syn_d = _conn(MemoryBudget(1 << 30), rcv_budget=windows)  # the rest: 34464
+    e, syn_e = _conn(MemoryBudget(1 << 30), rcv_budget=windows)  # its floor, forced
+    assert (syn_d.window, syn_e.window) == (34_464, 5840)
+    assert windows.over
+    t = 0.0
+    for r in range(4):
+        t += 1.0
+        send(c, data(c.rcv_nxt - IRS - 1, bytes(1460), ts=PEER_TS + r), t)
+        for ev in drain(c):
+            if isinstance(ev, DataReceived):
+                c.consumed(len(ev.data))
+        for s in recv(c, t):
+            assert ((edge(s) - right) & M) < 1 << 31  # never left of the old edge
+            right = edge(s)
+    assert c.buf.rcv == 32_768 and not windows.over  # halved once, then within it
+    for conn in (c, d, e):
+        conn.abort()
+    assert windows.used == 0
+
+
+def test_window_budget_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="rcv_window_budget"):
+        TcpConfig(rcv_window_budget=-1)
 
 
 # ------------------------------------------------------------- timestamps

@@ -114,13 +114,16 @@ def plan(old: RunOptions, new: RunOptions) -> ReloadPlan:
 
 
 def _stack_changed(before: StackConfig, after: StackConfig) -> bool:
-    """Whether the stack changed beyond its copies of --mtu (the MSS too) and
-    --offload, which are refused by their own names."""
+    """Whether the stack changed beyond its copies of --mtu (the MSS too),
+    --offload and --txqueuelen (with --mtu, the window budget), which are
+    refused by their own names."""
     same = dataclasses.replace(
         before,
         mtu=after.mtu,
         offload=after.offload,
-        tcp=dataclasses.replace(before.tcp, mss=after.tcp.mss),
+        tcp=dataclasses.replace(
+            before.tcp, mss=after.tcp.mss, rcv_window_budget=after.tcp.rcv_window_budget
+        ),
     )
     return same != after
 

@@ -105,6 +105,19 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)  # as given (the stack's are in ``stack``)
 
 
+def window_budget(txqueuelen: int, mtu: int) -> int:
+    """The receive windows of a worker's flows together: half its TUN queue of full-sized
+    segments, the other half left for the clients' ACKs and everything else.
+
+    The TUN queue drops at its tail when the worker reads slower than clients send
+    (many bulk uploads at once, a loaded machine), and a burst of such losses can
+    make a client's congestion control crawl for many seconds (BBR takes heavy
+    loss for a policer and paces at the rate it measured meanwhile). Windows that
+    fit the queue make clients wait for the window instead (``stack.tcp.buffers``).
+    """
+    return txqueuelen * (mtu - 40) // 2
+
+
 def validate(
     *,
     tun: str,
@@ -253,6 +266,7 @@ def validate(
         # Up to 44 segments (64 KB) per step of the sender; cut to the MSS on the
         # way out, or written as one GSO super-segment with offloads (the default).
         tso_segments=44,
+        rcv_window_budget=window_budget(txqueuelen, mtu),
     )
     return RunOptions(
         tun=tun,

@@ -26,6 +26,16 @@ half its size at each of its RTT ticks. Shrinking a buffer only lowers the
 windows advertised from then on: the right edge already advertised is never
 moved left (RFC 7323 2.4, RFC 9293 3.8.6.2.2), see ``ConnectionCore._advertise``.
 
+A Stack may also bound the receive buffers alone (``TcpConfig.rcv_window_budget``,
+a second ``MemoryBudget``): the windows a connection advertises never exceed its
+receive buffer, so the windows of all connections together stay within that
+bound (beyond the floors), and so do the bytes clients may have in flight
+toward the Stack. A relay behind a TUN device sizes it to the device's queue:
+when its reader falls behind many clients at once, the clients' windows fill
+before the queue does, and they wait instead of losing packets at its tail
+(Linux's receivers clamp their windows under ``tcp_memory_pressure`` alike).
+Growth takes from both budgets; over either, a receive buffer shrinks.
+
 Out-of-order data lives inside the receive buffer too: ``Reassembly`` charges
 each run its payload plus ``RUN_OVERHEAD`` for its objects, within the room
 the unconsumed bytes leave, so the reservation covers what it really costs.
@@ -101,6 +111,8 @@ class Buffers:
         "_budget",
         "_mark_seq",
         "_mark_time",
+        "_rcv_budget",
+        "_rcv_held",
         "_reserved",
         "_snd_floor",
         "rcv",
@@ -111,8 +123,12 @@ class Buffers:
         "tick_at",
     )
 
-    def __init__(self, cfg: TcpConfig, budget: MemoryBudget, mss: int) -> None:
+    def __init__(
+        self, cfg: TcpConfig, budget: MemoryBudget, mss: int, rcv_budget: MemoryBudget | None = None
+    ) -> None:
         self._budget = budget
+        self._rcv_budget = rcv_budget  # the Stack's receive-window budget, if bounded
+        self._rcv_held = 0  # bytes of it this connection holds: rcv, once open
         self.rcv_cap = cfg.rcv_buf  # the configured cap (lowered to the window limit later)
         self.snd_cap = cfg.snd_buf
         self.rcv = min(cfg.rcv_buf_initial, cfg.rcv_buf)  # receive buffer size, bytes
@@ -145,6 +161,19 @@ class Buffers:
                 self._budget.release(got - need)
             got = need
         self._reserved = got
+        windows = self._rcv_budget
+        if windows is not None:
+            # The receive buffer shrinks to what the window budget has left, never
+            # below its floor (forced beyond the limit, as above).
+            held = windows.reserve(self.rcv)
+            if held < self.rcv_floor:
+                windows.force(self.rcv_floor - held)
+                held = self.rcv_floor
+            self._rcv_held = held
+            if held < self.rcv:
+                self._budget.release(self.rcv - held)
+                self._reserved -= self.rcv - held
+                self.rcv = held
 
     def limit_window(self, max_window: int) -> None:
         """The window cannot exceed ``max_window`` (no scaling agreed): cap the buffer."""
@@ -171,7 +200,8 @@ class Buffers:
         fresh = now - self._mark_time <= 2 * rtt  # else the flow idled: not one RTT's worth
         self._mark_seq, self._mark_time = read_point, now
         rcv = self.rcv
-        if self._budget.over:
+        windows = self._rcv_budget
+        if self._budget.over or (windows is not None and windows.over):
             new = max(self.rcv_floor, rcv // 2)
             if new < rcv:
                 self._resize_rcv(new)
@@ -181,6 +211,11 @@ class Buffers:
             return False
         want = min(self.rcv_cap, max(2 * rcv, 2 * consumed)) - rcv
         grant = self._budget.reserve(want)
+        if windows is not None and grant > 0:
+            granted = windows.reserve(grant)
+            self._budget.release(grant - granted)
+            grant = granted
+            self._rcv_held += grant
         if grant <= 0:
             return False
         self._reserved += grant
@@ -190,6 +225,10 @@ class Buffers:
     def _resize_rcv(self, new: int) -> None:
         self._budget.release(self.rcv - new)
         self._reserved -= self.rcv - new
+        if self._rcv_budget is not None:
+            given = min(self._rcv_held, self.rcv - new)
+            self._rcv_budget.release(given)
+            self._rcv_held -= given
         self.rcv = new
 
     def want_snd(self, target: int) -> bool:
@@ -212,4 +251,7 @@ class Buffers:
         """Give every reserved byte back to the budget."""
         self._budget.release(self._reserved)
         self._reserved = 0
+        if self._rcv_budget is not None:
+            self._rcv_budget.release(self._rcv_held)
+            self._rcv_held = 0
         self.tick_at = float("inf")

@@ -182,6 +182,7 @@ class ConnectionCore:
         events: deque[Event] | None = None,
         readable: list[ConnectionCore] | None = None,
         budget: MemoryBudget | None = None,
+        rcv_budget: MemoryBudget | None = None,
     ) -> None:
         cfg = config or TcpConfig()
         self.config = cfg
@@ -218,7 +219,7 @@ class ConnectionCore:
         self._rounded = 0  # bytes promised by rounding up since the window last opened
         self.rcv_mss = mss or cfg.mss  # MSS we advertise
         self.last_ack_sent = 0  # RFC 7323 Last.ACK.sent: the ACK field we last sent
-        self.buf = Buffers(cfg, budget or MemoryBudget(cfg.memory_budget), self.rcv_mss)
+        self.buf = Buffers(cfg, budget or MemoryBudget(cfg.memory_budget), self.rcv_mss, rcv_budget)
         self._unconsumed = 0  # bytes delivered to the application and not yet consumed
         self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv), cfg.ooo_max_runs)
         self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
