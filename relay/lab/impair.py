@@ -458,8 +458,15 @@ def forward(
     end = started + max_seconds
     reason = "max_seconds"
 
+    # A signal ends the loop at once only while it waits in poll; elsewhere it is kept
+    # for the top of the loop, so a frame that was sent is always counted as sent.
+    polling = [False]
+    stop: list[str] = []
+
     def on_signal(signum: int, _frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
+        stop.append(signal.Signals(signum).name)
+        if polling[0]:
+            raise _Stop(stop[0])
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     print(READY, flush=True)
@@ -472,7 +479,12 @@ def forward(
                 break
             wake = min(min(d.next_deadline() for d in both), end)
             timeout = max(0.0, wake - now) if wake < math.inf else 1.0
-            for fd, _ev in ep.poll(min(timeout, 1.0), 8):
+            polling[0] = True
+            if stop:
+                raise _Stop(stop[0])
+            events = ep.poll(min(timeout, 1.0), 8)
+            polling[0] = False
+            for fd, _ev in events:
                 dirs[fd].drain(buf, view, budget, monotonic())
             now = monotonic()
             for d in both:
