@@ -396,10 +396,11 @@ def test_delay_queue_is_bounded(topology: Topology, wire: Wire) -> None:
     try:
         for seq in range(200):  # well within 0.5 s
             tx.sendto(SEQ.pack(seq), dst)
-        got = receive_all(rx, quiet=0.8, limit=5.0)
+        got = receive_all(rx, quiet=0.8, limit=5.0, expect=50)
     finally:
         stats = wire.stop()
     assert got == list(range(50)), got
+    assert sent_datagrams(stats.c2g) == len(got), stats.c2g  # and nothing more is on its way
     assert stats.c2g["queue_drops"] == 150 and stats.c2g["max_queue"] == 50
 
 
