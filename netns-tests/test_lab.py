@@ -200,6 +200,7 @@ def test_lab_up_exec_status_impair_down(netns_root: None) -> None:
     name = f"t{os.getpid()}"
     pids: list[int] = []
     server = None
+    passed = False
     try:
         up = lab("up", "--name", name, "--impair", "delay=2ms", "--", "--workers", "1")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -237,11 +238,13 @@ def test_lab_up_exec_status_impair_down(netns_root: None) -> None:
         assert_gone(name, pids)
         again = lab("down", name)
         assert (again.returncode, again.stdout) == (0, ""), again
+        passed = True
     finally:
         if server is not None and server.poll() is None:
             server.kill()
             server.wait()
-        lab("down", name)
+        if not passed:  # else `down` ran, and a second one was a no-op
+            lab("down", name)
 
 
 def test_down_after_up_was_killed(netns_root: None) -> None:
@@ -254,6 +257,7 @@ def test_down_after_up_was_killed(netns_root: None) -> None:
         env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     relay_pid = None
+    passed = False
     try:
         deadline = time.monotonic() + 30
         while relay_pid is None and time.monotonic() < deadline:
@@ -272,17 +276,20 @@ def test_down_after_up_was_killed(netns_root: None) -> None:
         assert lab("down", name).stdout == ""
         status = lab("status", name)
         assert status.returncode == 1 and f"no lab {name}" in status.stderr
+        passed = True
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
-        lab("down", name)
+        if not passed:  # else `down` ran, and a second one was a no-op
+            lab("down", name)
 
 
 def test_down_after_the_relay_was_killed(netns_root: None) -> None:
     """SIGKILL the relay of a lab that is up: status says so, `down` removes the rest
     (its workers, its rules with the namespaces, its state file)."""
     name = f"r{os.getpid()}"
+    passed = False
     try:
         up = lab("up", "--name", name, "--", "--workers", "2")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -300,8 +307,10 @@ def test_down_after_the_relay_was_killed(netns_root: None) -> None:
         down = lab("down", name)
         assert down.returncode == 0, down.stderr
         assert_gone(name, [relay_pid, *workers])
+        passed = True
     finally:
-        lab("down", name)
+        if not passed:  # else `down` ran and left nothing
+            lab("down", name)
 
 
 def parent_of(pid: int) -> int | None:

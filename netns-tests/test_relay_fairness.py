@@ -93,6 +93,12 @@ def silent_syns(topo: Topology) -> int:
     return int(m.group(1))
 
 
+def syn_sent(topo: Topology, address: str, ns: str = "cli") -> int:
+    """Sockets in namespace ``ns`` still connecting to ``address`` (SYN-SENT)."""
+    out = run_in(topo, ns, ["ss", "-Htn", "state", "syn-sent", "dst", address])
+    return len([ln for ln in out.splitlines() if ln.strip()])
+
+
 def raw_sender(topo: Topology) -> tuple[socket.socket, tuple[str, int, int, int, bytes]]:
     """An AF_PACKET socket in the client namespace and the gateway's address for it."""
     with netns.entered(topo.cli):
@@ -193,7 +199,11 @@ def test_a_client_at_its_pending_quota_does_not_block_another(
         s.bind((topology.cli_v4, 0))
         s.connect_ex((SILENT_V4, 9))
         hogs.append(s)
-    time.sleep(1.0)  # the relay has them all: 16 pending, the older 48 reset
+    # The relay has them all (16 pending, the older 48 reset) once only 16 are still
+    # connecting here; at most 1 s, as a fixed wait gave it.
+    deadline = time.monotonic() + 1.0
+    while syn_sent(topology, SILENT_V4) > 16 and time.monotonic() < deadline:
+        time.sleep(0.02)
     got, seconds = download(topology, port, source=SECOND_CLIENT_V4)
     server.join(timeout=10)
     print(f"\n[fairness a] the second client downloaded {got} B in {seconds:.2f} s")
@@ -202,7 +212,11 @@ def test_a_client_at_its_pending_quota_does_not_block_another(
     # The first client's oldest requests were reset to make room for its newest.
     refused = [s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for s in hogs]
     assert refused.count(111) >= 64 - 16 - 1, refused  # ECONNREFUSED: our RST
-    time.sleep(0.6)
+    deadline = time.monotonic() + 0.6  # a stats line (--stats-interval 0.5) counts them
+    while time.monotonic() < deadline:
+        if "refused={" in relay.log_text() and stack_counter(relay, "pending") >= 64 - 16:
+            break
+        time.sleep(0.02)
     assert stack_counter(relay, "pending") >= 64 - 16, relay.log_tail()
     assert "most refused clients 198.18.1.2=" in relay.log_text()
 
@@ -256,7 +270,18 @@ def test_a_spoofed_syn_flood_leaves_a_legitimate_download_fast_and_upstream_syns
     rss_peak = max(rss_peak, relay.rss_kib())
     count, ms = sent
     rate = count / (ms / 1000)
-    time.sleep(CONNECT_TIMEOUT + 1.5)  # every admitted connect has timed out
+    # Every admitted connect has timed out once the relay has no upstream socket left
+    # connecting to the silent address (then no SYN can follow), and a stats line
+    # logged at least one interval after the flood counts all its refusals; at most
+    # CONNECT_TIMEOUT + 1.5 s, as a fixed wait gave it.
+    lines = relay.log_text().count("refused={")
+    deadline = time.monotonic() + CONNECT_TIMEOUT + 1.5
+    while time.monotonic() < deadline:
+        if relay.log_text().count("refused={") >= lines + 2 and not syn_sent(
+            topology, SILENT_V4, "gw"
+        ):
+            break
+        time.sleep(0.05)
     syns = silent_syns(topology)
     total_seconds = FLOOD_SECONDS + CONNECT_TIMEOUT
     # At most PENDING_PER_DESTINATION connects at a time, each held CONNECT_TIMEOUT s.

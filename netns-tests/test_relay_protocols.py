@@ -315,7 +315,9 @@ def start_dnsmasq(topo: Topology) -> None:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     probe = topo.socket("srv", socket.AF_INET, socket.SOCK_DGRAM)
-    probe.settimeout(5.0)  # dnspython needs a non-blocking socket (a timeout makes one)
+    # Non-blocking, as dnspython wants: a socket timeout would make a probe sent before
+    # dnsmasq listens wait that long instead of the query's own 0.2 s.
+    probe.setblocking(False)
     query = dns.message.make_query("ready.example.test", "A")
     deadline = time.monotonic() + 10.0
     while True:

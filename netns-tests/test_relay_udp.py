@@ -94,6 +94,9 @@ def start_dnsmasq(topo: Topology) -> None:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     probe = udp_socket(topo, "srv", socket.AF_INET)
+    # Non-blocking, as dnspython wants: with IO_TIMEOUT a probe sent before dnsmasq
+    # listens would wait that long instead of the query's own 0.2 s.
+    probe.setblocking(False)
     query = dns.message.make_query("ready.example.test", "A")
     deadline = time.monotonic() + 10.0
     while True:

@@ -61,6 +61,11 @@ complete, MTU-sized frame with a correct checksum: the forwarder's frames
 reach the far side as fresh packets, and loss applies to wire packets, not to
 64 KB super-segments.
 
+Stopping: SIGTERM (`Wire.stop()`) ends the forwarder at once only while it waits in
+epoll (or sleeps for a sub-millisecond release); anywhere else it first finishes that pass of its loop, so its counters
+(``sent`` above all) count every frame it sent, and a test may stop it as soon
+as the frames it expects have arrived and then check that nothing more was sent.
+
 Bounds: the forwarder exits by itself after ``max_seconds`` (default 1800);
 the wire's namespace and processes are removed when the topology is closed.
 """
@@ -477,8 +482,15 @@ def forward(
     end = started + max_seconds
     reason = "max_seconds"
 
+    # A signal ends the loop at once only while it waits in poll; elsewhere it is kept
+    # for the top of the loop, so a frame that was sent is always counted as sent.
+    polling = [False]
+    stop: list[str] = []
+
     def on_signal(signum: int, _frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
+        stop.append(signal.Signals(signum).name)
+        if polling[0]:
+            raise _Stop(stop[0])
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     print(READY, flush=True)
@@ -494,13 +506,18 @@ def forward(
                 break
             wake = min(min(d.next_deadline() for d in both), end)
             timeout = max(0.0, wake - now) if wake < math.inf else 1.0
+            polling[0] = True
+            if stop:
+                raise _Stop(stop[0])
             if fine and 0.0 < timeout < _EPOLL_RESOLUTION:
                 events = ep.poll(0, 8)
                 if not events:
-                    time.sleep(min(timeout, FINE_SLICE))
+                    time.sleep(min(timeout, FINE_SLICE))  # a signal may end it, as a poll
+                    polling[0] = False
                     continue
             else:
                 events = ep.poll(min(timeout, 1.0), 8)
+            polling[0] = False
             for fd, _ev in events:
                 dirs[fd].drain(buf, view, budget, monotonic())
             now = monotonic()
