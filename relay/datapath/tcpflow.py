@@ -383,7 +383,24 @@ class TcpFlow:
                 self._scope = scope
                 if self._doomed:
                     scope.cancel()
-                await self._serve()
+                if await self._open():
+                    # Relaying, in this task itself (one task, one frame less, per
+                    # idle flow): server -> client here, client -> server by
+                    # on_data or its writer task; then wait for Closed.
+                    try:
+                        if self._c2s:  # (the analyzers' or a full socket's)
+                            self._start_c2s()
+                        await self._pump_s2c()
+                        while not self._c2s_done:
+                            await self._wake.park()
+                    finally:
+                        self._relaying = False
+                    if self._hint is None:
+                        # Both directions finished cleanly: FINs went both ways upstream.
+                        self._done_at = trio.current_time()
+                        self._close_socket(abortive=False)
+                    while self._closed is None:
+                        await self._wake.park()
                 while self._c2s_scope is not None:  # as a nursery waits for its children
                     await self._wake.park()
         except Exception:
@@ -415,7 +432,10 @@ class TcpFlow:
             self._env.kick()
         self._cancel()
 
-    async def _serve(self) -> None:
+    async def _open(self) -> bool:
+        """Egress policy, analyzers' verdicts, connect upstream, accept: whether
+        the flow is now relaying. (A coroutine that returns before the flow
+        idles: its frame is not held by every idle connection.)"""
         env = self._env
         rule = env.config.egress.denied_by(self.flow)
         if rule is not None:
@@ -423,11 +443,11 @@ class TcpFlow:
             self._rule = rule
             log.debug("flow %s: denied by %s", self.hooks.info.describe(), rule)
             self._reject(Reject.ICMP, Unreachable.ADMIN, EndReason.DENIED)
-            return
+            return False
         if await self.hooks.start() is Verdict.REJECT:
             env.stats.flows_rejected += 1
             self._reject(Reject.RST, Unreachable.HOST, EndReason.REJECTED)
-            return
+            return False
         sock: trio.socket.SocketType | None = None
         try:
             with trio.move_on_after(env.config.connect_timeout):
@@ -438,15 +458,15 @@ class TcpFlow:
             if exc.errno == errno.ECONNREFUSED:
                 self._mark("r")  # the server answered the SYN with an RST
             self._reject(*classify_connect_error(exc))
-            return
+            return False
         if sock is None:
             env.stats.connect_failed += 1
             self._reject(Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT)
-            return
+            return False
         self._sock = sock
         self._mark("h")  # the server's SYN-ACK
         if self._closed is not None:
-            return  # the client went away meanwhile; _finish closes the socket
+            return False  # the client went away meanwhile; _finish closes the socket
         with contextlib.suppress(OSError):  # OSError: not TCP (a test's socketpair)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # relay what we have
         env.stack.accept(self.flow, isn=env.isn(self.flow))
@@ -454,21 +474,7 @@ class TcpFlow:
         env.flush()  # the SYN-ACK now, not on the packet loop's next pass
         env.stats.flows_accepted += 1
         self._relaying = True
-        try:
-            if self._c2s:  # (the analyzers' or a full socket's; started in on_data)
-                self._start_c2s()
-            # server -> client in this task itself: one task per idle flow.
-            await self._pump_s2c()
-            while not self._c2s_done:
-                await self._wake.park()
-        finally:
-            self._relaying = False
-        if self._hint is None:
-            # Both directions finished cleanly: FINs went both ways upstream.
-            self._done_at = trio.current_time()
-            self._close_socket(abortive=False)
-        while self._closed is None:
-            await self._wake.park()
+        return True
 
     def _reject(self, how: Reject, unreachable: Unreachable, end: EndReason) -> None:
         self._hint = end
