@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from stack import (
+    ClientQuotas,
     Closed,
     CloseReason,
     Connected,
@@ -406,3 +407,31 @@ def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
     (probe,) = sent
     assert deadline == pytest.approx(now + 7200.0)
     assert (probe.tcp.seq, probe.tcp.flags, probe.payload) == (sseq - 1, ACK, b"")
+
+
+def test_flows_share_their_address_objects() -> None:
+    # Memory per flow: every flow of a client (and to a server) holds one shared
+    # address text, not a copy of its own; the table behind it is bounded.
+    lifted = ClientQuotas(connects_per_second=1e9, connect_burst=1 << 30)
+    cfg = StackConfig(
+        connects_per_second=1e9, connect_burst=1 << 30, clients=lifted,
+        max_pending=8192, max_pending_per_destination=8192,
+    )  # fmt: skip
+    stack = Stack(cfg)
+    flows = []
+    for port in (40000, 40001):
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+        (ev,) = stack_events(stack)
+        assert isinstance(ev, ConnectionRequest)
+        flows.append(ev.flow)
+    a, b = flows
+    assert a.client_ip == b.client_ip and a.client_ip is b.client_ip
+    assert a.server_ip is b.server_ip
+    assert len(stack._addresses) == 2
+    seen = 0
+    for i in range(5000):  # distinct spoofed sources: the table never passes its bound
+        src = bytes([198, 18, 100 + i // 250, i % 250])
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, src=src), 0.0)
+        assert len(stack._addresses) <= 4096
+        seen = max(seen, len(stack._addresses))
+    assert seen == 4096  # it did fill up

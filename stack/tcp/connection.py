@@ -59,7 +59,6 @@ class TcpConnection(TcpRecovery):
         self._set_state(State.LISTEN)
         self.irs = syn.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
-        self.peer_options = syn.options
         self.snd_wnd = syn.window  # RFC 7323 2.2: the window in a SYN is never scaled
         self.max_snd_wnd = syn.window
         # Answer only what the client offered (RFC 7323 1.3 and 3.2, RFC 2018 2).
@@ -444,7 +443,6 @@ class TcpConnection(TcpRecovery):
         self.irs = seq
         self.rcv_nxt = seq_add(seq, 1)
         self.rcv_adv = seq_add(self.rcv_nxt, min(self.buf.rcv, MAX_WINDOW))
-        self.peer_options = options
         self._negotiated(options, now)
         self._set_snd_mss(options.mss)
         self.snd_wnd = self.max_snd_wnd = window  # RFC 7323 2.2: never scaled in a SYN

@@ -148,7 +148,6 @@ class ConnectionCore:
         "last_ack_sent",
         "local_port",
         "max_snd_wnd",
-        "peer_options",
         "rcv_adv",
         "rcv_mss",
         "rcv_nxt",
@@ -222,7 +221,6 @@ class ConnectionCore:
         self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv), cfg.ooo_max_runs)
         self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
         self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
-        self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
 
         # Negotiated options (RFC 7323, RFC 2018): set by the SYN exchange.
         self._ws_ok = False  # window scaling offered (active open) or agreed
