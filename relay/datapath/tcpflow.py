@@ -2,7 +2,7 @@
 
 Theory of operation: the packet loop (``relay.datapath.engine``) owns the stack and
 turns its events into calls of the sync ``on_*`` methods here; those only
-update the flow's state and wake its tasks (a ``ParkingLot`` per direction).
+update the flow's state and wake its task (a one-slot ``Waiter``).
 The flow's own task (``run``) does everything that waits:
 
 1. the egress policy (``relay.datapath.egress``: a denied flow gets ICMP
@@ -16,7 +16,11 @@ The flow's own task (``run``) does everything that waits:
    length), so a slow server or analyzer closes this flow's window. server -> client: ``recv``
    only while ``stack.send_space()`` > 0, at most that many bytes (a 0 from
    ``send_space()`` arms ``SendSpace``, which wakes the pump), analyzers,
-   ``stack.send``.
+   ``stack.send``. The server -> client pump is the flow task itself; the
+   client -> server one is a task only while bytes wait for it (most go
+   straight from ``on_data``), in the flow task's parent nursery under a
+   cancel scope that every cancel of the flow also cancels. No nursery per
+   flow: an idle connection holds one task, one scope, one frame chain.
 3. close. FIN is relayed as a half-close each way (``PeerFinished`` ->
    ``shutdown(SHUT_WR)`` after the queue is written; upstream EOF ->
    ``stack.close``). RST as RST: the client's reset closes the upstream
