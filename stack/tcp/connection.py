@@ -98,7 +98,7 @@ class TcpConnection(TcpRecovery):
         if self.state is not State.LISTEN:
             raise LocalProtocolError(f"reject() in state {self.state.value}")
         if rst:
-            self._ctl.append(self._segment(0, self.rcv_nxt, RST | ACK, 0))
+            self._queue(self._segment(0, self.rcv_nxt, RST | ACK, 0))
         self._close(CloseReason.REJECTED)
 
     def _init_send(self, isn: int) -> None:
@@ -431,7 +431,7 @@ class TcpConnection(TcpRecovery):
         # RFC 9293 3.10.7.3.
         if flags & ACK and not (seq_lt(self.iss, ack) and seq_le(ack, self.snd_max)):
             if not flags & RST:
-                self._ctl.append(self._segment(ack, 0, RST, 0))
+                self._queue(self._segment(ack, 0, RST, 0))
             return
         if flags & RST:
             if flags & ACK:
@@ -560,14 +560,16 @@ class TcpConnection(TcpRecovery):
 
     def _send_ack_now(self, now: float) -> None:
         opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
-        self._ctl.append(self._pure_ack(opts))
+        self._queue(self._pure_ack(opts))
 
     def _deliver(self, data: bytes) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
         self._unconsumed += len(data)
-        if not self._rx_pending:
+        if self._rx_pending:
+            self._rx_pending.append(data)
+        else:
             self._readable.append(self)
-        self._rx_pending.append(data)
+            self._rx_pending = [data]
 
     def _on_fin(self, fin_seq: int, now: float) -> None:
         if fin_seq != self.rcv_nxt:
