@@ -435,3 +435,21 @@ def test_flows_share_their_address_objects() -> None:
         assert len(stack._addresses) <= 4096
         seen = max(seen, len(stack._addresses))
     assert seen == 4096  # it did fill up
+
+
+def test_an_idle_connection_holds_no_empty_lists_of_its_own() -> None:
+    # Memory per idle connection: the usually empty queues share one empty tuple
+    # each, before and after they were used.
+    from stack.tcp.core import EMPTY_CHUNKS, EMPTY_MARKS, EMPTY_SEGMENTS
+
+    stack = Stack()
+    flow = open_tcp_flow(stack)
+    conn = stack._by_flow[flow]
+    assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
+    assert conn._rtx_marks is EMPTY_MARKS
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"ping"), 1.0)
+    assert [type(e) for e in stack_events(stack)] == [DataReceived]
+    stack.send(flow, b"pong")
+    assert sent_tcp(stack, 1.0)  # the reply (with the ACK)
+    stack.receive(tcp_packet(CLIENT_ISN + 5, SERVER_ISN + 5, ACK), 1.1)
+    assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
