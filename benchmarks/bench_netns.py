@@ -452,6 +452,8 @@ class Lab:
             argv += self.params.relay_args
             if cli_has_quotas():
                 argv += QUOTAS_OFF
+            if b"--client-tcp-flows" in run_help():  # idle holds 10,000 from one client
+                argv += ["--client-tcp-flows", str(1 << 20)]
             if self.cfg == "h":
                 logs = self.log_path.parent / f"zeek-{self.where.replace(' ', '-')}"
                 logs.mkdir(exist_ok=True)

@@ -68,6 +68,7 @@ from stack.wire.tcp import (
 
 # The connection timer heap is rebuilt once stale entries are over half of it.
 _COMPACT_AT = 64
+_ADDRESSES_KEPT = 4096  # Stack._address's table: distinct addresses before it is emptied
 
 
 @dataclass(slots=True)
@@ -195,6 +196,7 @@ class Stack:
         self._clients.stats = self.stats.clients
         self._connects = TokenBucket(cfg.connects_per_second, cfg.connect_burst)
         self._dst_pending: dict[bytes, int] = {}  # pending requests per destination address
+        self._addresses: dict[bytes, tuple[bytes, str]] = {}  # see _address
         # RSTs for quota refusals share the ICMP errors' rate: a spoofed flood gets
         # no more answers than it would get ICMP errors.
         dcfg = cfg.datagram
@@ -434,13 +436,9 @@ class Stack:
         client: ClientState,
     ) -> None:  # fmt: skip
         version = 4 if len(src) == 4 else 6
-        flow = FlowId(
-            version,
-            address_text(src),
-            tcp.src_port,
-            address_text(dst),
-            tcp.dst_port,
-        )
+        src, client_text = self._address(src)
+        dst, server_text = self._address(dst)
+        flow = FlowId(version, client_text, tcp.src_port, server_text, tcp.dst_port)
         cfg = self.config.tcp
         conn = _Connection(
             local_port=tcp.dst_port,
@@ -476,6 +474,17 @@ class Stack:
         self._dst_pending[dst] = self._dst_pending.get(dst, 0) + 1
         self.stats.connections_opened += 1
         self._events.append(ConnectionRequest(flow, tcp.options))
+
+    def _address(self, raw: bytes) -> tuple[bytes, str]:
+        """One shared (raw, text) pair per address: the flows of a client, and to a
+        server, hold the same two objects rather than copies (memory per flow).
+        A bounded table, emptied when full (a spoofed flood only refills it)."""
+        known = self._addresses.get(raw)
+        if known is None:
+            if len(self._addresses) >= _ADDRESSES_KEPT:
+                self._addresses.clear()
+            known = self._addresses[raw] = (raw, address_text(raw))
+        return known
 
     def _forget(self, conn: TcpConnection) -> None:
         entry = self._entries.pop(conn, None)

@@ -685,6 +685,32 @@ async def test_orderly_close_drain_is_bounded(autojump_clock: trio.testing.MockC
         assert h.connector.closed_with_rst(c.flow)
 
 
+async def test_a_bug_in_the_c2s_writer_ends_only_its_flow(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The c2s writer is a task of its own (in the engine's nursery, not a nursery
+    # per flow): an exception there must still be contained to the flow, RST
+    # the client, close upstream with an RST and leave the relay running.
+    def broken(self: TcpFlow, n: int) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(TcpFlow, "_release_c2s", broken)
+    async with harness() as h:  # the Tap's data hook: the bytes go through the writer
+        c, _server = await connected(h)
+        await c.send(b"hello")
+        await until(lambda: c.rst)
+        assert (await h.tap.end_of(40000)).how == "error"
+        assert h.relay.stats.flow_errors == 1
+        assert h.connector.closed_with_rst(c.flow)
+        await until(lambda: h.relay.active_flows == 0)
+        monkeypatch.undo()
+        c2 = Client(h, port=40001)
+        await c2.connect()
+        server = await h.connector.server(c2.flow)
+        await c2.send(b"still relaying")
+        assert await recv_exactly(server, 14) == b"still relaying"
+
+
 async def test_client_rst_resets_upstream(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
         c = Client(h)

@@ -177,3 +177,19 @@ def test_the_charge_stays_within_the_receive_buffers_room() -> None:
     assert not q.insert(0, 20, b"y", room=2 * RUN_OVERHEAD)  # a second run: over
     assert q.insert(0, 11, b"z", room=2 * RUN_OVERHEAD)  # extends the first: fits
     assert q.insert(0, 20, b"y") and q.dropped == 1
+
+
+def test_holding_nothing_shares_the_empty_lists_and_gives_them_back() -> None:
+    # Memory per idle connection: no list of its own until a segment is held,
+    # none kept once the hole is filled; a write to the shared empty would raise.
+    a, b = Reassembly(1 << 20), Reassembly(1 << 20)
+    assert a._runs is b._runs and a._starts is b._starts
+    assert a.insert(1000, 1100, b"y" * 100)
+    assert a._runs is not b._runs and not b and len(a) == 1
+    assert b.pop_ready(1000) is None
+    assert a.pop_ready(1000) is None  # still a hole below
+    assert a.insert(1000, 1000, b"x" * 100)  # fills the hole: one run
+    assert a.pop_ready(1000) == b"x" * 100 + b"y" * 100
+    assert not a and a._runs is b._runs and a._starts is b._starts
+    assert a.insert(1200, 1300, b"z")  # and usable again
+    assert a.block_at(1300) == (1300, 1301)

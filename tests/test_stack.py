@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from stack import (
+    ClientQuotas,
     Closed,
     CloseReason,
     Connected,
@@ -406,3 +407,49 @@ def test_a_long_lived_interactive_connection_leaves_no_timers_behind() -> None:
     (probe,) = sent
     assert deadline == pytest.approx(now + 7200.0)
     assert (probe.tcp.seq, probe.tcp.flags, probe.payload) == (sseq - 1, ACK, b"")
+
+
+def test_flows_share_their_address_objects() -> None:
+    # Memory per flow: every flow of a client (and to a server) holds one shared
+    # address text, not a copy of its own; the table behind it is bounded.
+    lifted = ClientQuotas(connects_per_second=1e9, connect_burst=1 << 30)
+    cfg = StackConfig(
+        connects_per_second=1e9, connect_burst=1 << 30, clients=lifted,
+        max_pending=8192, max_pending_per_destination=8192,
+    )  # fmt: skip
+    stack = Stack(cfg)
+    flows = []
+    for port in (40000, 40001):
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, sport=port), 0.0)
+        (ev,) = stack_events(stack)
+        assert isinstance(ev, ConnectionRequest)
+        flows.append(ev.flow)
+    a, b = flows
+    assert a.client_ip == b.client_ip and a.client_ip is b.client_ip
+    assert a.server_ip is b.server_ip
+    assert len(stack._addresses) == 2
+    seen = 0
+    for i in range(5000):  # distinct spoofed sources: the table never passes its bound
+        src = bytes([198, 18, 100 + i // 250, i % 250])
+        stack.receive(tcp_packet(CLIENT_ISN, 0, SYN, src=src), 0.0)
+        assert len(stack._addresses) <= 4096
+        seen = max(seen, len(stack._addresses))
+    assert seen == 4096  # it did fill up
+
+
+def test_an_idle_connection_holds_no_empty_lists_of_its_own() -> None:
+    # Memory per idle connection: the usually empty queues share one empty tuple
+    # each, before and after they were used.
+    from stack.tcp.core import EMPTY_CHUNKS, EMPTY_MARKS, EMPTY_SEGMENTS
+
+    stack = Stack()
+    flow = open_tcp_flow(stack)
+    conn = stack._by_flow[flow]
+    assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
+    assert conn._rtx_marks is EMPTY_MARKS
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"ping"), 1.0)
+    assert [type(e) for e in stack_events(stack)] == [DataReceived]
+    stack.send(flow, b"pong")
+    assert sent_tcp(stack, 1.0)  # the reply (with the ACK)
+    stack.receive(tcp_packet(CLIENT_ISN + 5, SERVER_ISN + 5, ACK), 1.1)
+    assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS

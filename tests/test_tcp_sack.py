@@ -481,3 +481,12 @@ def test_a_lost_retransmission_is_resent_without_waiting_for_the_rto() -> None:
         sent(c, 0.1 + k / 100)
     send(c, ack(0, (10, 130)), 0.2)
     assert 0 in sent(c, 0.2)  # resent once more, long before the RTO (1 s)
+
+
+def test_an_empty_scoreboard_holds_no_list_of_its_own() -> None:
+    a, b = Scoreboard(), Scoreboard()
+    assert a._ranges is b._ranges  # shared (memory per idle connection)
+    assert a.update(((1100, 1200),), 1000, 2000)
+    assert a.ranges() == [(1100, 1200)] and not b
+    a.clear()
+    assert not a and a._ranges is b._ranges and a.sacked == 0

@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 __all__ = ["Relay", "raise_nofile_limit"]
 
 log = logging.getLogger(__name__)
+# The flow tasks' name, one string for all (trio would format one per task).
+_FLOW_TASK = "tunrelay TcpFlow.run"
 
 
 def raise_nofile_limit() -> int:
@@ -469,7 +471,7 @@ class Relay:
         self.stats.flows_requested += 1
         flow = TcpFlow(self._env, event.flow)
         self._flows[event.flow] = flow
-        self._nursery.start_soon(flow.run)
+        self._nursery.start_soon(flow.run, name=_FLOW_TASK)
 
     def _on_connected(self, event: Connected) -> None:
         if (flow := self._flow(event)) is not None:

@@ -17,12 +17,13 @@ import trio
 from relay.analysis.hooks import AnalyzerChain, EndReason
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy
-from stack import CloseReason, Event, FlowId, PacketCounts, Reject, Unreachable
+from stack import CloseReason, Event, FlowId, Reject, Unreachable
 
 if TYPE_CHECKING:
     # Imported by the engine only when some analyzer wants records: the dissectors
     # (dnspython, httptools, cryptography) are ~11 MiB a worker need not carry.
     from relay.datapath.dissection import DatagramDissection, StreamDissection
+    from stack import PacketCounts  # (stack.stack: not loaded by the supervisor)
 
 __all__ = [
     "QUEUE_LIMIT",

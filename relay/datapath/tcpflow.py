@@ -2,7 +2,7 @@
 
 Theory of operation: the packet loop (``relay.datapath.engine``) owns the stack and
 turns its events into calls of the sync ``on_*`` methods here; those only
-update the flow's state and wake its tasks (a ``ParkingLot`` per direction).
+update the flow's state and wake its task (a one-slot ``Waiter``).
 The flow's own task (``run``) does everything that waits:
 
 1. the egress policy (``relay.datapath.egress``: a denied flow gets ICMP
@@ -16,7 +16,11 @@ The flow's own task (``run``) does everything that waits:
    length), so a slow server or analyzer closes this flow's window. server -> client: ``recv``
    only while ``stack.send_space()`` > 0, at most that many bytes (a 0 from
    ``send_space()`` arms ``SendSpace``, which wakes the pump), analyzers,
-   ``stack.send``.
+   ``stack.send``. The server -> client pump is the flow task itself; the
+   client -> server one is a task only while bytes wait for it (most go
+   straight from ``on_data``), in the flow task's parent nursery under a
+   cancel scope that every cancel of the flow also cancels. No nursery per
+   flow: an idle connection holds one task, one scope, one frame chain.
 3. close. FIN is relayed as a half-close each way (``PeerFinished`` ->
    ``shutdown(SHUT_WR)`` after the queue is written; upstream EOF ->
    ``stack.close``). RST as RST: the client's reset closes the upstream
@@ -61,6 +65,7 @@ from relay.analysis.hooks import Block, Direction, EndReason, FlowEnd, FlowInfo,
 from relay.analysis.ratelimit import RateLimitedLog
 from relay.datapath.config import RelayConfig
 from relay.datapath.env import Connector, FlowEnv, end_reason
+from relay.datapath.waiter import Waiter
 from stack import CloseReason, FlowId, Reject, Unreachable
 
 if TYPE_CHECKING:
@@ -150,6 +155,7 @@ class TcpFlow:
         "_c2s_done",
         "_c2s_held",
         "_c2s_pumping",
+        "_c2s_scope",
         "_closed",
         "_connected",
         "_done_at",
@@ -158,13 +164,14 @@ class TcpFlow:
         "_env",
         "_hint",
         "_history",
-        "_nursery",
+        "_outer",
         "_packets",
         "_peer_fin",
         "_records",
         "_relaying",
         "_reply",
         "_rule",
+        "_scope",
         "_service",
         "_sock",
         "_t0",
@@ -188,11 +195,14 @@ class TcpFlow:
         self._env = env
         self._t0 = trio.current_time()
         self._done_at: float | None = None  # both directions finished cleanly
-        # The flow task's nursery: its cancel scope is the whole flow's (Closed
-        # cancels it), and the c2s writer runs in it. None until the task runs;
-        # a cancel that comes before sets _doomed. (One scope per flow, not two:
-        # memory per idle flow.)
-        self._nursery: trio.Nursery | None = None
+        # The flow task's cancel scope, the whole flow's (Closed cancels it). None
+        # until the task runs; a cancel that comes before sets _doomed. No nursery
+        # per flow (memory per idle flow): the c2s writer, a task only while it has
+        # bytes to write, runs in the task's own parent nursery (_outer) under a
+        # scope of its own (_c2s_scope) that every cancel of the flow cancels too.
+        self._scope: trio.CancelScope | None = None
+        self._outer: trio.Nursery | None = None
+        self._c2s_scope: trio.CancelScope | None = None
         self._doomed = False
         self._relaying = False  # between accept and both directions done
         self._sock: trio.socket.SocketType | None = None
@@ -200,11 +210,11 @@ class TcpFlow:
         # that runs only while there are some (idle flows cost memory per task).
         self._c2s: list[bytes] = []
         self._c2s_held = 0  # bytes received from the client, not yet written upstream
-        self._c2s_pumping = False
+        self._c2s_pumping = False  # _pump_c2s has bytes to write (or is starting)
         self._c2s_done = False  # the client's FIN went upstream
         # The flow task parks here for: connected, send space, c2s done, Closed.
-        # One lot for all (never more than one waiter): memory per idle flow.
-        self._wake = trio.lowlevel.ParkingLot()
+        # One slot for all (never more than one waiter): memory per idle flow.
+        self._wake = Waiter()
         self._accepted = False
         self._connected = False
         self._peer_fin = False
@@ -283,9 +293,28 @@ class TcpFlow:
             self._service = dx.service
 
     def _start_c2s(self) -> None:
-        if not self._c2s_pumping and self._relaying and self._nursery is not None:
+        if not self._c2s_pumping and self._relaying and self._outer is not None:
             self._c2s_pumping = True
-            self._nursery.start_soon(self._pump_c2s)
+            self._c2s_scope = trio.CancelScope(deadline=self._scope_deadline())
+            self._outer.start_soon(self._c2s_task, self._c2s_scope)
+
+    def _scope_deadline(self) -> float:
+        return self._scope.deadline if self._scope is not None else float("inf")
+
+    async def _c2s_task(self, scope: trio.CancelScope) -> None:
+        """The c2s writer's task: as a child of the flow's nursery would be, its
+        failure fails the flow, and the flow task ends only after it did."""
+        try:
+            with scope:
+                if self._scope is None or self._scope.cancel_called:
+                    scope.cancel()
+                await self._pump_c2s()
+        except Exception:
+            self._failed()
+        finally:
+            if self._c2s_scope is scope:
+                self._c2s_scope = None
+            self._wake.unpark_all()
 
     def _send_now(self, data: bytes) -> int:
         """Write to the upstream socket without waiting (nothing is queued before
@@ -325,20 +354,23 @@ class TcpFlow:
         if reason is CloseReason.RESET:
             self._mark("R")
         self._wake.unpark_all()
-        if reason is CloseReason.FINISHED and self._relaying and self._nursery is not None:
+        if reason is CloseReason.FINISHED and self._relaying and self._scope is not None:
             # Both FINs were exchanged with the client, but queued bytes may still be
             # on their way upstream: let the pumps finish, within a bound.
-            scope = self._nursery.cancel_scope
             deadline = trio.current_time() + self._env.config.close_drain_timeout
-            scope.deadline = min(scope.deadline, deadline)
+            for scope in (self._scope, self._c2s_scope):
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, deadline)
         elif self._done_at is None:
             self._cancel()
         # else both directions finished cleanly and the task only waits for Closed,
         # woken above: a cancel would raise through it for nothing (per connection).
 
     def _cancel(self) -> None:
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
+            if self._c2s_scope is not None:
+                self._c2s_scope.cancel()
         else:
             self._doomed = True
 
@@ -350,33 +382,64 @@ class TcpFlow:
         stats = self._env.stats
         stats.flows_active += 1
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+            self._outer = trio.lowlevel.current_task().parent_nursery
+            with trio.CancelScope() as scope:
+                self._scope = scope
                 if self._doomed:
-                    nursery.cancel_scope.cancel()
-                await self._serve()
+                    scope.cancel()
+                if await self._open():
+                    # Relaying, in this task itself (one task, one frame less, per
+                    # idle flow): server -> client here, client -> server by
+                    # on_data or its writer task; then wait for Closed.
+                    try:
+                        if self._c2s:  # (the analyzers' or a full socket's)
+                            self._start_c2s()
+                        await self._pump_s2c()
+                        while not self._c2s_done:
+                            await self._wake.park()
+                    finally:
+                        self._relaying = False
+                    if self._hint is None:
+                        # Both directions finished cleanly: FINs went both ways upstream.
+                        self._done_at = trio.current_time()
+                        self._close_socket(abortive=False)
+                    while self._closed is None:
+                        await self._wake.park()
+                while self._c2s_scope is not None:  # as a nursery waits for its children
+                    await self._wake.park()
         except Exception:
-            # A bug, not traffic: contain it to this flow.
-            stats.flow_errors += 1
-            _errors.exception(
-                ("failed", sys.exc_info()[0]),
-                "flow %s failed; aborting it",
-                self.hooks.info.describe(),
-            )
-            self._hint = self._hint or EndReason.ERROR
-            if self._closed is None:
-                if self._accepted:
-                    self._env.stack.abort(self.flow)
-                else:
-                    self._env.stack.reject(self.flow, Reject.RST)
-                self._env.kick()
+            self._failed()
         finally:
             stats.flows_active -= 1
             stats.flows_ended += 1
             with trio.CancelScope(shield=True, relative_deadline=self._env.config.flow_end_timeout):
+                while self._c2s_scope is not None:  # cancelled, so it ends at once
+                    self._c2s_scope.cancel()
+                    await self._wake.park()
                 await self._finish()
 
-    async def _serve(self) -> None:
+    def _failed(self) -> None:
+        """A bug, not traffic (an exception out of either pump): contain it to this
+        flow."""
+        self._env.stats.flow_errors += 1
+        _errors.exception(
+            ("failed", sys.exc_info()[0]),
+            "flow %s failed; aborting it",
+            self.hooks.info.describe(),
+        )
+        self._hint = self._hint or EndReason.ERROR
+        if self._closed is None:
+            if self._accepted:
+                self._env.stack.abort(self.flow)
+            else:
+                self._env.stack.reject(self.flow, Reject.RST)
+            self._env.kick()
+        self._cancel()
+
+    async def _open(self) -> bool:
+        """Egress policy, analyzers' verdicts, connect upstream, accept: whether
+        the flow is now relaying. (A coroutine that returns before the flow
+        idles: its frame is not held by every idle connection.)"""
         env = self._env
         rule = env.config.egress.denied_by(self.flow)
         if rule is not None:
@@ -384,11 +447,11 @@ class TcpFlow:
             self._rule = rule
             log.debug("flow %s: denied by %s", self.hooks.info.describe(), rule)
             self._reject(Reject.ICMP, Unreachable.ADMIN, EndReason.DENIED)
-            return
+            return False
         if await self.hooks.start() is Verdict.REJECT:
             env.stats.flows_rejected += 1
             self._reject(Reject.RST, Unreachable.HOST, EndReason.REJECTED)
-            return
+            return False
         sock: trio.socket.SocketType | None = None
         try:
             with trio.move_on_after(env.config.connect_timeout):
@@ -399,15 +462,15 @@ class TcpFlow:
             if exc.errno == errno.ECONNREFUSED:
                 self._mark("r")  # the server answered the SYN with an RST
             self._reject(*classify_connect_error(exc))
-            return
+            return False
         if sock is None:
             env.stats.connect_failed += 1
             self._reject(Reject.SILENT, Unreachable.HOST, EndReason.CONNECT_TIMEOUT)
-            return
+            return False
         self._sock = sock
         self._mark("h")  # the server's SYN-ACK
         if self._closed is not None:
-            return  # the client went away meanwhile; _finish closes the socket
+            return False  # the client went away meanwhile; _finish closes the socket
         with contextlib.suppress(OSError):  # OSError: not TCP (a test's socketpair)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # relay what we have
         env.stack.accept(self.flow, isn=env.isn(self.flow))
@@ -415,21 +478,7 @@ class TcpFlow:
         env.flush()  # the SYN-ACK now, not on the packet loop's next pass
         env.stats.flows_accepted += 1
         self._relaying = True
-        try:
-            if self._c2s:  # (the analyzers' or a full socket's; started in on_data)
-                self._start_c2s()
-            # server -> client in this task itself: one task per idle flow.
-            await self._pump_s2c()
-            while not self._c2s_done:
-                await self._wake.park()
-        finally:
-            self._relaying = False
-        if self._hint is None:
-            # Both directions finished cleanly: FINs went both ways upstream.
-            self._done_at = trio.current_time()
-            self._close_socket(abortive=False)
-        while self._closed is None:
-            await self._wake.park()
+        return True
 
     def _reject(self, how: Reject, unreachable: Unreachable, end: EndReason) -> None:
         self._hint = end

@@ -35,24 +35,26 @@ from relay.analysis.flowlog import FlowLog
 from relay.analysis.ratelimit import set_interval
 from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
 from relay.datapath.config import RelayConfig
-from relay.datapath.echo import enable_ping_sockets
 from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes, parse_rule
-from relay.datapath.engine import Relay
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
 from relay.service.gcstats import GcStats, GcWatch
 from relay.service.limits import Limits
 from relay.service.logsetup import LOG_LEVELS
 from relay.service.privileges import CAP_NET_RAW, Identity
 from relay.service.runstate import STATE_DIR
-from stack import DatagramConfig, Stack, StackConfig, TcpConfig
+from stack.config import DatagramConfig, StackConfig, TcpConfig
 
 if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
     # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
+    # And the data path (the stack, the engine, the flows: ~4 MB of PSS): the
+    # supervisor needs only the configuration types (stack.config).
     from relay.analysis.capture import Capture
     from relay.analysis.zeeklog import ZeekLogs
+    from relay.datapath.engine import Relay
     from relay.host.netconfig import NetConfig
+    from stack import Stack
 
 log = logging.getLogger("tunrelay")
 
@@ -658,6 +660,7 @@ def route_into(
 ) -> None:
     """Route the client networks into ``tun`` and allow ICMP sockets for ``ping_gid``
     (default: this process's group); all undone by ``net``."""
+    from relay.datapath.echo import enable_ping_sockets
     from relay.host.netconfig import route_client_nets_into_tun
 
     for iif in opts.iifs:
@@ -689,6 +692,9 @@ async def relay_queue(
     starts tasks beside the packet loop (the worker's control link);
     ``stats_interval`` is read before each stats line (a reload may change it).
     """
+    from relay.datapath.engine import Relay
+    from stack import Stack
+
     set_interval(opts.limits.error_log_interval)
     stack = Stack(opts.stack)
     relay = Relay(tun, stack=stack, config=opts.relay, analyzers=analyzers)

@@ -59,7 +59,6 @@ class TcpConnection(TcpRecovery):
         self._set_state(State.LISTEN)
         self.irs = syn.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
-        self.peer_options = syn.options
         self.snd_wnd = syn.window  # RFC 7323 2.2: the window in a SYN is never scaled
         self.max_snd_wnd = syn.window
         # Answer only what the client offered (RFC 7323 1.3 and 3.2, RFC 2018 2).
@@ -99,7 +98,7 @@ class TcpConnection(TcpRecovery):
         if self.state is not State.LISTEN:
             raise LocalProtocolError(f"reject() in state {self.state.value}")
         if rst:
-            self._ctl.append(self._segment(0, self.rcv_nxt, RST | ACK, 0))
+            self._queue(self._segment(0, self.rcv_nxt, RST | ACK, 0))
         self._close(CloseReason.REJECTED)
 
     def _init_send(self, isn: int) -> None:
@@ -432,7 +431,7 @@ class TcpConnection(TcpRecovery):
         # RFC 9293 3.10.7.3.
         if flags & ACK and not (seq_lt(self.iss, ack) and seq_le(ack, self.snd_max)):
             if not flags & RST:
-                self._ctl.append(self._segment(ack, 0, RST, 0))
+                self._queue(self._segment(ack, 0, RST, 0))
             return
         if flags & RST:
             if flags & ACK:
@@ -444,7 +443,6 @@ class TcpConnection(TcpRecovery):
         self.irs = seq
         self.rcv_nxt = seq_add(seq, 1)
         self.rcv_adv = seq_add(self.rcv_nxt, min(self.buf.rcv, MAX_WINDOW))
-        self.peer_options = options
         self._negotiated(options, now)
         self._set_snd_mss(options.mss)
         self.snd_wnd = self.max_snd_wnd = window  # RFC 7323 2.2: never scaled in a SYN
@@ -562,14 +560,16 @@ class TcpConnection(TcpRecovery):
 
     def _send_ack_now(self, now: float) -> None:
         opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
-        self._ctl.append(self._pure_ack(opts))
+        self._queue(self._pure_ack(opts))
 
     def _deliver(self, data: bytes) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
         self._unconsumed += len(data)
-        if not self._rx_pending:
+        if self._rx_pending:
+            self._rx_pending.append(data)
+        else:
             self._readable.append(self)
-        self._rx_pending.append(data)
+            self._rx_pending = [data]
 
     def _on_fin(self, fin_seq: int, now: float) -> None:
         if fin_seq != self.rcv_nxt:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import cast
 
 from stack.config import TcpConfig
 from stack.events import (
@@ -68,8 +69,19 @@ _tcp_options = positional(
     TcpOptions, "mss", "wscale", "sack_permitted", "timestamps", "sack_blocks"
 )
 
+# What a connection's usually empty lists hold when empty: one shared empty tuple
+# each, not a 56-byte list per connection (memory per idle connection). Only the
+# code below writes to them, and it replaces an empty one rather than append to
+# it (a write that missed this raises: a tuple has no append).
+EMPTY_SEGMENTS = cast("list[TcpSegment]", ())
+EMPTY_CHUNKS = cast("list[bytes]", ())
+EMPTY_MARKS = cast("list[tuple[int, int, int]]", ())
+
 
 __all__ = [
+    "EMPTY_CHUNKS",
+    "EMPTY_MARKS",
+    "EMPTY_SEGMENTS",
     "LINGERING",
     "MAX_WINDOW",
     "RECEIVING",
@@ -149,7 +161,6 @@ class ConnectionCore:
         "last_ack_sent",
         "local_port",
         "max_snd_wnd",
-        "peer_options",
         "rcv_adv",
         "rcv_mss",
         "rcv_nxt",
@@ -223,8 +234,7 @@ class ConnectionCore:
         self._unconsumed = 0  # bytes delivered to the application and not yet consumed
         self._ooo = Reassembly(min(cfg.ooo_limit, self.buf.rcv), cfg.ooo_max_runs)
         self._ooo_fin: int | None = None  # sequence number of a FIN that arrived beyond a hole
-        self._rx_pending: list[bytes] = []  # in-order bytes not yet surfaced as an event
-        self.peer_options: TcpOptions = NO_OPTIONS  # options from the peer's SYN
+        self._rx_pending = EMPTY_CHUNKS  # in-order bytes not yet surfaced as an event
 
         # Negotiated options (RFC 7323, RFC 2018): set by the SYN exchange.
         self._ws_ok = False  # window scaling offered (active open) or agreed
@@ -242,7 +252,7 @@ class ConnectionCore:
         self._undo_tsval: int | None = None
         self._undo_reorder = 0  # bytes SACKed above snd_una when the episode began
         self._undone = False
-        self._rtx_marks: list[tuple[int, int, int]] = []
+        self._rtx_marks = EMPTY_MARKS
         # RFC 7661 (and Linux's is_cwnd_limited): the most data in flight after any
         # transmission during the current window, so that ACKs processed as one
         # batch, each lowering the flight before the next send, still count as
@@ -254,7 +264,7 @@ class ConnectionCore:
 
         # Output flags and timers.
         self.timers = Timers()  # every deadline (timers.py)
-        self._ctl: list[TcpSegment] = []  # RSTs and other one-off segments to send first
+        self._ctl = EMPTY_SEGMENTS  # RSTs and other one-off segments to send first (_queue)
         self._syn_due = False  # (re)send our SYN or SYN-ACK
         self._ack_now = False  # an ACK is owed immediately
         self._unacked_segments = 0  # in-order segments received since our last ACK
@@ -292,7 +302,7 @@ class ConnectionCore:
         if self.state is State.CLOSED:
             return
         if self.state in SYNCHRONIZED or self.state is State.SYN_RECEIVED:
-            self._ctl.append(self._segment(self._ack_seq(), self.rcv_nxt, RST | ACK, 0))
+            self._queue(self._segment(self._ack_seq(), self.rcv_nxt, RST | ACK, 0))
         self._close(reason)
 
     # --------------------------------------------------------------------- events
@@ -302,12 +312,19 @@ class ConnectionCore:
         self.flush_data()
         return self._events.popleft() if self._events else None
 
+    def _queue(self, segment: TcpSegment) -> None:
+        """A control segment (RST, a pure ACK, a probe) goes out first, next time."""
+        if self._ctl:
+            self._ctl.append(segment)
+        else:
+            self._ctl = [segment]
+
     def flush_data(self) -> None:
         """Turn gathered in-order bytes into one ``DataReceived`` event."""
         if self._rx_pending:
             chunks = self._rx_pending
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._rx_pending = []
+            self._rx_pending = EMPTY_CHUNKS
             self._events.append(DataReceived(self._flow(), data))
 
     def _emit(self, event: Event) -> None:

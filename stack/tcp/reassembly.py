@@ -35,6 +35,7 @@ per byte held.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from typing import cast
 
 from stack.seq import seq_add, seq_sub
 
@@ -76,14 +77,24 @@ def _extend(chunks: list[bytes], more: list[bytes]) -> None:
         chunks.extend(more)
 
 
+# The empty run lists every Reassembly holding nothing shares (typed as the lists
+# they stand for: only _new_run writes to an empty one, and it replaces them).
+_NO_RUNS = cast("list[_Run]", ())
+_NO_STARTS = cast("list[int]", ())
+
+
 class Reassembly:
     """Holds out-of-order bytes keyed by sequence number."""
 
     __slots__ = ("_base", "_runs", "_starts", "charged", "dropped", "limit", "max_runs", "size")
 
     def __init__(self, limit: int, max_runs: int = 1024) -> None:
-        self._runs: list[_Run] = []  # sorted, disjoint, non-adjacent
-        self._starts: list[int] = []  # _runs[i].start, for bisect
+        # Sorted, disjoint, non-adjacent. Holding nothing, every connection shares
+        # one empty tuple for each (memory per connection: an empty list is 56
+        # bytes); _new_run makes them lists, pop_ready gives them back when empty.
+        # (A tuple: a write that missed this would raise, not share bytes.)
+        self._runs: list[_Run] = _NO_RUNS
+        self._starts: list[int] = _NO_STARTS  # _runs[i].start, for bisect
         self._base = 0  # sequence number the offsets count from (<= rcv_nxt)
         self.limit = limit  # most bytes charged (payload + RUN_OVERHEAD per run)
         self.max_runs = max_runs  # most runs held
@@ -218,6 +229,8 @@ class Reassembly:
         if len(self._runs) >= self.max_runs or self.charged + cost > limit:
             self.dropped += 1
             return False
+        if self._runs is _NO_RUNS:
+            self._runs, self._starts = [], []
         self._runs.insert(i, _Run(start, start + len(data), [data]))
         self._starts.insert(i, start)
         self.size += len(data)
@@ -240,6 +253,8 @@ class Reassembly:
                 return None
             del runs[0]
             del self._starts[0]
+            if not runs:
+                self._runs, self._starts = _NO_RUNS, _NO_STARTS
             length = run.end - run.start
             self.size -= length
             self.charged -= length + RUN_OVERHEAD

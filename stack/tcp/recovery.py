@@ -28,7 +28,7 @@ from copy import copy
 
 from stack.events import Connected, SendSpace
 from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
-from stack.tcp.core import Close, State
+from stack.tcp.core import EMPTY_MARKS, Close, State
 from stack.tcp.sack import DUP_THRESH, MAX_DUPTHRESH
 from stack.tcp.sender import TcpSender
 from stack.wire.tcp import RST, TcpOptions
@@ -80,7 +80,7 @@ class TcpRecovery(TcpSender):
         """
         if self.state is State.SYN_RECEIVED:
             if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
-                self._ctl.append(self._segment(ack, 0, RST, 0))
+                self._queue(self._segment(ack, 0, RST, 0))
                 return False
             self._set_state(State.ESTABLISHED)
             self.snd_wnd = window
@@ -249,7 +249,7 @@ class TcpRecovery(TcpSender):
         self._undo_tsval = None if self.ts is None else self.ts.clock(now)
         self._undo_reorder = seq_sub(self._sb.highest() or una, una)
         self._undone = False
-        self._rtx_marks.clear()
+        self._rtx_marks = EMPTY_MARKS
         self.cc.on_loss(seq_sub(self.snd_max, una), now)
         self.in_recovery = True
         self.recover = self.snd_max

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 from stack.seq import seq_add, seq_gt, seq_in, seq_le, seq_lt, seq_sub
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from stack.tcp.reassembly import Reassembly
 
 DUP_THRESH = 3  # RFC 6675 / RFC 5681: duplicate ACKs that signal a loss
@@ -70,7 +72,10 @@ class Scoreboard:
     __slots__ = ("_ranges", "sacked")
 
     def __init__(self) -> None:
-        self._ranges: list[tuple[int, int]] = []  # sorted, disjoint, non-adjacent
+        # Sorted, disjoint, non-adjacent; never changed in place, always replaced,
+        # so a connection with nothing SACKed shares one empty tuple (memory per
+        # idle connection: an empty list is 56 bytes).
+        self._ranges: Sequence[tuple[int, int]] = ()
         self.sacked = 0  # bytes SACKed in total
 
     def __bool__(self) -> bool:
@@ -81,7 +86,7 @@ class Scoreboard:
 
     def clear(self) -> None:
         """Forget everything (RFC 2018 8 / RFC 6675 5.1: after an RTO the peer may renege)."""
-        self._ranges = []
+        self._ranges = ()
         self.sacked = 0
 
     def update(self, blocks: tuple[tuple[int, int], ...], una: int, high: int) -> bool:

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from stack.events import CloseReason
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
-from stack.tcp.core import LINGERING, MAX_WINDOW, SYNCHRONIZED, ConnectionCore, State
+from stack.tcp.core import (
+    EMPTY_MARKS,
+    EMPTY_SEGMENTS,
+    LINGERING,
+    MAX_WINDOW,
+    SYNCHRONIZED,
+    ConnectionCore,
+    State,
+)
 from stack.tcp.sack import DUP_THRESH
 from stack.tcp.segment import TcpSegment
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, SYN, TcpOptions
@@ -107,7 +115,7 @@ class TcpSender(ConnectionCore):
         self._dupacks = 0
         self.snd_nxt = self.snd_una
         self._undo_cc = None  # no undo across a timeout
-        self._rtx_marks.clear()
+        self._rtx_marks = EMPTY_MARKS
 
     def _on_persist_timeout(self, now: float) -> None:
         self.timers.clear_persist()
@@ -140,7 +148,7 @@ class TcpSender(ConnectionCore):
     def _send_probe(self, now: float) -> None:
         seq = seq_add(self.snd_una, -1)
         opts = self._options(now)
-        self._ctl.append(self._segment(seq, self.rcv_nxt, ACK, self._advertise(), b"", opts))
+        self._queue(self._segment(seq, self.rcv_nxt, ACK, self._advertise(), b"", opts))
 
     # ------------------------------------------------------- lingering flows
 
@@ -212,7 +220,10 @@ class TcpSender(ConnectionCore):
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Everything due now: control segments, (re)transmissions, an owed ACK."""
         out = self._ctl
-        self._ctl = []
+        if out:
+            self._ctl = EMPTY_SEGMENTS
+        else:
+            out = []
         state = self.state
         if state is State.CLOSED or state is State.LISTEN:
             return out
@@ -405,7 +416,11 @@ class TcpSender(ConnectionCore):
         length = len(data) + (1 if flags & FIN else 0)
         if self.in_recovery:
             # Kept for spotting a lost retransmission, and for D-SACK undo (recovery.py).
-            self._rtx_marks.append((start, seq_add(start, length), self.snd_max))
+            mark = (start, seq_add(start, length), self.snd_max)
+            if self._rtx_marks:
+                self._rtx_marks.append(mark)
+            else:
+                self._rtx_marks = [mark]
         if self._rtt_seq is not None and seq_in(self._rtt_seq, start, seq_add(start, length)):
             self._rtt_seq = None  # Karn: a resent segment gives no RTT sample
         if restart or self.timers.rto is None:
