@@ -61,10 +61,11 @@ complete, MTU-sized frame with a correct checksum: the forwarder's frames
 reach the far side as fresh packets, and loss applies to wire packets, not to
 64 KB super-segments.
 
-Stopping: SIGTERM (`Wire.stop()`) ends the forwarder at once only while it waits in
-epoll (or sleeps for a sub-millisecond release); anywhere else it first finishes that pass of its loop, so its counters
-(``sent`` above all) count every frame it sent, and a test may stop it as soon
-as the frames it expects have arrived and then check that nothing more was sent.
+Stopping: SIGTERM (`Wire.stop()`) ends the forwarder at once only while it
+waits in epoll (or sleeps for a sub-millisecond release); anywhere else it
+first finishes that pass of its loop, so its counters (``sent`` above all)
+count every frame it sent, and a test may stop it as soon as the frames it
+expects have arrived and then check that nothing more was sent.
 
 Bounds: the forwarder exits by itself after ``max_seconds`` (default 1800);
 the wire's namespace and processes are removed when the topology is closed.
