@@ -1,7 +1,8 @@
 """Goodput on a lossy path: kernel forwarding vs tunrelay, side by side.
 
 Run (root): ``sudo .venv/bin/python benchmarks/bench_lossy.py [--repeat N] [--seconds T]
-[--loss P] [--rtt-ms R] [--time-limit S] [--json PATH] [--log-dir DIR]``
+[--loss P] [--loss-toward-gateway-only] [--rtt-ms R] [--kernel-extra-us U ...]
+[--time-limit S] [--json PATH] [--log-dir DIR]``
 
 Each round builds a fresh ``relay.lab.topology.Topology`` with a ``relay.lab.impair.Wire``
 on the client's link: the seeded userspace forwarder drops ``--loss`` (default
@@ -20,7 +21,17 @@ benchmark from one machine to the next.
 and for each, single-stream ``iperf3 -t T`` up (client -> server) and down
 (``-R``); goodput = ``end.sum_received.bits_per_second``. Rounds interleave a
 and d; the table shows the median per configuration and the ratio d/a for up
-and down (goal: >= 0.8).
+and down (goal: >= 0.8), and the sender's mean RTT and retransmissions as
+iperf3 reports them.
+
+The same path, not just the same wire: the relay adds its processing time
+to every round trip, and a loss-limited sender's rate falls with the RTT.
+``--kernel-extra-us U`` (repeatable) adds configurations ``a+U``: kernel
+forwarding with U microseconds more delay each way (the forwarder keeps
+sub-millisecond delays, ``relay.lab.impair.FINE_DELAY_BELOW``), so d can be
+read beside Linux on a path with the relay's RTT.
+``--loss-toward-gateway-only`` puts the loss on the client -> gateway
+direction alone (the other direction gets only the delay).
 
 Bounded and clean: every child has a hard time limit, a global alarm
 (``--time-limit``, default 600 s) ends the run, and every lab (with its wire
@@ -131,6 +142,9 @@ def iperf(topo: Topology, mode: str, seconds: float, cc: str = "") -> tuple[floa
         summary = f"{mbps:.1f} Mbit/s"
         if retransmits is not None:
             summary += f", {retransmits} retransmits (iperf3 sender)"
+        rtts = [s.get("sender", {}).get("mean_rtt") for s in result["end"].get("streams", [])]
+        if rtts and rtts[0]:
+            summary += f", mean RTT {rtts[0]} us"
         used = result["end"].get("sender_tcp_congestion")
         if used:
             summary += f", sender {used}"
@@ -139,9 +153,16 @@ def iperf(topo: Topology, mode: str, seconds: float, cc: str = "") -> tuple[floa
         stop(server, 2.0)
 
 
+def config_name(cfg: str) -> str:
+    """``a``, ``d`` or ``a+U`` (kernel forwarding, U us more each way)."""
+    if cfg.startswith("a+"):
+        return f"kernel forwarding, {cfg[2:]} us more each way"
+    return CONFIGS[cfg]
+
+
 def run_config(
     cfg: str,
-    imp: Impairment,
+    imp: tuple[Impairment, Impairment],
     seed: int,
     seconds: float,
     cc: str,
@@ -149,18 +170,22 @@ def run_config(
     where: str,
     logs: Path,
 ) -> None:
-    print(f"  {where}: {CONFIGS[cfg]}", flush=True)
+    print(f"  {where}: {config_name(cfg)}", flush=True)
+    c2g, g2c = imp
+    if cfg.startswith("a+"):
+        extra = int(cfg[2:]) / 1e6
+        c2g, g2c = c2g.with_delay(c2g.delay + extra), g2c.with_delay(g2c.delay + extra)
     with fresh_lab() as topo:
         wire = Wire.insert(topo)
         relay: subprocess.Popen[bytes] | None = None
         log_path = logs / f"{where.replace(' ', '-')}.log"
         try:
-            if cfg == "a":
+            if cfg.startswith("a"):
                 topo.enable_forwarding()
             else:
                 relay = start_relay(topo, log_path)
             for mode in MODES:
-                wire.start(imp, imp, seed=seed)
+                wire.start(c2g, g2c, seed=seed)
                 stats: WireStats | None = None
                 try:
                     mbps, summary = iperf(topo, mode, seconds, cc)
@@ -196,11 +221,19 @@ def run_config(
 
 
 def print_table(
-    res: Results, imp: Impairment, rtt_ms: float, seconds: float, rounds: int, cc: str
+    res: Results,
+    imp: Impairment,
+    rtt_ms: float,
+    seconds: float,
+    rounds: int,
+    cc: str,
+    extra: list[str],
+    one_way: bool,
 ) -> None:
     print()
     print(
-        f"path: {imp.loss * 100:g}% loss each way, {rtt_ms:g} ms RTT; single stream, "
+        f"path: {imp.loss * 100:g}% loss {'client -> gateway' if one_way else 'each way'}, "
+        f"{rtt_ms:g} ms RTT; single stream, "
         f"iperf3 -t {seconds:g}, kernel endpoints {cc or 'default'}; "
         f"median of {rounds} round(s)"
     )
@@ -211,6 +244,11 @@ def print_table(
         ratio = d / a if a and d is not None else None
         verdict = "n/a" if ratio is None else ("met" if ratio >= GOAL else "NOT met")
         print(f"{mode:12}{_fmt(a):>20}{_fmt(d):>22}{_fmt(ratio, 2):>8}  >= {GOAL:g}: {verdict}")
+    for cfg in extra:
+        for mode in MODES:
+            k, d = res.median(cfg, mode), res.median("d", mode)
+            ratio = d / k if k and d is not None else None
+            print(f"{mode:12}{cfg + ': kernel':>20}{_fmt(k):>9} Mbit/s; d/{cfg} {_fmt(ratio, 2)}")
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -223,6 +261,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="iperf3 -t (default 10)")
     p.add_argument("--loss", type=float, default=0.01, help="loss each way (default 0.01)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="added RTT (default 20)")
+    p.add_argument(
+        "--loss-toward-gateway-only",
+        action="store_true",
+        help="lose frames client -> gateway only (the other way gets the delay alone)",
+    )
+    p.add_argument(
+        "--kernel-extra-us",
+        type=int,
+        action="append",
+        default=[],
+        help="also kernel forwarding with this many us more delay each way (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=1, help="round r uses seed + r")
     p.add_argument(
         "--cc",
@@ -237,6 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat 1..20, --seconds 1..60, --loss 0..0.5")
     if not 0 <= args.rtt_ms <= 1000:
         p.error("--rtt-ms 0..1000")
+    if not all(0 < us <= 100_000 for us in args.kernel_extra_us):
+        p.error("--kernel-extra-us 1..100000")
     return args
 
 
@@ -246,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_lossy: needs root (it builds network namespaces)", file=sys.stderr)
         return 2
     imp = Impairment(loss=args.loss, delay=args.rtt_ms / 2000)
+    pair = (imp, Impairment(delay=imp.delay) if args.loss_toward_gateway_only else imp)
+    extra = [f"a+{us}" for us in args.kernel_extra_us]
     res = Results()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -258,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     print(
         f"bench_lossy: {args.loss * 100:g}% loss each way, {args.rtt_ms:g} ms RTT, "
-        f"{args.repeat} round(s) of a,d, iperf3 -t {args.seconds:g}; "
+        f"{args.repeat} round(s) of {','.join([*CONFIGS, *extra])}, iperf3 -t {args.seconds:g}; "
         f"time limit {args.time_limit:.0f} s",
         flush=True,
     )
@@ -267,15 +321,18 @@ def main(argv: list[str] | None = None) -> int:
             logs = args.log_dir or Path(tmpdir)
             logs.mkdir(parents=True, exist_ok=True)
             for r in range(args.repeat):
-                for cfg in CONFIGS:
+                for cfg in [*CONFIGS, *extra]:
                     where = f"round {r + 1} {cfg}"
-                    run_config(cfg, imp, args.seed + r, args.seconds, args.cc, res, where, logs)
+                    run_config(cfg, pair, args.seed + r, args.seconds, args.cc, res, where, logs)
     except (_Stopped, KeyboardInterrupt) as exc:
         print(f"\nbench_lossy: stopped ({exc or 'SIGINT'}); partial results:", file=sys.stderr)
         status = 1
     finally:
         signal.alarm(0)
-    print_table(res, imp, args.rtt_ms, args.seconds, args.repeat, args.cc)
+    print_table(
+        res, imp, args.rtt_ms, args.seconds, args.repeat, args.cc, extra,
+        args.loss_toward_gateway_only,
+    )  # fmt: skip
     print("\nall samples, Mbit/s:")
     for cfg, by_mode in res.samples.items():
         parts = [f"{m}=" + "/".join(f"{v:.1f}" for v in vals) for m, vals in by_mode.items()]
@@ -292,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {
             "loss": args.loss,
             "rtt_ms": args.rtt_ms,
+            "loss_toward_gateway_only": args.loss_toward_gateway_only,
+            "kernel_extra_us": args.kernel_extra_us,
             "seconds": args.seconds,
             "cc": args.cc,
             "samples_mbps": res.samples,
