@@ -26,29 +26,19 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from profile_connect import stack_config
+
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy
 from relay.datapath.engine import Relay
 from relay.datapath.packet_source import MemoryPacketSource
-from stack import ClientQuotas, FlowId, Stack, StackConfig, TcpConfig
+from stack import FlowId, Stack
 from stack.wire.tcp import ACK, RST, SYN, build_tcp_packet, encode_options
 
 CLIENT = bytes([198, 18, 1, 2])
 SERVER = bytes([198, 18, 2, 2])
 PORT = 7
 WARMUP = 200
-
-
-def stack_config() -> StackConfig:
-    """As relay.service.run builds it for the defaults, quotas lifted (as bench_netns)."""
-    tcp = TcpConfig(
-        rcv_buf=4 << 20, rcv_buf_initial=64 << 10, snd_buf=4 << 20, snd_buf_initial=256 << 10,
-        ooo_limit=4 << 20, mss=1460, keepalive=True, tso_segments=44,
-    )  # fmt: skip
-    lifted = ClientQuotas(connects_per_second=1e9, connect_burst=1 << 30)
-    return StackConfig(
-        tcp=tcp, offload=True, connects_per_second=1e9, connect_burst=1 << 30, clients=lifted
-    )
 
 
 class Upstream:

@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -362,24 +363,30 @@ def test_forwarder_follows_its_fates_exactly(
 # --- (d) delay, the queue bound, control frames -------------------------------------------
 
 
+def echo_rtts(tx: socket.socket, rx: socket.socket, dst: Any, n: int) -> list[float]:
+    """Round trips of `n` datagrams from `tx` to `dst`, echoed back by `rx`; the
+    first is left out (it waits for ARP/ND too)."""
+    found = []
+    for i in range(n):
+        t0 = time.monotonic()
+        tx.sendto(SEQ.pack(i), dst)
+        data, peer = rx.recvfrom(2048)
+        rx.sendto(data, peer)
+        assert tx.recv(2048) == data
+        found.append(time.monotonic() - t0)
+    return found[1:]
+
+
 @V4_V6
 def test_delay_adds_the_rtt(topology: Topology, wire: Wire, family: int) -> None:
     tx, rx, dst = udp_pair(topology, family, "c2g")  # client -> gateway, echoed back
     rx.settimeout(2.0)
     wire.start(Impairment(delay=0.02), Impairment(delay=0.03), seed=0)
-    rtts = []
+    tx.settimeout(2.0)
     try:
-        tx.settimeout(2.0)
-        for i in range(21):
-            t0 = time.monotonic()
-            tx.sendto(SEQ.pack(i), dst)
-            data, peer = rx.recvfrom(2048)
-            rx.sendto(data, peer)
-            assert tx.recv(2048) == data
-            rtts.append(time.monotonic() - t0)
+        rtts = echo_rtts(tx, rx, dst, 21)
     finally:
         stats = wire.stop()
-    rtts = rtts[1:]  # the first waits for ARP/ND too
     print(f"\n[delay] RTT min {min(rtts) * 1e3:.1f} ms, median {statistics.median(rtts) * 1e3:.1f}")
     assert min(rtts) >= 0.050
     assert statistics.median(rtts) < 0.050 + 0.020, rtts
@@ -393,25 +400,14 @@ def test_sub_millisecond_delay_is_kept(topology: Topology, wire: Wire) -> None:
     rx.settimeout(2.0)
     tx.settimeout(2.0)
 
-    def rtts() -> list[float]:
-        found = []
-        for i in range(41):
-            t0 = time.monotonic()
-            tx.sendto(SEQ.pack(i), dst)
-            data, peer = rx.recvfrom(2048)
-            rx.sendto(data, peer)
-            assert tx.recv(2048) == data
-            found.append(time.monotonic() - t0)
-        return found[1:]  # the first waits for ARP too
-
     wire.start(Impairment(), Impairment(), seed=0)
     try:
-        plain = rtts()
+        plain = echo_rtts(tx, rx, dst, 41)
     finally:
         wire.stop()
     wire.start(Impairment(delay=0.0002), Impairment(delay=0.0002), seed=0)
     try:
-        delayed = rtts()
+        delayed = echo_rtts(tx, rx, dst, 41)
     finally:
         wire.stop()
     added = statistics.median(delayed) - statistics.median(plain)

@@ -213,6 +213,19 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
 
     stall: list[str] = []
 
+    async def unfinished() -> str:
+        """The unfinished connections' progress, and ss, a capture and the relay's
+        state for the first of them."""
+        stuck = [c for c in conns if not c.finished()]
+        port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
+        where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
+        state = await trio.to_thread.run_sync(relay.state_dump, port)
+        return (
+            f"{len(stuck)} unfinished, e.g.\n"
+            + "\n".join(s.progress() for s in stuck[:10])
+            + f"\n{where}\n{state}"
+        )
+
     async def watchdog(scope: trio.CancelScope) -> None:
         # No byte moved for STALL_LIMIT s while some connection is unfinished: capture
         # the state of a stuck one while its sockets are still open, then stop.
@@ -222,15 +235,7 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
             if moved() != last:
                 last, since = moved(), time.monotonic()
             elif time.monotonic() - since > STALL_LIMIT:
-                stuck = [c for c in conns if not c.finished()]
-                port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
-                where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
-                state = await trio.to_thread.run_sync(relay.state_dump, port)
-                stall.append(
-                    f"no progress for {STALL_LIMIT} s; {len(stuck)} unfinished, e.g.\n"
-                    + "\n".join(s.progress() for s in stuck[:10])
-                    + f"\n{where}\n{state}"
-                )
+                stall.append(f"no progress for {STALL_LIMIT} s; " + await unfinished())
                 scope.cancel()
                 return
 
@@ -240,12 +245,8 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
         # Some connection still moves, too slowly to finish (the watchdog sees no
         # stall): capture the state of the first unfinished one before the limit.
         await trio.sleep(CONCURRENT_LIMIT - 2.0)
-        stuck = [c for c in conns if not c.finished()]
-        if stuck:
-            port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
-            where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
-            state = await trio.to_thread.run_sync(relay.state_dump, port)
-            slow.append(f"{where}\n{state}")
+        if any(not c.finished() for c in conns):
+            slow.append(await unfinished())
 
     tail: list[str] = []
 
@@ -255,16 +256,8 @@ async def test_200_concurrent_connections_1mib_each_way(tunrelay_lab: Lab) -> No
         while sum(c.finished() for c in conns) < CONCURRENT * 9 // 10:
             await trio.sleep(0.1)
         await trio.sleep(TAIL_AFTER)
-        stuck = [c for c in conns if not c.finished()]
-        if stuck:
-            port, upstream = stuck[0].client_port, stuck[0].upstream_port or None
-            where = await trio.to_thread.run_sync(diagnose, topology, port, upstream)
-            state = await trio.to_thread.run_sync(relay.state_dump, port)
-            tail.append(
-                f"{len(stuck)} unfinished {TAIL_AFTER} s after 90% finished:\n"
-                + "\n".join(s.progress() for s in stuck[:10])
-                + f"\n{where}\n{state}"
-            )
+        if any(not c.finished() for c in conns):
+            tail.append(f"{TAIL_AFTER} s after 90% finished: " + await unfinished())
 
     cpu0, relay_cpu0 = os.times(), relay.cpu_seconds()
     t0 = time.perf_counter()
