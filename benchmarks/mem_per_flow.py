@@ -26,13 +26,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from profile_connect import stack_config
+from profile_connect import relay_for
 
-from relay.datapath.config import RelayConfig
-from relay.datapath.egress import EgressPolicy
 from relay.datapath.engine import Relay
 from relay.datapath.packet_source import MemoryPacketSource
-from stack import FlowId, Stack
+from stack import FlowId
 from stack.wire.tcp import ACK, RST, SYN, build_tcp_packet, encode_options
 
 CLIENT = bytes([198, 18, 1, 2])
@@ -98,12 +96,7 @@ async def _open(source: MemoryPacketSource, relay: Relay, ports: range, total: i
 async def measure(n: int) -> tuple[tracemalloc.Snapshot, tracemalloc.Snapshot, int]:
     source = MemoryPacketSource(inbound_capacity=1 << 16, outbound_capacity=1 << 16)
     upstream = Upstream()
-    relay = Relay(
-        source,
-        stack=Stack(stack_config()),
-        config=RelayConfig(egress=EgressPolicy.open()),
-        connector=upstream,
-    )
+    relay = relay_for(source, upstream)
     tracemalloc.start(1)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)

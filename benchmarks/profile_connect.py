@@ -29,6 +29,7 @@ import pstats
 import socket
 import struct
 import time
+from typing import Any
 
 import trio
 import trio.testing
@@ -57,6 +58,16 @@ def stack_config() -> StackConfig:
     lifted = ClientQuotas(connects_per_second=1e9, connect_burst=1 << 30)
     return StackConfig(
         tcp=tcp, offload=True, connects_per_second=1e9, connect_burst=1 << 30, clients=lifted
+    )
+
+
+def relay_for(source: MemoryPacketSource, connector: Any) -> Relay:
+    """The relay as the service builds it for the defaults (open egress), on `source`."""
+    return Relay(
+        source,
+        stack=Stack(stack_config()),
+        config=RelayConfig(egress=EgressPolicy.open()),
+        connector=connector,
     )
 
 
@@ -147,12 +158,7 @@ async def exchanges(n: int) -> Relay:
     (each request ACKs the last response, as bench_stack.py's ping-pong)."""
     source = MemoryPacketSource()
     upstream = Upstream()
-    relay = Relay(
-        source,
-        stack=Stack(stack_config()),
-        config=RelayConfig(egress=EgressPolicy.open()),
-        connector=upstream,
-    )
+    relay = relay_for(source, upstream)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         with trio.fail_after(10 + n / 100):

@@ -394,6 +394,21 @@ def test_new_windows_shrink_when_the_budget_is_tight() -> None:
     assert budget.used == 0  # closing gives everything back
 
 
+def _tick_rounds(c: TcpConnection, rounds: int, right: int) -> None:
+    """One segment a second for `rounds` s (> one RTT: every round is a buffer tick),
+    each consumed at once; the advertised right edge never moves left of `right`."""
+    t = 0.0
+    for r in range(rounds):
+        t += 1.0
+        send(c, data(c.rcv_nxt - IRS - 1, bytes(1460), ts=PEER_TS + r), t)
+        for ev in drain(c):
+            if isinstance(ev, DataReceived):
+                c.consumed(len(ev.data))
+        for s in recv(c, t):
+            assert ((edge(s) - right) & M) < 1 << 31  # never left of the old edge
+            right = edge(s)
+
+
 def test_growth_stops_and_buffers_shrink_under_pressure_without_retracting() -> None:
     budget = MemoryBudget(150_000)
     c, _ = _conn(budget)  # rcv 65536, snd what is left (84464)
@@ -404,16 +419,7 @@ def test_growth_stops_and_buffers_shrink_under_pressure_without_retracting() -> 
     # Another flow takes the rest, and more (its floors).
     _conn(budget)
     assert budget.over
-    t = 0.0
-    for r in range(6):
-        t += 1.0  # > one RTT (rto_initial, no sample): every round is a tick
-        send(c, data(c.rcv_nxt - IRS - 1, bytes(1460), ts=PEER_TS + r), t)
-        for ev in drain(c):
-            if isinstance(ev, DataReceived):
-                c.consumed(len(ev.data))
-        for s in recv(c, t):
-            assert ((edge(s) - right) & M) < 1 << 31  # never left of the old edge
-            right = edge(s)
+    _tick_rounds(c, 6, right)
     # Halved at the first tick, which ended the over-commitment; no more since.
     assert c.buf.rcv == 32_768 and not budget.over
 
@@ -490,16 +496,7 @@ def test_receive_buffers_shrink_while_the_window_budget_is_over_committed() -> N
     e, syn_e = _conn(MemoryBudget(1 << 30), rcv_budget=windows)  # its floor, forced
     assert (syn_d.window, syn_e.window) == (34_464, 5840)
     assert windows.over
-    t = 0.0
-    for r in range(4):
-        t += 1.0
-        send(c, data(c.rcv_nxt - IRS - 1, bytes(1460), ts=PEER_TS + r), t)
-        for ev in drain(c):
-            if isinstance(ev, DataReceived):
-                c.consumed(len(ev.data))
-        for s in recv(c, t):
-            assert ((edge(s) - right) & M) < 1 << 31  # never left of the old edge
-            right = edge(s)
+    _tick_rounds(c, 4, right)
     assert c.buf.rcv == 32_768 and not windows.over  # halved once, then within it
     for conn in (c, d, e):
         conn.abort()
