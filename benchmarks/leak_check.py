@@ -36,10 +36,15 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import ctypes
 import gc
+import os
+import random
+import re
 import socket
 import struct
 import sys
+import tempfile
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -87,8 +92,14 @@ class Client:
         self.established = self.fin = self.rst = False
         self.data = bytearray()
         self.lot = trio.lowlevel.ParkingLot()
+        self.fin_seq: int | None = None  # our FIN's sequence number, once sent
 
     def out(self, flags: int, data: bytes = b"", opts: bytes = b"") -> None:
+        if flags & FIN:
+            self.fin_seq = self.snd_nxt
+        if self.h.lost():
+            self.snd_nxt = seq_add(self.snd_nxt, len(data) + (1 if flags & (SYN | FIN) else 0))
+            return
         self.h.source.inject(
             build_tcp_packet(
                 CLIENT, SERVER, self.port, TCP_PORT, self.snd_nxt, self.rcv_nxt, flags,
@@ -100,7 +111,9 @@ class Client:
     def on_packet(self, packet: bytes, ihl: int, end: int) -> None:
         tcp = parse_tcp(packet, ihl, end, None)
         flags = tcp.flags
-        if flags & RST:
+        if self.rst:  # our socket is gone: the kernel would answer with an RST
+            self.h.closed_port(packet, ihl, end)
+        elif flags & RST:
             self.rst = True
         elif flags & SYN:
             if not self.established:
@@ -127,10 +140,24 @@ class Client:
         self.lot.unpark_all()
 
     async def until(self, cond: Callable[[], bool]) -> None:
+        """Wait for ``cond``; every 1 s without it, the SYN or FIN again (loss)."""
         while not cond():
             if self.rst:
                 raise ConnectionResetError(self.port)
-            await self.lot.park()
+            with trio.move_on_after(1.0) as waited:
+                await self.lot.park()
+            if waited.cancelled_caught:
+                self.retransmit()
+
+    def retransmit(self) -> None:
+        if not self.established:
+            self.snd_nxt = self.iss
+            self.out(SYN, opts=SYN_OPTIONS)
+        elif self.fin_seq is not None and self.snd_una == self.fin_seq:
+            self.snd_nxt = self.fin_seq
+            self.out(FIN | ACK)
+        else:  # a probe: a live connection ignores it, a gone one answers RST
+            self.out(ACK)
 
     async def connect(self) -> None:
         self.h.clients[self.port] = self
@@ -174,13 +201,15 @@ class Client:
 
 
 class Harness:
-    def __init__(self, kinds: tuple[str, ...]) -> None:
+    def __init__(self, kinds: tuple[str, ...], loss: float = 0.0) -> None:
         self.source = MemoryPacketSource(inbound_capacity=1 << 20, outbound_capacity=1 << 20)
         self.clients: dict[int, Client] = {}
         self.udp_waiting: dict[int, trio.Event] = {}
         self.servers: dict[int, trio.socket.SocketType] = {}
         self.server_ready: dict[int, trio.Event] = {}
         self.kinds = kinds
+        self.loss = loss
+        self.random = random.Random(1)
         self.next_port = 0
         self.done = collections.Counter[str]()
         self.failed = collections.Counter[str]()
@@ -195,6 +224,9 @@ class Harness:
             udp_socket=self.udp_socket,
         )
         self.nursery: trio.Nursery | None = None
+
+    def lost(self) -> bool:
+        return self.loss > 0 and self.random.random() < self.loss
 
     def port(self) -> int:
         self.next_port += 1
@@ -226,6 +258,8 @@ class Harness:
     async def dispatch(self) -> None:
         while True:
             for packet in await self.source.receive_batch():
+                if self.lost():
+                    continue
                 ihl = (packet[0] & 15) * 4
                 end = struct.unpack_from("!H", packet, 2)[0] or len(packet)
                 proto = packet[9]
@@ -234,10 +268,25 @@ class Harness:
                     c = self.clients.get(dport)
                     if c is not None:
                         c.on_packet(packet, ihl, end)
+                    else:
+                        self.closed_port(packet, ihl, end)
                 elif proto == 17:
                     ev = self.udp_waiting.get(dport)
                     if ev is not None:
                         ev.set()
+
+    def closed_port(self, packet: bytes, ihl: int, end: int) -> None:
+        """A segment for a socket the client closed: RST, as the kernel answers it."""
+        tcp = parse_tcp(packet, ihl, end, None)
+        if tcp.flags & RST:
+            return
+        if tcp.flags & ACK:
+            seq, ack, flags = tcp.ack, 0, RST
+        else:
+            seq, ack, flags = 0, seq_add(tcp.seq, end - ihl - tcp.header_len + 1), RST | ACK
+        self.source.inject(
+            build_tcp_packet(CLIENT, SERVER, tcp.dst_port, TCP_PORT, seq, ack, flags, 0, b"", b"")
+        )
 
     # --- the kinds -----------------------------------------------------------
 
@@ -252,10 +301,15 @@ class Harness:
                 got += await server.recv(4096)
             await server.send(got)
             assert await c.recv_exactly(len(request)) == request
-            c.out(FIN | ACK)
-            while await server.recv(4096):
-                pass
-        await c.until(lambda: c.fin and not seq_gt(c.snd_nxt, c.snd_una))
+
+            async def drain() -> None:
+                while await server.recv(4096):
+                    pass
+                server.close()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(drain)
+                await c.close()
 
     async def bulk(self, c: Client) -> None:
         await c.connect()
@@ -390,6 +444,42 @@ def rss_kib() -> int:
     return 0
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def malloc_kib() -> tuple[int, int, int]:
+    """glibc's main arena: (bytes from sbrk, in use, free in it) in KiB, mmapped apart."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    m = libc.mallinfo2()
+    return m.arena // 1024, m.uordblks // 1024, m.fordblks // 1024
+
+
+def pymalloc_arenas() -> tuple[int, int]:
+    """(arenas allocated now, highwater) from sys._debugmallocstats (1 MiB each)."""
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode()
+    now = re.search(r"# arenas allocated current\s*=\s*([\d,]+)", text)
+    high = re.search(r"# arenas highwater mark\s*=\s*([\d,]+)", text)
+    return (
+        int(now.group(1).replace(",", "")) if now else -1,
+        int(high.group(1).replace(",", "")) if high else -1,
+    )
+
+
 def tables(h: Harness) -> dict[str, int]:
     s: Any = h.stack
     r: Any = h.relay
@@ -423,7 +513,7 @@ def type_counts() -> collections.Counter[str]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    h = Harness(tuple(args.kinds.split(",")))
+    h = Harness(tuple(args.kinds.split(",")), args.loss)
     blocks = [int(b) for b in args.blocks.split(",")]
     snaps: list[tracemalloc.Snapshot] = []
     counts: list[collections.Counter[str]] = []
@@ -436,7 +526,7 @@ async def main_async(args: argparse.Namespace) -> None:
             gc.set_threshold(700, 10, 1000)
         served = 0
         print("| flows | traced KiB | traced KiB after collect | freed by collect | RSS KiB "
-              "| gc objects | tables |")  # fmt: skip
+              "| malloc sbrk/used/free KiB | pymalloc arenas now/high | gc objects | tables |")  # fmt: skip
         for i, n in enumerate(blocks):
             await h.block(n, args.threads)
             served += n
@@ -457,7 +547,8 @@ async def main_async(args: argparse.Namespace) -> None:
             nonzero = {k: v for k, v in t.items() if v}
             print(
                 f"| {served} | {before / 1024:.0f} | {after / 1024:.0f} | {freed} "
-                f"| {rss_kib()} | {objects} | {nonzero} |",
+                f"| {rss_kib()} | {'/'.join(map(str, malloc_kib()))} "
+                f"| {'/'.join(map(str, pymalloc_arenas()))} | {objects} | {nonzero} |",
                 flush=True,
             )
         print(f"served {dict(h.done)}; failed {dict(h.failed)}")
@@ -484,10 +575,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=6)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--service-gc", action="store_true")
+    parser.add_argument("--loss", type=float, default=0.0, help="drop this share each way")
     parser.add_argument("--diff", type=int, default=0, help="top K grown allocation sites")
     parser.add_argument("--depth", type=int, default=6, help="traceback frames kept")
+    parser.add_argument("--no-trace", action="store_true", help="RSS without tracemalloc")
     args = parser.parse_args()
-    tracemalloc.start(args.depth)
+    if not args.no_trace:
+        tracemalloc.start(args.depth)
     trio.run(main_async, args, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
