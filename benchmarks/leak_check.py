@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
+import contextlib
 import ctypes
+import dataclasses
+import functools
 import gc
 import os
 import random
@@ -46,7 +48,7 @@ import struct
 import sys
 import tempfile
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,9 @@ class Client:
             if waited.cancelled_caught:
                 self.retransmit()
 
+    def _moved(self, una: int) -> bool:
+        return self.snd_una != una or self.rst
+
     def retransmit(self) -> None:
         if not self.established:
             self.snd_nxt = self.iss
@@ -172,7 +177,7 @@ class Client:
             if room <= 0 or off >= len(data):
                 una = self.snd_una
                 with trio.move_on_after(1.0):
-                    await self.until(lambda: self.snd_una != una or self.rst)
+                    await self.until(functools.partial(self._moved, una))
                 if self.snd_una == una and not self.rst:
                     self.snd_nxt = una
                     off = (una - start) % (1 << 32)
@@ -378,10 +383,8 @@ class Harness:
             await c.send(b"S" * STALL)
             await trio.sleep(1.0)
             c.out(FIN | ACK)
-            try:
+            with contextlib.suppress(ConnectionResetError):
                 await c.until(lambda: c.fin)
-            except ConnectionResetError:
-                pass
 
     async def udp(self, port: int) -> None:
         ev = self.udp_waiting[port] = trio.Event()
@@ -499,7 +502,7 @@ def tables(h: Harness) -> dict[str, int]:
         "_dst_pending": len(s._dst_pending),
         "clients": len(s._clients),
         "datagrams": len(dg),
-        "trio tasks": _tasks(trio.lowlevel.current_root_task()),
+        "trio tasks": _tasks(root) if (root := trio.lowlevel.current_root_task()) else -1,
     }
     return out
 
@@ -525,8 +528,10 @@ async def main_async(args: argparse.Namespace) -> None:
             gc.freeze()
             gc.set_threshold(700, 10, 1000)
         served = 0
-        print("| flows | traced KiB | traced KiB after collect | freed by collect | RSS KiB "
-              "| malloc sbrk/used/free KiB | pymalloc arenas now/high | gc objects | tables |")  # fmt: skip
+        print(
+            "| flows | traced KiB | traced KiB after collect | freed by collect | RSS KiB "
+            "| malloc sbrk/used/free KiB | pymalloc arenas now/high | gc objects | tables |"
+        )
         for i, n in enumerate(blocks):
             await h.block(n, args.threads)
             served += n
@@ -544,7 +549,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 snaps.append(tracemalloc.take_snapshot())
                 counts.append(type_counts())
             t = tables(h)
-            nonzero = {k: v for k, v in t.items() if v}
+            nonzero: dict[str, object] = {k: v for k, v in t.items() if v}
+            if args.trim:  # free heap memory back to the OS: what is left is in use
+                rss = rss_kib()
+                ctypes.CDLL(None).malloc_trim(0)
+                nonzero["RSS before/after malloc_trim"] = f"{rss}/{rss_kib()}"
             print(
                 f"| {served} | {before / 1024:.0f} | {after / 1024:.0f} | {freed} "
                 f"| {rss_kib()} | {'/'.join(map(str, malloc_kib()))} "
@@ -553,15 +562,19 @@ async def main_async(args: argparse.Namespace) -> None:
             )
         print(f"served {dict(h.done)}; failed {dict(h.failed)}")
         print(f"relay {h.relay.stats}")
-        print(f"stack connections_opened={h.stack.stats.connections_opened} "
-              f"closed={h.stack.stats.connections_closed} rst_sent={h.stack.stats.rst_sent}")  # fmt: skip
+        st = h.stack.stats
+        print(
+            f"stack connections_opened={st.connections_opened} "
+            f"closed={st.connections_closed} rst_sent={st.rst_sent}"
+        )
         if len(snaps) == 2:
             grown = served - blocks[0] - (blocks[1] if len(blocks) > 1 else 0)
             per = max(grown, 1)
             diff = snaps[1].compare_to(snaps[0], "traceback")
             print(f"top allocation sites grown over the last {grown} flows:")
             for d in diff[: args.diff]:
-                print(f"{d.size_diff:+9d} B {d.count_diff:+7d} blocks ({d.size_diff / per:.2f} B/flow)")
+                each = d.size_diff / per
+                print(f"{d.size_diff:+9d} B {d.count_diff:+7d} blocks ({each:.2f} B/flow)")
                 for line in d.traceback.format()[-2 * args.depth :]:
                     print("    " + line)
             delta = counts[1] - counts[0]
@@ -579,6 +592,7 @@ def main() -> None:
     parser.add_argument("--diff", type=int, default=0, help="top K grown allocation sites")
     parser.add_argument("--depth", type=int, default=6, help="traceback frames kept")
     parser.add_argument("--no-trace", action="store_true", help="RSS without tracemalloc")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each block")
     args = parser.parse_args()
     if not args.no_trace:
         tracemalloc.start(args.depth)
