@@ -27,8 +27,16 @@ as in ``relay.service.run.relay_queue`` (``gc.freeze()``, thresholds 700, 10,
 left for a full collection). ``--diff`` prints the top allocation sites that
 grew between the second block and the last (``compare_to(..., 'traceback')``).
 
+``--loss P`` drops that share of the packets each way (the client retransmits
+its SYN, data and FIN; a port it closed answers with an RST, as the kernel's
+would). ``--no-trace`` runs without tracemalloc (whose own tables grow in the
+C heap), for RSS and glibc's figures (``mallinfo2``: bytes taken with sbrk, in
+use, free); ``--trim`` calls ``malloc_trim(0)`` after each block and shows RSS
+before and after it: what it gives back was free heap memory, not live data.
+
 Run: ``PYTHONPATH=. python benchmarks/leak_check.py [--blocks 2000,2000,4000]
-[--threads 6] [--service-gc] [--diff 10] [--kinds short,bulk,...]``
+[--threads 6] [--service-gc] [--loss 0.05] [--no-trace] [--trim] [--diff 10]
+[--kinds short,bulk,...]``
 """
 
 from __future__ import annotations
