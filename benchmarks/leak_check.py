@@ -65,11 +65,8 @@ import trio.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from profile_connect import stack_config
+from profile_connect import relay_for, stack_config
 
-from relay.datapath.config import RelayConfig
-from relay.datapath.egress import EgressPolicy
-from relay.datapath.engine import Relay
 from relay.datapath.packet_source import MemoryPacketSource
 from stack import FlowId, Stack
 from stack.config import DatagramConfig
@@ -229,12 +226,8 @@ class Harness:
         cfg = stack_config()
         cfg = dataclasses.replace(cfg, datagram=DatagramConfig(udp_idle_timeout=5.0))
         self.stack = Stack(cfg)
-        self.relay = Relay(
-            self.source,
-            stack=self.stack,
-            config=RelayConfig(egress=EgressPolicy.open()),
-            connector=self.connect,
-            udp_socket=self.udp_socket,
+        self.relay = relay_for(
+            self.source, self.connect, stack=self.stack, udp_socket=self.udp_socket
         )
         self.nursery: trio.Nursery | None = None
 

@@ -61,13 +61,19 @@ def stack_config() -> StackConfig:
     )
 
 
-def relay_for(source: MemoryPacketSource, connector: Any) -> Relay:
+def relay_for(
+    source: MemoryPacketSource,
+    connector: Any,
+    stack: Stack | None = None,
+    udp_socket: Any = None,
+) -> Relay:
     """The relay as the service builds it for the defaults (open egress), on `source`."""
     return Relay(
         source,
-        stack=Stack(stack_config()),
+        stack=stack or Stack(stack_config()),
         config=RelayConfig(egress=EgressPolicy.open()),
         connector=connector,
+        udp_socket=udp_socket,
     )
 
 
