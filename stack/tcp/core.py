@@ -72,10 +72,15 @@ _tcp_options = positional(
 # What a connection's usually empty lists hold when empty: one shared empty tuple
 # each, not a 56-byte list per connection (memory per idle connection). Only the
 # code below writes to them, and it replaces an empty one rather than append to
-# it (a write that missed this raises: a tuple has no append).
-EMPTY_SEGMENTS = cast("list[TcpSegment]", ())
-EMPTY_CHUNKS = cast("list[bytes]", ())
-EMPTY_MARKS = cast("list[tuple[int, int, int]]", ())
+# it (a write that missed this raises: a tuple has no append). Compiled with mypyc
+# (scripts/build-compiled), which checks a list-typed value at run time, they are
+# shared empty lists instead: the pure-Python build is the one that catches that write.
+_COMPILED = not __file__.endswith((".py", ".pyc"))
+EMPTY_SEGMENTS: list[TcpSegment] = [] if _COMPILED else cast("list[TcpSegment]", ())
+EMPTY_CHUNKS: list[bytes] = [] if _COMPILED else cast("list[bytes]", ())
+EMPTY_MARKS: list[tuple[int, int, int]] = (
+    [] if _COMPILED else cast("list[tuple[int, int, int]]", ())
+)
 
 
 __all__ = [

@@ -79,8 +79,10 @@ def _extend(chunks: list[bytes], more: list[bytes]) -> None:
 
 # The empty run lists every Reassembly holding nothing shares (typed as the lists
 # they stand for: only _new_run writes to an empty one, and it replaces them).
-_NO_RUNS = cast("list[_Run]", ())
-_NO_STARTS = cast("list[int]", ())
+# Compiled with mypyc, which checks list-typed values at run time: empty lists.
+_COMPILED = not __file__.endswith((".py", ".pyc"))
+_NO_RUNS: list[_Run] = [] if _COMPILED else cast("list[_Run]", ())
+_NO_STARTS: list[int] = [] if _COMPILED else cast("list[int]", ())
 
 
 class Reassembly:
