@@ -14,8 +14,11 @@ from pathlib import Path
 from mypyc.build import mypycify
 from setuptools import setup
 
-# Not compiled: stack/__init__.py (PEP 562 lazy names, a module __getattr__).
-EXCLUDE = {"stack/__init__.py"}
+# Not compiled: stack/__init__.py (its module __getattr__, PEP 562, is called while the
+# compiled module is initialised, before its globals exist: a crash at import), and
+# stack/config.py (frozen dataclasses: compiled, unpickling one raises
+# FrozenInstanceError, and the relay pickles its configuration for spawned workers).
+EXCLUDE = {"stack/__init__.py", "stack/config.py"}
 
 
 def modules() -> list[str]:

@@ -36,6 +36,7 @@ from stack.clients import (
     ClientTable,
     TokenBucket,
 )
+from stack.compiled import mypyc_attr
 from stack.config import StackConfig
 from stack.datagram import Datagrams, DatagramStats
 from stack.emit import answer, build_segments, build_segments_offload, reject_icmp
@@ -166,6 +167,7 @@ class _HeldAck:
         self.count = 1
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 class Stack:
     """A userspace TCP endpoint for every address. See the module docstring."""
 

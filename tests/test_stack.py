@@ -281,7 +281,9 @@ def test_repeated_fins_in_time_wait_refresh_one_entry() -> None:
     tw = stack._time_wait  # white-box: every container the table and the Stack keep
 
     def sizes() -> list[int]:
-        held = [getattr(tw, name) for name in tw.__slots__]
+        # __slots__ in Python; compiled with mypyc, the attributes are __mypyc_attrs__
+        names = getattr(tw, "__slots__", None) or type(tw).__mypyc_attrs__  # type: ignore[attr-defined]
+        held = [getattr(tw, name) for name in names]
         return [len(x) for x in held if hasattr(x, "__len__")] + [len(stack._timers)]
 
     before = sizes()

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from stack.config import TcpConfig
-from stack.tcp.congestion import NewReno
+from stack.tcp.congestion import CongestionControl, NewReno
 from stack.tcp.connection import TcpConnection
 from stack.tcp.cubic import ALPHA, BETA, C, Cubic, cbrt
 from stack.tcp.segment import TcpSegment
@@ -255,3 +255,20 @@ def test_cubic_on_a_connection_recovers_like_newreno_without_sack() -> None:
         send(c, replace(TEMPLATE, ack=ISS + 1), t)
     assert [s.seq for s in recv(c, 0.12)] == [ISS + 1]
     assert c.cc.cwnd == 70  # 0.7 * the initial 100
+
+
+@pytest.mark.parametrize("cls", [CongestionControl, NewReno, Cubic])
+def test_copy_takes_every_field(cls: type[CongestionControl]) -> None:
+    # Loss recovery's undo restores a copy: one that missed a field would restore
+    # a mix of the old and the new window (a field added but not copied fails here).
+    cc = cls(MSS)
+    names: set[str] = set()
+    for klass in cls.__mro__:  # __slots__ in Python; compiled with mypyc, __mypyc_attrs__
+        names.update(klass.__dict__.get("__slots__", klass.__dict__.get("__mypyc_attrs__", ())))
+    names.discard("__dict__")
+    for i, name in enumerate(sorted(names)):
+        kind = type(getattr(cc, name))
+        setattr(cc, name, kind(1000 + i) if kind in (int, float) else 1000.5 + i)
+    clone = cc.copy()
+    assert type(clone) is cls
+    assert {n: getattr(clone, n) for n in names} == {n: getattr(cc, n) for n in names}

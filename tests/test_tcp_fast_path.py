@@ -90,7 +90,9 @@ def snapshot(obj: object) -> object:
         return {k: snapshot(v) for k, v in obj.items()}
     names: list[str] = []
     for klass in type(obj).__mro__:
-        slots = klass.__dict__.get("__slots__", ())
+        # __slots__ in Python; compiled with mypyc, a native class lists its attributes
+        # in __mypyc_attrs__ instead
+        slots = klass.__dict__.get("__slots__", klass.__dict__.get("__mypyc_attrs__", ()))
         names.extend([slots] if isinstance(slots, str) else slots)
     state = {n: snapshot(getattr(obj, n, "<unset>")) for n in names if n not in _SKIP}
     if hasattr(obj, "__dict__"):
@@ -207,7 +209,10 @@ def test_the_snapshot_compares_every_timer() -> None:
     # comparison must reach into it, field by field.
     c = TcpConnection(local_port=80, remote_port=49152)
     timers = snapshot(c)[1]["timers"]  # type: ignore[index]
-    assert timers == ("Timers", {name: None for name in Timers.__slots__})
+    assert timers == (
+        "Timers",
+        {name: None for name in getattr(Timers, "__slots__", None) or Timers.__mypyc_attrs__},
+    )
     c.timers.set_ack(1.0)
     assert snapshot(c) != snapshot(TcpConnection(local_port=80, remote_port=49152))
 

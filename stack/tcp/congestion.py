@@ -26,6 +26,14 @@ class CongestionControl:
         self.cwnd = 1 << 30  # congestion window, bytes
         self.ssthresh = 1 << 30  # slow-start threshold, bytes
 
+    def copy(self) -> CongestionControl:
+        """Every field copied (loss recovery's undo). Not ``copy.copy``: compiled with
+        mypyc (scripts/build-compiled), a class's ``__new__`` runs its ``__init__``,
+        which the copy protocol calls without arguments."""
+        clone = CongestionControl(self.mss)
+        clone.cwnd, clone.ssthresh = self.cwnd, self.ssthresh
+        return clone
+
     def on_ack(self, acked: int, flight: int, now: float, srtt: float, acks: int = 1) -> None:
         """``acked`` new bytes were acknowledged outside loss recovery.
 
@@ -64,6 +72,11 @@ class NewReno(CongestionControl):
         super().__init__(mss)
         self.cwnd = 10 * mss  # RFC 6928 initial window
         self._acked = 0  # bytes acknowledged toward the next congestion-avoidance step
+
+    def copy(self) -> NewReno:
+        clone = NewReno(self.mss)
+        clone.cwnd, clone.ssthresh, clone._acked = self.cwnd, self.ssthresh, self._acked
+        return clone
 
     def on_ack(self, acked: int, flight: int, now: float, srtt: float, acks: int = 1) -> None:
         if self.cwnd < self.ssthresh:

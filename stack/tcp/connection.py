@@ -24,6 +24,7 @@ drops a segment older than TS.Recent before the acceptability test.
 
 from __future__ import annotations
 
+from stack.compiled import mypyc_attr
 from stack.errors import LocalProtocolError
 from stack.events import (
     CloseReason,
@@ -47,6 +48,7 @@ __all__ = ["State", "TcpConnection"]
 QUICKACKS = 16  # segments ACKed at once after a sign of loss (Linux's TCP_MAX_QUICKACKS)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TcpConnection(TcpRecovery):
     """A TCP endpoint for one 4-tuple. See the module docstring."""
 

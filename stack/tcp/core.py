@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import cast
 
+from stack.compiled import COMPILED, mypyc_attr
 from stack.config import TcpConfig
 from stack.events import (
     Closed,
@@ -75,12 +76,9 @@ _tcp_options = positional(
 # it (a write that missed this raises: a tuple has no append). Compiled with mypyc
 # (scripts/build-compiled), which checks a list-typed value at run time, they are
 # shared empty lists instead: the pure-Python build is the one that catches that write.
-_COMPILED = not __file__.endswith((".py", ".pyc"))
-EMPTY_SEGMENTS: list[TcpSegment] = [] if _COMPILED else cast("list[TcpSegment]", ())
-EMPTY_CHUNKS: list[bytes] = [] if _COMPILED else cast("list[bytes]", ())
-EMPTY_MARKS: list[tuple[int, int, int]] = (
-    [] if _COMPILED else cast("list[tuple[int, int, int]]", ())
-)
+EMPTY_SEGMENTS: list[TcpSegment] = [] if COMPILED else cast("list[TcpSegment]", ())
+EMPTY_CHUNKS: list[bytes] = [] if COMPILED else cast("list[bytes]", ())
+EMPTY_MARKS: list[tuple[int, int, int]] = [] if COMPILED else cast("list[tuple[int, int, int]]", ())
 
 
 __all__ = [
@@ -97,6 +95,7 @@ __all__ = [
 ]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the fast-path twin test's subclasses
 class ConnectionCore:
     """The variables of one connection and the helpers every layer uses."""
 

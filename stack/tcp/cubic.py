@@ -64,6 +64,18 @@ class Cubic(CongestionControl):
         self._timed_out = False  # the next stage follows an RTO (4.8: K = 0)
         self._frac = 0.0  # bytes of growth not yet added to the integer cwnd
 
+    def copy(self) -> Cubic:
+        clone = Cubic(self.mss, fast_convergence=self.fast_convergence)
+        clone.cwnd, clone.ssthresh = self.cwnd, self.ssthresh
+        clone.w_max, clone.k, clone.t_epoch = self.w_max, self.k, self.t_epoch
+        clone.cwnd_epoch, clone.w_est, clone.cwnd_prior = (
+            self.cwnd_epoch,
+            self.w_est,
+            self.cwnd_prior,
+        )
+        clone._timed_out, clone._frac = self._timed_out, self._frac
+        return clone
+
     def w_cubic(self, t: float) -> float:
         """RFC 9438 eq. 1: the cubic window, in segments, ``t`` seconds into the stage."""
         d = t - self.k

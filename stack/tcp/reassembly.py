@@ -37,6 +37,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import cast
 
+from stack.compiled import COMPILED
 from stack.seq import seq_add, seq_sub
 
 # Bytes charged per run on top of its payload: the _Run object (56), its chunk
@@ -80,9 +81,8 @@ def _extend(chunks: list[bytes], more: list[bytes]) -> None:
 # The empty run lists every Reassembly holding nothing shares (typed as the lists
 # they stand for: only _new_run writes to an empty one, and it replaces them).
 # Compiled with mypyc, which checks list-typed values at run time: empty lists.
-_COMPILED = not __file__.endswith((".py", ".pyc"))
-_NO_RUNS: list[_Run] = [] if _COMPILED else cast("list[_Run]", ())
-_NO_STARTS: list[int] = [] if _COMPILED else cast("list[int]", ())
+_NO_RUNS: list[_Run] = [] if COMPILED else cast("list[_Run]", ())
+_NO_STARTS: list[int] = [] if COMPILED else cast("list[int]", ())
 
 
 class Reassembly:

@@ -24,8 +24,7 @@ timeout (RFC 6582 3.2 (2) "careful" variant; RFC 6675 5.1).
 
 from __future__ import annotations
 
-from copy import copy
-
+from stack.compiled import mypyc_attr
 from stack.events import Connected, SendSpace
 from stack.seq import seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_sub
 from stack.tcp.core import EMPTY_MARKS, Close, State
@@ -34,6 +33,7 @@ from stack.tcp.sender import TcpSender
 from stack.wire.tcp import RST, TcpOptions
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TcpRecovery(TcpSender):
     """ACK processing and loss recovery."""
 
@@ -245,7 +245,7 @@ class TcpRecovery(TcpSender):
 
     def _enter_recovery(self, now: float) -> None:
         una = self.snd_una
-        self._undo_cc = copy(self.cc)  # the window before the reduction, for an undo
+        self._undo_cc = self.cc.copy()  # the window before the reduction, for an undo
         self._undo_tsval = None if self.ts is None else self.ts.clock(now)
         self._undo_reorder = seq_sub(self._sb.highest() or una, una)
         self._undone = False

@@ -21,6 +21,7 @@ since). The deadlines themselves are ``timers.py``'s.
 
 from __future__ import annotations
 
+from stack.compiled import mypyc_attr
 from stack.events import CloseReason
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_lt, seq_sub
 from stack.tcp.core import (
@@ -48,6 +49,7 @@ def _sack_len(opts: TcpOptions) -> int:
 TLP_MIN = 0.01  # RFC 8985 7.2 leaves a floor to implementations; Linux uses 10 ms
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TcpSender(ConnectionCore):
     """The timer and output half of a connection."""
 

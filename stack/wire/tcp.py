@@ -17,21 +17,14 @@ with the options and payload in one allocation.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
+from stack.compiled import mypyc_attr
 from stack.errors import BadHeaderError, BadLengthError, ChecksumError, TruncatedError
 from stack.wire.checksum import ones_sum as _ones_sum
 from stack.wire.checksum import verify as _verify
 from stack.wire.positional import positional
-
-try:  # mypyc's class options; a no-op where mypy (and so mypy_extensions) is not installed
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pragma: no cover
-
-    def mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[type], type]:  # type: ignore[misc]
-        return lambda cls: cls
-
 
 __all__ = [
     "ACK",
