@@ -267,8 +267,13 @@ def test_copy_takes_every_field(cls: type[CongestionControl]) -> None:
         names.update(klass.__dict__.get("__slots__", klass.__dict__.get("__mypyc_attrs__", ())))
     names.discard("__dict__")
     for i, name in enumerate(sorted(names)):
-        kind = type(getattr(cc, name))
-        setattr(cc, name, kind(1000 + i) if kind in (int, float) else 1000.5 + i)
+        value = getattr(cc, name)
+        if isinstance(value, bool):
+            setattr(cc, name, not value)
+        elif isinstance(value, int):
+            setattr(cc, name, 1000 + i)
+        else:  # a float, or the None of a time not yet set
+            setattr(cc, name, 1000.5 + i)
     clone = cc.copy()
     assert type(clone) is cls
     assert {n: getattr(clone, n) for n in names} == {n: getattr(cc, n) for n in names}
