@@ -22,6 +22,7 @@ import ctypes
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,27 @@ _IFA_F_NODAD = 0x02
 _RTN_LOCAL = 2
 _THREAD_NS = "/proc/thread-self/ns/net"
 _libc = ctypes.CDLL(None, use_errno=True)
+_STACK = Path(__file__).resolve().parent.parent / "stack"
+
+
+def pytest_report_header() -> str:
+    """Which build of stack/ the tests run: pure Python, or compiled with mypyc
+    (scripts/build-compiled) -- and not one whose .so is older than its .py, which
+    Python would import instead of the edited source."""
+    built = sorted(_STACK.rglob("*.so"))
+    if not built:
+        return "stack: pure Python"
+    stale = [
+        so.relative_to(_STACK.parent)
+        for so in built
+        if so.stat().st_mtime < so.with_name(so.name.split(".")[0] + ".py").stat().st_mtime
+    ]
+    if stale:
+        raise pytest.UsageError(
+            f"stack/ has compiled modules older than their source ({', '.join(map(str, stale))}):"
+            " run scripts/build-compiled again, or scripts/build-compiled --clean"
+        )
+    return f"stack: compiled with mypyc ({len(built)} modules; scripts/build-compiled --clean)"
 
 
 def _unshare_net() -> None:
