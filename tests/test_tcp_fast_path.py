@@ -88,12 +88,12 @@ def snapshot(obj: object) -> object:
         return [type(obj).__name__, *map(snapshot, obj)]
     if isinstance(obj, dict):
         return {k: snapshot(v) for k, v in obj.items()}
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered, once each
     for klass in type(obj).__mro__:
-        # __slots__ in Python; compiled with mypyc, a native class lists its attributes
-        # in __mypyc_attrs__ instead
+        # __slots__ in Python; compiled with mypyc, a native class lists its attributes,
+        # its bases' too, in __mypyc_attrs__ instead
         slots = klass.__dict__.get("__slots__", klass.__dict__.get("__mypyc_attrs__", ()))
-        names.extend([slots] if isinstance(slots, str) else slots)
+        names.update(dict.fromkeys([slots] if isinstance(slots, str) else slots))
     state = {n: snapshot(getattr(obj, n, "<unset>")) for n in names if n not in _SKIP}
     if hasattr(obj, "__dict__"):
         state.update({k: snapshot(v) for k, v in vars(obj).items() if k not in _SKIP})
