@@ -32,19 +32,24 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
     j  c with ``--capture-dir`` (every flow's bytes and a synthetic pcap written to
        a directory on the benchmark's temporary file system, removed after each
        lab): j/c is what capture costs, j/i what its writing adds to the inline path
+    k  b reading 256 KiB per receive_some (``forwarder.py --chunk 262144``): the
+       faster Python ceiling for single-stream throughput (c/k, e/k); by default
+       only the throughput measures run on it
     s  c with a passive stream analyzer that reads every byte of every flow
        (``relay.lab.analyzers:StreamReader``): s/c is what one costs; not in
        the default ``--only``
 
 Measures, per configuration: iperf3 single-stream throughput up and down and
-4 streams up, connections/s, request/response latency (median and p99), the
-relay's CPU% during the single-stream upload and download, its RSS
-before and with N idle connections open, and (from its exit lines) how many
-full garbage collections it ran in the round and the longest. Every measurement is repeated
-(``--repeat``, default 3; rounds interleave the configurations, so a burst
-of load from elsewhere hits all of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, f/b and g/b. See
-benchmarks/README.md for what each number means.
+4 streams up, connections/s with 8 connections in flight and (connrate1) with
+one, request/response latency (median and p99), the relay's CPU% during the
+single-stream upload and download, its RSS before and with N idle connections
+open, and (from its exit lines) how many full garbage collections it ran in the
+round and the longest. Every measurement is repeated (``--repeat``, default 3;
+rounds interleave the configurations, so a burst of load from elsewhere hits all
+of them alike) and the median is printed,
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, c/k, e/k, f/b
+and g/b. Without ``--measures``, k runs only up, down and up4, and connrate1 runs only
+on a, b, c and e (DEFAULT_SKIPS). See benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
 exit path (signals are held while a lab is being built or torn down), and a
@@ -95,14 +100,17 @@ CONFIGS: dict[str, str] = {
     "h": "tunrelay --offload --log-dir",
     "i": "tunrelay --offload, pass-through analyzer",
     "j": "tunrelay --offload --capture-dir",
+    "k": "trio forwarder, 256 KiB reads",
     "s": "tunrelay --offload, a stream analyzer",
 }
+# The trio forwarders and the bytes they ask for per receive_some (forwarder.py --chunk).
+FORWARDER_CHUNK = {"b": 65536, "k": 262144}
 USES_RELAY = {"c", "d", "e", "h", "i", "j", "s"}  # tunrelay itself
 LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
 USES_TUN = USES_RELAY | LATENCY_ONLY
 OFFLOADED = {"c", "e", "h", "i", "j", "s"}
 # a userspace process whose CPU we measure
-HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "s"}
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "s"}
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,10 @@ MEASURES: list[Measure] = [
     Measure("up", "1 stream up, Gbit/s", _g),
     Measure("down", "1 stream down, Gbit/s", _g),
     Measure("up4", "4 streams up, Gbit/s", _g),
-    Measure("cps", "connections/s", _int),
-    Measure("cpu_conn", "relay CPU per connection, µs", _int),
+    Measure("cps1", "connections/s, 1 in flight", _int),
+    Measure("cpu_conn1", "relay CPU per connection, 1 in flight, µs", _int),
+    Measure("cps", "connections/s, {inflight} in flight", _int),
+    Measure("cpu_conn", "relay CPU per connection, {inflight} in flight, µs", _int),
     Measure("rtt_p50", "req/resp median, µs", _int),
     Measure("rtt_p99", "req/resp p99, µs", _int),
     Measure("cpu_rt", "relay CPU per req/resp, µs", _int),
@@ -169,7 +179,17 @@ MEASURES: list[Measure] = [
 Sample: TypeAlias = dict[str, float]
 
 
-STEPS = ("up", "down", "up4", "connrate", "latency", "loaded", "idle")
+STEPS = ("up", "down", "up4", "connrate", "connrate1", "latency", "loaded", "idle")
+# What the default run (no --measures) leaves out, to keep its time in bounds: k is
+# there for throughput (a 256 KiB read is above glibc's mmap threshold, so each read
+# of a small message costs an mmap, mremap and munmap: b is the forwarder for
+# connections and latency), and one connection in flight is measured where its
+# target is (c and e against b) and on a, the load generator's own ceiling.
+# --measures runs the named measures on every configuration.
+DEFAULT_SKIPS: dict[str, tuple[str, ...]] = {
+    "k": ("connrate", "connrate1", "latency", "loaded", "idle"),
+    **{cfg: ("connrate1",) for cfg in ("d", "h", "i", "j", "s")},
+}
 
 
 @dataclass(frozen=True)
@@ -178,13 +198,14 @@ class Params:
     repeat: int
     idle: int  # idle connections for the RSS measure
     idle_limit: float  # seconds allowed to open them
-    concurrency: int = 8
+    concurrency: int = 8  # connections in flight in connrate (connrate1: one)
     latency_count: int = 2000
     offload_flag: bool = False  # the CLI has --offload (configuration c)
     profile_dir: Path | None = None  # c/d run as one worker under cProfile, dumped here
     capture_in: Path | None = None  # where j's capture directory goes (default: the run's tmp)
     relay_args: tuple[str, ...] = ()  # more `tunrelay run` options (--relay-arg)
     measures: tuple[str, ...] = STEPS
+    skips: dict[str, tuple[str, ...]] = field(default_factory=dict)  # cfg -> measures left out
 
 
 class MeasureError(Exception):
@@ -421,13 +442,13 @@ class Lab:
             cfg.set_sysctl("net.ipv4.tcp_tw_reuse", 1)
         if self.cfg == "a":
             topo.enable_forwarding()
-        elif self.cfg == "b":
+        elif self.cfg in FORWARDER_CHUNK:
             self.host = topo.gw_cli_v4
             argv = [
                 sys.executable, str(FORWARDER), "--listen", topo.gw_cli_v4,
                 "--forward", f"{IPERF_PORT}={topo.srv_v4}:{IPERF_PORT}",
                 "--forward", f"{ECHO_PORT}={topo.srv_v4}:{ECHO_PORT}",
-                "--max-seconds", "600",
+                "--chunk", str(FORWARDER_CHUNK[self.cfg]), "--max-seconds", "600",
             ]  # fmt: skip
             self.proc = topo.spawn("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             line = read_line(self.proc, 20, "forwarder")
@@ -591,33 +612,36 @@ class Lab:
         finally:
             stop(server, 2.0)
 
-    def connrate(self) -> str:
+    def connrate(self, concurrency: int) -> str:
+        """Connections per second with `concurrency` in flight: rows cps and cpu_conn
+        (connrate: the parameters' concurrency, 8) or cps1 and cpu_conn1 (connrate1: one)."""
         p = self.params
+        name, suffix = ("connrate1", "1") if concurrency == 1 else ("connrate", "")
         argv = [
             sys.executable, str(LOADGEN), "connrate", "--host", self.host,
             "--port", str(ECHO_PORT), "--seconds", f"{p.seconds:g}",
-            "--concurrency", str(p.concurrency), "--size", "64",
+            "--concurrency", str(concurrency), "--size", "64",
         ]  # fmt: skip
         c0 = self.proc_cpu()
         proc = self.topo.spawn("cli", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = finish(proc, p.seconds + 20, "connrate")
+        out, err = finish(proc, p.seconds + 20, name)
         c1 = self.proc_cpu()
         try:
             result = json.loads(out)
         except json.JSONDecodeError:
-            raise MeasureError(f"connrate: no result: {err.strip()[-300:]}") from None
-        self.report.add(self.cfg, "cps", float(result["per_second"]))
+            raise MeasureError(f"{name}: no result: {err.strip()[-300:]}") from None
+        self.report.add(self.cfg, f"cps{suffix}", float(result["per_second"]))
         if result["errors"]:
             self.report.note(
                 self.where,
-                f"connrate: {result['completed']} completed, {result['errors']} failed "
+                f"{name}: {result['completed']} completed, {result['errors']} failed "
                 f"({result['error_kinds']}); a stall = no response within 3 s",
             )
         summary = f"{result['per_second']:,.0f}/s, {result['errors']} failed"
         if c0 is not None and c1 is not None and result["completed"]:
             # As for latency: the process's own cost, less noisy than the rate.
             per_conn = 1e6 * (c1 - c0) / result["completed"]
-            self.report.add(self.cfg, "cpu_conn", per_conn)
+            self.report.add(self.cfg, f"cpu_conn{suffix}", per_conn)
             summary += f", process CPU {per_conn:.0f} µs per connection"
         return summary
 
@@ -834,16 +858,19 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
             ("up", lambda: lab.iperf("up")),
             ("down", lambda: lab.iperf("down")),
             ("up4", lambda: lab.iperf("up4")),
-            ("connrate", lab.connrate),
+            ("connrate", lambda: lab.connrate(params.concurrency)),
+            ("connrate1", lambda: lab.connrate(1)),
             ("latency", lab.latency),
             ("loaded", lab.loaded),
         ]
         if cfg in HAS_PROCESS and cfg not in LATENCY_ONLY:
             steps.append(("idle", lab.idle))
-        steps = [(name, step) for name, step in steps if name in params.measures]
+        skips = params.skips.get(cfg, ())
+        steps = [(n, step) for n, step in steps if n in params.measures and n not in skips]
         if cfg in LATENCY_ONLY:
             steps = [(name, step) for name, step in steps if name == "latency"]
         for name, step in steps:
+            t_step = time.monotonic()
             try:
                 lab.alive()
                 dropped = lab.tun_dropped()
@@ -856,7 +883,7 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
                         f"{name}: the kernel dropped {after - dropped:,} packets "
                         "at the full TUN queue (the relay fell behind)",
                     )
-                print(f"    {name:8} {summary}", flush=True)
+                print(f"    {name:9} {summary} [{time.monotonic() - t_step:.1f} s]", flush=True)
             except MeasureError as exc:
                 report.note(where, f"{name}: {exc}")
             except (OSError, ValueError, KeyError) as exc:
@@ -882,6 +909,7 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         pairs += [("c", "b"), ("c", "a"), ("e", "b"), ("c", "e"), ("e", "f"), ("h", "c")]
         pairs += [("i", "c"), ("j", "c"), ("j", "i")]
         pairs += [("s", "c")]
+        pairs += [("c", "k"), ("e", "k")]
     pairs += [("f", "b"), ("g", "b")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
@@ -892,13 +920,14 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         "h": "offload, --log-dir",
         "i": "offload, pass-through",
         "j": "offload, --capture-dir",
+        "k": "forwarder, 256 KiB",
         "s": "offload, stream analyzer",
     }
     heads = [f"{c}: {short.get(c, CONFIGS[c])}" for c in cols]
     heads += [f"{x}/{y}" for x, y in pairs]
     rows: list[list[str]] = []
     for m in MEASURES:
-        row = [m.label.format(idle=f"{params.idle:,}")]
+        row = [m.label.format(idle=f"{params.idle:,}", inflight=params.concurrency)]
         meds = {c: report.median(c, m.key) for c in cols}
         for c in cols:
             v = meds[c]
@@ -971,10 +1000,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
-    parser.add_argument("--only", default="a,b,c,d,e,f,g,h,i,j", help="configurations, e.g. a,b,d")
+    parser.add_argument(
+        "--only", default="a,b,c,d,e,f,g,h,i,j,k", help="configurations, e.g. a,b,d"
+    )
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")
-    parser.add_argument("--time-limit", type=float, help="abort the run after this many seconds")
+    parser.add_argument(
+        "--time-limit", type=float, help="abort the run after this many seconds (1500; quick 240)"
+    )
     parser.add_argument("--json", type=Path, help="also write all samples and notes here")
     parser.add_argument("--log-dir", type=Path, help="keep tunrelay's logs here (default: discard)")
     parser.add_argument(
@@ -986,8 +1019,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--measures",
-        default=",".join(STEPS),
-        help=f"which measures to run (default all: {','.join(STEPS)})",
+        help=f"which measures to run, on every configuration (default: all of "
+        f"{','.join(STEPS)}, but k runs only up,down,up4 and connrate1 runs only on a,b,c,e)",
     )
     parser.add_argument(
         "--profile",
@@ -1010,7 +1043,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if bad or not only:
         parser.error(f"--only: unknown configuration(s) {bad}; choose from {','.join(CONFIGS)}")
     args.only = [c for c in CONFIGS if c in only]
-    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    args.skips = DEFAULT_SKIPS if args.measures is None else {}
+    measures = [m.strip() for m in (args.measures or ",".join(STEPS)).split(",") if m.strip()]
     if not measures or any(m not in STEPS for m in measures):
         parser.error(f"--measures: choose from {','.join(STEPS)}")
     args.measures = tuple(m for m in STEPS if m in measures)
@@ -1038,13 +1072,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         capture_in=args.capture_in,
         relay_args=tuple(args.relay_arg),
         measures=args.measures,
+        skips=args.skips,
     )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     configs = [c for c in args.only if c not in OFFLOADED or params.offload_flag]
     if OFFLOADED & set(args.only) and not params.offload_flag:
         print("c (tunrelay with offloads): n/a — `tunrelay run` has no --offload option yet")
-    time_limit = args.time_limit or (240.0 if args.quick else 900.0)
+    # A default run (3 rounds of a..k, T=5 s, 10,000 idle) adds up to about 15 minutes
+    # (about 35 s per full lab: 4 runs of T, loaded, idle).
+    time_limit = args.time_limit or (240.0 if args.quick else 1500.0)
     report = Report()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
