@@ -1134,6 +1134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "wall_seconds": wall,
                 },
                 indent=1,
+                default=str,  # the Path parameters (--profile, --capture-in)
             )
         )
     return status
