@@ -587,6 +587,12 @@ class TcpConnection(TcpRecovery):
             return
         self._ooo_fin = None
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        if seq_lt(self.rcv_adv, self.rcv_nxt):
+            # A FIN right after data that filled the window lies one past its right
+            # edge (accepted, as Linux and BSD do). The edge never moves left, so it
+            # moves up to RCV.NXT: a zero window, where a negative one would fail
+            # every later segment in the acceptability test (RFC 9293 3.10.7.4).
+            self.rcv_adv = self.rcv_nxt
         self._ack_now = True
         if self._close_side(Close.FIN, now):
             self._emit(PeerFinished(self._flow()))
