@@ -79,6 +79,7 @@ from types import FrameType
 from typing import Any, TypeAlias
 
 from relay.lab.topology import REPO_ROOT, Topology
+from relay.service.stackbuild import stack_build
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -937,7 +938,8 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
     width0 = max(len(r[0]) for r in rows)
     widths = [max(len(h), max(len(r[i + 1]) for r in rows)) for i, h in enumerate(heads)]
     print()
-    print(f"median of {params.repeat} run(s); T = {params.seconds:g} s")
+    build = stack_build().describe()  # what the tunrelay columns ran
+    print(f"median of {params.repeat} run(s); T = {params.seconds:g} s; tunrelay's stack: {build}")
     print("  ".join([" " * width0, *(h.rjust(w) for h, w in zip(heads, widths, strict=True))]))
     for r in rows:
         cells = (v.rjust(w) for v, w in zip(r[1:], widths, strict=True))

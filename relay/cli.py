@@ -32,6 +32,7 @@ from relay.service.logsetup import configure as configure_logging
 from relay.service.privileges import CAP_NET_ADMIN, current_caps, resolve_worker
 from relay.service.run import MAX_WORKERS, ConfigError, RunOptions, validate
 from relay.service.runstate import STATE_DIR, StateError, cleanup
+from relay.service.stackbuild import stack_build
 from relay.service.workers import supervise
 
 log = logging.getLogger("tunrelay")
@@ -420,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts, _ = _configured(args, keys, args.config, given(_parser(), argv))
         else:
             opts = _options(args)
+        if (stale := stack_build().problem()) is not None:
+            print(f"tunrelay run: {stale}", file=sys.stderr)
+            return 2
         if not current_caps().has(CAP_NET_ADMIN):
             print(f"tunrelay run: {NEEDS_CAP}", file=sys.stderr)
             return 2

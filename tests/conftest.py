@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from relay.host import netns
+from relay.service.stackbuild import stack_build
 
 NEEDS_ROOT = "needs root for a private network namespace"
 PRIVATE_ADDRS = {4: "198.18.2.2", 6: "fd00:2::2"}
@@ -43,20 +44,12 @@ def pytest_report_header() -> str:
     """Which build of stack/ the tests run: pure Python, or compiled with mypyc
     (scripts/build-compiled) -- and not one whose .so is older than its .py, which
     Python would import instead of the edited source."""
-    built = sorted(_STACK.rglob("*.so"))
-    if not built:
-        return "stack: pure Python"
-    stale = [
-        so.relative_to(_STACK.parent)
-        for so in built
-        if so.stat().st_mtime < so.with_name(so.name.split(".")[0] + ".py").stat().st_mtime
-    ]
-    if stale:
-        raise pytest.UsageError(
-            f"stack/ has compiled modules older than their source ({', '.join(map(str, stale))}):"
-            " run scripts/build-compiled again, or scripts/build-compiled --clean"
-        )
-    return f"stack: compiled with mypyc ({len(built)} modules; scripts/build-compiled --clean)"
+    build = stack_build(_STACK)
+    if (problem := build.problem()) is not None:
+        raise pytest.UsageError(problem)
+    if build.compiled:
+        return f"stack: {build.describe()}; scripts/build-compiled --clean for pure Python"
+    return f"stack: {build.describe()}"
 
 
 def _unshare_net() -> None:

@@ -73,6 +73,7 @@ from relay.service.run import (
     without_offload,
 )
 from relay.service.runstate import RunState
+from relay.service.stackbuild import stack_build
 from relay.service.worklink import Reload, WorkerLink, WorkerView, socket_pair
 
 if TYPE_CHECKING:
@@ -233,10 +234,11 @@ async def _run(
                 route_into(net, anchor, opts, ping_gid=opts.user.gid)
                 log.info(
                     "relaying TCP from %s through %s with %d workers%s; workers run as %s "
-                    "(uid %d, gid %d)%s", ", ".join(opts.client_nets), anchor.name, len(workers),
-                    " and offloads" if opts.offload else " without offloads", opts.user.name,
-                    opts.user.uid, opts.user.gid,
+                    "(uid %d, gid %d)%s; stack: %s", ", ".join(opts.client_nets), anchor.name,
+                    len(workers), " and offloads" if opts.offload else " without offloads",
+                    opts.user.name, opts.user.uid, opts.user.gid,
                     f", only from {', '.join(opts.iifs)}" if opts.iifs else "",
+                    stack_build().describe(),
                 )  # fmt: skip
                 turning = await _turning(workers)
                 if turning is True:
