@@ -15,17 +15,24 @@ from mypyc.build import mypycify
 from setuptools import setup
 
 # Not compiled: stack/__init__.py (its module __getattr__, PEP 562, is called while the
-# compiled module is initialised, before its globals exist: a crash at import), and
+# compiled module is initialised, before its globals exist: a crash at import),
 # stack/config.py (frozen dataclasses: compiled, unpickling one raises
-# FrozenInstanceError, and the relay pickles its configuration for spawned workers).
-EXCLUDE = {"stack/__init__.py", "stack/config.py"}
+# FrozenInstanceError, and the relay pickles its configuration for spawned workers),
+# and every package's __init__.py: the group's library lives inside stack/ (below),
+# and mypyc derives a compiled package's __path__ from that library's directory as if
+# it were the top level (stack/stack/tcp). They only re-export names.
+EXCLUDE = {"stack/config.py"}
 
 
 def modules() -> list[str]:
     chosen = os.environ.get("MYPYC_MODULES", "").split()
     if chosen:
         return chosen
-    return sorted(str(p) for p in Path("stack").rglob("*.py") if str(p) not in EXCLUDE)
+    return sorted(
+        str(p)
+        for p in Path("stack").rglob("*.py")
+        if str(p) not in EXCLUDE and p.name != "__init__.py"
+    )
 
 
 setup(
@@ -35,7 +42,9 @@ setup(
     ext_modules=mypycify(
         modules(),
         opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
-        group_name="stack",
+        # The group's shared library, stack/native__mypyc.*.so, inside the package: the
+        # editable install finds only the packages, not a top-level module beside them.
+        group_name="stack.native",
         multi_file=bool(os.environ.get("MYPYC_MULTI_FILE")),
     ),
 )

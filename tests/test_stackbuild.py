@@ -4,6 +4,8 @@ older than its source (Python would import it instead of the edited .py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ def test_compiled_modules_newer_than_their_source(tmp_path: Path) -> None:
     for name in ("seq", "tcp/core"):
         _touch(tmp_path / f"{name}.py", 100)
         _touch(tmp_path / f"{name}{SO}", 200)
+    _touch(tmp_path / f"native__mypyc{SO}", 50)  # the modules' shared library: no source
     build = stack_build(tmp_path)
     assert len(build.compiled) == 2 and build.stale == ()
     assert build.describe() == "compiled with mypyc (2 modules)"
@@ -64,3 +67,20 @@ def test_tunrelay_run_refuses_a_stale_build(
     err = capsys.readouterr().err
     assert err.startswith("tunrelay run: stack/ has compiled modules older than their source")
     assert err.count("\n") == 1
+
+
+def test_the_installed_stack_imports_from_anywhere(tmp_path: Path) -> None:
+    # The way `tunrelay` runs: no PYTHONPATH, the working directory elsewhere. A
+    # compiled build must find its shared library there too (it lives in stack/).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (
+        "import stack.tcp.connection as m; from stack import Stack\n"
+        "from relay.service.stackbuild import stack_build\n"
+        "print(m.__file__, bool(stack_build().compiled))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    path, compiled = out.stdout.split()
+    assert path.endswith(".so") == (compiled == "True")

@@ -45,8 +45,12 @@ class StackBuild:
         )
 
 
+def _stem(so: Path) -> str:
+    return so.name.split(".", 1)[0]  # core.cpython-311-x86_64-linux-gnu.so: core
+
+
 def _is_stale(so: Path) -> bool:
-    source = so.with_name(so.name.split(".", 1)[0] + ".py")
+    source = so.with_name(_stem(so) + ".py")
     try:
         return so.stat().st_mtime < source.stat().st_mtime
     except FileNotFoundError:
@@ -56,5 +60,6 @@ def _is_stale(so: Path) -> bool:
 def stack_build(root: Path | None = None) -> StackBuild:
     """The compiled modules under ``root`` (the installed stack/ by default)."""
     base = _stack_dir() if root is None else root
-    built = tuple(sorted(base.rglob("*.so")))
+    # native__mypyc.*.so is the library the compiled modules share (no source of its own).
+    built = tuple(sorted(p for p in base.rglob("*.so") if not _stem(p).endswith("__mypyc")))
     return StackBuild(compiled=built, stale=tuple(so for so in built if _is_stale(so)))
