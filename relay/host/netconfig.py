@@ -29,9 +29,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from relay.host import netns as _netns
+from relay.host.pyroute import NetlinkError
 
 __all__ = [
     "FAIL_CLOSED_METRIC",
