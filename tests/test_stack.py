@@ -442,16 +442,25 @@ def test_flows_share_their_address_objects() -> None:
 def test_an_idle_connection_holds_no_empty_lists_of_its_own() -> None:
     # Memory per idle connection: the usually empty queues share one empty tuple
     # each, before and after they were used.
-    from stack.tcp.core import EMPTY_CHUNKS, EMPTY_MARKS, EMPTY_SEGMENTS
+    from stack.tcp.core import (
+        EMPTY_CHUNKS,
+        EMPTY_MARKS,
+        EMPTY_SEGMENTS,
+        EMPTY_SEQS,
+        EMPTY_SNDBUF,
+    )
 
     stack = Stack()
     flow = open_tcp_flow(stack)
     conn = stack._by_flow[flow]
     assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
     assert conn._rtx_marks is EMPTY_MARKS
+    assert conn._sack_recent is EMPTY_SEQS and conn._sndbuf is EMPTY_SNDBUF
     stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"ping"), 1.0)
     assert [type(e) for e in stack_events(stack)] == [DataReceived]
     stack.send(flow, b"pong")
     assert sent_tcp(stack, 1.0)  # the reply (with the ACK)
+    assert type(conn._sndbuf) is bytearray and conn._sndbuf == b"pong"  # its own, once used
     stack.receive(tcp_packet(CLIENT_ISN + 5, SERVER_ISN + 5, ACK), 1.1)
     assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
+    assert type(conn._sndbuf) is bytearray and not conn._sndbuf

@@ -12,6 +12,7 @@ from dataclasses import replace
 from stack import Stack
 from stack.events import DataReceived
 from stack.tcp.connection import TcpConnection
+from stack.tcp.core import EMPTY_SEQS
 from stack.tcp.reassembly import Reassembly
 from stack.tcp.sack import Scoreboard, choose_blocks
 from stack.tcp.segment import TcpSegment
@@ -198,6 +199,8 @@ def test_blocks_choice_directly() -> None:
     assert choose_blocks(held, recent, 4) == ((50, 60), (10, 20), (30, 40))
     assert recent == [55, 12]
     assert choose_blocks(held, [], 2) == ((50, 60), (30, 40))
+    # A connection that has had no out-of-order arrival yet shares an empty tuple.
+    assert choose_blocks(held, EMPTY_SEQS, 2) == ((50, 60), (30, 40))
 
 
 def test_stack_encodes_sack_blocks_and_timestamps_in_one_option_block() -> None:

@@ -207,8 +207,9 @@ class TcpFlow:
         self._relaying = False  # between accept and both directions done
         self._sock: trio.socket.SocketType | None = None
         # Client bytes waiting for the upstream socket, written by _pump_c2s, a task
-        # that runs only while there are some (idle flows cost memory per task).
-        self._c2s: list[bytes] = []
+        # that runs only while there are some (idle flows cost memory per task). The
+        # list is made for the first bytes held (memory per idle flow), then kept.
+        self._c2s: list[bytes] | None = None
         self._c2s_held = 0  # bytes received from the client, not yet written upstream
         self._c2s_pumping = False  # _pump_c2s has bytes to write (or is starting)
         self._c2s_done = False  # the client's FIN went upstream
@@ -223,7 +224,9 @@ class TcpFlow:
         self._closed: CloseReason | None = None
         self._hint: EndReason | None = None  # set when the relay itself ends the flow
         self._rule: str | None = None  # the egress rule that denied the flow
-        self._history = "S"  # Zeek's conn.log history: the client's SYN
+        # Zeek's conn.log history, from the client's SYN; interned as it grows, so
+        # that flows share the few histories there are (memory per idle flow).
+        self._history = "S"
         self._packets = env.stack.packet_counts(flow)  # the stack counts, live
         # Dissection: None when off, and once detection or the dissector is done.
         self._dx: StreamDissection | None = None if env.dissection is None else env.dissection()
@@ -235,7 +238,7 @@ class TcpFlow:
     def _mark(self, letter: str) -> None:
         """Add a letter to the history, once (Zeek keeps each letter's first time)."""
         if letter not in self._history:
-            self._history += letter
+            self._history = sys.intern(self._history + letter)
 
     def on_connected(self) -> None:
         self._connected = True
@@ -247,7 +250,7 @@ class TcpFlow:
         self.bytes_c2s += n
         self._env.stats.bytes_c2s += n
         if "D" not in self._history:
-            self._history += "D"
+            self._history = sys.intern(self._history + "D")
         if self._reply is not None:  # blocked: nothing more goes upstream
             self._env.stack.consumed(self.flow, n)
             self._env.kick()
@@ -277,7 +280,10 @@ class TcpFlow:
                     return
                 data = data[sent:]
         self._c2s_held += len(data)
-        self._c2s.append(data)
+        if self._c2s is None:
+            self._c2s = [data]
+        else:
+            self._c2s.append(data)
         self._start_c2s()
 
     def _dissected(self, records: list[Named], dx: StreamDissection) -> None:
@@ -577,7 +583,8 @@ class TcpFlow:
         self._hint = EndReason.BLOCKED
         self._reply = block.reply
         # The held client bytes are dropped, and acknowledged so the client can close.
-        self._c2s.clear()
+        if self._c2s is not None:
+            self._c2s.clear()
         if self._c2s_held and self._closed is None:
             self._env.stack.consumed(self.flow, self._c2s_held)
             self._env.kick()
@@ -680,7 +687,7 @@ class TcpFlow:
                 self.bytes_s2c += len(pending)
                 env.stats.bytes_s2c += len(pending)
                 if "d" not in self._history:
-                    self._history += "d"
+                    self._history = sys.intern(self._history + "d")
                 if self._reply is not None:
                     pending = b""  # blocked: the server's bytes are dropped
                     continue

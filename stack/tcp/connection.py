@@ -33,7 +33,7 @@ from stack.events import (
 )
 from stack.seq import seq_add, seq_gt, seq_le, seq_lt, seq_sub
 from stack.tcp.buffers import MAX_WSCALE, wscale_for
-from stack.tcp.core import MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
+from stack.tcp.core import EMPTY_SEQS, EMPTY_SNDBUF, MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
 from stack.tcp.cubic import make
 from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
@@ -157,7 +157,10 @@ class TcpConnection(TcpRecovery):
         if n < len(data):
             self._want_send_space = True
         if n > 0:
-            self._sndbuf += data[:n]
+            if self._sndbuf is EMPTY_SNDBUF:
+                self._sndbuf = bytearray(data[:n])
+            else:
+                self._sndbuf += data[:n]
         return n
 
     @property
@@ -500,6 +503,8 @@ class TcpConnection(TcpRecovery):
                 if self._ooo.size == held:
                     self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.2
                 recent = self._sack_recent  # RFC 2018 4: its block goes first
+                if recent is EMPTY_SEQS:
+                    self._sack_recent = recent = []
                 recent.insert(0, seq)
                 del recent[MAX_RECENT:]
             return

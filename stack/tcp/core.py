@@ -79,12 +79,17 @@ _tcp_options = positional(
 EMPTY_SEGMENTS: list[TcpSegment] = [] if COMPILED else cast("list[TcpSegment]", ())
 EMPTY_CHUNKS: list[bytes] = [] if COMPILED else cast("list[bytes]", ())
 EMPTY_MARKS: list[tuple[int, int, int]] = [] if COMPILED else cast("list[tuple[int, int, int]]", ())
+EMPTY_SEQS: list[int] = [] if COMPILED else cast("list[int]", ())
+# The same for the send buffer (bytes has no extend).
+EMPTY_SNDBUF: bytearray = bytearray() if COMPILED else cast("bytearray", b"")
 
 
 __all__ = [
     "EMPTY_CHUNKS",
     "EMPTY_MARKS",
     "EMPTY_SEGMENTS",
+    "EMPTY_SEQS",
+    "EMPTY_SNDBUF",
     "LINGERING",
     "MAX_WINDOW",
     "RECEIVING",
@@ -220,7 +225,7 @@ class ConnectionCore:
         self.max_snd_wnd = 0  # largest window the peer has offered (sender SWS avoidance)
         self.snd_wscale = 0  # RFC 7323 Snd.Wind.Shift: the peer's window field is << this
         self.snd_mss = cfg.default_peer_mss  # largest payload we send per segment
-        self._sndbuf = bytearray()  # unacknowledged and unsent bytes from the application
+        self._sndbuf = EMPTY_SNDBUF  # unacknowledged and unsent bytes from the application
         self._sb_seq = 0  # sequence number of _sndbuf[0]
         self._fin_queued = False  # close() was called: FIN follows the data
         self._want_send_space = False  # a send() came up short: emit SendSpace when room frees
@@ -244,7 +249,9 @@ class ConnectionCore:
         self._ws_ok = False  # window scaling offered (active open) or agreed
         self.ts: Timestamps | None = None  # timestamps: our clock, TS.Recent
         self.sack_ok = False  # SACK-permitted both ways
-        self._sack_recent: list[int] = []  # seqs of recent out-of-order arrivals (RFC 2018 4)
+        # Seqs of recent out-of-order arrivals (RFC 2018 4); a list of its own once
+        # there is one (memory per connection).
+        self._sack_recent = EMPTY_SEQS
         self._tx_opts: TcpOptions = NO_OPTIONS  # options for the segments being built now
         self._seg_mss = self.snd_mss  # payload per segment once those options are paid for
         self._dsack: tuple[int, int] | None = None  # RFC 2883 block for the next ACK
@@ -410,7 +417,7 @@ class ConnectionCore:
         self.close_reason = reason
         self.timers.clear_all()
         self._ack_now = self._syn_due = self._rtx_due = False
-        self._sndbuf = bytearray()
+        self._sndbuf = EMPTY_SNDBUF
         self._ooo = Reassembly(0)
         self._sb.clear()
         self.buf.close()

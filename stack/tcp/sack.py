@@ -57,7 +57,8 @@ def choose_blocks(held: Reassembly, recent: list[int], limit: int) -> tuple[tupl
         if block is not None and block not in out:
             out.append(block)
             keep.append(s)
-    recent[:] = keep[:MAX_RECENT]
+    if recent:  # (an empty one may be the connection's shared empty tuple)
+        recent[:] = keep[:MAX_RECENT]
     if len(out) < limit:
         # RFC 2018 4: the remaining slots repeat older blocks; with no memory of
         # which were reported, the highest go (of the top ``limit`` runs at most
