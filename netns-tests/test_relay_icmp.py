@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from relay.datapath.echo import PING_GROUP_RANGE, enable_ping_sockets
 from relay.host import netns
+from relay.host.netconfig import PING_GROUP_RANGE, enable_ping_sockets
 from relay.lab.lab import Lab
 from relay.lab.topology import Topology
 

@@ -1,5 +1,6 @@
-"""The supervisor's imports stay light: the stack and the data path load only in
-workers (memory: every process holds what it imported)."""
+"""The supervisor's imports stay light: the stack, the data path and the analysis
+load only in workers, and of pyroute2 only its rtnetlink part (memory: every
+process holds what it imported)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
 def test_the_supervisors_imports_leave_out_the_stack_and_the_data_path() -> None:
     loaded = _loaded_after(
-        "import relay.cli, relay.service.workers, relay.service.reload, relay.datapath.echo"
+        "import relay.cli, relay.service.workers, relay.service.reload, relay.host.netconfig"
     )
     assert "stack.config" in loaded
     heavy = {"stack.stack", "stack.tcp.connection", "relay.datapath.engine",
-             "relay.datapath.tcpflow"}  # fmt: skip
+             "relay.datapath.tcpflow", "relay.datapath.echo", "relay.analysis.hooks"}  # fmt: skip
     assert not heavy & loaded, heavy & loaded
 
 

@@ -22,7 +22,8 @@ an unreachable address fails as it would without a relay.
 Permissions: these sockets need the process's group inside
 ``net.ipv4.ping_group_range`` (per network namespace; it also governs
 ICMPv6). The default, "1 0", allows nobody -- root included (root could use
-raw sockets, a service user could not). ``enable_ping_sockets`` widens the
+raw sockets, a service user could not). ``enable_ping_sockets``
+(``relay.host.netconfig``, in the process that sets up the network) widens the
 range to the relay's group at start-up, undone on exit with the rest of its
 network set-up. Without it, echo requests are dropped silently (logged once).
 
@@ -35,10 +36,8 @@ identifier as the client port), not ``data``.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import struct
-from typing import TYPE_CHECKING
 
 from relay.analysis.hooks import EndReason
 from relay.datapath.datagram_flow import DatagramFlow
@@ -47,10 +46,7 @@ from relay.datapath.icmp_errors import IP_RECVERR, IPV6_RECVERR, SOL_IP, SOL_IPV
 from stack import FlowId, Unreachable
 from stack.wire import ECHO_REPLY, ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST
 
-if TYPE_CHECKING:
-    from relay.host.netconfig import NetConfig
-
-__all__ = ["EchoFlow", "PingSocketsUnavailable", "enable_ping_sockets", "open_ping_socket"]
+__all__ = ["EchoFlow", "PingSocketsUnavailable", "open_ping_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +88,6 @@ def open_ping_socket(flow: FlowId, upstream: Upstream = _PLAIN) -> socket.socket
         sock.close()
         raise
     return sock
-
-
-def enable_ping_sockets(net: NetConfig, gid: int | None = None) -> bool:
-    """Widen ``net.ipv4.ping_group_range`` in ``net``'s namespace to ``gid`` (default:
-    this process's group), so it may open ICMP sockets; ``net.close()`` restores the old range.
-
-    Returns:
-        False (after logging a warning) when the range could not be read or set.
-    """
-    gid = os.getegid() if gid is None else gid
-    try:
-        lo, hi = (int(x) for x in net.read_sysctl(PING_GROUP_RANGE).split())
-        if not lo <= gid <= hi:
-            lo, hi = (gid, gid) if lo > hi else (min(lo, gid), max(hi, gid))
-            net.set_sysctl(PING_GROUP_RANGE, f"{lo} {hi}")
-    except (OSError, ValueError) as exc:
-        log.warning("cannot allow ICMP sockets (%s): %s; echo requests will be dropped",
-                    PING_GROUP_RANGE, exc)  # fmt: skip
-        return False
-    return True
 
 
 class EchoFlow(DatagramFlow):

@@ -35,8 +35,10 @@ from relay.host.pyroute import NetlinkError
 __all__ = [
     "FAIL_CLOSED_METRIC",
     "IFA_F_NODAD",
+    "PING_GROUP_RANGE",
     "TUN_ROUTE_METRIC",
     "NetConfig",
+    "enable_ping_sockets",
     "route_client_nets_into_tun",
 ]
 
@@ -452,3 +454,31 @@ def route_client_nets_into_tun(
         cfg.set_sysctl(f"/proc/sys/net/ipv4/conf/{tun_name}/rp_filter", 0)
     if 6 in versions:
         cfg.set_sysctl("net.ipv6.conf.all.forwarding", 1)
+
+
+PING_GROUP_RANGE = "net.ipv4.ping_group_range"
+# Its warning is about the echo flows (relay.datapath.echo), and keeps their logger's
+# name; the function lives here so that the supervisor does not import the data path.
+_echo_log = logging.getLogger("relay.datapath.echo")
+
+
+def enable_ping_sockets(net: NetConfig, gid: int | None = None) -> bool:
+    """Widen ``net.ipv4.ping_group_range`` in ``net``'s namespace to ``gid`` (default:
+    this process's group), so it may open ICMP sockets; ``net.close()`` restores the old range.
+
+    Returns:
+        False (after logging a warning) when the range could not be read or set.
+    """
+    gid = os.getegid() if gid is None else gid
+    try:
+        lo, hi = (int(x) for x in net.read_sysctl(PING_GROUP_RANGE).split())
+        if not lo <= gid <= hi:
+            lo, hi = (gid, gid) if lo > hi else (min(lo, gid), max(hi, gid))
+            net.set_sysctl(PING_GROUP_RANGE, f"{lo} {hi}")
+    except (OSError, ValueError) as exc:
+        _echo_log.warning(
+            "cannot allow ICMP sockets (%s): %s; echo requests will be dropped",
+            PING_GROUP_RANGE, exc,
+        )  # fmt: skip
+        return False
+    return True

@@ -31,9 +31,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.analysis.flowlog import FlowLog
-from relay.analysis.ratelimit import set_interval
-from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
 from relay.datapath.config import RelayConfig
 from relay.datapath.egress import EgressPolicy, RuleError, Upstream, host_routes, parse_rule
 from relay.datapath.tun import DEFAULT_TXQUEUELEN, OFFLOADS, TunDevice
@@ -48,9 +45,11 @@ if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
     # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
-    # And the data path (the stack, the engine, the flows: ~4 MB of PSS): the
-    # supervisor needs only the configuration types (stack.config).
+    # And the data path (the stack, the engine, the flows: ~4 MB of PSS) and the
+    # analysis (the flow log, the analyzer hooks): the supervisor needs only the
+    # configuration types (stack.config, relay.datapath.config).
     from relay.analysis.capture import Capture
+    from relay.analysis.flowlog import FlowLog
     from relay.analysis.zeeklog import ZeekLogs
     from relay.datapath.engine import Relay
     from relay.host.netconfig import NetConfig
@@ -406,6 +405,8 @@ def load_analyzer(spec: str, options: dict[str, object] | None = None) -> object
             raise ConfigError(f"--analyzer: {spec!r} failed to initialise: {exc}") from None
     elif options:
         raise ConfigError(f"--analyzer: {spec!r} is not a class, so it takes no options")
+    from relay.analysis.streams import check_stream_analyzer, is_stream_analyzer
+
     if is_stream_analyzer(obj):
         try:
             check_stream_analyzer(obj)
@@ -422,6 +423,8 @@ def open_flow_log(opts: RunOptions, worker: int = 0) -> FlowLog | None:
     """
     if opts.flow_log is None:
         return None
+    from relay.analysis.flowlog import FlowLog
+
     try:
         target = sys.stdout if opts.flow_log == "-" else opts.flow_log
         limits = opts.limits
@@ -660,8 +663,7 @@ def route_into(
 ) -> None:
     """Route the client networks into ``tun`` and allow ICMP sockets for ``ping_gid``
     (default: this process's group); all undone by ``net``."""
-    from relay.datapath.echo import enable_ping_sockets
-    from relay.host.netconfig import route_client_nets_into_tun
+    from relay.host.netconfig import enable_ping_sockets, route_client_nets_into_tun
 
     for iif in opts.iifs:
         if not net.ipr.link_lookup(ifname=iif):  # a rule may name a link that comes later
@@ -692,6 +694,7 @@ async def relay_queue(
     starts tasks beside the packet loop (the worker's control link);
     ``stats_interval`` is read before each stats line (a reload may change it).
     """
+    from relay.analysis.ratelimit import set_interval
     from relay.datapath.engine import Relay
     from stack import Stack
 

@@ -51,8 +51,6 @@ from typing import IO, TYPE_CHECKING
 
 import trio
 
-from relay.analysis.flowcounts import FlowCounts
-from relay.analysis.flowlog import FlowLog
 from relay.datapath.tun import TunDevice
 from relay.service import privileges, sdnotify
 from relay.service.logsetup import configure as configure_logging
@@ -78,6 +76,7 @@ from relay.service.worklink import Reload, WorkerLink, WorkerView, socket_pair
 
 if TYPE_CHECKING:
     from relay.analysis.capture import Capture
+    from relay.analysis.flowlog import FlowLog
     from relay.analysis.zeeklog import ZeekLogs
     from relay.host.netconfig import NetConfig
 
@@ -624,6 +623,8 @@ async def _worker(
     capture: Capture | None,
     link_socket: socket.socket,
 ) -> None:
+    from relay.analysis.flowcounts import FlowCounts
+
     counts = FlowCounts()  # for the metrics (relay.service.worklink snapshots)
     analyzers = [*load_analyzers(opts, flow_log, logs, capture), counts]
 

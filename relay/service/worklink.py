@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from relay.analysis.flowcounts import FlowCounts
 from relay.datapath.egress import EgressPolicy
 from relay.service.logsetup import set_level
 
 if TYPE_CHECKING:
+    from relay.analysis.flowcounts import FlowCounts
     from relay.datapath.engine import Relay
     from relay.datapath.packet_source import PacketStats
     from relay.datapath.tun import TunDevice
