@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +36,7 @@ def _lean() -> None:
         return
     package = importlib.util.module_from_spec(spec)
     loader = spec.loader
+    lock = threading.Lock()  # another thread asking meanwhile waits for the __init__
 
     def __getattr__(name: str) -> Any:  # PEP 562
         if not name.startswith("__"):
@@ -44,8 +46,9 @@ def _lean() -> None:
                 if exc.name != f"pyroute2.{name}":
                     raise
         # A name of the package itself: its __init__, now (once).
-        if package.__dict__.pop("__getattr__", None) is not None:
-            loader.exec_module(package)
+        with lock:
+            if package.__dict__.pop("__getattr__", None) is not None:
+                loader.exec_module(package)
         return ModuleType.__getattribute__(package, name)
 
     package.__dict__["__getattr__"] = __getattr__
