@@ -53,7 +53,7 @@ from stack.seq import seq_add, seq_ge, seq_le, seq_lt
 from stack.tcp.buffers import MemoryBudget
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.core import MAX_WINDOW, ConnectionCore
-from stack.tcp.segment import TcpSegment
+from stack.tcp.segment import Payload, TcpSegment
 from stack.tcp.timewait import TimeWaitTable
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import PROTO_TCP, address_text, parse_ip
@@ -70,6 +70,9 @@ from stack.wire.tcp import (
 # The connection timer heap is rebuilt once stale entries are over half of it.
 _COMPACT_AT = 64
 _ADDRESSES_KEPT = 4096  # Stack._address's table: distinct addresses before it is emptied
+# Payloads at least this long (super-segments; a full 1500-byte packet carries less)
+# reach the connection as a view of their packet, not a copy (Stack.receive).
+_VIEW_MIN = 2048
 
 
 @dataclass(slots=True)
@@ -298,9 +301,16 @@ class Stack:
                 # What came before goes first. A plain ACK leaves ESTABLISHED or
                 # CLOSE-WAIT as it was, so the connection is still the one to ask.
                 self._release(conn, run, now)
-        conn.on_segment(
-            tcp.seq, tcp.ack, tcp.flags, tcp.window, packet[start : ip.end], tcp.options, now
+        end = ip.end
+        # A GRO super-segment's payload (up to ~64 KiB) is passed as a view of the
+        # packet: flush_data copies it once, with the rest of the pass, where a
+        # slice here and the join there were two copies of every byte.
+        payload: Payload = (
+            memoryview(packet)[start:end]
+            if end - start >= _VIEW_MIN and type(packet) is bytes
+            else packet[start:end]
         )
+        conn.on_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, tcp.options, now)
         self._after_segment(conn, now)
 
     @staticmethod

@@ -464,3 +464,32 @@ def test_an_idle_connection_holds_no_empty_lists_of_its_own() -> None:
     stack.receive(tcp_packet(CLIENT_ISN + 5, SERVER_ISN + 5, ACK), 1.1)
     assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
     assert type(conn._sndbuf) is bytearray and not conn._sndbuf
+
+
+def test_super_segments_are_delivered_as_bytes_in_order_and_out_of_order() -> None:
+    # GRO super-segments' payloads reach the connection as views of their packets
+    # (Stack.receive); what comes out is bytes, each byte once and in order,
+    # whether a segment is in order, held out of order, or partly a duplicate.
+    stack = Stack()
+    flow = open_tcp_flow(stack)
+    data = bytes(range(256)) * 120  # 30,720 bytes
+    a, b, c = data[:10_000], data[10_000:20_000], data[20_000:]
+    base = CLIENT_ISN + 1
+
+    def packet(offset: int, payload: bytes) -> bytes:
+        return tcp_packet(base + offset, SERVER_ISN + 1, ACK, payload)
+
+    stack.receive(packet(0, a), 1.0, csum_ok=True, batch=True)
+    stack.receive(packet(20_000, c), 1.0, csum_ok=True, batch=True)  # a hole before it
+    stack.end_batch(1.0)
+    (first,) = stack_events(stack)
+    assert isinstance(first, DataReceived) and type(first.data) is bytes and first.data == a
+    # b arrives twice, the second time with 4,000 bytes of a in front of it.
+    stack.receive(packet(6_000, data[6_000:20_000]), 1.1, csum_ok=True, batch=True)
+    stack.receive(packet(10_000, b), 1.1, csum_ok=True, batch=True)
+    stack.end_batch(1.1)
+    (second,) = stack_events(stack)
+    assert isinstance(second, DataReceived) and type(second.data) is bytes
+    assert second.data == b + c and second.flow == flow
+    stack.consumed(flow, len(data))
+    assert sent_tcp(stack, 1.2)[-1].tcp.ack == base + len(data)

@@ -163,6 +163,7 @@ def test_stack_takes_a_super_segment_as_one_segment(
     stack.receive(packet, 0.2, csum_ok=True)
     (ev,) = stack_events(stack)
     assert isinstance(ev, DataReceived) and ev.flow == flow and ev.data == payload
+    assert type(ev.data) is bytes  # not a view of the packet (Stack.receive)
     stack.consumed(flow, len(payload))
     acks = sent_tcp(stack, 0.3)
     assert acks and acks[-1].tcp.flags == ACK

@@ -37,7 +37,7 @@ from stack.tcp.core import EMPTY_SEQS, EMPTY_SNDBUF, MAX_WINDOW, RECEIVING, SYNC
 from stack.tcp.cubic import make
 from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
-from stack.tcp.segment import TcpSegment
+from stack.tcp.segment import Payload, TcpSegment
 from stack.tcp.timestamps import TS_OPTION_LEN, Timestamps, offset_for
 from stack.tcp.transitions import CLOSE_SIDE, Close
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
@@ -234,7 +234,7 @@ class TcpConnection(TcpRecovery):
         ack: int,
         flags: int,
         window: int,
-        payload: bytes,
+        payload: Payload,
         options: TcpOptions,
         now: float,
         acks: int = 1,
@@ -344,7 +344,7 @@ class TcpConnection(TcpRecovery):
         seq: int,
         ack: int,
         window: int,
-        payload: bytes,
+        payload: Payload,
         options: TcpOptions,
         now: float,
         acks: int,
@@ -480,7 +480,7 @@ class TcpConnection(TcpRecovery):
             else:
                 ts.recent, ts.recent_at = options.timestamps[0], now
 
-    def _on_data(self, seq: int, payload: bytes, now: float) -> None:
+    def _on_data(self, seq: int, payload: Payload, now: float) -> None:
         # Trim to the window: the part before rcv_nxt is a duplicate and the part
         # beyond the advertised edge is not ours to keep (RFC 9293 3.10.7.4).
         rcv_nxt = self.rcv_nxt
@@ -499,7 +499,9 @@ class TcpConnection(TcpRecovery):
         if seq != rcv_nxt:
             held = self._ooo.size
             room = self.buf.rcv - self._unconsumed
-            if self._ooo.insert(rcv_nxt, seq, payload, room) and self.sack_ok:
+            # Held bytes are copied out of the packet (a view would keep all of it).
+            held_bytes = payload if type(payload) is bytes else bytes(payload)
+            if self._ooo.insert(rcv_nxt, seq, held_bytes, room) and self.sack_ok:
                 if self._ooo.size == held:
                     self._dsack = (seq, seq_add(seq, len(payload)))  # RFC 2883 4.1.2
                 recent = self._sack_recent  # RFC 2018 4: its block goes first
@@ -569,7 +571,7 @@ class TcpConnection(TcpRecovery):
         opts = NO_OPTIONS if self.ts is None and not self.sack_ok else self._options(now)
         self._queue(self._pure_ack(opts))
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: Payload) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, len(data))
         self._unconsumed += len(data)
         if self._rx_pending:

@@ -52,7 +52,7 @@ from stack.tcp.cubic import make
 from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
 from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
-from stack.tcp.segment import TcpSegment
+from stack.tcp.segment import Payload, TcpSegment
 from stack.tcp.timers import Timers
 from stack.tcp.timestamps import Timestamps
 from stack.tcp.transitions import (
@@ -77,7 +77,7 @@ _tcp_options = positional(
 # (scripts/build-compiled), which checks a list-typed value at run time, they are
 # shared empty lists instead: the pure-Python build is the one that catches that write.
 EMPTY_SEGMENTS: list[TcpSegment] = [] if COMPILED else cast("list[TcpSegment]", ())
-EMPTY_CHUNKS: list[bytes] = [] if COMPILED else cast("list[bytes]", ())
+EMPTY_CHUNKS: list[Payload] = [] if COMPILED else cast("list[Payload]", ())
 EMPTY_MARKS: list[tuple[int, int, int]] = [] if COMPILED else cast("list[tuple[int, int, int]]", ())
 EMPTY_SEQS: list[int] = [] if COMPILED else cast("list[int]", ())
 # The same for the send buffer (bytes has no extend).
@@ -334,7 +334,10 @@ class ConnectionCore:
         """Turn gathered in-order bytes into one ``DataReceived`` event."""
         if self._rx_pending:
             chunks = self._rx_pending
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            # One copy at most: a super-segment's payload is a view of its packet
+            # (Stack.receive), joined here with the rest of the pass into bytes.
+            first = chunks[0]
+            data = first if len(chunks) == 1 and type(first) is bytes else b"".join(chunks)
             self._rx_pending = EMPTY_CHUNKS
             self._events.append(DataReceived(self._flow(), data))
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
+
+# Received payload as the connection may hold it until it is surfaced: bytes, or a
+# view of the packet it came in (a super-segment's, not copied; Stack.receive).
+Payload: TypeAlias = bytes | memoryview
 
 _FLAG_NAMES = ((SYN, "S"), (FIN, "F"), (RST, "R"), (PSH, "P"), (ACK, "."))
 
