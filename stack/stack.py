@@ -75,6 +75,11 @@ _ADDRESSES_KEPT = 4096  # Stack._address's table: distinct addresses before it i
 _VIEW_MIN = 2048
 
 
+def _as_bytes(packet: bytes | memoryview) -> bytes:
+    """What is kept of a packet (a SYN, a fragment, a datagram) is bytes."""
+    return packet if type(packet) is bytes else bytes(packet)
+
+
 @dataclass(slots=True)
 class StackStats:
     """Counters; every dropped packet is counted under exactly one reason."""
@@ -224,7 +229,7 @@ class Stack:
     # ------------------------------------------------------------------ input
 
     def receive(
-        self, packet: bytes, now: float, *, csum_ok: bool = False, batch: bool = False
+        self, packet: bytes | memoryview, now: float, *, csum_ok: bool = False, batch: bool = False
     ) -> None:
         """Take one raw IP packet from the client side. Never raises for bad input.
 
@@ -234,7 +239,9 @@ class Stack:
         ``csum_ok``: the TCP/UDP checksum is not verified, because the caller
         knows it is good or only partial (TUN offloads: virtio NEEDS_CSUM or
         DATA_VALID). Such a packet may be a GRO super-segment: one TCP segment
-        with up to ~64 KiB of payload, taken like any other segment.
+        with up to ~64 KiB of payload, taken like any other segment, and may
+        come as a memoryview (of the frame it was read into: not copied); what
+        the Stack keeps of a packet beyond this call is bytes.
 
         ``batch``: the packet is one of a batch read at ``now`` that the caller
         ends with ``end_batch(now)``. A run of plain cumulative pure ACKs for one
@@ -248,12 +255,12 @@ class Stack:
             ip = parse_ip(packet)
             if ip.fragment is not None:
                 self.stats.fragments += 1
-                whole = self._fragments.add(packet, ip, now)
+                whole = self._fragments.add(_as_bytes(packet), ip, now)
                 if whole is not None:
                     self.receive(whole, now)
                 return
             if ip.proto != PROTO_TCP:
-                if not self._datagrams.receive(packet, ip, now, self._raw_out, csum_ok):
+                if not self._datagrams.receive(_as_bytes(packet), ip, now, self._raw_out, csum_ok):
                     self.stats.not_tcp += 1
                 return
             length = ip.end - ip.offset
@@ -278,7 +285,7 @@ class Stack:
             if key in self._time_wait and self._in_time_wait(key, tcp, ip.src, ip.dst, now):
                 return
             self._no_connection(
-                packet, ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len, now
+                _as_bytes(packet), ip.src, ip.dst, tcp, key, ip.end - off - tcp.header_len, now
             )
             return
         conn.packets.received += 1
@@ -308,7 +315,7 @@ class Stack:
         payload: Payload = (
             memoryview(packet)[start:end]
             if end - start >= _VIEW_MIN and type(packet) is bytes
-            else packet[start:end]
+            else packet[start:end]  # a view of a view is not copied either
         )
         conn.on_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, tcp.options, now)
         self._after_segment(conn, now)

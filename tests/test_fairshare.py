@@ -29,6 +29,16 @@ def test_keys_tell_flows_apart_by_addresses_and_ports() -> None:
     assert flow_key(bytes(later)) == bytes(later[12:20])
 
 
+def test_a_view_of_a_packet_has_the_packets_key() -> None:
+    # A TUN super-segment comes as a memoryview (relay.datapath.tun): same key, as bytes.
+    for packet in (tcp(1000, 3000), tcp(1000, 3000, V6), tcp(1000, 10)[:30]):
+        key = flow_key(memoryview(packet))
+        assert type(key) is bytes and key == flow_key(packet)
+    burst = [memoryview(tcp(1000, 60_000)), memoryview(tcp(1000, 60_000)), tcp(2000, 10)]
+    now, _, later, _ = split(burst, [True, True, False], 50_000)
+    assert now == [burst[0], burst[2]] and later == [burst[1]]
+
+
 def test_a_small_batch_is_returned_as_it_is() -> None:
     packets = [tcp(1000, 100), tcp(1001, 100)]
     marks = [True, False]

@@ -220,11 +220,16 @@ def test_tun_vnet_drain_strips_and_marks(vnet_tun: tuple[TunDevice, socket.socke
     packets, trusted = tun.drain_csum(max_batch=10)
     assert packets == [big[VNET_HDR_LEN:], b"\x45plain", b"\x45valid"]
     assert trusted == [True, False, True]
+    # The super-segment is a view of the frame read (not copied); the rest bytes.
+    assert [type(p) for p in packets] == [memoryview, bytes, bytes]
     s = tun.stats
     assert (s.packets_in, s.gso_packets_in, s.csum_trusted_in, s.drops_in) == (3, 1, 2, 1)
     assert s.bytes_in == len(big) - VNET_HDR_LEN + 12
     kernel.send(plain)
-    assert tun.drain(max_batch=10) == [b"\x45plain"]  # drain() strips as well
+    kernel.send(big)
+    # drain() strips as well, and gives bytes only
+    assert tun.drain(max_batch=10) == [b"\x45plain", big[VNET_HDR_LEN:]]
+    assert tun.stats.packets_in == 5
     assert tun.drain_csum(max_batch=10) == ([], [])
 
 

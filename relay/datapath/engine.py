@@ -63,7 +63,7 @@ from relay.datapath.env import (
 )
 from relay.datapath.isn import IsnGenerator
 from relay.datapath.looptime import LoopLatency
-from relay.datapath.packet_source import CsumPacketSource, PacketSource
+from relay.datapath.packet_source import CsumPacketSource, PacketSource, RawPacket
 from relay.datapath.tcpflow import TcpFlow, make_connector
 from relay.datapath.udpflow import UdpFlow, open_udp_socket
 from stack import (
@@ -207,7 +207,7 @@ class Relay:
         self._flows: dict[FlowId, TcpFlow] = {}
         self._nursery: trio.Nursery | None = None
         self._kicked = False
-        self._carried: tuple[list[bytes], list[bool]] = ([], [])
+        self._carried: tuple[list[RawPacket], list[bool]] = ([], [])
         self._waiting = False  # the packet loop sleeps in _wait_scope
         self._wait_scope: trio.CancelScope | None = None
         up = config.upstream
@@ -361,10 +361,11 @@ class Relay:
             # one share) even while an upload's carried packets wait for theirs.
             room = max_batch if not carried or sum(map(len, carried)) < fairshare.CARRY_BYTES else 0
             trusted: list[bool] | None
+            packets: list[RawPacket]
             if room <= 0:
                 packets, trusted = [], None
             elif drain_csum is None:
-                packets, trusted = source.drain(room), None
+                packets, trusted = list(source.drain(room)), None
             else:
                 packets, trusted = drain_csum(room)
             read = len(packets)

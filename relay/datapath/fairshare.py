@@ -23,6 +23,8 @@ only moves a packet behind others of its own key, never ahead of them.
 
 from __future__ import annotations
 
+from relay.datapath.packet_source import RawPacket
+
 PROTO_TCP, PROTO_UDP = 6, 17
 # The loop reads no more while this much is carried (a flow's default window is
 # 4 MiB; packets beyond their flows' windows are the stack's to drop, but they
@@ -30,7 +32,7 @@ PROTO_TCP, PROTO_UDP = 6, 17
 CARRY_BYTES = 4 << 20
 
 
-def flow_key(packet: bytes) -> bytes:
+def flow_key(packet: RawPacket) -> bytes:
     """The addresses and, for TCP and UDP, the ports of a raw IP packet (no checks)."""
     if len(packet) < 20:
         return b""
@@ -39,27 +41,27 @@ def flow_key(packet: bytes) -> bytes:
         ihl = (packet[0] & 15) * 4
         first = not packet[7] and not packet[6] & 0x1F  # fragment offset 0
         if packet[9] in (PROTO_TCP, PROTO_UDP) and first:
-            return packet[12:20] + packet[ihl : ihl + 4]
-        return packet[12:20]
+            return bytes(packet[12:20]) + packet[ihl : ihl + 4]
+        return bytes(packet[12:20])
     if version == 6 and len(packet) >= 40:
         if packet[6] in (PROTO_TCP, PROTO_UDP):
-            return packet[8:44]  # addresses and ports
-        return packet[8:40]
+            return bytes(packet[8:44])  # addresses and ports
+        return bytes(packet[8:40])
     return b""
 
 
 def split(
-    packets: list[bytes], marks: list[bool], budget: int
-) -> tuple[list[bytes], list[bool], list[bytes], list[bool]]:
+    packets: list[RawPacket], marks: list[bool], budget: int
+) -> tuple[list[RawPacket], list[bool], list[RawPacket], list[bool]]:
     """``(now, now_marks, later, later_marks)``: each flow's packets up to ``budget``
     bytes (at least its first packet) now, the rest later; ``marks`` (the trusted
     checksum flags) go with their packets."""
     if sum(map(len, packets)) <= budget:
         return packets, marks, [], []
     spent: dict[bytes, int] = {}
-    now: list[bytes] = []
+    now: list[RawPacket] = []
     now_marks: list[bool] = []
-    later: list[bytes] = []
+    later: list[RawPacket] = []
     later_marks: list[bool] = []
     for packet, mark in zip(packets, marks, strict=True):
         key = flow_key(packet)

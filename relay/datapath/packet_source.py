@@ -19,11 +19,15 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeAlias, runtime_checkable
 
 import trio
 
-__all__ = ["CsumPacketSource", "MemoryPacketSource", "PacketSource", "PacketStats"]
+__all__ = ["CsumPacketSource", "MemoryPacketSource", "PacketSource", "PacketStats", "RawPacket"]
+
+# A packet read: bytes, or a view of the buffer it was read into (a TUN frame's GRO
+# super-segment past its virtio-net header: relay.datapath.tun, not copied).
+RawPacket: TypeAlias = bytes | memoryview
 
 
 class PacketSource(Protocol):
@@ -61,7 +65,7 @@ class CsumPacketSource(PacketSource, Protocol):
         """``drain_csum`` can mark packets (else use ``drain``: every mark is False)."""
         ...
 
-    def drain_csum(self, max_batch: int) -> tuple[list[bytes], list[bool]]:
+    def drain_csum(self, max_batch: int) -> tuple[list[RawPacket], list[bool]]:
         """Like ``drain``, plus a parallel list: True where the checksum is trusted."""
         ...
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 import pytun
 import trio
 
-from relay.datapath.packet_source import PacketStats
+from relay.datapath.packet_source import PacketStats, RawPacket
 from relay.datapath.vnet import (
     DATA_VALID,
     GSO_NONE,
@@ -218,7 +218,7 @@ class TunDevice:
         if self._closed:
             raise trio.ClosedResourceError("TUN device is closed")
         if self.vnet_hdr:
-            return self.drain_csum(max_batch)[0]
+            return [bytes(p) for p in self._drain_framed(max_batch)[0]]
         packets: list[bytes] = []
         if max_batch <= 0:
             return packets
@@ -238,21 +238,27 @@ class TunDevice:
             stats.bytes_in += sum(map(len, packets))
         return packets
 
-    def drain_csum(self, max_batch: int) -> tuple[list[bytes], list[bool]]:
+    def drain_csum(self, max_batch: int) -> tuple[list[RawPacket], list[bool]]:
         """Like `drain`, plus for each packet whether its transport checksum is
         trusted (virtio NEEDS_CSUM or DATA_VALID: the stack must not verify it).
 
-        Without `vnet_hdr` nothing is known, and every mark is False.
+        A GRO super-segment comes as a memoryview of the frame read, past the
+        virtio-net header: not copied (Stack.receive takes it as it is); any
+        other packet as bytes. Without `vnet_hdr` nothing is known, and every
+        mark is False.
 
         Raises:
             trio.ClosedResourceError: the device was closed.
         """
         if not self.vnet_hdr:
             plain = self.drain(max_batch)
-            return plain, [False] * len(plain)
+            return list(plain), [False] * len(plain)
+        return self._drain_framed(max_batch)
+
+    def _drain_framed(self, max_batch: int) -> tuple[list[RawPacket], list[bool]]:
         if self._closed:
             raise trio.ClosedResourceError("TUN device is closed")
-        packets: list[bytes] = []
+        packets: list[RawPacket] = []
         trusted: list[bool] = []
         if max_batch <= 0:
             return packets, trusted
@@ -267,10 +273,12 @@ class TunDevice:
                 if len(frame) <= VNET_HDR_LEN:  # never from the kernel; keep it out anyway
                     short += 1
                     continue
-                append(frame[VNET_HDR_LEN:])  # one copy: the stack wants bytes
                 mark(frame[0] & _TRUSTED != 0)
-                if frame[1]:  # gso_type: a GRO super-segment
+                if frame[1]:  # gso_type: a GRO super-segment (TCP), up to 64 KiB
                     gso += 1
+                    append(memoryview(frame)[VNET_HDR_LEN:])  # not copied
+                else:
+                    append(frame[VNET_HDR_LEN:])  # small: a copy costs less than a view
                 if len(packets) >= max_batch:
                     break
         except BlockingIOError:
