@@ -447,23 +447,23 @@ def test_an_idle_connection_holds_no_empty_lists_of_its_own() -> None:
         EMPTY_MARKS,
         EMPTY_SEGMENTS,
         EMPTY_SEQS,
-        EMPTY_SNDBUF,
     )
+    from stack.tcp.sendbuf import _NO_CHUNKS
 
     stack = Stack()
     flow = open_tcp_flow(stack)
     conn = stack._by_flow[flow]
     assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
     assert conn._rtx_marks is EMPTY_MARKS
-    assert conn._sack_recent is EMPTY_SEQS and conn._sndbuf is EMPTY_SNDBUF
+    assert conn._sack_recent is EMPTY_SEQS and conn._sndbuf._chunks is _NO_CHUNKS
     stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | PSH, b"ping"), 1.0)
     assert [type(e) for e in stack_events(stack)] == [DataReceived]
     stack.send(flow, b"pong")
     assert sent_tcp(stack, 1.0)  # the reply (with the ACK)
-    assert type(conn._sndbuf) is bytearray and conn._sndbuf == b"pong"  # its own, once used
+    assert conn._sndbuf.view(0, 4) == b"pong" and conn._sndbuf._chunks is not _NO_CHUNKS
     stack.receive(tcp_packet(CLIENT_ISN + 5, SERVER_ISN + 5, ACK), 1.1)
     assert conn._ctl is EMPTY_SEGMENTS and conn._rx_pending is EMPTY_CHUNKS
-    assert type(conn._sndbuf) is bytearray and not conn._sndbuf
+    assert not conn._sndbuf and conn._sndbuf._chunks is _NO_CHUNKS  # shared again
 
 
 def test_super_segments_are_delivered_as_bytes_in_order_and_out_of_order() -> None:

@@ -82,7 +82,7 @@ def snapshot(obj: object) -> object:
     """Everything an object holds, as comparable values (slots and dicts, recursively)."""
     if obj is None or isinstance(obj, int | float | str | bytes | enum.Enum):
         return obj
-    if isinstance(obj, bytearray):
+    if isinstance(obj, bytearray | memoryview):
         return bytes(obj)
     if isinstance(obj, tuple | list | deque):
         return [type(obj).__name__, *map(snapshot, obj)]

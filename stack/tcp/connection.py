@@ -33,7 +33,7 @@ from stack.events import (
 )
 from stack.seq import seq_add, seq_gt, seq_le, seq_lt, seq_sub
 from stack.tcp.buffers import MAX_WSCALE, wscale_for
-from stack.tcp.core import EMPTY_SEQS, EMPTY_SNDBUF, MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
+from stack.tcp.core import EMPTY_SEQS, MAX_WINDOW, RECEIVING, SYNCHRONIZED, State
 from stack.tcp.cubic import make
 from stack.tcp.recovery import TcpRecovery
 from stack.tcp.sack import MAX_RECENT
@@ -157,10 +157,7 @@ class TcpConnection(TcpRecovery):
         if n < len(data):
             self._want_send_space = True
         if n > 0:
-            if self._sndbuf is EMPTY_SNDBUF:
-                self._sndbuf = bytearray(data[:n])
-            else:
-                self._sndbuf += data[:n]
+            self._sndbuf.append(data if n == len(data) else data[:n])
         return n
 
     @property

@@ -53,6 +53,7 @@ from stack.tcp.reassembly import Reassembly
 from stack.tcp.rtt import RttEstimator
 from stack.tcp.sack import DUP_THRESH, Scoreboard, choose_blocks
 from stack.tcp.segment import Payload, TcpSegment
+from stack.tcp.sendbuf import SendBuffer
 from stack.tcp.timers import Timers
 from stack.tcp.timestamps import Timestamps
 from stack.tcp.transitions import (
@@ -80,8 +81,6 @@ EMPTY_SEGMENTS: list[TcpSegment] = [] if COMPILED else cast("list[TcpSegment]", 
 EMPTY_CHUNKS: list[Payload] = [] if COMPILED else cast("list[Payload]", ())
 EMPTY_MARKS: list[tuple[int, int, int]] = [] if COMPILED else cast("list[tuple[int, int, int]]", ())
 EMPTY_SEQS: list[int] = [] if COMPILED else cast("list[int]", ())
-# The same for the send buffer (bytes has no extend).
-EMPTY_SNDBUF: bytearray = bytearray() if COMPILED else cast("bytearray", b"")
 
 
 __all__ = [
@@ -89,7 +88,6 @@ __all__ = [
     "EMPTY_MARKS",
     "EMPTY_SEGMENTS",
     "EMPTY_SEQS",
-    "EMPTY_SNDBUF",
     "LINGERING",
     "MAX_WINDOW",
     "RECEIVING",
@@ -225,7 +223,7 @@ class ConnectionCore:
         self.max_snd_wnd = 0  # largest window the peer has offered (sender SWS avoidance)
         self.snd_wscale = 0  # RFC 7323 Snd.Wind.Shift: the peer's window field is << this
         self.snd_mss = cfg.default_peer_mss  # largest payload we send per segment
-        self._sndbuf = EMPTY_SNDBUF  # unacknowledged and unsent bytes from the application
+        self._sndbuf = SendBuffer()  # unacknowledged and unsent bytes from the application
         self._sb_seq = 0  # sequence number of _sndbuf[0]
         self._fin_queued = False  # close() was called: FIN follows the data
         self._want_send_space = False  # a send() came up short: emit SendSpace when room frees
@@ -420,7 +418,7 @@ class ConnectionCore:
         self.close_reason = reason
         self.timers.clear_all()
         self._ack_now = self._syn_due = self._rtx_due = False
-        self._sndbuf = EMPTY_SNDBUF
+        self._sndbuf.clear()
         self._ooo = Reassembly(0)
         self._sb.clear()
         self.buf.close()
@@ -440,7 +438,7 @@ class ConnectionCore:
         ack: int,
         flags: int,
         window: int,
-        payload: bytes = b"",
+        payload: Payload = b"",
         options: TcpOptions = NO_OPTIONS,
         gso: int = 0,
     ) -> TcpSegment:

@@ -170,7 +170,7 @@ class TcpRecovery(TcpSender):
         # Drop acknowledged bytes from the send buffer (the SYN and FIN hold no bytes).
         n = min(seq_sub(ack, self._sb_seq), len(self._sndbuf))
         if n > 0:
-            del self._sndbuf[:n]
+            self._sndbuf.drop(n)
             self._sb_seq = seq_add(self._sb_seq, n)
             if self._want_send_space and not self._fin_queued:
                 self._want_send_space = False

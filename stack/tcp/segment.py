@@ -29,7 +29,7 @@ class TcpSegment:
     ack: int
     flags: int
     window: int
-    payload: bytes = b""
+    payload: Payload = b""
     options: TcpOptions = NO_OPTIONS
     gso: int = 0  # > 0: the payload is several wire segments of this size (TSO-style)
 

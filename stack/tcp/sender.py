@@ -405,7 +405,7 @@ class TcpSender(ConnectionCore):
         # and the peer's window; the peer would then acknowledge bytes never
         # counted as sent, and every later segment of its would be dropped.
         n = min(self._seg_mss, seq_sub(data_end if seq_lt(data_end, end) else end, start))
-        data = bytes(memoryview(self._sndbuf)[off : off + n]) if n > 0 else b""
+        data = self._sndbuf.view(off, n)
         flags = ACK
         if fin_sent and seq_add(start, len(data)) == data_end and seq_gt(end, data_end):
             flags |= FIN
@@ -526,8 +526,8 @@ class TcpSender(ConnectionCore):
                     flags |= PSH
                     if fin_pending:
                         flags |= FIN
-                # One copy (a slice of the bytearray, then bytes of it, would be two).
-                payload = bytes(memoryview(buf)[off : off + n])
+                # Not copied when it lies in one chunk of the buffer (sendbuf.py).
+                payload = buf.view(off, n)
                 # n > mss: several wire segments in one. The Stack cuts it to ``mss``
                 # or hands it to the kernel as one GSO write (TcpConfig.tso_segments).
                 gso = mss if n > mss else 0
