@@ -187,3 +187,13 @@ def test_a_bad_rule_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> N
     argv = ["run", "--tun", "tr0", "--client-net", NETS[0], "--deny", "[fd00::/8"]
     assert main(argv) == 2
     assert "tunrelay run: --deny: '[fd00::/8': no closing ']'" in capsys.readouterr().err
+
+
+def test_tune_malloc_sets_fixed_thresholds_where_glibc_has_mallopt() -> None:
+    import ctypes
+
+    from relay.service.run import tune_malloc
+
+    has_mallopt = hasattr(ctypes.CDLL(None), "mallopt")
+    assert tune_malloc() is has_mallopt
+    assert tune_malloc() is has_mallopt  # idempotent
