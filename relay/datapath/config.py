@@ -44,13 +44,20 @@ class RelayConfig:
     max_batch: int = 256  # packets drained per loop iteration before letting flow tasks run
     # Bytes of one client flow the stack takes per loop pass (relay.datapath.fairshare;
     # at least one packet; 0: no bound): with GRO a batch could hold megabytes of one
-    # upload, and a request read beside them waited for all. As much as recv_size.
+    # upload, and a request read beside them waited for all. (recv_size, its download
+    # counterpart, was 256 KiB too; this share was not measured larger.)
     flow_pass_bytes: int = 256 * 1024
-    # Upper bound of one upstream recv (server -> client). 256 KiB lets one loop
-    # iteration write four 64 KiB GSO super-segments: measured with bench_netns
-    # (offload, 1 stream down): 64 KiB 1.9, 128 KiB ~2.9, 256 KiB 4.3-5.0,
-    # 512 KiB 2-4.4, 1 MiB 2.6-3.6 Gbit/s.
-    recv_size: int = 256 * 1024
+    # Upper bound of one upstream recv (server -> client): fewer reads, stack
+    # sends and scheduler passes per byte, each read written as 64 KiB GSO
+    # super-segments. Measured with bench_netns (offload, 1 stream down): 64 KiB
+    # 1.9, 128 KiB ~2.9, 256 KiB 4.3-5.0 Gbit/s, while larger reads were slower
+    # (512 KiB 2-4.4, 1 MiB 2.6-3.6) as the bytearray send buffer copied all it
+    # held each time it grew. With the send buffer as chunks (stack.tcp.sendbuf),
+    # 2 rounds of 3: 256 KiB 5.6-7.4 Gbit/s at 1.03-1.25 CPU s per GB, 512 KiB
+    # 10.4-11.4 at 0.68-0.70, 1 MiB 8.8-12.6 at 0.61-0.74 (a read past the
+    # workers' 1 MiB mmap threshold maps fresh pages: relay.service.run.tune_malloc);
+    # a request beside the download was no slower (median 125 -> 104 us).
+    recv_size: int = 512 * 1024
     max_c2s_queue: int = 64 << 20  # hard cap of queued client -> server bytes per flow
     upstream_sndbuf: int | None = None  # SO_SNDBUF of upstream sockets; None = kernel default
     upstream_rcvbuf: int | None = None  # SO_RCVBUF of upstream sockets; None = kernel default
