@@ -187,6 +187,8 @@ STEPS = ("up", "down", "up4", "connrate", "connrate1", "latency", "loaded", "idl
 # connections and latency), and one connection in flight is measured where its
 # target is (c and e against b) and on a, the load generator's own ceiling.
 # --measures runs the named measures on every configuration.
+IDLE_SETTLE_SECONDS = 2.5  # before the idle measure's "before" figures
+
 DEFAULT_SKIPS: dict[str, tuple[str, ...]] = {
     "k": ("connrate", "connrate1", "latency", "loaded", "idle"),
     **{cfg: ("connrate1",) for cfg in ("d", "h", "i", "j", "s")},
@@ -736,6 +738,10 @@ class Lab:
         p = self.params
         assert self.proc is not None and self.server is not None
         pid, server_pid = self.proc.pid, self.server.pid
+        # At rest first: the previous measure's traffic ended a moment ago, and a
+        # tunrelay worker gives its free heap back a second or two after bulk
+        # traffic ends (relay/service/run.py, BulkEnd).
+        time.sleep(IDLE_SETTLE_SECONDS)
         base, base_fds, server_fds = rss_kib(pid), fd_count(pid), fd_count(server_pid)
         base_rollup = rollup_kib(pid)
         argv = [

@@ -197,3 +197,24 @@ def test_tune_malloc_sets_fixed_thresholds_where_glibc_has_mallopt() -> None:
     has_mallopt = hasattr(ctypes.CDLL(None), "mallopt")
     assert tune_malloc() is has_mallopt
     assert tune_malloc() is has_mallopt  # idempotent
+
+
+def test_free_heap_is_given_back_once_when_bulk_traffic_ends() -> None:
+    from relay.service.run import BulkEnd, malloc_trimmer
+
+    mib = 1 << 20
+    edge = BulkEnd(0, bulk=16 * mib, quiet=mib)
+    total, seen = 0, []
+    # idle, small traffic, two bulk seconds, a quiet one, quiet again, small again
+    for moved in (0, 200_000, 20 * mib, 30 * mib, 100_000, 0, 500_000):
+        total += moved
+        seen.append(edge.observe(total))
+    assert seen == [False, False, False, False, True, False, False]
+    # Traffic that stays bulk, or never was, never trims.
+    edge = BulkEnd(0, bulk=16 * mib, quiet=mib)
+    assert not any(edge.observe(n * 20 * mib) for n in range(1, 6))
+    edge = BulkEnd(0, bulk=16 * mib, quiet=mib)
+    assert not any(edge.observe(n * mib) for n in range(1, 6))
+    trim = malloc_trimmer()
+    assert trim is not None  # glibc, this project's platform
+    trim()

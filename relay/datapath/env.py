@@ -146,6 +146,7 @@ class RelayStats:
     flows_ended: int = 0
     bytes_c2s: int = 0
     bytes_s2c: int = 0
+    heap_trims: int = 0  # malloc_trim calls after bulk traffic ended (relay/service/run.py)
     upstream_errors: int = 0  # resets and other socket errors mid-stream
     analyzer_errors: int = 0
     flow_errors: int = 0  # unexpected exceptions in a flow task (a bug; flow aborted)

@@ -711,6 +711,62 @@ def tune_malloc() -> bool:
     )
 
 
+# After bulk traffic, free heap goes back to the kernel (glibc malloc_trim). The
+# trim threshold above keeps up to 8 MiB of it per worker while bytes flow, which
+# is what it is for, but not once they stop. Checked once a second from the
+# relay's byte counts; a check costs two additions.
+TRIM_CHECK_SECONDS = 1.0
+BULK_BYTES_PER_CHECK = 16 << 20  # a second that moved this much was bulk traffic
+QUIET_BYTES_PER_CHECK = 1 << 20  # and one below this after it: the bulk ended
+
+
+class BulkEnd:
+    """Tells, from a cumulative byte count read once per check, when a busy
+    period (a check that moved at least ``bulk`` bytes) has been followed by a
+    quiet one (less than ``quiet``): once per busy period."""
+
+    __slots__ = ("_busy", "_last", "bulk", "quiet")
+
+    def __init__(
+        self, start: int, bulk: int = BULK_BYTES_PER_CHECK, quiet: int = QUIET_BYTES_PER_CHECK
+    ) -> None:
+        self._last = start
+        self._busy = False
+        self.bulk, self.quiet = bulk, quiet
+
+    def observe(self, total: int) -> bool:
+        moved, self._last = total - self._last, total
+        if moved >= self.bulk:
+            self._busy = True
+        elif self._busy and moved < self.quiet:
+            self._busy = False
+            return True
+        return False
+
+
+def malloc_trimmer() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)`` (free heap back to the kernel), or None without it."""
+    import ctypes  # the worker's only use: the supervisor does without
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+async def _trim_after_bulk(relay: Relay, trim: Callable[[], object]) -> None:
+    stats = relay.stats
+    edge = BulkEnd(stats.bytes_c2s + stats.bytes_s2c)
+    while True:
+        await trio.sleep(TRIM_CHECK_SECONDS)
+        if edge.observe(stats.bytes_c2s + stats.bytes_s2c):
+            trim()
+            stats.heap_trims += 1
+
+
 async def relay_queue(
     opts: RunOptions,
     tun: TunDevice,
@@ -761,6 +817,8 @@ async def relay_queue(
                 if stats_interval is not None or opts.stats_interval > 0:
                     interval = stats_interval or (lambda: opts.stats_interval)
                     nursery.start_soon(_log_stats, relay, stack, tun, watch.stats, interval)
+                if (trim := malloc_trimmer()) is not None:
+                    nursery.start_soon(_trim_after_bulk, relay, trim)
                 if on_running is not None:
                     on_running(nursery, relay, stack, tun, watch.stats)
                 on_ready()
