@@ -30,15 +30,6 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
-
 from relay.analysis.hooks import Block, FlowInfo
 
 if TYPE_CHECKING:
@@ -105,6 +96,17 @@ def read_block_list(path: str) -> list[tuple[str, str]]:
 
 def nxdomain(q: DnsQuery) -> bytes | None:
     """The NXDOMAIN answer to ``q`` (TCP: length-prefixed); None if it cannot be built."""
+    # dnspython: loaded already by the DNS dissector that made ``q``; not imported
+    # with this module, which the supervisor also reads (``parse_pattern``).
+    import dns.flags
+    import dns.message
+    import dns.name
+    import dns.opcode
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
+
     try:
         query = dns.message.Message(id=q.trans_id)
         query.flags = dns.flags.RD if q.rd else 0

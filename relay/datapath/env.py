@@ -21,7 +21,8 @@ from stack import CloseReason, Event, FlowId, Reject, Unreachable
 
 if TYPE_CHECKING:
     # Imported by the engine only when some analyzer wants records: the dissectors
-    # (dnspython, httptools, cryptography) are ~11 MiB a worker need not carry.
+    # (httptools; dnspython and cryptography when the first DNS message and QUIC
+    # Initial come) are ~11 MiB a worker need not carry.
     from relay.datapath.dissection import DatagramDissection, StreamDissection
     from stack import PacketCounts  # (stack.stack: not loaded by the supervisor)
 

@@ -8,37 +8,22 @@ once; its response emits a ``DnsTransaction`` with the round-trip time
 transaction id and question; at most ``MAX_PENDING`` queries wait for an
 answer (the oldest is then emitted unanswered, as ``close`` does with the
 rest). A message dnspython cannot parse fails the dissector.
+
+dnspython is imported with ``_dns_wire`` when the first message is parsed
+(about 20 ms, once), not with this module: a process that never sees DNS
+does not carry it (about 1.5 MiB of heap).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
-
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdata
-import dns.rdatatype
-import dns.rrset
-from dns.rdtypes.ANY.NSEC import NSEC
-from dns.rdtypes.ANY.RRSIG import RRSIG
-from dns.rdtypes.ANY.SOA import SOA
-from dns.rdtypes.ANY.SSHFP import SSHFP
-from dns.rdtypes.dnskeybase import DNSKEYBase
-from dns.rdtypes.dsbase import DSBase
-from dns.rdtypes.IN.A import A
-from dns.rdtypes.IN.AAAA import AAAA
-from dns.rdtypes.IN.NAPTR import NAPTR
-from dns.rdtypes.IN.SRV import SRV
-from dns.rdtypes.mxbase import MXBase
-from dns.rdtypes.nsbase import NSBase
-from dns.rdtypes.txtbase import TXTBase
+from typing import TYPE_CHECKING, Final
 
 from .base import DatagramDissector, Direction, Malformed, StreamDissector
+
+if TYPE_CHECKING:
+    from ._dns_wire import Message
 
 __all__ = ["DnsQuery", "DnsRecord", "DnsTcpDissector", "DnsTransaction", "DnsUdpDissector"]
 
@@ -46,27 +31,23 @@ MAX_PENDING: Final = 256
 
 # Zeek's names (base/protocols/dns/consts.zeek) where they differ from dnspython's.
 _CLASSES = {1: "C_INTERNET", 2: "C_CSNET", 3: "C_CHAOS", 4: "C_HESIOD", 254: "C_NONE", 255: "C_ANY"}
-NS_TYPES = (dns.rdatatype.NS, dns.rdatatype.CNAME, dns.rdatatype.PTR)
 _OPCODES = {0: "query", 1: "inverse-query", 2: "status", 4: "notify", 5: "dynamic-update"}
+_QR, _AA, _TC, _RD, _RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080  # RFC 1035 §4.1.1
+
+# Names that need dnspython, from ._dns_wire when asked for.
+_FROM_WIRE = frozenset({"NS_TYPES", "qtype_name", "rcode_name", "render"})
 
 
-def qtype_name(qtype: int) -> str:
-    """A query type as Zeek names it: ``A``, ``AAAA``, ``*`` (ANY), ``query-N``."""
-    if qtype == 255:
-        return "*"
-    text = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype))
-    return f"query-{qtype}" if text.startswith("TYPE") else text
+def __getattr__(name: str) -> object:
+    if name in _FROM_WIRE:
+        from . import _dns_wire
+
+        return getattr(_dns_wire, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def qclass_name(qclass: int) -> str:
     return _CLASSES.get(qclass, f"qclass-{qclass}")
-
-
-def rcode_name(rcode: int) -> str:
-    try:
-        return dns.rcode.to_text(dns.rcode.Rcode.make(rcode))
-    except ValueError:
-        return f"rcode-{rcode}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,52 +126,6 @@ class DnsTransaction:
 DnsRecord = DnsQuery | DnsTransaction
 
 
-def _name(name: dns.name.Name) -> str:
-    return "" if name == dns.name.root else name.to_text(omit_final_dot=True)
-
-
-def _strings(kind: str, strings: tuple[bytes, ...]) -> str:
-    return " ".join(f"{kind} {len(s)} {s.decode('utf-8', 'backslashreplace')}" for s in strings)
-
-
-def render(rd: dns.rdata.Rdata, owner: dns.name.Name) -> str:
-    """One answer's data as Zeek's dns.log writes it (base/protocols/dns/main.zeek)."""
-    t = rd.rdtype
-    if isinstance(rd, A | AAAA):
-        return str(rd.address)
-    if isinstance(rd, NSBase) and t in NS_TYPES:
-        return _name(rd.target)
-    if isinstance(rd, MXBase):
-        return _name(rd.exchange)
-    if isinstance(rd, SOA):
-        return _name(rd.mname)
-    if isinstance(rd, SRV):
-        return _name(rd.target)
-    if isinstance(rd, TXTBase) and t in (dns.rdatatype.TXT, dns.rdatatype.SPF):
-        return _strings(t.name, rd.strings)
-    if isinstance(rd, NAPTR):
-        tail = " ".join(x for x in (rd.regexp.decode("latin-1"), _name(rd.replacement)) if x)
-        flags, service = rd.flags.decode("latin-1"), rd.service.decode("latin-1")
-        return f"NAPTR {rd.order} {rd.preference} {flags} {service} {tail}"
-    if isinstance(rd, DNSKEYBase):
-        return f"DNSKEY {int(rd.algorithm)}"
-    if isinstance(rd, DSBase):
-        return f"DS {int(rd.algorithm)} {rd.digest_type}"
-    if isinstance(rd, RRSIG):
-        return f"RRSIG {int(rd.type_covered)} {_name(rd.signer) or '<Root>'}"
-    if isinstance(rd, NSEC):
-        return f"NSEC {_name(owner)} {_name(rd.next)}"
-    if t == dns.rdatatype.NSEC3:
-        return "NSEC3"
-    if t == dns.rdatatype.NSEC3PARAM:
-        return "NSEC3PARAM"
-    if isinstance(rd, SSHFP):
-        return f"SSHFP: {rd.fingerprint.hex()}"
-    if t == dns.rdatatype.WKS:
-        return ""
-    return f"<unknown type={int(t)}>"
-
-
 _Key = tuple[int, str, int, int]
 
 
@@ -204,24 +139,18 @@ class _DnsCore:
         self.pending: OrderedDict[_Key, DnsQuery] = OrderedDict()
 
     def message(self, wire: bytes, now: float, out: list[DnsRecord]) -> None:
-        try:
-            # one_rr_per_rrset keeps the wire order of the answers and each one's TTL.
-            msg = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=True)
-        except Exception as e:  # whatever dnspython raises, the message is malformed
-            raise Malformed(f"DNS: {type(e).__name__}: {e}") from None
-        q = msg.question[0] if msg.question else None
-        key = (
-            (msg.id, _name(q.name).lower(), int(q.rdtype), int(q.rdclass))
-            if q is not None
-            else None
-        )
-        if not msg.flags & dns.flags.QR:
+        from . import _dns_wire as w  # dnspython, loaded by the first message
+
+        msg = w.read(wire)
+        q = msg.question
+        key = (msg.id, q[0].lower(), q[1], q[2]) if q is not None else None
+        if not msg.flags & _QR:
             if q is None or key is None:
                 raise Malformed("DNS query without a question")
-            qclass, qtype = int(q.rdclass), int(q.rdtype)
+            name, qtype, qclass = q
             query = DnsQuery(
-                now, msg.id, self.proto, _name(q.name), qclass, qclass_name(qclass),
-                qtype, qtype_name(qtype), int(msg.opcode()), bool(msg.flags & dns.flags.RD),
+                now, msg.id, self.proto, name, qclass, qclass_name(qclass),
+                qtype, w.qtype_name(qtype), msg.opcode, bool(msg.flags & _RD),
             )  # fmt: skip
             out.append(query)
             if key not in self.pending:
@@ -230,7 +159,7 @@ class _DnsCore:
                     out.append(self._unanswered(oldest))
                 self.pending[key] = query
             return
-        out.append(self._response(msg, q, key, now))
+        out.append(self._response(msg, key, now))
 
     def _match(self, msg_id: int, key: _Key | None) -> DnsQuery | None:
         if key is not None:
@@ -240,33 +169,24 @@ class _DnsCore:
                 return self.pending.pop(k)
         return None
 
-    def _response(
-        self, msg: dns.message.Message, q: dns.rrset.RRset | None, key: _Key | None, now: float
-    ) -> DnsTransaction:
+    def _response(self, msg: Message, key: _Key | None, now: float) -> DnsTransaction:
+        from ._dns_wire import qtype_name, rcode_name
+
         query = self._match(msg.id, key)
-        answers: list[str] = []
-        ttls: list[int] = []
-        for rrset in msg.answer:
-            for rd in rrset:
-                text = render(rd, rrset.name)
-                if text:
-                    answers.append(text)
-                    ttls.append(int(rrset.ttl))
-        flags = msg.flags
-        rcode = int(msg.rcode())
+        flags, rcode, q = msg.flags, msg.rcode, msg.question
         if query is not None:
             ts, name, qclass, qtype = query.ts, query.query, query.qclass, query.qtype
         elif q is not None:
-            ts, name, qclass, qtype = now, _name(q.name), int(q.rdclass), int(q.rdtype)
+            ts, (name, qtype, qclass) = now, q
         else:
             ts, name, qclass, qtype = now, None, None, None
-        opcode = int(msg.opcode())
+        opcode = msg.opcode
         return DnsTransaction(
             ts, msg.id, self.proto, name, qclass,
             qclass_name(qclass) if qclass is not None else None, qtype,
             qtype_name(qtype) if qtype is not None else None, rcode, rcode_name(rcode),
-            bool(flags & dns.flags.AA), bool(flags & dns.flags.TC), bool(flags & dns.flags.RD),
-            bool(flags & dns.flags.RA), (flags >> 4) & 0x7, tuple(answers), tuple(ttls),
+            bool(flags & _AA), bool(flags & _TC), bool(flags & _RD),
+            bool(flags & _RA), (flags >> 4) & 0x7, msg.answers, msg.ttls,
             rcode != 0 and q is None, now - query.ts if query is not None else None,
             opcode, _OPCODES.get(opcode, f"opcode-{opcode}"), query is not None, True,
         )  # fmt: skip

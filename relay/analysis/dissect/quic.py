@@ -10,6 +10,11 @@ into the handshake messages that ``tls.parse_client_hello`` reads, with
 JA4's ``q`` transport. Short-header packets and the later packet number
 spaces are opaque and skipped. Once both hellos are seen, or after
 ``MAX_INITIALS`` Initial packets in a direction, the dissector is ``done``.
+
+The keys come from HMAC-SHA256 (``hashlib``); the AES is cryptography's,
+imported with ``_quic_crypto`` when the first Initial packet is decrypted
+(about 6 ms, once), not with this module: a process that never sees QUIC
+does not carry it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,6 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Final
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .base import DatagramDissector, Direction, Malformed
 from .detect import QUIC_V1, QUIC_V2
@@ -224,8 +225,9 @@ def unprotect(
     sample_at = pn_offset + 4  # RFC 9001 §5.4.2: as if the packet number had 4 bytes
     if len(packet) < sample_at + 16:
         raise Malformed("QUIC packet too short for a header protection sample")
-    encryptor = Cipher(algorithms.AES(keys.hp), modes.ECB()).encryptor()
-    mask = encryptor.update(packet[sample_at : sample_at + 16])
+    from ._quic_crypto import aes_ecb, aes_gcm_open  # cryptography: on the first packet
+
+    mask = aes_ecb(keys.hp, packet[sample_at : sample_at + 16])
     first = packet[0] ^ (mask[0] & 0x0F)  # long header: the low four bits
     pn_len = (first & 0x03) + 1
     pn_bytes = bytes(
@@ -234,7 +236,7 @@ def unprotect(
     header = bytes([first]) + packet[1:pn_offset] + pn_bytes
     pn = _decode_pn(int.from_bytes(pn_bytes), 8 * pn_len, largest_pn)
     nonce = (int.from_bytes(keys.iv) ^ pn).to_bytes(12)  # RFC 9001 §5.3
-    payload = AESGCM(keys.key).decrypt(nonce, packet[pn_offset + pn_len :], header)
+    payload = aes_gcm_open(keys.key, nonce, packet[pn_offset + pn_len :], header)
     return header, payload, pn
 
 
@@ -375,6 +377,8 @@ class QuicDissector(DatagramDissector[QuicRecord]):
         now: float, out: list[QuicRecord],
     ) -> None:  # fmt: skip
         assert self._dcid is not None
+        from ._quic_crypto import InvalidTag
+
         # The keys come from the client's first DCID, or a Retry's SCID once the
         # server sent one (RFC 9001 §5.2); try the packet's own DCID last.
         candidates = [self._dcid]
