@@ -44,7 +44,7 @@ from stack.config import DatagramConfig, StackConfig, TcpConfig
 if TYPE_CHECKING:
     # Imported where used: pyroute2 is about 22 MB of RSS, and a worker process
     # (relay.service.workers) never touches netlink; only the process that sets up does.
-    # The same for the Zeek logs, which bring the dissectors (~11 MB), only with --log-dir.
+    # The same for the Zeek logs, which bring the dissectors (~1 MB), only with --log-dir.
     # And the data path (the stack, the engine, the flows: ~4 MB of PSS) and the
     # analysis (the flow log, the analyzer hooks): the supervisor needs only the
     # configuration types (stack.config, relay.datapath.config).
