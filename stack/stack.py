@@ -53,7 +53,7 @@ from stack.seq import seq_add, seq_ge, seq_le, seq_lt
 from stack.tcp.buffers import MemoryBudget
 from stack.tcp.connection import State, TcpConnection
 from stack.tcp.core import MAX_WINDOW, ConnectionCore
-from stack.tcp.segment import Payload, TcpSegment
+from stack.tcp.segment import VIEW_MIN, Payload, TcpSegment
 from stack.tcp.timewait import TimeWaitTable
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import PROTO_TCP, address_text, parse_ip
@@ -70,9 +70,6 @@ from stack.wire.tcp import (
 # The connection timer heap is rebuilt once stale entries are over half of it.
 _COMPACT_AT = 64
 _ADDRESSES_KEPT = 4096  # Stack._address's table: distinct addresses before it is emptied
-# Payloads at least this long (super-segments; a full 1500-byte packet carries less)
-# reach the connection as a view of their packet, not a copy (Stack.receive).
-_VIEW_MIN = 2048
 
 
 def _as_bytes(packet: bytes | memoryview) -> bytes:
@@ -314,7 +311,7 @@ class Stack:
         # slice here and the join there were two copies of every byte.
         payload: Payload = (
             memoryview(packet)[start:end]
-            if end - start >= _VIEW_MIN and type(packet) is bytes
+            if end - start >= VIEW_MIN and type(packet) is bytes
             else packet[start:end]  # a view of a view is not copied either
         )
         conn.on_segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, payload, tcp.options, now)

@@ -10,6 +10,11 @@ from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpOptions
 # Received payload as the connection may hold it until it is surfaced: bytes, or a
 # view of the packet it came in (a super-segment's, not copied; Stack.receive).
 Payload: TypeAlias = bytes | memoryview
+# Bytes taken out of a larger buffer (a received super-segment's payload, a
+# segment's share of a send-buffer chunk) are a view of it from this length on
+# and a copy below: a full 1500-byte packet's payload is copied, a memoryview
+# costing more than copying that little.
+VIEW_MIN = 2048
 
 _FLAG_NAMES = ((SYN, "S"), (FIN, "F"), (RST, "R"), (PSH, "P"), (ACK, "."))
 

@@ -25,14 +25,12 @@ from bisect import bisect_right
 from typing import cast
 
 from stack.compiled import COMPILED
-from stack.tcp.segment import Payload
+from stack.tcp.segment import VIEW_MIN, Payload
 
 __all__ = ["MERGE_MAX", "VIEW_MIN", "SendBuffer"]
 
 # A chunk shorter than this takes the next small write into itself (one copy of it).
 MERGE_MAX = 4096
-# A segment's bytes from one chunk: a memoryview from this length on, a slice below.
-VIEW_MIN = 2048
 
 # The shared empty lists of an empty buffer (as stack.tcp.core's EMPTY_*: replaced,
 # never appended to; tuples in the pure-Python build, so a missed write raises).
