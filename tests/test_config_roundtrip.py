@@ -44,6 +44,7 @@ def table(tmp_path: Path) -> dict[str, object]:
         "client_idle_timeout": 600.0,
         "memory_budget": 64 << 20,
         "max_flows": 1000,
+        "flow_pass_bytes": 1 << 20,
         "rcv_buf": 1 << 20,
         "snd_buf": 2 << 20,
         "udp_idle_timeout": 30.0,

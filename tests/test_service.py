@@ -37,6 +37,16 @@ def test_upstream_timeout_is_validated_and_reaches_the_relay_config() -> None:
             validate(tun="tr0", client_nets=NETS, upstream_timeout=bad)
 
 
+def test_flow_pass_bytes_is_validated_and_reaches_the_relay_config() -> None:
+    assert validate(tun="tr0", client_nets=NETS).relay.flow_pass_bytes == 256 * 1024
+    assert validate(tun="tr0", client_nets=NETS, flow_pass_bytes=0).relay.flow_pass_bytes == 0
+    args = _parser().parse_args(["run", "--tun", "tr0", "--flow-pass-bytes", "1048576"])
+    assert args.flow_pass_bytes == 1 << 20
+    assert _parser().parse_args(["run", "--tun", "tr0"]).flow_pass_bytes == 256 * 1024
+    with pytest.raises(ConfigError, match=r"^--flow-pass-bytes: -1 must be 0"):
+        validate(tun="tr0", client_nets=NETS, flow_pass_bytes=-1)
+
+
 def test_client_idle_timeout_is_off_by_default_and_validated() -> None:
     assert validate(tun="tr0", client_nets=NETS).stack.tcp.idle_timeout is None
     opts = validate(tun="tr0", client_nets=NETS, client_idle_timeout=30)

@@ -140,6 +140,7 @@ def validate(
     client_idle_timeout: float = 0.0,
     memory_budget: int = 1 << 30,
     max_flows: int = 65536,
+    flow_pass_bytes: int = 256 * 1024,
     rcv_buf: int = 4 << 20,
     snd_buf: int = 4 << 20,
     fail_closed: bool = False,
@@ -222,6 +223,8 @@ def validate(
         raise ConfigError(f"--table: {table} is a reserved table (default, main, local)")
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout: {connect_timeout} must be positive")
+    if flow_pass_bytes < 0:
+        raise ConfigError(f"--flow-pass-bytes: {flow_pass_bytes} must be 0 (no bound) or positive")
     if memory_budget < 1 << 20:
         raise ConfigError(f"--memory-budget: {memory_budget} must be at least 1 MiB (1048576)")
     if client_idle_timeout < 0:
@@ -297,6 +300,7 @@ def validate(
         relay=RelayConfig(
             connect_timeout=connect_timeout,
             upstream_timeout=upstream_timeout,
+            flow_pass_bytes=flow_pass_bytes,
             fail_closed=fail_closed,
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
             egress=EgressPolicy(
