@@ -637,6 +637,36 @@ async def test_half_close_client_first(autojump_clock: trio.testing.MockClock) -
         assert h.log_lines()[0]["ended"] == "fin"
 
 
+async def test_a_server_that_speaks_before_the_clients_ack_waits_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The flow waits for its upstream before it waits for the handshake's end:
+    # bytes the server sends while the client has not ACKed the SYN-ACK stay
+    # with the relay (nothing goes to a client in SYN-RECEIVED) until it does.
+    class Slow(Client):
+        def on_segment(self, seg: Seg) -> None:
+            if seg.flags & SYN:  # keep the SYN-ACK; ACK it later, by hand
+                self.segments.append(seg)
+                self.synack = seg
+                self.rcv_nxt = seq_add(seg.seq, 1)
+                self.snd_una, self.snd_wnd = seg.ack, seg.window
+                return
+            super().on_segment(seg)
+
+    async with harness() as h:
+        c = Slow(h)
+        await c.connect()
+        server = await h.connector.server(c.flow)
+        await send_all(server, b"220 banner\r\n")
+        await trio.sleep(0.5)
+        assert [s for s in c.segments if s.payload] == []
+        assert h.stack.state_of(c.flow) is State.SYN_RECEIVED
+        c.inject(ACK)  # the handshake's end
+        await until(lambda: c.received == b"220 banner\r\n")
+        await c.send(b"EHLO")
+        assert await recv_exactly(server, 4) == b"EHLO"
+
+
 async def test_half_close_server_first(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
         c, server = await connected(h)

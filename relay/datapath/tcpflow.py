@@ -107,6 +107,17 @@ def classify_connect_error(exc: OSError) -> tuple[Reject, Unreachable, EndReason
     return _CONNECT_ERRORS.get(exc.errno or 0, (Reject.RST, Unreachable.HOST, EndReason.ERROR))
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect() has completed: getpeername(2) fails with
+    ENOTCONN while the socket is in SYN-SENT (and on a failed connect, which the
+    wait then reports through SO_ERROR)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 def make_connector(config: RelayConfig) -> Connector:
     """The default connector: a kernel TCP socket to the original destination."""
 
@@ -131,9 +142,14 @@ def make_connector(config: RelayConfig) -> Connector:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
             await trio.lowlevel.checkpoint_if_cancelled()
             err = sock.connect_ex((flow.server_ip, flow.server_port))
-            if err == errno.EINPROGRESS:
+            if err == errno.EINPROGRESS and not _established(sock):
                 await trio.lowlevel.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            elif err == errno.EINPROGRESS:
+                # The handshake completed within connect() itself, as it does when
+                # the server's SYN-ACK is processed in the same softirq run (a
+                # server on this host or a veth away): no wait, no scheduler pass.
+                err = 0
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             if err:
@@ -619,8 +635,6 @@ class TcpFlow:
         stack, flush, flow, lot = env.stack, env.flush, self.flow, self._wake
         recv_size = env.config.recv_size
         fd = sock.fileno()
-        while not self._connected:
-            await lot.park()
         pending = b""  # read but not yet taken by the stack
         records: list[Named] | None = None  # completed by what was just read
         waited = False  # since the last read: that wait was this read's checkpoint
@@ -642,6 +656,15 @@ class TcpFlow:
                     self._upstream_failed(exc)
                     return
                 waited = True
+                continue
+            if not self._connected:
+                # The server spoke before the client ACKed our SYN-ACK: its bytes
+                # (or its EOF) stay unread until the client is there. This wait
+                # comes after the wait for the server, not before it: where the
+                # client speaks first (most protocols) the handshake is over by the
+                # time the response comes, and on_connected has no task to wake,
+                # a scheduler pass less per connection.
+                await lot.park()
                 continue
             space = stack.send_space(flow)
             if space <= 0:
