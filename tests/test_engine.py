@@ -31,7 +31,7 @@ from relay.datapath.egress import EgressPolicy, parse_rule
 from relay.datapath.engine import Relay, raise_nofile_limit
 from relay.datapath.isn import IsnGenerator
 from relay.datapath.packet_source import MemoryPacketSource
-from relay.datapath.tcpflow import TcpFlow
+from relay.datapath.tcpflow import TcpFlow, _established
 from stack import FlowId, Stack, StackConfig, State, TcpConfig
 from stack.seq import seq_add, seq_gt, seq_lt, seq_sub
 from stack.wire.ip import parse_ip
@@ -635,6 +635,15 @@ async def test_half_close_client_first(autojump_clock: trio.testing.MockClock) -
         assert (end.how, end.bytes_c2s, end.bytes_s2c) == ("fin", 7, 31)
         assert not h.connector.closed_with_rst(c.flow)  # closed normally
         assert h.log_lines()[0]["ended"] == "fin"
+
+
+def test_a_connect_is_established_once_the_socket_has_a_peer() -> None:
+    # make_connector's shortcut: getpeername fails (ENOTCONN) until connect() is done.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected:
+        assert not _established(unconnected)
+    a, b = socket.socketpair()
+    with a, b:
+        assert _established(a)
 
 
 async def test_a_server_that_speaks_before_the_clients_ack_waits_for_it(
