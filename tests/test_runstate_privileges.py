@@ -7,6 +7,7 @@ the rest needs nothing.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import logging
@@ -41,6 +42,10 @@ def test_claim_records_before_and_removes(tmp_path: Path) -> None:
         [],
     )
     assert runstate.is_alive(data)
+    started = datetime.datetime.fromisoformat(data["started"])  # ISO 8601, UTC, to the second
+    assert started.utcoffset() == datetime.timedelta(0)
+    now = datetime.datetime.now(datetime.UTC)
+    assert now - datetime.timedelta(minutes=1) < started <= now
     entry = {"kind": "sysctl", "what": "x", "path": "/proc/sys/x", "old": "0", "new": "1"}
     state.record(entry)
     assert json.loads(state.path.read_text())["changes"] == [entry]

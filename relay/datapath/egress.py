@@ -47,9 +47,10 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stack import FlowId
+if TYPE_CHECKING:  # the supervisor parses the policy; only workers meet flows
+    from stack import FlowId
 
 __all__ = [
     "DEFAULT_RANGES",

@@ -16,10 +16,8 @@ text is scanned for it) and the key: ``FILE:LINE: key: why``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -105,6 +103,13 @@ def _show(value: object) -> str:
     return str(value)
 
 
+def _close_match(name: str, choices: Sequence[str]) -> list[str]:
+    """The nearest of ``choices`` to a mistyped key (difflib: loaded on a mistake)."""
+    import difflib
+
+    return difflib.get_close_matches(name, choices, n=1)
+
+
 def _key_lines(text: str, names: Iterable[str]) -> dict[str, int]:
     """The line of each top-level key (before the first table header) and of the
     first ``[[analyzer]]`` or ``[name]`` table."""
@@ -162,7 +167,7 @@ def _analyzer(item: object, where: str) -> str | tuple[str, dict[str, object]]:
         raise ConfigError(f"{where}: expected a string or a table, got {_show(item)}")
     for name in item:
         if name not in ANALYZER_KEYS:
-            close = difflib.get_close_matches(name, ANALYZER_KEYS, n=1)
+            close = _close_match(name, ANALYZER_KEYS)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown key {name!r} in [[analyzer]]{hint}")
     path = item.get("path")
@@ -181,6 +186,8 @@ def read_config(path: str, keys: Mapping[str, Key]) -> ConfigFile:
     Raises:
         ConfigError: ``FILE:LINE: key: why`` (or ``FILE: why``).
     """
+    import tomllib  # here: a supervisor started without --config does without it
+
     try:
         with open(path, "rb") as file:
             raw = file.read()
@@ -201,7 +208,7 @@ def read_config(path: str, keys: Mapping[str, Key]) -> ConfigFile:
         key = keys.get(name)
         where = config.where(name)
         if key is None:
-            close = difflib.get_close_matches(name, list(keys), n=1)
+            close = _close_match(name, list(keys))
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown key{hint}")
         if key.flag:

@@ -33,7 +33,6 @@ The file, for one IPv4 client network::
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -166,7 +165,7 @@ class RunState:
             "start_time": _start_time(os.getpid()),
             "boot_id": _boot_id(),
             "netns": _netns(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),  # ISO 8601
             **extra,
             "changes": [],
         }
