@@ -18,12 +18,16 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
        over the supervisor and its workers)
     e  tunrelay with offloads and ``--workers 1``: c/e on 4 streams is what the
        workers add (ideally about 2 on 2 cores)
-    f  the latency floor (benchmarks/tun_floor.py): e's TUN device and trio tasks
-       with no TCP stack, which can hold one clean request/response connection,
-       so only the latency measure runs on it. e/f is what tunrelay adds to the
-       path itself; f/b is what no trio-based relay on a TUN device escapes
+    f  the TUN floor (benchmarks/tun_floor.py): e's TUN device and trio tasks with
+       no TCP stack (in-order bytes, one writev and one ACK per pass, timestamps),
+       which holds uploads and short request/response connections: up, connrate,
+       connrate1 and latency run on it. e/f is what tunrelay adds to the path
+       itself; f/b and f/k are what no trio-based relay on a TUN device escapes
     g  f without trio (``tun_floor.py --epoll``): one thread blocking in
        epoll_wait on the queue and the upstream sockets; f/g is trio's share
+       (latency only)
+    l  f with one worker per CPU (``tun_floor.py --workers N``), each on its own
+       queue as c's workers: connrate and connrate1 (l/b, c/l)
     h  c with ``--log-dir`` (Zeek-compatible logs: every flow is detected, and
        dissected while its protocol is one of ours; a conn.log row per flow):
        h/c is what the protocol logs cost
@@ -47,9 +51,10 @@ open, and (from its exit lines) how many full garbage collections it ran in the
 round and the longest. Every measurement is repeated (``--repeat``, default 3;
 rounds interleave the configurations, so a burst of load from elsewhere hits all
 of them alike) and the median is printed,
-with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, c/k, e/k, f/b
-and g/b. Without ``--measures``, k runs only up, down and up4, and connrate1 runs only
-on a, b, c and e (DEFAULT_SKIPS). See benchmarks/README.md for what each number means.
+with the ratios d/b, d/a, c/b, c/a, e/b, c/e, e/f, h/c, i/c, j/c, j/i, s/c, c/k, e/k, f/b,
+g/b, f/k, l/b and c/l. Without ``--measures``, k runs only up, down and up4, and
+connrate1 runs only on a, b, c, e and the floors (DEFAULT_SKIPS). See
+benchmarks/README.md for what each number means.
 
 Every child process has a hard time limit, every lab is torn down on every
 exit path (signals are held while a lab is being built or torn down), and a
@@ -98,6 +103,7 @@ CONFIGS: dict[str, str] = {
     "e": "tunrelay --offload --workers 1",
     "f": "TUN latency floor (no TCP stack)",
     "g": "TUN latency floor without trio",
+    "l": "TUN floor, one worker per CPU",
     "h": "tunrelay --offload --log-dir",
     "i": "tunrelay --offload, pass-through analyzer",
     "j": "tunrelay --offload --capture-dir",
@@ -107,11 +113,17 @@ CONFIGS: dict[str, str] = {
 # The trio forwarders and the bytes they ask for per receive_some (forwarder.py --chunk).
 FORWARDER_CHUNK = {"b": 65536, "k": 262144}
 USES_RELAY = {"c", "d", "e", "h", "i", "j", "s"}  # tunrelay itself
-LATENCY_ONLY = {"f", "g"}  # the floors: one clean request/response connection only
-USES_TUN = USES_RELAY | LATENCY_ONLY
+# The floors (tun_floor.py) and what they can hold: f, in-order uploads and short
+# request/response connections; g (no writer task), one request/response connection.
+FLOOR_MEASURES = {
+    "f": ("up", "connrate", "connrate1", "latency"),
+    "g": ("latency",),
+    "l": ("connrate", "connrate1"),
+}
+USES_TUN = USES_RELAY | set(FLOOR_MEASURES)
 OFFLOADED = {"c", "e", "h", "i", "j", "s"}
 # a userspace process whose CPU we measure
-HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "s"}
+HAS_PROCESS = {"b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "s"}
 
 
 @dataclass(frozen=True)
@@ -457,9 +469,10 @@ class Lab:
             line = read_line(self.proc, 20, "forwarder")
             if line != "ready":
                 raise MeasureError(f"forwarder said {line!r}")
-        elif self.cfg in LATENCY_ONLY:
+        elif self.cfg in FLOOR_MEASURES:
             argv = [sys.executable, str(FLOOR), "--tun", TUN, "--client-net", topo.client_net_v4]
             argv += ["--epoll"] if self.cfg == "g" else []
+            argv += ["--workers", str(os.cpu_count() or 1)] if self.cfg == "l" else []
             self.proc = topo.spawn("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             line = read_line(self.proc, 20, "the TUN floor")
             if not line.startswith("relaying TCP"):
@@ -870,12 +883,12 @@ def run_config(cfg: str, params: Params, report: Report, where: str, tmp: Path) 
             ("latency", lab.latency),
             ("loaded", lab.loaded),
         ]
-        if cfg in HAS_PROCESS and cfg not in LATENCY_ONLY:
+        if cfg in HAS_PROCESS and cfg not in FLOOR_MEASURES:
             steps.append(("idle", lab.idle))
         skips = params.skips.get(cfg, ())
         steps = [(n, step) for n, step in steps if n in params.measures and n not in skips]
-        if cfg in LATENCY_ONLY:
-            steps = [(name, step) for name, step in steps if name == "latency"]
+        if cfg in FLOOR_MEASURES:
+            steps = [(name, step) for name, step in steps if name in FLOOR_MEASURES[cfg]]
         for name, step in steps:
             t_step = time.monotonic()
             try:
@@ -917,13 +930,14 @@ def print_table(report: Report, params: Params, configs: Sequence[str]) -> None:
         pairs += [("i", "c"), ("j", "c"), ("j", "i")]
         pairs += [("s", "c")]
         pairs += [("c", "k"), ("e", "k")]
-    pairs += [("f", "b"), ("g", "b")]
+    pairs += [("f", "b"), ("g", "b"), ("f", "k"), ("l", "b"), ("c", "l")]
     pairs = [(x, y) for x, y in pairs if x in configs and y in configs]
     short = {
         "c": "tunrelay offload",
         "e": "offload, 1 worker",
         "f": "TUN floor",
         "g": "floor, no trio",
+        "l": "floor, 1 worker/CPU",
         "h": "offload, --log-dir",
         "i": "offload, pass-through",
         "j": "offload, --capture-dir",
@@ -1009,7 +1023,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 repeat, T=2 s, 1,000 idle conns")
     parser.add_argument("--repeat", type=int, help="runs of each measure (default 3; quick 1)")
     parser.add_argument(
-        "--only", default="a,b,c,d,e,f,g,h,i,j,k", help="configurations, e.g. a,b,d"
+        "--only", default="a,b,c,d,e,f,g,h,i,j,k,l", help="configurations, e.g. a,b,d"
     )
     parser.add_argument("--seconds", type=float, help="T per throughput/conn-rate run (5; quick 2)")
     parser.add_argument("--idle", type=int, help="idle connections (10000; quick 1000)")

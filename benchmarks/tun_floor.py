@@ -1,21 +1,26 @@
-"""The floor of tunrelay's request/response latency: the same TUN path, no TCP.
+"""The floor of tunrelay's costs: the same TUN path, no TCP stack.
 
-``bench_netns.py`` configuration f. It opens the TUN device exactly as
-``tunrelay run --offload --workers 1`` does (``relay.service.run.open_queue`` and
-``route_into``) and runs the same two kinds of trio task -- one packet loop
-draining the TUN queue, one task per flow reading its upstream socket and
-writing the answer to the TUN itself -- with the least Python a relay can do
-per packet: a struct unpack in, an ``os.write`` upstream; an ``os.read``, one
-header built and a TUN write back. There is no TCP state machine: no
-retransmission, windows, options or timers; the SYN-ACK offers only an MSS.
+``bench_netns.py`` configurations f and l. It opens the TUN device exactly as
+``tunrelay run --offload`` does (``relay.service.run.open_queue`` and
+``route_into``; with ``--workers N``, N processes on N queues of a multi-queue
+device, as the relay's workers) and runs the same kinds of trio task -- one
+packet loop draining the TUN queue, one task per flow reading its upstream
+socket and writing the answer to the TUN itself -- with the least Python a
+relay can do per packet. In: a struct unpack, the bytes held per flow, and at
+the end of each pass (four packets: about the relay's 256 KiB share) one
+``writev`` upstream and at most one ACK per flow; segments beyond a hole wait
+in a dict until it fills, since a client's segments reach the queue out of
+order routinely. Out: an ``os.read``, one header and a TUN write. It
+negotiates the window scale and timestamps (RFC 7323), and has no
+retransmission, congestion control, SACK or timers.
 
-That is enough for one clean request/response connection and nothing else,
-so the benchmark runs only its latency measure on it. What it shows is how
-much of tunrelay's latency is the TUN path, trio and the interpreter, which
-no TCP implementation in Python can remove, and how much is tunrelay's own
-(the stack, the relay's dispatch). ``--epoll`` (configuration g) does the
-same without trio, in one thread blocking in ``epoll_wait``: the difference
-is what trio's scheduler costs.
+That holds in-order uploads and short request/response connections, which is
+what the benchmark runs on it: one stream up, connections/s and latency. What
+it shows is how much of tunrelay's cost is the TUN path, trio and the
+interpreter, which no TCP implementation in Python can remove, and how much
+is tunrelay's own (the stack, the relay's dispatch). ``--epoll``
+(configuration g) does the request/response part without trio, in one thread
+blocking in ``epoll_wait``: the difference is what trio's scheduler costs.
 
 Run by bench_netns.py inside its gateway namespace:
 ``python benchmarks/tun_floor.py --tun trb0 --client-net 198.18.1.0/24``.
@@ -24,10 +29,12 @@ Run by bench_netns.py inside its gateway namespace:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -37,7 +44,7 @@ import trio
 
 from relay.datapath.tun import TunDevice
 from relay.host.netconfig import NetConfig
-from relay.service.run import open_queue, route_into, validate
+from relay.service.run import RunOptions, open_queue, route_into, validate
 from stack.wire.tcp import (
     ACK,
     FIN,
@@ -48,100 +55,231 @@ from stack.wire.tcp import (
     build_tcp_packet_partial_csum,
     encode_options,
     offload_packet,
+    parse_tcp,
 )
 
 _IP_TCP = struct.Struct("!2xH4xBBxx4s4sHHIIH")  # IPv4 header (from total length), TCP to flags
-_SYNACK_OPTIONS = encode_options(mss=1460)
+_TS_OPTION = struct.Struct("!4sII")  # NOP, NOP, kind 8, length 10, TSval, TSecr
+_TS_PREFIX = b"\x01\x01\x08\x0a"  # how Linux lays it out (tcp_options_write)
 _ISS = 1000
-_WINDOW = 65535
+_WINDOW = 65535  # the SYN-ACK's (never scaled, RFC 7323 2.2)
+_WSCALE = 7
+_RCV_BUF = 4 << 20  # the window after the handshake: the relay's TcpConfig.rcv_buf
+_ACK_EVERY = 2 * 1460  # unacknowledged bytes that get their own ACK at the end of a pass
+_MASK = 0xFFFFFFFF
+
+
+def _ts_now() -> int:
+    """Our TSval: a millisecond clock (RFC 7323 5.4)."""
+    return time.monotonic_ns() // 1_000_000 & _MASK
 
 
 class Flow:
     """One client connection: the two sequence numbers and the upstream socket."""
 
-    __slots__ = ("client", "cport", "rcv_nxt", "server", "snd_nxt", "sock", "sport")
+    __slots__ = (
+        "acked", "blocked", "client", "cport", "fin", "held", "held_bytes", "ooo", "rcv_nxt",
+        "server", "snd_nxt", "sock", "sport", "ts_recent", "wake",
+    )  # fmt: skip
 
     def __init__(self, client: bytes, cport: int, server: bytes, sport: int, seq: int) -> None:
         self.client, self.cport, self.server, self.sport = client, cport, server, sport
-        self.rcv_nxt = (seq + 1) & 0xFFFFFFFF
+        self.rcv_nxt = self.acked = (seq + 1) & _MASK
         self.snd_nxt = _ISS
         self.sock: socket.socket | None = None
+        # RFC 7323 timestamps, when the SYN offered them: the client's last TSval, echoed
+        # in every segment. (Without them a client's TIME_WAIT ports cannot be reused
+        # for a second (tcp_tw_reuse), and connect() slows as they pile up.)
+        self.ts_recent: int | None = None
+        # Client bytes the upstream socket has not taken yet (they shrink the window).
+        self.held: list[bytes | memoryview] = []
+        self.held_bytes = 0
+        self.blocked = False  # the upstream socket is full: the flow's writer has the bytes
+        self.wake: trio.Event | None = None  # the writer's (started when first needed)
+        self.fin = False  # the client's FIN came (in order): sent on once all is written
+        # Segments beyond a hole, by sequence number (no SACK: the client's
+        # retransmission of the hole's first segment lands exactly on rcv_nxt).
+        self.ooo: dict[int, tuple[bytes | memoryview, int]] = {}
+
+    def window(self) -> int:
+        return max(0, _RCV_BUF - self.held_bytes) >> _WSCALE
+
+    def flush(self) -> bool:
+        """Write what is held upstream (one writev); whether all of it went."""
+        assert self.sock is not None
+        try:
+            n = os.writev(self.sock.fileno(), self.held)
+        except BlockingIOError:
+            n = 0
+        self.held_bytes -= n
+        if not self.held_bytes:
+            self.held.clear()
+            return True
+        while n:
+            first = self.held[0]
+            if len(first) <= n:
+                n -= len(first)
+                del self.held[0]
+            else:
+                self.held[0] = memoryview(first)[n:]
+                n = 0
+        return False
 
 
 class Floor:
     def __init__(self, tun: TunDevice) -> None:
         self.tun = tun
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
+        self.dirty: dict[tuple[bytes, int, bytes, int], Flow] = {}  # got bytes this pass
         self.nursery: trio.Nursery | None = None
 
-    def send(self, flow: Flow, flags: int, payload: bytes = b"", options: bytes = b"") -> None:
+    def send(self, flow: Flow, flags: int, payload: bytes = b"") -> None:
+        window = _WINDOW if flags & SYN else flow.window()
+        flow.acked = flow.rcv_nxt
+        ts = flow.ts_recent
+        if flags & SYN:
+            timestamps = None if ts is None else (_ts_now(), ts)
+            options = encode_options(mss=1460, wscale=_WSCALE, timestamps=timestamps)
+        elif ts is not None:
+            options = _TS_OPTION.pack(_TS_PREFIX, _ts_now(), ts)
+        else:
+            options = b""
         if payload:
             packet = build_tcp_packet_partial_csum(
                 flow.server, flow.client, flow.sport, flow.cport, flow.snd_nxt, flow.rcv_nxt,
-                flags, _WINDOW, options, payload,
+                flags, window, options, payload,
             )  # fmt: skip
             self.tun.write_all([offload_packet(packet, 20, 40 + len(options), 0)])
         else:
             packet = build_tcp_packet(
                 flow.server, flow.client, flow.sport, flow.cport, flow.snd_nxt, flow.rcv_nxt,
-                flags, _WINDOW, options,
+                flags, window, options,
             )  # fmt: skip
             self.tun.write_all([packet])
         flow.snd_nxt = (flow.snd_nxt + len(payload) + (1 if flags & (SYN | FIN) else 0)) & (
             0xFFFFFFFF
         )
 
-    async def run(self) -> None:
+    async def run(self, pass_packets: int) -> None:
         tun = self.tun
         async with trio.open_nursery() as self.nursery:
             while True:
                 await tun.wait_readable()
-                packets, _ = tun.drain_csum(64)
-                for packet in packets:
-                    self.on_packet(packet)
+                while True:
+                    packets, _ = tun.drain_csum(pass_packets)
+                    for packet in packets:
+                        self.on_packet(packet)
+                    self.end_pass()
+                    if len(packets) < pass_packets:
+                        break
+                    await trio.lowlevel.checkpoint()  # a full pass: let the flows' tasks run
 
     def open(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         """A new flow: connect upstream, then answer the SYN (in the flow's task)."""
         assert self.nursery is not None
         self.nursery.start_soon(self.serve, key, flow)
 
-    def on_packet(self, p: bytes) -> None:
+    def on_packet(self, p: bytes | memoryview) -> None:
         if len(p) < 40 or p[0] != 0x45:
-            return  # IPv4 without options only: the latency client's traffic
+            return  # IPv4 without options only: the benchmark's traffic
         total, _ttl, proto, src, dst, sport, dport, seq, _ack, off_flags = _IP_TCP.unpack_from(p)
         if proto != 6:
             return
         flags = off_flags & 0x3F
         key = (src, sport, dst, dport)
         flow = self.flows.get(key)
+        doff = (off_flags >> 12) << 2
         if flags & SYN:
             if flow is None:
                 flow = self.flows[key] = Flow(src, sport, dst, dport, seq)
+                ts = parse_tcp(p, 20, total).options.timestamps
+                flow.ts_recent = None if ts is None else ts[0]
                 self.open(key, flow)
             return
         if flow is None or flow.sock is None:
             return
+        if flow.ts_recent is not None and doff == 32 and p[40:44] == _TS_PREFIX:
+            flow.ts_recent = _TS_OPTION.unpack_from(p, 40)[1]
         if flags & RST:
             self.end(key, flow)
             return
-        payload = p[20 + ((off_flags >> 12) << 2) : total]
-        if payload:
-            flow.rcv_nxt = (seq + len(payload)) & 0xFFFFFFFF
-            try:
-                os.write(flow.sock.fileno(), payload)  # 64 bytes: the socket buffer takes them
-            except OSError:
-                self.end(key, flow)
+        payload = p[20 + doff : total]
+        rcv_nxt = flow.rcv_nxt
+        if seq != rcv_nxt:
+            ahead = (seq - rcv_nxt) & _MASK
+            if ahead < _RCV_BUF:
+                # Ahead of a hole. Segments that a client sends from two CPUs (its
+                # send call, and its ACK processing run by our TUN write) reach the
+                # queue out of order, so this is routine: keep them until the hole
+                # fills, and say where it is at the end of the pass (RFC 5681 4.2).
+                if payload or flags & FIN:
+                    flow.ooo[seq] = (payload, flags & FIN)
+            elif (behind := (rcv_nxt - seq) & _MASK) < len(payload):
+                self.take(flow, payload[behind:], flags & FIN)  # partly new
+                self.dirty[key] = flow
                 return
-        if flags & FIN:
-            flow.rcv_nxt = (seq + len(payload) + 1) & 0xFFFFFFFF
-            self.send(flow, FIN | ACK)
-            self.end(key, flow)
+            flow.acked = (flow.rcv_nxt - _ACK_EVERY) & _MASK  # an ACK this pass
+            self.dirty[key] = flow
+            return
+        if payload or flags & FIN:
+            self.take(flow, payload, flags & FIN)
+            self.dirty[key] = flow
+
+    def take(self, flow: Flow, payload: bytes | memoryview, fin: int) -> None:
+        """In-order bytes (and FIN): held for upstream, with what they make in order."""
+        while True:
+            if payload:
+                flow.rcv_nxt = (flow.rcv_nxt + len(payload)) & _MASK
+                flow.held.append(payload)
+                flow.held_bytes += len(payload)
+            if fin:
+                flow.rcv_nxt = (flow.rcv_nxt + 1) & _MASK
+                flow.fin = True
+                return
+            if not flow.ooo:
+                return
+            nxt = flow.ooo.pop(flow.rcv_nxt, None)
+            if nxt is None:
+                return
+            payload, fin = nxt
+
+    def end_pass(self) -> None:
+        """Per flow that got bytes this pass: one writev upstream, at most one ACK."""
+        dirty = self.dirty
+        for key, flow in dirty.items():
+            if flow.sock is None:
+                continue
+            if flow.held and not flow.blocked:
+                try:
+                    done = flow.flush()
+                except OSError:
+                    self.end(key, flow)
+                    continue
+                if not done:  # the flow's writer takes over until it is all out
+                    flow.blocked = True
+                    if flow.wake is None:
+                        flow.wake = trio.Event()
+                        assert self.nursery is not None
+                        self.nursery.start_soon(self.write_held, key, flow, flow.sock)
+                    flow.wake.set()
+            if flow.fin and not flow.held:
+                self.send(flow, FIN | ACK)
+                self.end(key, flow)
+            elif (flow.rcv_nxt - flow.acked) & _MASK >= _ACK_EVERY:
+                self.send(flow, ACK)
+        dirty.clear()
+
+    def _close(self, sock: socket.socket) -> None:
+        trio.lowlevel.notify_closing(sock)  # wakes the flow's tasks waiting on it
+        sock.close()
 
     def end(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         self.flows.pop(key, None)
         if flow.sock is not None:
-            flow.sock.close()
+            self._close(flow.sock)
             flow.sock = None
+        if flow.wake is not None:
+            flow.wake.set()  # its writer ends
 
     async def serve(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -156,7 +294,7 @@ class Floor:
             self.flows.pop(key, None)
             return
         flow.sock = sock
-        self.send(flow, SYN | ACK, options=_SYNACK_OPTIONS)
+        self.send(flow, SYN | ACK)
         fd = sock.fileno()
         while flow.sock is sock:
             try:
@@ -170,6 +308,32 @@ class Floor:
         if flow.sock is sock:
             self.send(flow, FIN | ACK)
             self.end(key, flow)
+
+    async def write_held(
+        self, key: tuple[bytes, int, bytes, int], flow: Flow, sock: socket.socket
+    ) -> None:
+        """What the upstream socket could not take at the end of a pass, once it can;
+        then a window update (and the FIN the client sent meanwhile)."""
+        while True:
+            assert flow.wake is not None
+            await flow.wake.wait()
+            if flow.sock is not sock:
+                return
+            try:
+                await trio.lowlevel.wait_writable(sock)
+                done = flow.sock is sock and flow.flush()
+            except (OSError, trio.ClosedResourceError):
+                if flow.sock is sock:
+                    self.end(key, flow)
+                return
+            if done:
+                flow.blocked = False
+                flow.wake = trio.Event()
+                if flow.fin:
+                    self.send(flow, FIN | ACK)
+                    self.end(key, flow)
+                    return
+                self.send(flow, ACK)
 
 
 class EpollFloor(Floor):
@@ -191,6 +355,7 @@ class EpollFloor(Floor):
                     packets, _ = self.tun.drain_csum(64)
                     for packet in packets:
                         self.on_packet(packet)
+                    self.end_pass()  # no writer task: only for request/response
                 elif fd in self.by_fd:
                     self.on_upstream(fd)
 
@@ -203,7 +368,7 @@ class EpollFloor(Floor):
         flow.sock = sock
         self.by_fd[sock.fileno()] = (key, flow)
         self.ep.register(sock.fileno(), select.EPOLLIN)
-        self.send(flow, SYN | ACK, options=_SYNACK_OPTIONS)
+        self.send(flow, SYN | ACK)
 
     def on_upstream(self, fd: int) -> None:
         key, flow = self.by_fd[fd]
@@ -219,30 +384,95 @@ class EpollFloor(Floor):
             self.send(flow, FIN | ACK)
             self.end(key, flow)
 
+    def _close(self, sock: socket.socket) -> None:
+        sock.close()  # epoll drops a closed fd by itself
+
     def end(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         if flow.sock is not None:
             self.by_fd.pop(flow.sock.fileno(), None)
         super().end(key, flow)
 
 
-async def main(argv: list[str]) -> int:
+def serve_queue(tun: TunDevice, args: argparse.Namespace) -> None:
+    """One queue's floor, in this process, for at most ten minutes."""
+    if args.epoll:
+        EpollFloor(tun).loop(600)  # bench_netns stops it long before this
+        return
+
+    async def run() -> None:
+        with trio.move_on_after(600):
+            await Floor(tun).run(max(1, args.pass_packets))
+
+    trio.run(run)
+
+
+def fork_worker(opts: RunOptions, args: argparse.Namespace) -> int:
+    """A child process on one more queue of the device (as a relay worker's): its PID,
+    once its queue is attached."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(ready_r)
+            with open_queue(opts, attach=True) as tun:
+                os.write(ready_w, b"1")
+                os.close(ready_w)
+                serve_queue(tun, args)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise RuntimeError("a floor worker failed to attach its queue")
+    finally:
+        os.close(ready_r)
+    return pid
+
+
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tun", required=True)
     parser.add_argument("--client-net", action="append", required=True)
     parser.add_argument("--epoll", action="store_true", help="no trio: a plain epoll loop")
+    parser.add_argument(
+        "--pass-packets",
+        type=int,
+        default=4,
+        help="packets per pass (default 4: four GRO super-segments, about the relay's "
+        "256 KiB share of a pass, --flow-pass-bytes)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes, each on its own queue of a multi-queue device, as the relay's "
+        "workers (default 1)",
+    )
     args = parser.parse_args(argv)
-    opts = validate(tun=args.tun, client_nets=args.client_net, offload=True, workers=1)
-    with NetConfig() as net, open_queue(opts) as tun:
+    workers = max(1, args.workers)
+    opts = validate(tun=args.tun, client_nets=args.client_net, offload=True, workers=workers)
+    with NetConfig() as net, open_queue(opts, multi_queue=workers > 1) as tun:
         route_into(net, tun, opts)
-        print("relaying TCP (the floor: no TCP stack)", flush=True)
-        if args.epoll:
-            EpollFloor(tun).loop(600)  # bench_netns stops it long before this
+        if workers == 1:
+            print("relaying TCP (the floor: no TCP stack)", flush=True)
+            serve_queue(tun, args)
             return 0
-        with trio.move_on_after(600):
-            await Floor(tun).run()
+        tun.detach()  # the device stays; the workers' queues take its packets
+        pids = [fork_worker(opts, args) for _ in range(workers)]
+        print(f"relaying TCP (the floor: no TCP stack, {workers} workers)", flush=True)
+        try:
+            for pid in pids:
+                os.waitpid(pid, 0)
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(pid, signal.SIGTERM)
+                    os.waitpid(pid, 0)
     return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(trio.run(main, sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
