@@ -79,7 +79,7 @@ class Flow:
 
     __slots__ = (
         "acked", "blocked", "client", "cport", "fin", "held", "held_bytes", "ooo", "rcv_nxt",
-        "server", "snd_nxt", "sock", "sport", "ts_recent", "wake",
+        "server", "shut", "snd_nxt", "sock", "sport", "ts_recent", "wake",
     )  # fmt: skip
 
     def __init__(self, client: bytes, cport: int, server: bytes, sport: int, seq: int) -> None:
@@ -97,6 +97,7 @@ class Flow:
         self.blocked = False  # the upstream socket is full: the flow's writer has the bytes
         self.wake: trio.Event | None = None  # the writer's (started when first needed)
         self.fin = False  # the client's FIN came (in order): sent on once all is written
+        self.shut = False  # ... and it was: shutdown(SHUT_WR) upstream
         # Segments beyond a hole, by sequence number (no SACK: the client's
         # retransmission of the hole's first segment lands exactly on rcv_nxt).
         self.ooo: dict[int, tuple[bytes | memoryview, int]] = {}
@@ -263,11 +264,22 @@ class Floor:
                         self.nursery.start_soon(self.write_held, key, flow, flow.sock)
                     flow.wake.set()
             if flow.fin and not flow.held:
-                self.send(flow, FIN | ACK)
-                self.end(key, flow)
+                self.half_close(key, flow)
             elif (flow.rcv_nxt - flow.acked) & _MASK >= _ACK_EVERY:
                 self.send(flow, ACK)
         dirty.clear()
+
+    def half_close(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """The client's FIN, once every byte before it is upstream, passed on as a
+        half-close, as a relay must (the server may still answer): our FIN, which
+        also ACKs the client's, follows the server's."""
+        if flow.shut or flow.sock is None:
+            return
+        flow.shut = True
+        try:
+            flow.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.end(key, flow)
 
     def _close(self, sock: socket.socket) -> None:
         trio.lowlevel.notify_closing(sock)  # wakes the flow's tasks waiting on it
@@ -330,8 +342,7 @@ class Floor:
                 flow.blocked = False
                 flow.wake = trio.Event()
                 if flow.fin:
-                    self.send(flow, FIN | ACK)
-                    self.end(key, flow)
+                    self.half_close(key, flow)
                     return
                 self.send(flow, ACK)
 
@@ -382,6 +393,18 @@ class EpollFloor(Floor):
             self.send(flow, ACK | PSH, data)
         else:
             self.send(flow, FIN | ACK)
+            self.end(key, flow)
+
+    def half_close(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """The client's FIN, once every byte before it is upstream, passed on as a
+        half-close, as a relay must (the server may still answer): our FIN, which
+        also ACKs the client's, follows the server's."""
+        if flow.shut or flow.sock is None:
+            return
+        flow.shut = True
+        try:
+            flow.sock.shutdown(socket.SHUT_WR)
+        except OSError:
             self.end(key, flow)
 
     def _close(self, sock: socket.socket) -> None:

@@ -290,11 +290,16 @@ def time_wait(**kw: object) -> TcpConnection:
 
 
 def close_wait(**kw: object) -> TcpConnection:
-    """The peer's FIN (seq IRS+1) has arrived and been acknowledged."""
+    """The peer's FIN (seq IRS+1) has arrived at 0.0 and been acknowledged by the
+    delayed ACK (a FIN that closes first waits for it: our FIN could carry it)."""
     c = established(**kw)  # type: ignore[arg-type]
     send(c, replace(_peer(c), flags=FIN | ACK), 0.0)
     assert c.state is State.CLOSE_WAIT
-    out = recv(c, 0.0)
+    recv_nothing(c, 0.0)
+    at = c.config.delayed_ack
+    assert deadline(c) == at
+    c.handle_timer(at)
+    out = recv(c, at)
     assert [s.flags for s in out] == [ACK], out
     drain(c)
     return c

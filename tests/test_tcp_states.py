@@ -38,6 +38,7 @@ from tcp_helpers import (
     WINDOW,
     close_wait,
     closing,
+    deadline,
     drain,
     established,
     fin_wait_1,
@@ -313,17 +314,29 @@ def test_passive_close_close_wait_last_ack_closed() -> None:
     send(c, replace(TEMPLATE, flags=FIN | ACK), 0.1)
     assert c.state is State.CLOSE_WAIT
     assert drain(c) == [PeerFinished(FLOW)]
-    assert recv(c, 0.1) == [
-        replace(REPLY, ack=IRS + 2, window=WINDOW - 1)
-    ]  # a FIN is acknowledged at once
+    recv_nothing(c, 0.1)  # the FIN's ACK waits for the delayed-ACK time: our FIN carries it
     c.close()
     assert c.state is State.LAST_ACK
-    assert recv(c, 0.2) == [replace(REPLY, ack=IRS + 2, flags=FIN | ACK, window=WINDOW - 1)]
+    assert recv(c, 0.12) == [replace(REPLY, ack=IRS + 2, flags=FIN | ACK, window=WINDOW - 1)]
     send(c, replace(TEMPLATE, seq=IRS + 2, ack=ISS + 2), 0.3)
     assert c.state is State.CLOSED
     assert drain(c) == [Closed(FLOW, CloseReason.FINISHED)]
     recv_nothing(c, 0.3)
     assert c.get_timer() is None
+
+
+def test_a_fin_that_closes_first_is_acked_after_the_delayed_ack_time() -> None:
+    # As Linux's tcp_fin (pingpong mode): our own FIN usually follows within a
+    # round trip and carries the ACK; when it does not, the delayed ACK does
+    # (RFC 9293 3.8.6.3), long before the peer's retransmission timeout.
+    c = established()
+    send(c, replace(TEMPLATE, flags=FIN | ACK), 0.1)
+    recv_nothing(c, 0.1)
+    at = deadline(c)
+    assert at == pytest.approx(0.1 + c.config.delayed_ack)
+    c.handle_timer(at)
+    assert recv(c, at) == [replace(REPLY, ack=IRS + 2, window=WINDOW - 1)]
+    assert c.state is State.CLOSE_WAIT
 
 
 def test_simultaneous_close_through_closing() -> None:
@@ -436,10 +449,10 @@ def test_close_order_client_first() -> None:
     send(c, replace(TEMPLATE, flags=PSH | ACK, payload=b"request"), 0.1)
     send(c, replace(TEMPLATE, seq=IRS + 8, flags=FIN | ACK), 0.1)
     assert c.state is State.CLOSE_WAIT
-    assert recv(c, 0.1) == [replace(REPLY, seq=ISS + 9, ack=IRS + 9, window=WINDOW - 8)]
+    recv_nothing(c, 0.1)  # the ACK of both waits: our FIN carries it
     assert drain(c) == [DataReceived(FLOW, b"request"), PeerFinished(FLOW)]
     c.close()  # FIN goes out behind the unacknowledged response
-    assert recv(c, 0.2) == [
+    assert recv(c, 0.12) == [
         replace(REPLY, seq=ISS + 9, ack=IRS + 9, flags=FIN | ACK, window=WINDOW - 8)
     ]
     send(c, replace(TEMPLATE, seq=IRS + 9, ack=ISS + 9), 0.25)  # response acked

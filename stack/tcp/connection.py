@@ -589,6 +589,7 @@ class TcpConnection(TcpRecovery):
                 if self.state is State.TIME_WAIT:
                     self.timers.set_time_wait(now + self.config.time_wait)
             return
+        held = self._ooo_fin is not None  # it came before a hole that has now filled
         self._ooo_fin = None
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
         if seq_lt(self.rcv_adv, self.rcv_nxt):
@@ -597,6 +598,15 @@ class TcpConnection(TcpRecovery):
             # moves up to RCV.NXT: a zero window, where a negative one would fail
             # every later segment in the acceptability test (RFC 9293 3.10.7.4).
             self.rcv_adv = self.rcv_nxt
-        self._ack_now = True
+        if self.state is State.ESTABLISHED and not (held or self._quickacks):
+            # The client closes first. Its FIN waits for the delayed-ACK time
+            # (RFC 9293 3.8.6.3), as Linux's does (tcp_fin enters pingpong mode): the
+            # relay's FIN follows the server's within a round trip and carries the
+            # ACK, one segment less per connection. (After a hole, RFC 5681 4.2: at
+            # once.)
+            if self.timers.ack is None:
+                self.timers.set_ack(now + self.config.delayed_ack)
+        else:
+            self._ack_now = True
         if self._close_side(Close.FIN, now):
             self._emit(PeerFinished(self._flow()))
