@@ -57,6 +57,21 @@ def test_the_supervisors_imports_leave_out_the_stack_and_the_data_path() -> None
     assert not heavy & loaded, heavy & loaded
 
 
+def test_the_supervisors_check_of_the_log_dir_leaves_out_the_logs(tmp_path: Path) -> None:
+    # The logs import the dissectors (httptools, the TLS and HTTP parsers): the
+    # supervisor opens and closes the files without them.
+    loaded = _loaded_after(
+        "from relay.service.run import check_log_dir, validate\n"
+        f"opts = validate(tun='trb0', client_nets=['198.18.1.0/24'], log_dir={str(tmp_path)!r})\n"
+        "check_log_dir(opts)"
+    )
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "conn.log", "ssl.log", "http.log", "dns.log", "quic.log"
+    }  # fmt: skip
+    heavy = {"relay.analysis.zeeklog", "relay.analysis.dissect", "httptools"}
+    assert not heavy & loaded, heavy & loaded
+
+
 def test_the_supervisor_loads_only_the_rtnetlink_part_of_pyroute2() -> None:
     loaded = _loaded_after(
         "import relay.cli, relay.host.netconfig\n"

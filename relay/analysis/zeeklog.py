@@ -90,6 +90,7 @@ import trio
 from relay.analysis.dissect.tls import cipher_name, group_name
 from relay.analysis.flowlog import flow_record
 from relay.analysis.hooks import FlowEnd, FlowInfo
+from relay.analysis.logfiles import LOGS, OPEN_FLAGS, open_logs
 
 if TYPE_CHECKING:
     from relay.analysis.dissect import (
@@ -105,9 +106,7 @@ if TYPE_CHECKING:
 __all__ = ["LOGS", "LogStats", "ZeekLogs", "conn_state"]
 
 log = logging.getLogger(__name__)
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
-LOGS: Final = ("conn", "ssl", "http", "dns", "quic")  # DIR/<name>.log
 _CONN, _SSL, _HTTP, _DNS, _QUIC = range(len(LOGS))
 
 BUFFER_LIMIT: Final = 4 << 20  # bytes waiting for the writer, all files together
@@ -318,14 +317,8 @@ class ZeekLogs:
         self._limit = buffer_limit
         self._flush_at = flush_at
         self._interval = flush_interval
-        self._fds: list[int] = []
         self._paths = [os.path.join(directory, f"{name}.log") for name in LOGS]
-        try:
-            for path in self._paths:
-                self._fds.append(os.open(path, _FLAGS, 0o644))
-        except BaseException:
-            self.close()
-            raise
+        self._fds = open_logs(directory)
         self._bufs = [bytearray() for _ in LOGS]
         self._waiting = 0  # bytes in the buffers
         self._wake = trio.Event()
@@ -453,7 +446,7 @@ class ZeekLogs:
             OSError: a file cannot be opened (the rest still go to the old files).
         """
         for fd, path in zip(self._fds, self._paths, strict=True):
-            new = os.open(path, _FLAGS, 0o644)
+            new = os.open(path, OPEN_FLAGS, 0o644)
             try:
                 os.dup2(new, fd, inheritable=False)
             finally:

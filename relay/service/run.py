@@ -466,6 +466,26 @@ def _block_rules(domains: Sequence[str], lists: Sequence[str]) -> tuple[tuple[st
     return tuple(rules)
 
 
+def check_log_dir(opts: RunOptions) -> None:
+    """Open and close the ``--log-dir`` files, as a worker will (the supervisor's
+    check at start-up: the logs themselves import the dissectors).
+
+    Raises:
+        ConfigError: a file cannot be opened.
+    """
+    if opts.log_dir is None:
+        return
+    from relay.analysis.logfiles import open_logs
+
+    try:
+        fds = open_logs(opts.log_dir)
+    except OSError as exc:
+        where = exc.filename or opts.log_dir
+        raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
+    for fd in fds:
+        os.close(fd)
+
+
 def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
     """The ``--log-dir`` files, opened (by a worker before it drops its privileges).
 

@@ -59,6 +59,7 @@ from relay.service.privileges import CAP_KILL, CAP_NET_ADMIN, Identity
 from relay.service.run import (
     ConfigError,
     RunOptions,
+    check_log_dir,
     load_analyzers,
     localize,
     open_capture_dir,
@@ -134,9 +135,7 @@ async def supervise(
             raise ConfigError(
                 f"--flow-log: cannot open {opts.flow_log!r}: {exc.strerror}"
             ) from None
-    probe = open_log_dir(opts)  # the same for --log-dir (a ConfigError naming it)
-    if probe is not None:
-        probe.close()
+    check_log_dir(opts)  # the same for --log-dir (a ConfigError naming it)
     notifier = sdnotify.from_environment()  # and out of the workers' environment
     listener = None
     if opts.metrics is not None:
