@@ -88,7 +88,8 @@ def test_a_worker_process_does_not_import_pyroute2() -> None:
 
 
 def test_a_worker_without_log_dir_does_not_import_the_dissectors() -> None:
-    # dnspython, httptools and cryptography: ~11 MB a worker needs only with --log-dir
+    # The dissectors and httptools (and dnspython and cryptography, which they load on
+    # the first DNS message and QUIC Initial): memory a worker needs only with --log-dir
     # (or an analyzer with a record hook, which the engine sees and imports them for).
     code = (
         "import sys, relay.cli, relay.service.workers, relay.datapath.engine;"
