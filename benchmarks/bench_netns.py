@@ -25,7 +25,7 @@ Configurations, each measured in a fresh ``relay.lab.topology.Topology`` (client
        itself; f/b and f/k are what no trio-based relay on a TUN device escapes
     g  f without trio (``tun_floor.py --epoll``): one thread blocking in
        epoll_wait on the queue and the upstream sockets; f/g is trio's share
-       (latency only)
+       (up and latency)
     l  f with one worker per CPU (``tun_floor.py --workers N``), each on its own
        queue as c's workers: connrate and connrate1 (l/b, c/l)
     h  c with ``--log-dir`` (Zeek-compatible logs: every flow is detected, and
@@ -114,10 +114,11 @@ CONFIGS: dict[str, str] = {
 FORWARDER_CHUNK = {"b": 65536, "k": 262144}
 USES_RELAY = {"c", "d", "e", "h", "i", "j", "s"}  # tunrelay itself
 # The floors (tun_floor.py) and what they can hold: f, in-order uploads and short
-# request/response connections; g (no writer task), one request/response connection.
+# request/response connections; g (a blocking connect per flow), uploads and one
+# request/response connection.
 FLOOR_MEASURES = {
     "f": ("up", "connrate", "connrate1", "latency"),
-    "g": ("latency",),
+    "g": ("up", "latency"),
     "l": ("connrate", "connrate1"),
 }
 USES_TUN = USES_RELAY | set(FLOOR_MEASURES)

@@ -258,16 +258,29 @@ class Floor:
                     continue
                 if not done:  # the flow's writer takes over until it is all out
                     flow.blocked = True
-                    if flow.wake is None:
-                        flow.wake = trio.Event()
-                        assert self.nursery is not None
-                        self.nursery.start_soon(self.write_held, key, flow, flow.sock)
-                    flow.wake.set()
+                    self.on_full(key, flow)
             if flow.fin and not flow.held:
                 self.half_close(key, flow)
             elif (flow.rcv_nxt - flow.acked) & _MASK >= _ACK_EVERY:
                 self.send(flow, ACK)
         dirty.clear()
+
+    def on_full(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """The upstream socket took part of the bytes: wake the flow's writer (started
+        the first time)."""
+        if flow.wake is None:
+            flow.wake = trio.Event()
+            assert self.nursery is not None and flow.sock is not None
+            self.nursery.start_soon(self.write_held, key, flow, flow.sock)
+        flow.wake.set()
+
+    def written(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        """All held bytes are upstream again: a window update, or the FIN behind them."""
+        flow.blocked = False
+        if flow.fin:
+            self.half_close(key, flow)
+        else:
+            self.send(flow, ACK)
 
     def half_close(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         """The client's FIN, once every byte before it is upstream, passed on as a
@@ -339,12 +352,10 @@ class Floor:
                     self.end(key, flow)
                 return
             if done:
-                flow.blocked = False
                 flow.wake = trio.Event()
+                self.written(key, flow)
                 if flow.fin:
-                    self.half_close(key, flow)
                     return
-                self.send(flow, ACK)
 
 
 class EpollFloor(Floor):
@@ -356,19 +367,37 @@ class EpollFloor(Floor):
         self.ep = select.epoll()
         self.by_fd: dict[int, tuple[tuple[bytes, int, bytes, int], Flow]] = {}
 
-    def loop(self, seconds: float) -> None:
+    def loop(self, seconds: float, pass_packets: int) -> None:
         tun_fd = self.tun.fileno()
         self.ep.register(tun_fd, select.EPOLLIN)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            for fd, _ in self.ep.poll(1.0):
-                if fd == tun_fd:
-                    packets, _ = self.tun.drain_csum(64)
+            for fd, events in self.ep.poll(1.0):
+                if fd == tun_fd:  # level-triggered: a full pass comes back at once
+                    packets, _ = self.tun.drain_csum(pass_packets)
                     for packet in packets:
                         self.on_packet(packet)
-                    self.end_pass()  # no writer task: only for request/response
-                elif fd in self.by_fd:
+                    self.end_pass()
+                    continue
+                if events & select.EPOLLOUT and fd in self.by_fd:
+                    self.on_writable(fd)
+                if events & ~select.EPOLLOUT and fd in self.by_fd:
                     self.on_upstream(fd)
+
+    def on_full(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
+        assert flow.sock is not None
+        self.ep.modify(flow.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def on_writable(self, fd: int) -> None:
+        key, flow = self.by_fd[fd]
+        try:
+            done = flow.flush()
+        except OSError:
+            self.end(key, flow)
+            return
+        if done:
+            self.ep.modify(fd, select.EPOLLIN)
+            self.written(key, flow)
 
     def open(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
         """A new flow: connect upstream (blocking: the floor serves one), answer the SYN."""
@@ -395,18 +424,6 @@ class EpollFloor(Floor):
             self.send(flow, FIN | ACK)
             self.end(key, flow)
 
-    def half_close(self, key: tuple[bytes, int, bytes, int], flow: Flow) -> None:
-        """The client's FIN, once every byte before it is upstream, passed on as a
-        half-close, as a relay must (the server may still answer): our FIN, which
-        also ACKs the client's, follows the server's."""
-        if flow.shut or flow.sock is None:
-            return
-        flow.shut = True
-        try:
-            flow.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.end(key, flow)
-
     def _close(self, sock: socket.socket) -> None:
         sock.close()  # epoll drops a closed fd by itself
 
@@ -419,7 +436,7 @@ class EpollFloor(Floor):
 def serve_queue(tun: TunDevice, args: argparse.Namespace) -> None:
     """One queue's floor, in this process, for at most ten minutes."""
     if args.epoll:
-        EpollFloor(tun).loop(600)  # bench_netns stops it long before this
+        EpollFloor(tun).loop(600, max(1, args.pass_packets))  # bench_netns stops it sooner
         return
 
     async def run() -> None:
