@@ -184,6 +184,21 @@ def test_data_both_ways_and_orderly_close() -> None:
     assert stack.get_timer() is None
 
 
+def test_the_fin_of_a_client_that_closes_first_is_acked_by_the_stacks_timer() -> None:
+    # Its ACK waits for the delayed-ACK time (our FIN usually carries it); when the
+    # relay does not close, the Stack's timer heap must still send it then.
+    stack = Stack()
+    flow = open_tcp_flow(stack)
+    stack.receive(tcp_packet(CLIENT_ISN + 1, SERVER_ISN + 1, ACK | FIN), 0.2)
+    assert stack_events(stack) == [PeerFinished(flow)]
+    assert sent_tcp(stack, 0.2) == []
+    deadline = stack.get_timer()
+    assert deadline is not None and deadline <= 0.2 + TcpConfig().delayed_ack
+    stack.handle_timer(deadline)
+    (p,) = sent_tcp(stack, deadline)
+    assert p.tcp.flags == ACK and p.tcp.ack == CLIENT_ISN + 2
+
+
 def test_packet_counts_follow_the_connection_and_outlive_it() -> None:
     stack = Stack()
     flow = request_tcp_flow(stack)

@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 from typing import Final
 
-__all__ = ["LOGS", "OPEN_FLAGS", "open_logs"]
+__all__ = ["LOGS", "OPEN_FLAGS", "log_paths", "open_logs"]
 
 OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 LOGS: Final = ("conn", "ssl", "http", "dns", "quic")  # DIR/<name>.log
+
+
+def log_paths(directory: str | os.PathLike[str]) -> list[str]:
+    """The log files' paths in ``directory``, in ``LOGS`` order."""
+    return [os.path.join(directory, f"{name}.log") for name in LOGS]
 
 
 def open_logs(directory: str | os.PathLike[str]) -> list[int]:
@@ -25,8 +30,8 @@ def open_logs(directory: str | os.PathLike[str]) -> list[int]:
     """
     fds: list[int] = []
     try:
-        for name in LOGS:
-            fds.append(os.open(os.path.join(directory, f"{name}.log"), OPEN_FLAGS, 0o644))
+        for path in log_paths(directory):
+            fds.append(os.open(path, OPEN_FLAGS, 0o644))
     except BaseException:
         for fd in fds:
             os.close(fd)

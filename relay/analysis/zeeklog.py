@@ -90,7 +90,7 @@ import trio
 from relay.analysis.dissect.tls import cipher_name, group_name
 from relay.analysis.flowlog import flow_record
 from relay.analysis.hooks import FlowEnd, FlowInfo
-from relay.analysis.logfiles import LOGS, OPEN_FLAGS, open_logs
+from relay.analysis.logfiles import LOGS, OPEN_FLAGS, log_paths, open_logs
 
 if TYPE_CHECKING:
     from relay.analysis.dissect import (
@@ -317,7 +317,7 @@ class ZeekLogs:
         self._limit = buffer_limit
         self._flush_at = flush_at
         self._interval = flush_interval
-        self._paths = [os.path.join(directory, f"{name}.log") for name in LOGS]
+        self._paths = log_paths(directory)
         self._fds = open_logs(directory)
         self._bufs = [bytearray() for _ in LOGS]
         self._waiting = 0  # bytes in the buffers
