@@ -181,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         "beside it more latency",
     )
     run.add_argument(
+        "--flow-read-bytes",
+        type=int,
+        default=512 * 1024,
+        help="bytes one flow reads from its server at a time (default 512 KiB): smaller "
+        "makes a request beside a bulk download wait less, and the download slower "
+        "(4096..1048576)",
+    )
+    run.add_argument(
         "--rcv-buf", type=int, default=4 << 20, help="per-flow receive buffer cap, bytes"
     )
     run.add_argument("--snd-buf", type=int, default=4 << 20, help="per-flow send buffer cap, bytes")
@@ -365,6 +373,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         memory_budget=args.memory_budget,
         max_flows=args.max_flows,
         flow_pass_bytes=args.flow_pass_bytes,
+        flow_read_bytes=args.flow_read_bytes,
         rcv_buf=args.rcv_buf,
         snd_buf=args.snd_buf,
         fail_closed=args.fail_closed,

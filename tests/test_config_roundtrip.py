@@ -45,6 +45,7 @@ def table(tmp_path: Path) -> dict[str, object]:
         "memory_budget": 64 << 20,
         "max_flows": 1000,
         "flow_pass_bytes": 1 << 20,
+        "flow_read_bytes": 128 << 10,
         "rcv_buf": 1 << 20,
         "snd_buf": 2 << 20,
         "udp_idle_timeout": 30.0,

@@ -8,6 +8,7 @@ import trio
 import trio.testing
 from test_engine import (
     C2S,
+    OPEN,
     S2C,
     Client,
     connected,
@@ -20,6 +21,7 @@ from test_engine import (
 )
 
 from relay.analysis.hooks import AnalyzerChain, Direction, FlowInfo, Verdict
+from relay.datapath.config import RelayConfig
 from relay.datapath.tcpflow import TcpFlow
 from stack import FlowId
 
@@ -95,6 +97,37 @@ async def test_server_bytes_rewritten_beyond_the_send_space(
             len(down),
             factor * len(down),
         )
+
+
+class Chunks:
+    """Records the size of each chunk one direction's data() gets."""
+
+    def __init__(self, direction: Direction) -> None:
+        self.direction = direction
+        self.sizes: list[int] = []
+
+    async def data(self, flow: FlowInfo, direction: Direction, data: bytes) -> None:
+        if direction is self.direction:
+            self.sizes.append(len(data))
+
+
+@pytest.mark.parametrize("read", [4096, 65536])
+async def test_one_read_from_the_server_is_at_most_recv_size(
+    read: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    # --flow-read-bytes: the server's 300 kB, sent at once, come up in reads of at
+    # most recv_size, each one step of the flow task (what a flow beside it waits for).
+    down = pattern(300_000, 3)
+    chunks = Chunks(S2C)
+    async with harness(RelayConfig(egress=OPEN, recv_size=read), analyzers=[chunks]) as h:
+        c, server = await connected(h)
+        await send_all(server, down)
+        server.shutdown(trio.socket.SHUT_WR)
+        await until(lambda: c.fin)
+        assert bytes(c.received) == down
+    assert sum(chunks.sizes) == len(down)
+    assert max(chunks.sizes) == read  # the bound, and reached
+    assert len(chunks.sizes) >= len(down) // read
 
 
 async def test_big_client_rewrite_keeps_the_window_accounting(

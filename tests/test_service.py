@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import _parser, default_workers, main
+from relay.datapath.config import RelayConfig
 from relay.datapath.egress import Upstream
 from relay.service.run import MAX_WORKERS, ConfigError, validate
 
@@ -45,6 +46,20 @@ def test_flow_pass_bytes_is_validated_and_reaches_the_relay_config() -> None:
     assert _parser().parse_args(["run", "--tun", "tr0"]).flow_pass_bytes == 256 * 1024
     with pytest.raises(ConfigError, match=r"^--flow-pass-bytes: -1 must be 0"):
         validate(tun="tr0", client_nets=NETS, flow_pass_bytes=-1)
+
+
+def test_flow_read_bytes_is_validated_and_reaches_the_relay_config() -> None:
+    # The default is RelayConfig's, on the command line and in validate() alike.
+    default = RelayConfig().recv_size
+    assert validate(tun="tr0", client_nets=NETS).relay.recv_size == default
+    assert _parser().parse_args(["run", "--tun", "tr0"]).flow_read_bytes == default
+    args = _parser().parse_args(["run", "--tun", "tr0", "--flow-read-bytes", "65536"])
+    assert args.flow_read_bytes == 64 << 10
+    opts = validate(tun="tr0", client_nets=NETS, flow_read_bytes=64 << 10)
+    assert opts.relay.recv_size == 64 << 10
+    for bad in (0, 4095, (1 << 20) + 1):
+        with pytest.raises(ConfigError, match=rf"^--flow-read-bytes: {bad} is outside 4096\.\."):
+            validate(tun="tr0", client_nets=NETS, flow_read_bytes=bad)
 
 
 def test_client_idle_timeout_is_off_by_default_and_validated() -> None:

@@ -47,16 +47,14 @@ class RelayConfig:
     # upload, and a request read beside them waited for all. (recv_size, its download
     # counterpart, was 256 KiB too; this share was not measured larger.)
     flow_pass_bytes: int = 256 * 1024
-    # Upper bound of one upstream recv (server -> client): fewer reads, stack
-    # sends and scheduler passes per byte, each read written as 64 KiB GSO
-    # super-segments. Measured with bench_netns (offload, 1 stream down): 64 KiB
-    # 1.9, 128 KiB ~2.9, 256 KiB 4.3-5.0 Gbit/s, while larger reads were slower
-    # (512 KiB 2-4.4, 1 MiB 2.6-3.6) as the bytearray send buffer copied all it
-    # held each time it grew. With the send buffer as chunks (stack.tcp.sendbuf),
-    # 2 rounds of 3: 256 KiB 5.6-7.4 Gbit/s at 1.03-1.25 CPU s per GB, 512 KiB
-    # 10.4-11.4 at 0.68-0.70, 1 MiB 8.8-12.6 at 0.61-0.74 (a read past the
-    # workers' 1 MiB mmap threshold maps fresh pages: relay.service.run.tune_malloc);
-    # a request beside the download was no slower (median 125 -> 104 us).
+    # Upper bound of one upstream read (server -> client), --flow-read-bytes: one
+    # read, its stack.send and its GSO writes to the TUN device are one step of the
+    # flow task, and each step costs a packet-loop pass for the client's ACKs too
+    # (~110-130 us, whatever its size). One worker, 1 stream down (bench_netns,
+    # 3 rounds): 512 KiB 12.4 Gbit/s, 256 KiB 8.0, 128 KiB 5.4, 64 KiB 3.7; a
+    # request beside it waits for the step (median 1,082 / 733 / 587 / 416 us).
+    # Not above the workers' 1 MiB mmap threshold (relay.service.run.tune_malloc):
+    # a larger read would map fresh pages each time.
     recv_size: int = 512 * 1024
     max_c2s_queue: int = 64 << 20  # hard cap of queued client -> server bytes per flow
     upstream_sndbuf: int | None = None  # SO_SNDBUF of upstream sockets; None = kernel default

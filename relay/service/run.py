@@ -141,6 +141,7 @@ def validate(
     memory_budget: int = 1 << 30,
     max_flows: int = 65536,
     flow_pass_bytes: int = 256 * 1024,
+    flow_read_bytes: int = 512 * 1024,
     rcv_buf: int = 4 << 20,
     snd_buf: int = 4 << 20,
     fail_closed: bool = False,
@@ -214,6 +215,7 @@ def validate(
         ("--max-flows", max_flows, 1, 1 << 22),
         ("--rcv-buf", rcv_buf, 4096, 1 << 30),
         ("--snd-buf", snd_buf, 4096, 1 << 30),
+        ("--flow-read-bytes", flow_read_bytes, 4096, 1 << 20),  # 1 MiB: tune_malloc
         ("--workers", workers, 1, MAX_WORKERS),
     ]
     for name, value, lo, hi in checks:
@@ -301,6 +303,7 @@ def validate(
             connect_timeout=connect_timeout,
             upstream_timeout=upstream_timeout,
             flow_pass_bytes=flow_pass_bytes,
+            recv_size=flow_read_bytes,
             fail_closed=fail_closed,
             max_c2s_queue=max(2 * rcv_buf, RelayConfig().max_c2s_queue),
             egress=EgressPolicy(
