@@ -587,6 +587,13 @@ class Stack:
             conn.arm_send_space()  # a SendSpace event follows once ACKs free room
         return space
 
+    def send_burst(self, flow: FlowId) -> int:
+        """Bytes the flow's sender takes per segment it builds: its MSS times
+        ``TcpConfig.tso_segments`` (0 for a flow that is gone). Bytes offered in
+        multiples of it go out with no short segment at the end of each offer."""
+        conn = self._by_flow.get(flow)
+        return 0 if conn is None else conn.send_burst
+
     def consumed(self, flow: FlowId, n: int) -> None:
         """``n`` delivered bytes were written upstream: reopen the client's window."""
         conn = self._by_flow.get(flow)

@@ -23,7 +23,7 @@ from test_engine import (
 from relay.analysis.hooks import AnalyzerChain, Direction, FlowInfo, Verdict
 from relay.datapath.config import RelayConfig
 from relay.datapath.tcpflow import TcpFlow
-from stack import FlowId
+from stack import FlowId, Stack, StackConfig, TcpConfig
 
 
 class Rewrite:
@@ -111,23 +111,31 @@ class Chunks:
             self.sizes.append(len(data))
 
 
-@pytest.mark.parametrize("read", [4096, 65536])
-async def test_one_read_from_the_server_is_at_most_recv_size(
-    read: int, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(("read", "tso"), [(4096, 1), (65536, 1), (65536, 44), (1000, 44)])
+async def test_one_read_from_the_server_is_at_most_recv_size_in_whole_bursts(
+    read: int, tso: int, autojump_clock: trio.testing.MockClock
 ) -> None:
     # --flow-read-bytes: the server's 300 kB, sent at once, come up in reads of at
-    # most recv_size, each one step of the flow task (what a flow beside it waits for).
+    # most recv_size, each one step of the flow task (what a flow beside it waits
+    # for); cut to whole bursts of the sender (MSS x tso_segments) when larger, so
+    # that no step ends in a short segment. A smaller read is taken as it is.
     down = pattern(300_000, 3)
     chunks = Chunks(S2C)
-    async with harness(RelayConfig(egress=OPEN, recv_size=read), analyzers=[chunks]) as h:
+    stack = Stack(StackConfig(tcp=TcpConfig(tso_segments=tso)))
+    async with harness(
+        RelayConfig(egress=OPEN, recv_size=read), analyzers=[chunks], stack=stack
+    ) as h:
         c, server = await connected(h)
+        burst = stack.send_burst(c.flow)
+        assert burst == 1460 * tso  # the test client's MSS, no timestamps
         await send_all(server, down)
         server.shutdown(trio.socket.SHUT_WR)
         await until(lambda: c.fin)
         assert bytes(c.received) == down
     assert sum(chunks.sizes) == len(down)
-    assert max(chunks.sizes) == read  # the bound, and reached
-    assert len(chunks.sizes) >= len(down) // read
+    bound = read - read % burst if read > burst else read
+    assert max(chunks.sizes) == bound  # the bound, and reached
+    assert len(chunks.sizes) >= len(down) // bound
 
 
 async def test_big_client_rewrite_keeps_the_window_accounting(

@@ -167,6 +167,12 @@ class TcpConnection(TcpRecovery):
             return 0
         return self.buf.snd - len(self._sndbuf)
 
+    @property
+    def send_burst(self) -> int:
+        """New data the sender takes per segment it builds (``TcpConfig.tso_segments``
+        full segments): a write of a multiple of it leaves no short segment behind."""
+        return self.snd_mss * self.config.tso_segments
+
     def grow_send_buffer(self) -> int:
         """The caller found the send buffer full: grow it with demand, as ``send`` does.
 
