@@ -483,8 +483,7 @@ def check_log_dir(opts: RunOptions) -> None:
     try:
         fds = open_logs(opts.log_dir)
     except OSError as exc:
-        where = exc.filename or opts.log_dir
-        raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
+        raise _log_dir_error(exc, opts.log_dir) from None
     for fd in fds:
         os.close(fd)
 
@@ -502,8 +501,13 @@ def open_log_dir(opts: RunOptions, worker: int = 0) -> ZeekLogs | None:
     try:
         return ZeekLogs(opts.log_dir, worker=worker)
     except OSError as exc:
-        where = exc.filename or opts.log_dir
-        raise ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}") from None
+        raise _log_dir_error(exc, opts.log_dir) from None
+
+
+def _log_dir_error(exc: OSError, log_dir: str) -> ConfigError:
+    """The error that names ``--log-dir`` and the file that could not be opened."""
+    where = exc.filename or log_dir
+    return ConfigError(f"--log-dir: cannot open {where!r}: {exc.strerror}")
 
 
 def _check_capture(capture_dir: str | None, capture_filter: Sequence[str]) -> None:
